@@ -1,0 +1,153 @@
+"""Annealed importance sampling from the uniform distribution on the box (beta = 0) to beta_max.
+
+Three phases, in this order:
+1. `tune`: a pilot anneal (few chains, its weights discarded) adapts the reflected-MALA step size at each
+   pilot beta towards the target acceptance and records Var_beta(E).
+2. `make_schedule`: betas equally spaced in thermodynamic length (integral of sqrt(Var_beta E) d beta),
+   with every requested sweep beta inserted exactly; step sizes interpolated from the pilot and frozen.
+3. `run_forward`: the counted anneal; log-weights at each sweep beta give log Z there (with replicas).
+`run_reverse` anneals sweep samples downwards between consecutive sweep betas (BDMC-style upper bound).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .sampling import MAX_STEP, MalaState, mala_init, mala_step, take
+
+TARGET_ACCEPT = 0.574
+
+
+@dataclass
+class Tuning:
+    betas: np.ndarray      # [P] pilot betas, ascending from 0
+    log_step: np.ndarray   # [P] tuned log step size at each pilot beta
+    var_e: np.ndarray      # [P] Var_beta(E) from the pilot chains
+
+    def step_at(self, betas):
+        return np.exp(np.interp(betas, self.betas, self.log_step))
+
+
+def uniform(n, shape, generator, device):
+    return torch.rand((n, *shape), generator=generator, device=device) * 2.0 - 1.0
+
+
+def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, generator, device,
+         progress=False) -> Tuning:
+    b_max = float(np.max(sweep_betas))
+    betas = np.unique(np.concatenate([[0.0], np.geomspace(b_max * 1e-5, b_max, n_stages), sweep_betas]))
+    state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
+    step = torch.full((n_chains,), MAX_STEP, device=device)
+    steps, var = [], []
+    for b in tqdm(betas, desc="tune", disable=not progress, leave=False):
+        beta = torch.full((n_chains,), float(b), device=device)
+        for _ in range(n_adapt):
+            state, acc, _ = mala_step(state, model, ensemble, beta, step, generator)
+            step = (step * torch.exp(acc.float().mean() - TARGET_ACCEPT)).clamp(1e-5, MAX_STEP)
+        u, m2 = ensemble.energy_moments(state.logits, beta)
+        steps.append(step[0])
+        var.append(m2.double().mean() - u.double().mean() ** 2)
+    log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
+    var_e = torch.stack(var).clamp_min(0).cpu().numpy()
+    return Tuning(betas, log_step, np.nan_to_num(var_e, nan=0.0, posinf=0.0))
+
+
+def thermodynamic_length(tuning: Tuning):
+    """Cumulative thermodynamic length L(beta) on the pilot grid."""
+    sd = np.sqrt(tuning.var_e) + 1e-12
+    seg = 0.5 * (sd[1:] + sd[:-1]) * np.diff(tuning.betas)
+    return np.concatenate([[0.0], np.cumsum(seg)])
+
+
+def make_schedule(tuning: Tuning, sweep_betas, n_steps: int):
+    """Ascending betas from 0 (n_steps points equally spaced in thermodynamic length, sweep betas added)."""
+    L = thermodynamic_length(tuning)
+    targets = np.linspace(0.0, L[-1], n_steps + 1)
+    betas = np.interp(targets, L, tuning.betas)
+    betas = np.unique(np.concatenate([betas, sweep_betas]))
+    return betas, tuning.step_at(betas)
+
+
+@dataclass
+class ForwardResult:
+    logw: torch.Tensor           # [T, N] log-weights at each sweep beta (ascending beta order)
+    energy: torch.Tensor         # [T, N] <E | x> of each chain at each sweep beta
+    states: MalaState            # resampled states, [T * n_keep, ...], grouped by sweep beta
+    accept: torch.Tensor         # [T] mean acceptance over the annealing segment ending at each sweep beta
+    nonfinite: torch.Tensor      # [T] number of non-finite proposal densities in that segment
+
+
+def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_chains, n_keep,
+                mcmc_steps, generator, device, progress=False) -> ForwardResult:
+    """Counted AIS with frozen schedule and step sizes; resamples n_keep states by weight at each sweep beta."""
+    betas = torch.as_tensor(schedule, dtype=torch.float32, device=device)
+    steps = torch.as_tensor(step_sizes, dtype=torch.float32, device=device)
+    is_sweep = np.isin(schedule, sweep_betas)
+    n_t = int(is_sweep.sum())
+    state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
+    logw = torch.zeros(n_chains, dtype=torch.float64, device=device)
+    ones = torch.ones(n_chains, device=device)
+    logws, kept, energies = [], [], []
+    acc_sum = torch.zeros(n_t, device=device)
+    acc_n = torch.zeros(n_t, device=device)
+    bad = torch.zeros(n_t, device=device)
+    seg = 0
+    for k in tqdm(range(1, len(schedule)), desc="AIS", disable=not progress, leave=False):
+        b_prev, b = betas[k - 1] * ones, betas[k] * ones
+        logw += (ensemble.logp(state.logits, b) - ensemble.logp(state.logits, b_prev)).double()
+        for _ in range(mcmc_steps):
+            state, acc, fin = mala_step(state, model, ensemble, b, steps[k] * ones, generator)
+            acc_sum[seg] += acc.float().mean()
+            acc_n[seg] += 1
+            bad[seg] += (~fin).sum()
+        if is_sweep[k]:
+            lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw)
+            logws.append(lw.clone())
+            energies.append(ensemble.energy_moments(state.logits, b)[0].double())
+            idx = torch.multinomial(torch.softmax(lw, 0).float(), n_keep, replacement=True, generator=generator)
+            kept.append(take(state, idx))
+            seg += 1
+    states = MalaState(*(torch.cat([getattr(s, f) for s in kept]) for f in MalaState._fields))
+    return ForwardResult(torch.stack(logws), torch.stack(energies), states, acc_sum / acc_n.clamp_min(1), bad)
+
+
+def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning, *, n_steps, generator,
+                device, progress=False):
+    """Reverse AIS from sweep samples at each sweep beta down to the next lower sweep beta (or 0).
+
+    states: [T * C] chains grouped by ascending sweep beta. All segments run at once with per-chain betas;
+    segment k gets a number of intermediate betas proportional to its thermodynamic length.
+    Returns log_ratio_upper [T] (stochastic upper bounds of log Z(beta_k) - log Z(beta_{k-1})) and their
+    delta-method SEs [T].
+    """
+    from .estimators import delta_log_mean_se, logmeanexp
+
+    sweep = np.asarray(sweep_betas, dtype=np.float64)
+    n_t = len(sweep)
+    c = states.x.shape[0] // n_t
+    lower = np.concatenate([[0.0], sweep[:-1]])
+    L = thermodynamic_length(tuning)
+    lengths = np.interp(sweep, tuning.betas, L) - np.interp(lower, tuning.betas, L)
+    m = np.maximum(np.ceil(n_steps * lengths / max(lengths.sum(), 1e-300)).astype(int), 4)
+    n_max = int(m.max())
+    # per segment: betas from sweep[k] down to lower[k] in m[k] steps, then held at lower[k]
+    grid = np.empty((n_max + 1, n_t))
+    for k in range(n_t):
+        lk = np.linspace(np.interp(sweep[k], tuning.betas, L), np.interp(lower[k], tuning.betas, L), m[k] + 1)
+        bk = np.interp(lk, L, tuning.betas)
+        bk[0], bk[-1] = sweep[k], lower[k]
+        grid[:, k] = np.concatenate([bk, np.full(n_max - m[k], lower[k])])
+    steps = tuning.step_at(grid)
+    betas = torch.as_tensor(np.repeat(grid, c, axis=1), dtype=torch.float32, device=device)
+    steps = torch.as_tensor(np.repeat(steps, c, axis=1), dtype=torch.float32, device=device)
+    logw = torch.zeros(n_t * c, dtype=torch.float64, device=device)
+    state = states
+    for j in tqdm(range(1, n_max + 1), desc="reverse AIS", disable=not progress, leave=False):
+        logw += (ensemble.logp(state.logits, betas[j]) - ensemble.logp(state.logits, betas[j - 1])).double()
+        state, _, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator)
+    lw = logw.reshape(n_t, c).cpu().numpy()
+    lw = np.where(np.isnan(lw), -np.inf, lw)
+    return -logmeanexp(lw, axis=-1), delta_log_mean_se(lw)

@@ -1,0 +1,64 @@
+"""Checkpoints: plain dicts of tensors and built-in types, written atomically, loaded with weights_only=True.
+
+Layout (format_version 1): format_version, config (dict), model_spec (dict), model (state_dict),
+optimizer (state_dict), buffers (dict of tensors), rng (dict of ByteTensors), epoch, step, batch_in_epoch,
+perm (tensor), lr (float), history (dict of float64 tensors), meta (dict).
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .errors import ThermoEBMError
+from .fileio import atomic_path
+from .models import EBM, model_from_spec
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    payload = dict(payload, format_version=FORMAT_VERSION)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """Load a thermo-ebm checkpoint safely (no code execution); every failure is a ThermoEBMError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ThermoEBMError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ThermoEBMError(f"checkpoint {path} is empty")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ThermoEBMError(f"refusing to load {path}: not a plain thermo-ebm checkpoint ({first[:160]})") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise ThermoEBMError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or "model_spec" not in ckpt or "model" not in ckpt:
+        raise ThermoEBMError(f"{path} is not a thermo-ebm checkpoint (no model_spec/model entries)")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ThermoEBMError(f"{path} has checkpoint format {version!r}; this thermo-ebm reads up to "
+                             f"{FORMAT_VERSION} (upgrade thermo-ebm)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path="checkpoint") -> EBM:
+    try:
+        model = model_from_spec(ckpt["model_spec"])
+        model.load_state_dict(ckpt["model"])
+    except ThermoEBMError:
+        raise
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200]
+        raise ThermoEBMError(f"weights in {path} do not match its recorded architecture: {msg}") from None
+    return model
+
+
+def load_model(path) -> EBM:
+    """The trained model in a checkpoint, in eval mode on the CPU."""
+    return model_from_checkpoint(load_checkpoint(path), path).eval()

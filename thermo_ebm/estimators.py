@@ -1,0 +1,83 @@
+"""Statistical estimators that return values together with standard errors (numpy, float64)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp
+
+
+def logmeanexp(a, axis=-1):
+    a = np.asarray(a, dtype=np.float64)
+    return logsumexp(a, axis=axis) - np.log(a.shape[axis])
+
+
+def log_mean_weight(logw, n_replicas: int):
+    """AIS: log mean exp(logw) over chains, with SE from independent replicas.
+
+    logw: [..., N] log-weights of N iid chains. The chains are split into `n_replicas` groups; each gives
+    an independent estimate, and the SE of the pooled estimate is std(replica estimates)/sqrt(R).
+    Returns (estimate [...], se [...], per-replica estimates [..., R], ess [...]).
+    """
+    logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
+    n = logw.shape[-1]
+    r = max(2, min(n_replicas, n // 2))
+    n_use = (n // r) * r
+    reps = logmeanexp(logw[..., :n_use].reshape(*logw.shape[:-1], r, n_use // r), axis=-1)
+    est = logmeanexp(logw, axis=-1)
+    se = np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+    ess = weight_ess(logw)
+    return est, se, reps, ess
+
+
+def weight_ess(logw):
+    """Effective sample size (sum w)^2 / sum w^2 of importance weights given as logs; [...]."""
+    logw = np.asarray(logw, dtype=np.float64)
+    return np.exp(2 * logsumexp(logw, axis=-1) - logsumexp(2 * logw, axis=-1))
+
+
+def delta_log_mean_se(logw):
+    """Delta-method SE of log mean exp(logw) over the last axis (for cross-checks)."""
+    n = logw.shape[-1]
+    return np.sqrt(np.maximum(np.exp(logsumexp(2 * logw, -1) - 2 * logsumexp(logw, -1)) - 1.0 / n, 0.0))
+
+
+def jackknife(blocks, fn):
+    """Delete-one-block jackknife.
+
+    blocks: [T, n, S] means of S statistics over n independent blocks (here: one block per chain) at
+    each of T temperatures; fn maps [..., S] means to a derived quantity [...] (any shape after T).
+    Returns (estimate, se) with the estimate fn(mean over all blocks).
+    """
+    blocks = np.asarray(blocks, dtype=np.float64)
+    n = blocks.shape[1]
+    total = blocks.mean(axis=1)
+    est = fn(total)
+    loo = (n * total[:, None, :] - blocks) / (n - 1)  # [T, n, S]
+    vals = fn(loo)  # [T, n, ...]
+    se = np.sqrt((n - 1) / n * ((vals - vals.mean(axis=1, keepdims=True)) ** 2).sum(axis=1))
+    return est, se
+
+
+def integrated_autocorr_time(series, c: float = 5.0):
+    """Integrated autocorrelation time (steps) with Sokal's automatic window.
+
+    series: [n_steps, n_chains] for one observable; the autocorrelation is averaged over chains.
+    Returns tau >= 1 (float); a constant series gives 1.
+    """
+    x = np.asarray(series, dtype=np.float64)
+    n = x.shape[0]
+    x = x - x.mean(axis=0, keepdims=True)
+    f = np.fft.rfft(x, n=2 * n, axis=0)
+    acf = np.fft.irfft(f * np.conj(f), axis=0)[:n].mean(axis=1)
+    if acf[0] <= 0:
+        return 1.0
+    rho = acf / acf[0]
+    taus = 2.0 * np.cumsum(rho) - 1.0
+    m = np.arange(n)
+    window = m >= c * taus
+    k = int(np.argmax(window)) if window.any() else n - 1
+    return float(max(taus[k], 1.0))
+
+
+def derivative(x, y):
+    """dy/dx on a non-uniform grid: three-point formula inside, one-sided at the ends; [..., n]."""
+    return np.gradient(y, x, axis=-1, edge_order=2) if len(x) > 2 else np.gradient(y, x, axis=-1)

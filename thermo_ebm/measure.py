@@ -1,0 +1,302 @@
+"""`measure`: thermodynamics of a model over a temperature sweep, with standard errors.
+
+Pipeline: tune (pilot anneal) -> frozen schedule -> counted forward AIS (log Z at every sweep T, replica
+SEs, ESS) -> temperature-sweep chains started from weight-resampled AIS states (U, C, joint information
+quantities; per-chain jackknife SEs) -> cross-checks (reverse AIS upper bound, MBAR, consistency residuals).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import ais
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .ensembles import Ensemble
+from .errors import ThermoEBMError
+from .estimators import derivative, integrated_autocorr_time, jackknife, log_mean_weight
+from .models import EBM
+from .sweep import run_sweep
+
+log = logging.getLogger("thermo_ebm")
+LN2 = math.log(2.0)
+MBAR_MAX = 1000
+logging.getLogger("pymbar").setLevel(logging.ERROR)
+
+
+@dataclass
+class MeasureConfig:
+    """Budget of a measurement (defaults: 16 temperatures of a 784-d MLP in minutes on 2 CPU cores)."""
+    ais_chains: int = 512       # forward AIS chains (split into `replicas` groups for the SE)
+    ais_steps: int = 2000       # annealing betas (plus the sweep betas)
+    ais_mcmc: int = 1           # MALA steps per annealing beta
+    replicas: int = 16
+    tune_chains: int = 64
+    tune_stages: int = 100
+    tune_adapt: int = 5
+    chains: int = 64            # sweep chains per temperature
+    burn_in: int = 300
+    samples: int = 1000         # production steps per sweep chain
+    exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
+    thin: int = 5               # keep logits every `thin` production steps for MBAR
+    reverse_steps: int = 500    # total reverse-AIS betas across all segments
+    mbar: bool = True
+    keep_samples: int = 16      # samples per temperature stored for plotting
+
+    def validate(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or v < 1):
+                raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
+        if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
+            raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
+        if self.keep_samples > self.chains:
+            raise ThermoEBMError("keep_samples cannot exceed chains")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ThermoEBMError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ThermoEBMError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_model(model, shape):
+    """(module, shape, n_classes, description) from a checkpoint path, an EBM or any logits callable."""
+    if isinstance(model, (str, Path)):
+        ckpt = load_checkpoint(model)
+        m = model_from_checkpoint(ckpt, model)
+        return m.eval(), m.shape, m.n_classes, {"checkpoint": str(model), "model_spec": json.dumps(m.spec)}
+    if isinstance(model, EBM):
+        return model.eval(), model.shape, model.n_classes, {"model_spec": json.dumps(model.spec)}
+    if not callable(model):
+        raise ThermoEBMError("model must be a checkpoint path, a thermo-ebm model or a callable")
+    if shape is None:
+        shape = getattr(model, "shape", None)
+    if shape is None:
+        raise ThermoEBMError("shape is required when model is a plain callable")
+    shape = tuple(int(s) for s in shape)
+    with torch.no_grad():
+        out = model(torch.zeros((2, *shape)))
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise ThermoEBMError(f"model must map [N, *shape] to logits [N, K]; got output shape {list(out.shape)}")
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    return model, shape, int(out.shape[1]), {"model_spec": type(model).__name__}
+
+
+def check_temps(temps) -> np.ndarray:
+    t = np.asarray(temps, dtype=np.float64).reshape(-1)
+    if t.size == 0:
+        raise ThermoEBMError("no temperatures given")
+    if t.size > 1000:
+        raise ThermoEBMError(f"{t.size} temperatures requested; at most 1000")
+    if not np.all(np.isfinite(t)) or np.any(t <= 0):
+        raise ThermoEBMError("temperatures must be finite and > 0")
+    t = np.unique(t)
+    return t
+
+
+def _versions():
+    import h5py
+    import scipy
+
+    from . import __version__
+    return {"thermo_ebm": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "xarray": xr.__version__, "h5py": h5py.__version__}
+
+
+def _weighted_mean(logw, values, n_replicas):
+    """Self-normalised weighted mean over chains [T, N] with SE from independent replicas."""
+    logw = np.where(np.isnan(logw), -np.inf, logw)
+    w = np.exp(logw - logw.max(-1, keepdims=True))
+    est = (w * values).sum(-1) / w.sum(-1)
+    n = logw.shape[-1]
+    r = max(2, min(n_replicas, n // 2))
+    k = (n // r) * r
+    wr, vr = w[:, :k].reshape(len(w), r, -1), values[:, :k].reshape(len(w), r, -1)
+    reps = (wr * vr).sum(-1) / np.maximum(wr.sum(-1), 1e-300)
+    return est, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+
+
+def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
+    """log Z at every sweep beta from MBAR on the sweep samples, anchored at the lowest beta's AIS value."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import pymbar
+    n_thin, n_t, c, k = logits.shape
+    del c
+    stride = max(1, int(math.ceil(tau)))
+    lg = logits[::stride]  # roughly independent samples, at most MBAR_MAX per state
+    lg = lg[:, :, : max(1, MBAR_MAX // lg.shape[0])][: MBAR_MAX]
+    c = lg.shape[2]
+    n_per = lg.shape[0] * c
+    flat = lg.transpose(1, 0, 2, 3).reshape(-1, k)  # [T * n_per, K] grouped by state
+    lt = torch.as_tensor(flat)
+    u_kn = np.stack([-ensemble.logp(lt, torch.full((lt.shape[0],), float(b), dtype=lt.dtype)).numpy()
+                     for b in betas])
+    with contextlib.redirect_stdout(io.StringIO()):
+        mbar = pymbar.MBAR(u_kn, np.full(n_t, n_per))
+        res = mbar.compute_free_energy_differences()
+    f, df = res["Delta_f"][0], res["dDelta_f"][0]  # f_k - f_0, with f = -log Z; state 0 = lowest beta
+    return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
+
+
+def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, device: str = "auto",
+            progress: bool = False, config: MeasureConfig | None = None, **budget) -> xr.Dataset:
+    """Estimate log Z, F, U, S, C, info (and joint information quantities) at temperatures `temps`.
+
+    model: checkpoint path, thermo-ebm EBM, or callable/nn.Module mapping float [N, *shape] to logits
+    [N, K]. Returns an xarray.Dataset on ascending `temperature` with `<name>_err` standard errors,
+    cross-checks, diagnostics and per-temperature flags. Units: nats, except names ending in _bits.
+    """
+    cfg = config or MeasureConfig()
+    unknown = set(budget) - {f.name for f in fields(MeasureConfig)}
+    if unknown:
+        raise ThermoEBMError(f"unknown budget option(s): {', '.join(sorted(unknown))}")
+    cfg = MeasureConfig(**{**asdict(cfg), **budget})
+    cfg.validate()
+    temps = check_temps(temps)
+    dev = resolve_device(device)
+    net, shape, k, desc = resolve_model(model, shape)
+    if ensemble not in ("marginal", "joint"):
+        raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose marginal or joint")
+    ens = Ensemble(ensemble, k)
+    if isinstance(net, torch.nn.Module):
+        net = net.to(dev)
+    d = int(np.prod(shape))
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int(seed))
+    t0 = time.perf_counter()
+
+    betas = np.sort(1.0 / temps)  # ascending beta = descending T
+    n_t = len(betas)
+    tuning = ais.tune(net, ens, shape, betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
+                      n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress)
+    schedule, steps = ais.make_schedule(tuning, betas, cfg.ais_steps)
+    fwd = ais.run_forward(net, ens, shape, schedule, steps, betas, n_chains=cfg.ais_chains,
+                          n_keep=cfg.chains, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev,
+                          progress=progress)
+    sw = run_sweep(net, ens, fwd.states, betas, tuning.step_at(betas), n_burn=cfg.burn_in,
+                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=dev,
+                   progress=progress)
+    rev_ratio, rev_se = ais.run_reverse(net, ens, sw.final, betas, tuning, n_steps=cfg.reverse_steps,
+                                        generator=gen, device=dev, progress=progress)
+
+    # ---- log Z from AIS (ascending beta order here; flipped to ascending T at the end)
+    log_omega = ens.log_omega(d)
+    lw = fwd.logw.cpu().numpy()
+    lmw, lmw_se, reps, ess = log_mean_weight(lw, cfg.replicas)
+    log_z, log_z_se = log_omega + lmw, lmw_se
+    log_z_upper = log_omega + np.cumsum(rev_ratio)
+    log_z_upper_se = np.sqrt(np.cumsum(rev_se ** 2))
+
+    # ---- sweep estimators: jackknife over chains (independent blocks)
+    names = sw.stat_names
+    blocks = sw.chain_means
+    iu, im2 = names.index("u"), names.index("m2")
+    U, U_se = jackknife(blocks, lambda m: m[..., iu])
+
+    def heat(m):
+        b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
+        return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
+    C, C_se = jackknife(blocks, heat)
+    S = betas * U + log_z
+    S_se = np.sqrt((betas * U_se) ** 2 + log_z_se ** 2)
+    out = {
+        "log_Z": (log_z, log_z_se), "F": (-log_z / betas, log_z_se / betas), "U": (U, U_se),
+        "S": (S, S_se), "C": (C, C_se), "info_bits": ((log_omega - S) / LN2, S_se / LN2),
+    }
+    if ens.kind == "joint":
+        ih = names.index("h_y_given_x")
+        ip = slice(ih + 1, ih + 1 + k)
+
+        def h_y(m):
+            p = np.clip(m[..., ip], 1e-300, None)
+            return -(p * np.log(p)).sum(-1) / LN2
+        hy = jackknife(blocks, h_y)
+        hyx = jackknife(blocks, lambda m: m[..., ih] / LN2)
+        ixy = jackknife(blocks, lambda m: h_y(m) - m[..., ih] / LN2)
+        out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
+
+    # ---- diagnostics and cross-checks
+    tau = np.array([integrated_autocorr_time(sw.u_trace[:, t, :]) for t in range(n_t)])
+    # -d log Z / d beta of the AIS estimator is its weighted mean energy (no finite differences)
+    u_ais, u_ais_se = _weighted_mean(lw, fwd.energy.cpu().numpy(), cfg.replicas)
+    if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
+        t_asc = 1.0 / betas[::-1]
+        D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)
+        dU = (D @ U[::-1])[::-1]
+        dU_se = np.sqrt((D ** 2) @ (U_se[::-1] ** 2))[::-1]
+    else:
+        dU, dU_se = np.full(n_t, np.nan), np.full(n_t, np.nan)
+    diag = {
+        "log_Z_upper": (log_z_upper, log_z_upper_se),
+        "U_resid": (U - u_ais, np.sqrt(U_se ** 2 + u_ais_se ** 2)),
+        "C_resid": (C - dU, np.sqrt(C_se ** 2 + dU_se ** 2)),
+    }
+    mbar_ok = False
+    if cfg.mbar and n_t > 1:
+        try:
+            diag["log_Z_mbar"] = _mbar_log_z(sw.logits, betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
+            mbar_ok = True
+        except Exception as e:  # MBAR failing (no overlap) is a diagnostic, not a fatal error
+            log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
+    if not mbar_ok:
+        diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
+
+    nonfinite = (fwd.nonfinite.cpu().numpy() + sw.nonfinite) > 0
+    ais_acc = fwd.accept.cpu().numpy()
+    low_acc = (sw.accept < 0.05) | (ais_acc < 0.05)
+    low_ess = ess < 10
+    poor_mix = (cfg.samples < 10 * tau) | (cfg.burn_in < 5 * tau)
+    flags = {"flag_nonfinite": nonfinite, "flag_low_acceptance": low_acc, "flag_low_ess": low_ess,
+             "flag_poor_mixing": poor_mix}
+    for name, f in flags.items():
+        for t in np.nonzero(f)[0]:
+            log.warning("T=%g: %s", 1.0 / betas[t], name.replace("flag_", "").replace("_", " "))
+    swap = np.concatenate([sw.swap_accept, [np.nan]]) if n_t > 1 else np.array([np.nan])
+
+    # ---- assemble, ascending temperature
+    rev = slice(None, None, -1)
+    data_vars = {}
+    for name, (v, e) in {**out, **diag}.items():
+        data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
+        data_vars[name + "_err"] = ("temperature", np.asarray(e, dtype=np.float64)[rev])
+    extra = {"ess": ess, "ais_accept": ais_acc, "accept": sw.accept, "swap_accept": swap, "tau_E": tau,
+             "step_size": sw.step}
+    for name, v in extra.items():
+        data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
+    for name, f in flags.items():
+        data_vars[name] = ("temperature", f[rev].astype(np.int8))
+    # samples for plotting: first keep_samples chains at each temperature
+    xs = sw.final.x.reshape(n_t, -1, *shape)[:, : cfg.keep_samples].cpu().numpy()[rev]
+    sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(shape))]
+    data_vars["samples"] = (sdims, xs.astype(np.float32))
+    if ens.kind == "joint":
+        lg = sw.final.logits.reshape(n_t, -1, k)[:, : cfg.keep_samples]
+        p = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
+        lab = torch.multinomial(p.reshape(-1, k), 1, generator=gen).reshape(n_t, -1).cpu().numpy()[rev]
+        data_vars["sample_labels"] = (["temperature", "sample"], lab.astype(np.int64))
+    attrs = {
+        "kind": "measurement", "ensemble": ens.kind, "n_classes": k, "dimension": d,
+        "shape": json.dumps(list(shape)), "log_Omega": log_omega, "seed": int(seed), "device": str(dev),
+        "settings": json.dumps(asdict(cfg)), "versions": json.dumps(_versions()),
+        "ais_schedule_length": len(schedule), "mbar_ok": int(mbar_ok),
+        "seconds": time.perf_counter() - t0, "units": "nats (k_B = 1) unless the name ends in _bits",
+        **desc,
+    }
+    ds = xr.Dataset(data_vars, coords={"temperature": 1.0 / betas[rev]},
+                    attrs=attrs)
+    return ds

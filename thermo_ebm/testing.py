@@ -1,0 +1,227 @@
+"""Exactly solvable systems for validating estimators. Each is an nn.Module mapping x [N, d] in the box
+to logits [N, K] (float32), with `shape` set and `exact(temps, ensemble)` returning a dict of float64
+arrays [T]: log_Z, F, U, S, C, info_bits (+ H_Y_bits, H_Y_given_X_bits, I_XY_bits for joint, K > 1).
+
+* TruncatedGaussian: E = sum_i (x_i - m_i)^2 / (2 s_i^2); log Z by erf, U and Var(E) by exact
+  (float64 autograd) beta-derivatives of that closed form.
+* DoubleWells: E = sum_i a (x_i^2 - c^2)^2 + h x_i (asymmetric; heat-capacity peak); scipy quadrature.
+* ClassGaussian: f_y(x) = b_y - (x_0 - c_y)^2/(2 s^2) - sum_{i>0} (x_i - m_i)^2/(2 s^2); exact per label
+  (erf for the Gaussian dimensions, quadrature over x_0 for the class-dependent one, incl. H(Y|X)).
+* Neural2D: a fixed smooth random MLP R^2 -> R^K; fine midpoint grid on [-1,1]^2.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import integrate
+from scipy.special import logsumexp
+from torch import nn
+
+LN2 = math.log(2.0)
+
+
+def _assemble(temps, log_z, u, var, log_omega, extra=None):
+    t = np.asarray(temps, dtype=np.float64)
+    b = 1.0 / t
+    s = b * u + log_z
+    out = {"log_Z": log_z, "F": -t * log_z, "U": u, "S": s, "C": b * b * var,
+           "info_bits": (log_omega - s) / LN2}
+    out.update(extra or {})
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def _gauss_moments(m, s, beta):
+    """Sum over dims of (log Z, U, Var E) of the box-truncated Gaussian factor at inverse temp beta."""
+    m = torch.as_tensor(m, dtype=torch.float64)
+    s = torch.as_tensor(s, dtype=torch.float64)
+    b = torch.tensor(float(beta), dtype=torch.float64, requires_grad=True)
+    sig = s / torch.sqrt(b)
+    r2 = math.sqrt(2.0)
+    mass = 0.5 * (torch.erf((1 - m) / (sig * r2)) - torch.erf((-1 - m) / (sig * r2)))
+    lz = (torch.log(sig * math.sqrt(2 * math.pi)) + torch.log(mass)).sum()
+    (g,) = torch.autograd.grad(lz, b, create_graph=True)
+    (h,) = torch.autograd.grad(g, b)
+    return lz.item(), -g.item(), h.item()
+
+
+def _quad_moments(energies, beta, weights_fn=None):
+    """1-D factor over x in [-1,1] and the states y of `energies` (list of callables e_y(x)).
+
+    Returns log Z = log int sum_y exp(-beta e_y), <e>, Var(e), p(y) [K], H(Y|X) (nats).
+    """
+    xs = np.linspace(-1, 1, 20001)
+    e0 = min(float(np.min(e(xs))) for e in energies)
+    pts = list(np.linspace(-1, 1, 41))
+
+    def q(f):
+        return integrate.quad(f, -1, 1, points=pts, limit=400, epsabs=1e-13, epsrel=1e-12)[0]
+
+    zs = np.array([q(lambda x, e=e: math.exp(-beta * (e(x) - e0))) for e in energies])
+    z = zs.sum()
+    m1 = sum(q(lambda x, e=e: e(x) * math.exp(-beta * (e(x) - e0))) for e in energies) / z
+    m2 = sum(q(lambda x, e=e: e(x) ** 2 * math.exp(-beta * (e(x) - e0))) for e in energies) / z
+
+    def cond_entropy_density(x):
+        a = np.array([-beta * e(x) for e in energies])
+        lse = logsumexp(a)
+        p = np.exp(a - lse)
+        return math.exp(lse + beta * e0) * float(-(p * (a - lse)).sum())
+
+    hyx = q(cond_entropy_density) / z if len(energies) > 1 else 0.0
+    return math.log(z) - beta * e0, m1, m2 - m1 * m1, zs / z, hyx
+
+
+class _System(nn.Module):
+    ensembles = ("marginal", "joint")
+
+    def __init__(self, d, k):
+        super().__init__()
+        self.shape = (d,)
+        self.d, self.k = d, k
+
+    def log_omega(self, ensemble):
+        return self.d * LN2 + (math.log(self.k) if ensemble == "joint" else 0.0)
+
+
+class TruncatedGaussian(_System):
+    def __init__(self, d=64, seed=0, mean_scale=0.3, std_range=(0.3, 0.6)):
+        super().__init__(d, 1)
+        rng = np.random.default_rng(seed)
+        self.m = rng.uniform(-mean_scale, mean_scale, d)
+        self.s = rng.uniform(*std_range, d)
+        self.register_buffer("mt", torch.tensor(self.m, dtype=torch.float32))
+        self.register_buffer("st", torch.tensor(self.s, dtype=torch.float32))
+
+    def forward(self, x):
+        return -(((x - self.mt) / self.st) ** 2).sum(-1, keepdim=True) / 2
+
+    def exact(self, temps, ensemble="marginal"):
+        r = np.array([_gauss_moments(self.m, self.s, 1.0 / t) for t in temps])
+        return _assemble(temps, r[:, 0], r[:, 1], r[:, 2], self.log_omega(ensemble))
+
+
+class DoubleWells(_System):
+    """Product of d identical asymmetric double wells a (x^2 - c^2)^2 + h x (C(T) peaks near T ~ 0.8)."""
+
+    def __init__(self, d=64, a=4.0, c=0.7, h=0.6):
+        super().__init__(d, 1)
+        self.a, self.c, self.h = a, c, h
+
+    def e1(self, x):
+        return self.a * (x * x - self.c ** 2) ** 2 + self.h * x
+
+    def forward(self, x):
+        return -self.e1(x).sum(-1, keepdim=True)
+
+    def exact(self, temps, ensemble="marginal"):
+        r = np.array([_quad_moments([self.e1], 1.0 / t)[:3] for t in temps])
+        return _assemble(temps, self.d * r[:, 0], self.d * r[:, 1], self.d * r[:, 2], self.log_omega(ensemble))
+
+
+class ClassGaussian(_System):
+    """K classes that differ only along x_0 (centres c_y, biases b_y); other dims share a Gaussian."""
+
+    def __init__(self, d=16, k=3, s=0.35, seed=0):
+        super().__init__(d, k)
+        rng = np.random.default_rng(seed)
+        self.c = np.linspace(-0.6, 0.6, k)
+        self.b = rng.uniform(-0.5, 0.5, k)
+        self.sig = s
+        self.m = rng.uniform(-0.3, 0.3, d - 1)
+        self.register_buffer("ct", torch.tensor(self.c, dtype=torch.float32))
+        self.register_buffer("bt", torch.tensor(self.b, dtype=torch.float32))
+        self.register_buffer("mt", torch.tensor(self.m, dtype=torch.float32))
+
+    def forward(self, x):
+        rest = (((x[:, 1:] - self.mt) / self.sig) ** 2).sum(-1, keepdim=True) / 2
+        return self.bt - ((x[:, :1] - self.ct) / self.sig) ** 2 / 2 - rest
+
+    def _class_energies(self):
+        return [lambda x, y=y: -self.b[y] + (x - self.c[y]) ** 2 / (2 * self.sig ** 2) for y in range(self.k)]
+
+    def exact(self, temps, ensemble="marginal"):
+        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
+        ey = self._class_energies()
+        for t in temps:
+            beta = 1.0 / t
+            g = _gauss_moments(self.m, np.full(self.d - 1, self.sig), beta)
+            if ensemble == "joint":
+                lz, u, v, py, hyx = _quad_moments(ey, beta)
+                hy = float(-(py * np.log(py)).sum())
+                extra["H_Y_bits"].append(hy / LN2)
+                extra["H_Y_given_X_bits"].append(hyx / LN2)
+                extra["I_XY_bits"].append((hy - hyx) / LN2)
+            else:
+                def e_marg(x):
+                    return -logsumexp(np.stack([-e(x) for e in ey]), axis=0)
+                lz, u, v = _quad_moments([e_marg], beta)[:3]
+            rows.append((lz + g[0], u + g[1], v + g[2]))
+        r = np.array(rows)
+        return _assemble(temps, r[:, 0], r[:, 1], r[:, 2], self.log_omega(ensemble),
+                         extra if ensemble == "joint" else None)
+
+
+class Neural2D(_System):
+    """A fixed smooth random MLP 2 -> 32 -> 32 -> K (tanh), logits scaled by `scale`; exact by midpoint grid."""
+
+    def __init__(self, k=3, seed=1, scale=1.5, grid=1500):
+        super().__init__(2, k)
+        g = torch.Generator().manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, k))
+        lins = [m for m in self.net if isinstance(m, nn.Linear)]
+        with torch.no_grad():  # hidden weights ~N(0, 2.5^2), biases ~N(0, 1); readout ~N(0, 0.5^2), no bias
+            for i, m in enumerate(lins):
+                last = i == len(lins) - 1
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (0.5 if last else 2.5))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * (0.0 if last else 1.0))
+        self.scale, self.grid = scale, grid
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.scale * self.net(x)
+
+    def exact(self, temps, ensemble="marginal"):
+        n = self.grid
+        h = 2.0 / n
+        c = torch.linspace(-1 + h / 2, 1 - h / 2, n, dtype=torch.float64)
+        xy = torch.cartesian_prod(c, c)
+        with torch.no_grad():
+            w = [(m.weight.double(), m.bias.double()) for m in self.net if isinstance(m, nn.Linear)]
+            z = xy
+            for i, (W, bb) in enumerate(w):
+                z = z @ W.T + bb
+                if i < len(w) - 1:
+                    z = torch.tanh(z)
+            f = (self.scale * z).numpy()  # [n*n, K]
+        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
+        for t in temps:
+            beta = 1.0 / t
+            if ensemble == "joint":
+                a = beta * f  # log weight of (x, y)
+                lz = logsumexp(a) + math.log(h * h)
+                p = np.exp(a - logsumexp(a))
+                e = -f
+                u = (p * e).sum()
+                v = (p * e * e).sum() - u * u
+                py = p.sum(0)
+                hy = float(-(py * np.log(py)).sum())
+                px = p.sum(1)
+                cond = np.exp(a - logsumexp(a, axis=1, keepdims=True))
+                hyx = float((px * -(cond * np.log(np.clip(cond, 1e-300, None))).sum(1)).sum())
+                extra["H_Y_bits"].append(hy / LN2)
+                extra["H_Y_given_X_bits"].append(hyx / LN2)
+                extra["I_XY_bits"].append((hy - hyx) / LN2)
+            else:
+                e = -logsumexp(f, axis=1)
+                a = -beta * e
+                lz = logsumexp(a) + math.log(h * h)
+                p = np.exp(a - logsumexp(a))
+                u = (p * e).sum()
+                v = (p * e * e).sum() - u * u
+            rows.append((lz, u, v))
+        r = np.array(rows)
+        return _assemble(temps, r[:, 0], r[:, 1], r[:, 2], self.log_omega(ensemble),
+                         extra if ensemble == "joint" else None)
