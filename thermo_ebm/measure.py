@@ -300,3 +300,41 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     ds = xr.Dataset(data_vars, coords={"temperature": 1.0 / betas[rev]},
                     attrs=attrs)
     return ds
+
+
+def parse_temps(spec: str) -> np.ndarray:
+    """'start:stop:step' (stop included when on the grid) or a comma list; one-line errors otherwise."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ThermoEBMError("--temps is empty; use start:stop:step (e.g. 0.5:2:0.1) or a list (0.5,1,2)")
+    try:
+        if ":" in spec:
+            parts = [float(p) for p in spec.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if step <= 0:
+                raise ThermoEBMError(f"--temps step must be > 0, got {step:g}")
+            if start > stop:
+                raise ThermoEBMError(f"--temps start {start:g} is above stop {stop:g}")
+            n_f = (stop - start) / step
+            if not math.isfinite(n_f) or n_f > 1000:
+                raise ThermoEBMError("--temps asks for more than 1000 temperatures")
+            n = int(math.floor(n_f + 1e-9)) + 1
+            temps = np.round(start + step * np.arange(n), 12)
+        else:
+            temps = np.array([float(p) for p in spec.split(",") if p.strip() != ""])
+    except ValueError:
+        raise ThermoEBMError(f"--temps {spec!r} is not start:stop:step or a comma list of numbers") from None
+    if temps.size > 1000:
+        raise ThermoEBMError(f"--temps asks for {temps.size} temperatures; at most 1000")
+    if temps.size == 0 or not np.all(np.isfinite(temps)) or np.any(temps <= 0):
+        raise ThermoEBMError(f"--temps {spec!r}: temperatures must be finite and > 0")
+    return temps
+
+
+def save_measurement(ds: xr.Dataset, path, group: str | None = None) -> str:
+    """Write a measurement as a new group of results file `path` (never replacing an existing group)."""
+    from .results import new_group_name, write_group
+    group = group or new_group_name(path, f"measure_{ds.attrs['ensemble']}")
+    return write_group(path, group, ds)

@@ -1,0 +1,169 @@
+"""Command-line interface: a thin click layer over the Python API. User mistakes exit 2, runtime
+failures exit 1, both with one line on stderr (tracebacks only with --debug)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .errors import ThermoEBMError, TrainingDiverged
+
+log = logging.getLogger("thermo_ebm")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx, debug):
+    """Thermodynamics of energy-based models: train, measure, plot."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _explicit(ctx, names):
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
+
+
+@cli.command()
+@click.option("--name", default="run", show_default=True, help="Run name: checkpoints/NAME.pt, results/NAME.h5.")
+@click.option("--objective", type=click.Choice(["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"]), default="j_ebm", show_default=True)
+@click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10 or digits.")
+@click.option("--data-dir", default="data", show_default=True)
+@click.option("--labels", default=None, help="Subset of classes, e.g. 0,1,2.")
+@click.option("--noise", type=float, default=0.0, show_default=True, help="Std of Gaussian noise added to data.")
+@click.option("--arch", type=click.Choice(["shallow", "cnn"]), default="shallow", show_default=True)
+@click.option("--model-size", type=int, default=None, help="MLP width / CNN base channels.")
+@click.option("--depth", type=int, default=2, show_default=True, help="Hidden layers of the MLP.")
+@click.option("--spectral-norm/--no-spectral-norm", default=False, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True, help="Total epochs (also when resuming).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps in total.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--reg", type=float, default=None, help="L2 energy penalty [default: 0.1, 0 for dcl].")
+@click.option("--gamma", type=float, default=1.0, show_default=True)
+@click.option("--sgld-step", type=float, default=0.05, show_default=True)
+@click.option("--sgld-noise", type=float, default=0.1, show_default=True)
+@click.option("--mc-steps", type=int, default=40, show_default=True)
+@click.option("--buffer-size", type=int, default=10000, show_default=True)
+@click.option("--from-scratch", type=float, default=0.05, show_default=True)
+@click.option("--short-run", is_flag=True, help="Non-persistent chains from noise.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--checkpoint-dir", default="checkpoints", show_default=True)
+@click.option("--results-dir", default="results", show_default=True)
+@click.option("--log-file", default=None)
+@click.option("--on-divergence", type=click.Choice(["rollback", "stop"]), default="rollback", show_default=True)
+@click.option("--max-rollbacks", type=int, default=3, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue checkpoints/NAME.pt.")
+@click.pass_context
+def train(ctx, resume, **opts):
+    """Train a GEBM / JEBM; writes checkpoints/NAME.pt and results/NAME.h5 (group 'training')."""
+    from .train import TrainConfig, train as run
+    names = [f.name for f in fields(TrainConfig) if f.name in opts]
+    options = _explicit(ctx, names) if resume else {n: opts[n] for n in names}
+    options.setdefault("name", opts["name"])
+    out = run(resume=resume, progress=True, **options)
+    click.echo(json.dumps(out))
+
+
+@cli.command()
+@click.option("--ckpt", required=True, help="Checkpoint (.pt) written by `thermo-ebm train`.")
+@click.option("--temps", required=True, help="start:stop:step (stop included on the grid) or a list 0.5,1,2.")
+@click.option("--ensemble", type=click.Choice(["marginal", "joint"]), default="marginal", show_default=True)
+@click.option("--out", default=None, help="Results file [default: results/<checkpoint name>.h5].")
+@click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ais-chains", type=int, default=None, help="Forward AIS chains [512].")
+@click.option("--ais-steps", type=int, default=None, help="Annealing betas [2000].")
+@click.option("--chains", type=int, default=None, help="Sweep chains per temperature [64].")
+@click.option("--burn-in", type=int, default=None, help="Sweep burn-in steps [300].")
+@click.option("--samples", type=int, default=None, help="Sweep production steps [1000].")
+@click.option("--replicas", type=int, default=None, help="AIS replicas for the SE [16].")
+@click.option("--reverse-steps", type=int, default=None, help="Reverse-AIS betas [500].")
+@click.option("--exchange/--no-exchange", default=True, show_default=True)
+@click.option("--mbar/--no-mbar", default=True, show_default=True)
+def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, **budget):
+    """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
+    from .measure import measure as run, parse_temps, save_measurement
+    t = parse_temps(temps)
+    opts = {k: v for k, v in budget.items() if v is not None}
+    ds = run(ckpt, t, ensemble=ensemble, seed=seed, device=device, progress=True, exchange=exchange,
+             mbar=mbar, **opts)
+    path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
+    g = save_measurement(ds, path, group)
+    click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures, {ds.attrs['seconds']:.0f} s)")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--out", default=None, help="Output file stem or path [default: beside the first file].")
+@click.option("--format", "fmt", type=click.Choice(["png", "pdf"]), default="png", show_default=True)
+def plot(files, out, fmt):
+    """Figures (thermodynamics, information, samples, training) from one or more results files."""
+    from .plot import plot_files
+    for p in plot_files(files, out=out, fmt=fmt):
+        click.echo(str(p))
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(file, as_json):
+    """Print the groups of a results file and a table per measurement."""
+    from .report import report
+    click.echo(report(file, as_json=as_json))
+
+
+@cli.command()
+@click.option("--ckpt", required=True)
+@click.option("--temp", type=float, required=True, help="Temperature T > 0.")
+@click.option("--label", type=int, default=None, help="Class for conditional sampling (joint models).")
+@click.option("-n", "n", type=int, default=64, show_default=True)
+@click.option("-o", "--out", default="samples.png", show_default=True)
+@click.option("--steps", type=int, default=500, show_default=True, help="MALA steps (step size adapted, then frozen).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def sample(ckpt, temp, label, n, out, steps, seed, device):
+    """Draw samples at temperature T with the engine's reflected-MALA sampler; saves an image grid."""
+    from .sample import sample_to_png
+    click.echo(str(sample_to_png(ckpt, temp, label=label, n=n, out=out, steps=steps, seed=seed, device=device)))
+
+
+def main(argv=None):
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="thermo-ebm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ThermoEBMError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # runtime failure: one line unless --debug
+        if debug:
+            raise
+        click.echo(f"error: {type(e).__name__}: {' '.join(str(e).split())[:300]}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

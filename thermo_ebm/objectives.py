@@ -1,0 +1,54 @@
+"""Training objectives. Each returns (loss, terms) from logits of data and of sampler chains.
+
+Energies (nats): marginal E(x) = -logsumexp f(x); joint E(x, y) = -f(x)[y].
+  dcl    : CE(f(x_data), y_data)
+  m_ebm  : <E(x_data)> - <E(x_m)>,                       x_m ~ marginal chains
+  j_ebm  : <E(x_data, y_data)> - <E(x_j, y_j)>,          (x_j, y_j) ~ class-conditional chains
+  gcl    : j_ebm - gamma * m_ebm (gamma = 1: expected gradient of CE, i.e. of -log p(y|x))
+  hybrid : CE + m_ebm
+plus reg * (mean of squared data and model energies of every EBM term), always added as a penalty.
+Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ThermoEBMError
+from .models import joint_energy, marginal_energy
+
+OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
+NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
+         "hybrid": ("marginal",)}
+
+
+def _mean(e, w):
+    return e.mean() if w is None else (e * w).sum()
+
+
+def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marg=None,
+               gamma=1.0, reg=0.0, w_joint=None, w_marg=None):
+    if objective not in OBJECTIVES:
+        raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    terms = {}
+    loss = logits_data.new_zeros(())
+    penalty = logits_data.new_zeros(())
+    if objective in ("dcl", "hybrid"):
+        terms["ce"] = F.cross_entropy(logits_data, y_data)
+        loss = loss + terms["ce"]
+    if "joint" in NEEDS[objective]:
+        ed, em = joint_energy(logits_data, y_data), joint_energy(logits_joint, y_joint)
+        terms["joint_e_data"], terms["joint_e_model"] = ed.mean(), _mean(em, w_joint)
+        terms["joint_ml"] = terms["joint_e_data"] - terms["joint_e_model"]
+        loss = loss + terms["joint_ml"]
+        penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_joint)
+    if "marginal" in NEEDS[objective]:
+        ed, em = marginal_energy(logits_data), marginal_energy(logits_marg)
+        terms["marg_e_data"], terms["marg_e_model"] = ed.mean(), _mean(em, w_marg)
+        terms["marg_ml"] = terms["marg_e_data"] - terms["marg_e_model"]
+        loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marg_ml"]
+        penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_marg)
+    terms["reg"] = reg * penalty
+    loss = loss + terms["reg"]
+    terms["loss"] = loss
+    return loss, terms

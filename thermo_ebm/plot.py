@@ -1,0 +1,219 @@
+"""Publication figures from results files (headless, Agg): thermodynamics (+ information for joint),
+samples at low/middle/high temperature, and training history. Several files overlay by run name."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .errors import ThermoEBMError  # noqa: E402
+from .results import groups_of_kind, list_groups, read_group  # noqa: E402
+
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+                     "figure.dpi": 150, "savefig.bbox": "tight", "axes.grid": True, "grid.alpha": 0.3})
+
+PANELS = [("F", "free energy $F$ (nats)"), ("U", "internal energy $U$ (nats)"), ("S", "entropy $S$ (nats)"),
+          ("C", "heat capacity $C$"), ("info_bits", "information (bits)")]
+JOINT = [("H_Y_bits", "$H(Y)$ (bits)"), ("H_Y_given_X_bits", "$H(Y|X)$ (bits)"), ("I_XY_bits", "$I(X;Y)$ (bits)")]
+
+
+def heat_capacity_peak(t, c, c_err, n_boot=500, seed=0):
+    """Peak temperature of C(T) from a parabola through the maximum and its neighbours, with a parametric
+    bootstrap SE; None when the maximum lies at the edge of the grid."""
+    t, c, c_err = map(np.asarray, (t, c, c_err))
+    i = int(np.nanargmax(c))
+    if i == 0 or i == len(c) - 1:
+        return None
+
+    def vertex(cc):
+        j = int(np.argmax(cc))
+        j = min(max(j, 1), len(cc) - 2)
+        a, b, _ = np.polyfit(t[j - 1:j + 2], cc[j - 1:j + 2], 2)
+        return -b / (2 * a) if a < 0 else t[j]
+    rng = np.random.default_rng(seed)
+    boots = [vertex(c + rng.normal(0, 1, len(c)) * c_err) for _ in range(n_boot)]
+    return float(vertex(c)), float(np.std(boots))
+
+
+def _label(path, group, multi_groups):
+    return f"{Path(path).stem}:{group}" if multi_groups else Path(path).stem
+
+
+def _measurements(files):
+    out = []
+    for f in files:
+        gs = groups_of_kind(f, "measurement")
+        for g in gs:
+            out.append((_label(f, g, len(gs) > 1), read_group(f, g)))
+    return out
+
+
+def _band(ax, ds, var, label, color):
+    t, y, e = ds.temperature.values, ds[var].values, ds[var + "_err"].values
+    ax.plot(t, y, "-o", ms=2.5, lw=1.2, color=color, label=label)
+    ax.fill_between(t, y - e, y + e, color=color, alpha=0.25, lw=0)
+
+
+def thermo_figure(runs, out):
+    joint = any(ds.attrs.get("ensemble") == "joint" for _, ds in runs)
+    n_rows = 3 if joint else 2
+    fig, axes = plt.subplots(n_rows, 3, figsize=(10, 2.8 * n_rows), constrained_layout=True)
+    axes = axes.ravel()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r, (label, ds) in enumerate(runs):
+        col = colors[r % len(colors)]
+        for ax, (var, ylab) in zip(axes, PANELS):
+            _band(ax, ds, var, label, col)
+            ax.set_ylabel(ylab)
+        peak = heat_capacity_peak(ds.temperature.values, ds.C.values, ds.C_err.values)
+        if peak:
+            axes[3].axvline(peak[0], color=col, ls="--", lw=0.8)
+            axes[3].annotate(f"peak $T^*$={peak[0]:.3g}±{peak[1]:.2g}\n(possible phase transition)",
+                             xy=(peak[0], float(np.nanmax(ds.C.values))), xytext=(4, -22),
+                             textcoords="offset points", fontsize=7, color=col)
+        ax = axes[5]
+        t = ds.temperature.values
+        for var, mk, name in (("log_Z_upper", "^", "reverse AIS (upper)"), ("log_Z_mbar", "s", "MBAR")):
+            if var in ds and np.any(np.isfinite(ds[var].values)):
+                ax.errorbar(t, ds[var].values - ds.log_Z.values, yerr=ds[var + "_err"].values, fmt=mk, ms=3,
+                            color=col, alpha=0.8, lw=0.8, label=f"{name}" if r == 0 else None,
+                            mfc="none" if var == "log_Z_mbar" else col)
+        if joint and ds.attrs.get("ensemble") == "joint":
+            for ax, (var, ylab) in zip(axes[6:], JOINT):
+                _band(ax, ds, var, label, col)
+                ax.set_ylabel(ylab)
+    axes[5].axhline(0, color="k", lw=0.8)
+    axes[5].set_ylabel(r"cross-check $-$ AIS $\log Z$ (nats)")
+    axes[5].legend(loc="best")
+    axes[3].set_title("heat capacity $C = \\mathrm{Var}(E)/T^2$")
+    axes[4].set_title("information $= KL(p_T\\,\\|\\,$uniform$)$")
+    for ax in axes:
+        ax.set_xlabel("temperature $T$")
+    axes[0].legend(loc="best")
+    fig.suptitle("Thermodynamics vs temperature (±1 SE bands; nats, $k_B=1$)", fontsize=11)
+    return _save(fig, out)
+
+
+def _image_shape(shape):
+    shape = list(shape)
+    if len(shape) == 3:
+        return shape
+    d = int(np.prod(shape))
+    s = int(math.isqrt(d))
+    return [1, s, s] if s * s == d else None
+
+
+def samples_figure(runs, out):
+    label, ds = runs[0]
+    t = ds.temperature.values
+    idx = sorted({0, len(t) // 2, len(t) - 1})
+    shape = json.loads(ds.attrs.get("shape", "[]")) or list(ds.samples.shape[2:])
+    img = _image_shape(shape)
+    fig, axes = plt.subplots(1, len(idx), figsize=(3.2 * len(idx), 3.4), constrained_layout=True, squeeze=False)
+    for ax, i in zip(axes[0], idx):
+        x = ds.samples.values[i].reshape(ds.samples.shape[1], -1)
+        labels = ds.sample_labels.values[i] if "sample_labels" in ds else None
+        if labels is not None:
+            order = np.argsort(labels, kind="stable")
+            x, labels = x[order], labels[order]
+        if img is None:
+            ax.scatter(x[:, 0], x[:, 1] if x.shape[1] > 1 else np.zeros(len(x)), s=6,
+                       c=labels if labels is not None else None, cmap="tab10")
+            ax.set_xlim(-1, 1)
+            ax.set_ylim(-1, 1)
+            ax.set_aspect("equal")
+            ax.set_xlabel("$x_1$")
+            ax.set_ylabel("$x_2$")
+        else:
+            c, h, w = img
+            n = len(x)
+            cols = int(math.ceil(math.sqrt(n)))
+            rows = int(math.ceil(n / cols))
+            canvas = np.ones((rows * (h + 1), cols * (w + 1), c))
+            for k in range(n):
+                r_, c_ = divmod(k, cols)
+                canvas[r_ * (h + 1):r_ * (h + 1) + h, c_ * (w + 1):c_ * (w + 1) + w] = \
+                    (x[k].reshape(c, h, w).transpose(1, 2, 0) + 1) / 2
+                if labels is not None:
+                    ax.text(c_ * (w + 1) + 0.5, r_ * (h + 1) + 0.5, str(int(labels[k])), color="red",
+                            fontsize=6, va="top")
+            ax.imshow(canvas.squeeze(-1) if c == 1 else canvas.clip(0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+        ax.set_title(f"T = {t[i]:.3g}" + (" (labels ~ p_T(y|x))" if labels is not None else ""))
+    fig.suptitle(f"Samples from $p_T$ ({label}, {ds.attrs.get('ensemble')} ensemble)", fontsize=11)
+    return _save(fig, out)
+
+
+def training_figure(files, out):
+    runs = [(Path(f).stem, read_group(f, "training")) for f in files if "training" in list_groups(f)]
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), constrained_layout=True)
+    axes = axes.ravel()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def smooth(v, k=None):
+        k = k or max(1, len(v) // 100)
+        return np.convolve(v, np.ones(k) / k, mode="valid") if len(v) > k else v
+    for r, (name, ds) in enumerate(runs):
+        col = colors[r % len(colors)]
+        s = ds.step.values
+        for var, ls in (("loss", "-"), ("ce", "--"), ("joint_ml", ":"), ("marg_ml", "-."), ("reg", (0, (1, 3)))):
+            if var in ds:
+                v = smooth(ds[var].values)
+                axes[0].plot(s[:len(v)], v, ls=ls, color=col, lw=1, label=f"{name}: {var}")
+        if "heldout_acc" in ds and ds.sizes.get("epoch", 0):
+            axes[1].plot(ds.epoch_end_step.values, ds.heldout_acc.values, "-o", ms=3, color=col, label=name)
+        for pop, ls in (("joint", "-"), ("marg", "--")):
+            for var, mk in (("e_data", "data"), ("e_model", "model")):
+                if f"{pop}_{var}" in ds:
+                    v = smooth(ds[f"{pop}_{var}"].values)
+                    axes[2].plot(s[:len(v)], v, ls=ls, lw=1, color=col, alpha=1.0 if mk == "data" else 0.55,
+                                 label=f"{name}: {pop} {mk}")
+        for ax, key in ((axes[3], "W"), (axes[4], "Q"), (axes[5], "dF")):
+            for pop, ls in (("joint", "-"), ("marginal", "--")):
+                if f"{pop}_{key}" in ds and np.any(np.isfinite(ds[f"{pop}_{key}"].values)):
+                    v = smooth(ds[f"{pop}_{key}"].values)
+                    ax.plot(s[:len(v)], v, ls=ls, lw=1, color=col, label=f"{name}: {pop}")
+    titles = ["loss terms", "held-out accuracy", "mean energies (nats)", "cumulative work $W$ per walker (nats)",
+              "cumulative heat $Q$ per walker (nats)", "Jarzynski $\\Delta F$ since start (nats)"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=6)
+    fig.suptitle("Training history", fontsize=11)
+    return _save(fig, out)
+
+
+def _save(fig, out):
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_files(files, out=None, fmt="png"):
+    """Render every figure the files support; returns the written paths."""
+    files = [Path(f) for f in files]
+    kinds = {f: set(list_groups(f).values()) for f in files}
+    for f, k in kinds.items():
+        if not k & {"measurement", "training"}:
+            raise ThermoEBMError(f"{f} has no measurement or training group (run `thermo-ebm measure` or `train`)")
+    stem = Path(out) if out else files[0].with_suffix("")
+    stem = stem.with_suffix("") if stem.suffix in (".png", ".pdf") else stem
+    written = []
+    runs = _measurements([f for f in files if "measurement" in kinds[f]])
+    if runs:
+        written.append(thermo_figure(runs, stem.with_suffix(f".{fmt}")))
+        written.append(samples_figure(runs, Path(f"{stem}_samples.{fmt}")))
+    if any("training" in kinds[f] for f in files):
+        written.append(training_figure([f for f in files if "training" in kinds[f]], Path(f"{stem}_training.{fmt}")))
+    return written

@@ -1,0 +1,54 @@
+"""`show`: the groups of a results file and, per measurement, a table with standard errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .results import list_groups, read_group
+
+COLS = ["F", "U", "S", "C", "info_bits"]
+FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_poor_mixing"]
+
+
+def _flags(ds, i):
+    return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
+
+
+def report(path, as_json=False) -> str:
+    groups = list_groups(path)
+    doc = {"file": str(path), "groups": {}}
+    lines = [f"{path}"]
+    for name, kind in groups.items():
+        if kind == "measurement":
+            ds = read_group(path, name)
+            cols = COLS + [c for c in ("I_XY_bits",) if c in ds]
+            rows = []
+            for i, t in enumerate(ds.temperature.values):
+                row = {"T": float(t)}
+                for c in cols + ["log_Z"]:
+                    row[c], row[c + "_err"] = float(ds[c].values[i]), float(ds[c + "_err"].values[i])
+                row["flags"] = _flags(ds, i)
+                rows.append(row)
+            doc["groups"][name] = {"kind": kind, "ensemble": ds.attrs.get("ensemble"), "rows": rows}
+            lines.append(f"\n[{name}] measurement, ensemble={ds.attrs.get('ensemble')}, d={ds.attrs.get('dimension')}, "
+                         "nats (k_B = 1), info in bits")
+            head = f"{'T':>6} " + " ".join(f"{c:>20}" for c in cols) + "  flags"
+            lines.append(head)
+            for r in rows:
+                cells = " ".join(f"{r[c]:>11.4g} ±{r[c + '_err']:<7.2g}" for c in cols)
+                lines.append(f"{r['T']:>6.3g} {cells}  {r['flags']}")
+        elif kind == "training":
+            ds = read_group(path, name)
+            info = {"kind": kind, "steps": int(ds.sizes.get("step", 0)), "epochs": int(ds.sizes.get("epoch", 0))}
+            if "heldout_acc" in ds and ds.sizes.get("epoch", 0):
+                info["heldout_acc"] = float(ds.heldout_acc.values[-1])
+            doc["groups"][name] = info
+            acc = f", held-out accuracy {info['heldout_acc']:.4f}" if "heldout_acc" in info else ""
+            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}")
+        else:
+            doc["groups"][name] = {"kind": kind}
+            lines.append(f"\n[{name}] ({kind})")
+    if as_json:
+        return json.dumps(doc, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    return "\n".join(lines)

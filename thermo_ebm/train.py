@@ -1,0 +1,421 @@
+"""`train`: one readable training loop for GEBM/JEBM objectives with persistent Langevin chains,
+work/heat/Jarzynski bookkeeping, atomic checkpoints, exact resume and divergence rollback.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .data import DATASETS, load_data, parse_labels
+from .errors import ThermoEBMError, TrainingDiverged
+from .measure import resolve_device
+from .models import build_model, joint_energy, marginal_energy
+from .objectives import NEEDS, OBJECTIVES, loss_terms
+from .results import write_group
+from .sampling import langevin_init, langevin_move, langevin_step
+
+log = logging.getLogger("thermo_ebm")
+
+# options that may differ when resuming (everything else must match the checkpoint)
+RESUMABLE = {"epochs", "max_steps", "device", "log_file", "on_divergence", "max_rollbacks", "resume",
+             "checkpoint_dir", "results_dir", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    objective: str = "j_ebm"
+    dataset: str = "mnist"
+    data_dir: str = "data"
+    labels: list | None = None
+    noise: float = 0.0
+    arch: str = "shallow"
+    model_size: int | None = None
+    depth: int = 2
+    spectral_norm: bool = False
+    epochs: int = 10
+    max_steps: int | None = None      # stop after this many optimizer steps in total
+    batch_size: int = 64
+    lr: float = 1e-3
+    reg: float | None = None          # default 0.1 for EBM objectives, 0 for dcl
+    gamma: float = 1.0
+    sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
+    sgld_noise: float = 0.1
+    mc_steps: int = 40
+    buffer_size: int = 10000
+    from_scratch: float = 0.05
+    short_run: bool = False
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_dir: str = "checkpoints"
+    results_dir: str = "results"
+    log_file: str | None = None
+    on_divergence: str = "rollback"   # or "stop"
+    max_rollbacks: int = 3
+    max_energy_gap: float = 1e4       # |<E_data> - <E_model>| beyond this counts as divergence
+    snapshot_every: int = 50
+
+    def validate(self):
+        if self.objective not in OBJECTIVES:
+            raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.dataset not in DATASETS:
+            raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.on_divergence not in ("rollback", "stop"):
+            raise ThermoEBMError("--on-divergence must be rollback or stop")
+        for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ThermoEBMError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.from_scratch <= 1.0:
+            raise ThermoEBMError("--from-scratch must be in [0, 1]")
+        if self.lr <= 0 or self.sgld_step < 0 or self.sgld_noise < 0:
+            raise ThermoEBMError("--lr must be > 0 and SGLD step/noise >= 0")
+        if self.buffer_size < self.batch_size and not self.short_run:
+            raise ThermoEBMError("--buffer-size must be at least --batch-size")
+        if not self.name or "/" in self.name:
+            raise ThermoEBMError(f"invalid run name {self.name!r}")
+        self.labels = parse_labels(self.labels)
+        if self.reg is None:
+            self.reg = 0.0 if self.objective == "dcl" else 0.1
+        return self
+
+
+def _logmeanexp(a):
+    return torch.logsumexp(a, 0) - math.log(a.numel())
+
+
+class Trainer:
+    """Holds everything that a checkpoint must restore, and runs the loop."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.dev = resolve_device(cfg.device)
+        self.data = load_data(cfg.dataset, cfg.data_dir, cfg.labels, cfg.noise)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
+                                 cfg.spectral_norm).to(self.dev)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.g_data = torch.Generator().manual_seed(cfg.seed)
+        self.g_mc = torch.Generator(device=self.dev).manual_seed(cfg.seed + 1)
+        self.pops = {}
+        for pop in NEEDS[cfg.objective]:
+            n = cfg.batch_size if cfg.short_run else cfg.buffer_size
+            self.pops[pop] = {
+                "x": self._uniform(n),
+                "y": torch.randint(self.data.n_classes, (n,), generator=self.g_mc, device=self.dev),
+                "W": torch.zeros(n, dtype=torch.float64, device=self.dev),
+                "Q": torch.zeros(n, dtype=torch.float64, device=self.dev),
+                "e_last": torch.zeros(n, dtype=torch.float64, device=self.dev),
+            }
+        self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
+        self.j0 = {}
+        self.hist: dict[str, list] = {}
+        self.epoch_hist: dict[str, list] = {}
+        self.events: list[tuple[int, str]] = []
+        self.rollbacks = 0
+        self.lr = cfg.lr
+
+    # ---------------------------------------------------------------- state capture / restore
+    def capture(self) -> dict:
+        return {
+            "config": asdict(self.cfg),
+            "model_spec": self.model.spec,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.opt.state_dict()),
+            "buffers": {f"{p}/{k}": v.detach().cpu().clone() for p, d in self.pops.items() for k, v in d.items()},
+            "rng": {"data": self.g_data.get_state(), "mc": self.g_mc.get_state().cpu(),
+                    "torch": torch.get_rng_state()},
+            "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+            "perm": self.perm.clone() if self.perm is not None else torch.zeros(0, dtype=torch.long),
+            "lr": self.lr, "rollbacks": self.rollbacks,
+            "j0": {k: float(v) for k, v in self.j0.items()},
+            "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.hist.items()},
+            "epoch_history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.epoch_hist.items()},
+            "events": [[int(s), str(m)] for s, m in self.events],
+            "meta": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in self.data.meta.items()}
+            | {"classes": [int(c) for c in self.data.classes]},
+        }
+
+    def restore(self, st: dict):
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(copy.deepcopy(st["optimizer"]))
+        for key, v in st["buffers"].items():
+            p, k = key.split("/")
+            self.pops[p][k] = v.to(self.dev).clone()
+        self.g_data.set_state(st["rng"]["data"])
+        self.g_mc.set_state(st["rng"]["mc"].to(self.g_mc.device) if self.dev.type == "cpu" else st["rng"]["mc"])
+        torch.set_rng_state(st["rng"]["torch"])
+        self.epoch, self.step, self.batch_in_epoch = st["epoch"], st["step"], st["batch_in_epoch"]
+        self.perm = st["perm"].clone() if st["perm"].numel() else None
+        self.lr, self.rollbacks = st["lr"], st["rollbacks"]
+        self.j0 = dict(st["j0"])
+        self.hist = {k: v.tolist() for k, v in st["history"].items()}
+        self.epoch_hist = {k: v.tolist() for k, v in st["epoch_history"].items()}
+        self.events = [(int(s), str(m)) for s, m in st["events"]]
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+
+    # ---------------------------------------------------------------- pieces of a step
+    def _uniform(self, n):
+        return torch.rand((n, *self.data.shape), generator=self.g_mc, device=self.dev) * 2 - 1
+
+    def _energy_fn(self, pop, y):
+        if pop == "joint":
+            return lambda x: joint_energy(self.model(x), y)
+        return lambda x: marginal_energy(self.model(x))
+
+    def _sample(self, pop):
+        """Advance a batch of chains of population `pop`; returns (idx, x, y, e_start, dW)."""
+        cfg, buf, b = self.cfg, self.pops[pop], self.cfg.batch_size
+        n = buf["x"].shape[0]
+        idx = torch.randperm(n, generator=self.g_mc, device=self.dev)[:b]
+        if cfg.short_run:
+            restart = torch.ones(b, dtype=torch.bool, device=self.dev)
+        else:
+            restart = torch.rand(b, generator=self.g_mc, device=self.dev) < cfg.from_scratch
+        noise_x = self._uniform(b)
+        noise_y = torch.randint(self.data.n_classes, (b,), generator=self.g_mc, device=self.dev)
+        x0 = torch.where(restart.view(-1, *[1] * len(self.data.shape)), noise_x, buf["x"][idx])
+        y0 = torch.where(restart, noise_y, buf["y"][idx])
+        for k in ("W", "Q", "e_last"):  # a restarted walker starts over from the uniform reference (E = 0)
+            buf[k][idx] = torch.where(restart, torch.zeros_like(buf[k][idx]), buf[k][idx])
+        energy_fn = self._energy_fn(pop, y0)
+        state = langevin_init(energy_fn, x0)
+        e_start = state.energy.double()
+        dW = e_start - buf["e_last"][idx]  # energy change of these walkers from parameter updates
+        buf["W"][idx] += dW
+        for _ in range(cfg.mc_steps - 1):
+            state = langevin_step(state, energy_fn, cfg.sgld_step, cfg.sgld_noise, self.g_mc)
+        x = langevin_move(state, cfg.sgld_step, cfg.sgld_noise, self.g_mc)
+        return idx, x, y0, e_start, dW
+
+    def train_step(self, xb, yb):
+        cfg = self.cfg
+        chains = {pop: self._sample(pop) for pop in self.pops}
+        parts = [xb] + [chains[p][1] for p in self.pops]
+        logits = self.model(torch.cat(parts))
+        sizes = [len(p) for p in parts]
+        split = dict(zip(["data", *self.pops], torch.split(logits, sizes)))
+        loss, terms = loss_terms(
+            cfg.objective, split["data"], yb,
+            logits_joint=split.get("joint"), y_joint=chains["joint"][2] if "joint" in chains else None,
+            logits_marg=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        rec = {k: float(v.detach()) for k, v in terms.items()}
+        rec["train_acc"] = float((split["data"].argmax(1) == yb).float().mean())
+        for pop, (idx, x, y, e_start, dW) in chains.items():
+            lg = split[pop].detach()
+            e_end = (joint_energy(lg, y) if pop == "joint" else marginal_energy(lg)).double()
+            buf = self.pops[pop]
+            buf["Q"][idx] += e_end - e_start  # energy change from MCMC moves at fixed parameters
+            buf["e_last"][idx] = e_end
+            buf["x"][idx], buf["y"][idx] = x.detach(), y
+            if cfg.short_run:
+                rec.update({f"{pop}_{k}": float("nan") for k in ("W", "Q", "dW", "dQ", "jarzynski", "dF")})
+                continue
+            j = float(-_logmeanexp(-buf["W"][idx]))
+            self.j0.setdefault(pop, j)
+            rec.update({f"{pop}_W": float(buf["W"][idx].mean()), f"{pop}_Q": float(buf["Q"][idx].mean()),
+                        f"{pop}_dW": float(dW.mean()), f"{pop}_dQ": float((e_end - e_start).mean()),
+                        f"{pop}_jarzynski": j, f"{pop}_dF": j - self.j0[pop]})
+        return rec
+
+    def diverged(self, rec) -> str | None:
+        vals = [v for k, v in rec.items() if not k.endswith(("_jarzynski", "_dF", "_W", "_Q", "_dW", "_dQ"))]
+        if not all(math.isfinite(v) for v in vals):
+            bad = [k for k, v in rec.items() if not math.isfinite(v) and k in rec and not k.startswith(("joint_W", "marginal_W"))]
+            return f"non-finite {', '.join(bad[:3])} (learning rate too high or too few MCMC steps)"
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            return "non-finite parameters (learning rate too high)"
+        for pop in ("joint", "marg"):
+            if f"{pop}_e_data" in rec and abs(rec[f"{pop}_e_data"] - rec[f"{pop}_e_model"]) > self.cfg.max_energy_gap:
+                return (f"runaway {pop} energy gap {rec[f'{pop}_e_data'] - rec[f'{pop}_e_model']:.3g} between data "
+                        "and model samples (sampler cannot keep up: lower the learning rate or add MCMC steps)")
+        return None
+
+    # ---------------------------------------------------------------- evaluation and outputs
+    @torch.no_grad()
+    def evaluate(self):
+        x, y = self.data.x_test, self.data.y_test
+        correct, ce = 0, 0.0
+        for i in range(0, len(x), 1000):
+            lg = self.model(x[i:i + 1000].to(self.dev))
+            yy = y[i:i + 1000].to(self.dev)
+            correct += int((lg.argmax(1) == yy).sum())
+            ce += float(torch.nn.functional.cross_entropy(lg, yy, reduction="sum"))
+        return correct / len(x), ce / len(x)
+
+    def save_grid(self):
+        import torchvision.utils as vu
+        if not self.pops:
+            return None
+        if "joint" in self.pops:
+            buf, k = self.pops["joint"], self.data.n_classes
+            rows = []
+            for c in range(k):
+                sel = buf["x"][buf["y"] == c][:8]
+                pad = torch.full((8 - len(sel), *self.data.shape), -1.0, device=self.dev)
+                rows.append(torch.cat([sel, pad]))
+            imgs, nrow = torch.cat(rows), 8
+        else:
+            imgs, nrow = self.pops["marginal"]["x"][:64], 8
+        out = Path(self.cfg.results_dir) / f"{self.cfg.name}_samples" / f"epoch_{self.epoch:03d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        vu.save_image(imgs.reshape(-1, *self._img_shape()).cpu(), out, nrow=nrow, normalize=True,
+                      value_range=(-1, 1), pad_value=1.0)
+        return out
+
+    def _img_shape(self):
+        s = self.data.shape
+        return s if len(s) == 3 else (1, int(math.sqrt(s[-1])), -1)
+
+    def history_dataset(self) -> xr.Dataset:
+        steps = np.arange(1, len(next(iter(self.hist.values()), [])) + 1)
+        dv = {k: ("step", np.asarray(v, dtype=np.float64)) for k, v in self.hist.items()}
+        dv.update({k: ("epoch", np.asarray(v, dtype=np.float64)) for k, v in self.epoch_hist.items()})
+        if self.events:
+            dv["event_step"] = ("event", np.array([s for s, _ in self.events], dtype=np.int64))
+            dv["event_message"] = ("event", np.array([m for _, m in self.events], dtype=object))
+        coords = {"step": steps, "epoch": np.arange(1, len(self.epoch_hist.get("heldout_acc", [])) + 1)}
+        attrs = {"kind": "training", "config": __import__("json").dumps(asdict(self.cfg)),
+                 "split_note": self.data.note, "classes": __import__("json").dumps(self.data.classes),
+                 "rollbacks": self.rollbacks, "units": "energies in nats (k_B T = 1 at T = 1)"}
+        return xr.Dataset(dv, coords=coords, attrs=attrs)
+
+    def paths(self):
+        return (Path(self.cfg.checkpoint_dir) / f"{self.cfg.name}.pt",
+                Path(self.cfg.results_dir) / f"{self.cfg.name}.h5")
+
+    def save(self):
+        """History first, then checkpoint: the results file always holds every step of the checkpoint."""
+        ckpt, res = self.paths()
+        write_group(res, "training", self.history_dataset())
+        save_checkpoint(ckpt, self.capture())
+
+    # ---------------------------------------------------------------- the loop
+    def run(self):
+        cfg = self.cfg
+        n = len(self.data.y_train)
+        n_batches = n // cfg.batch_size
+        if n_batches == 0:
+            raise ThermoEBMError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
+        snapshot = self.capture()
+        t0 = time.perf_counter()
+        while self.epoch < cfg.epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
+            if self.perm is None:
+                self.perm, self.batch_in_epoch = torch.randperm(n, generator=self.g_data), 0
+            bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                       disable=not self.progress, leave=False)
+            rolled_back = False
+            while self.batch_in_epoch < n_batches and (cfg.max_steps is None or self.step < cfg.max_steps):
+                sel = self.perm[self.batch_in_epoch * cfg.batch_size:(self.batch_in_epoch + 1) * cfg.batch_size]
+                xb = self.data.x_train[sel]
+                if cfg.noise > 0:
+                    xb = (xb + cfg.noise * torch.randn(xb.shape, generator=self.g_data)).clamp(-1, 1)
+                rec = self.train_step(xb.to(self.dev), self.data.y_train[sel].to(self.dev))
+                self.step += 1
+                self.batch_in_epoch += 1
+                why = self.diverged(rec)
+                if why:
+                    self._on_divergence(why, snapshot)
+                    rolled_back = True
+                    break
+                rec["lr"] = self.lr
+                for k in set(self.hist) | set(rec):
+                    self.hist.setdefault(k, [float("nan")] * (self.step - 1)).append(rec.get(k, float("nan")))
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3g}", acc=f"{rec['train_acc']:.2f}")
+                if self.step % cfg.snapshot_every == 0:
+                    snapshot = self.capture()
+            bar.close()
+            if rolled_back:
+                continue
+            if self.batch_in_epoch == n_batches:
+                acc, ce = self.evaluate()
+                self.epoch += 1
+                self.perm = None
+                for k, v in {"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
+                             "seconds": time.perf_counter() - t0}.items():
+                    self.epoch_hist.setdefault(k, []).append(v)
+                grid = self.save_grid()
+                log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch, self.step,
+                         acc, ce, f", samples {grid}" if grid else "")
+                self.save()
+                snapshot = self.capture()
+        self.save()
+        ckpt, res = self.paths()
+        log.info("wrote %s and %s (group 'training')", ckpt, res)
+        return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
+                "heldout_acc": self.epoch_hist.get("heldout_acc", [float("nan")])[-1],
+                "rollbacks": self.rollbacks}
+
+    def _on_divergence(self, why, snapshot):
+        cfg = self.cfg
+        msg = f"divergence at step {self.step}: {why}"
+        if cfg.on_divergence == "stop" or self.rollbacks >= cfg.max_rollbacks:
+            extra = "" if cfg.on_divergence == "stop" else f" after {self.rollbacks} rollbacks"
+            ckpt = self.paths()[0]
+            raise TrainingDiverged(f"{msg}{extra}; last good checkpoint: {ckpt if ckpt.exists() else 'none yet'}")
+        self.restore(snapshot)
+        self.rollbacks += 1
+        self.lr *= 0.5
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        self.g_mc.manual_seed(cfg.seed + 1 + 7919 * self.rollbacks)
+        self.g_data.manual_seed(cfg.seed + 7919 * self.rollbacks)
+        self.perm = None if self.perm is None else torch.randperm(len(self.perm), generator=self.g_data)
+        self.events.append((self.step, f"{msg}; rolled back to step {self.step}, reseeded, lr -> {self.lr:g}"))
+        log.warning("%s; rolled back to step %d, reseeded, learning rate halved to %g", msg, self.step, self.lr)
+
+
+def train(config: TrainConfig | None = None, *, resume: bool = False, progress: bool = True, **options) -> dict:
+    """Train (or with resume=True continue) a model; returns paths and final held-out accuracy."""
+    cfg = config or TrainConfig()
+    unknown = set(options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ThermoEBMError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**{**asdict(cfg), **options})
+    handler = None
+    if cfg.log_file:
+        Path(cfg.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(cfg.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        if resume:
+            path = Path(cfg.checkpoint_dir) / f"{cfg.name}.pt"
+            st = load_checkpoint(path)
+            saved = st["config"]
+            conflicts = [k for k in options if k not in RESUMABLE and k in saved and options[k] != saved[k]
+                         and not (k == "labels" and parse_labels(options[k]) == saved[k])]
+            if conflicts:
+                raise ThermoEBMError(f"--resume conflicts with the checkpoint's {', '.join(conflicts)}; "
+                                     "drop these options or start a new --name")
+            cfg = TrainConfig(**{**saved, **{k: v for k, v in options.items() if k in RESUMABLE}})
+            cfg.validate()
+            trainer = Trainer(cfg, progress)
+            model_from_checkpoint(st, path)  # architecture check with a one-line error
+            trainer.restore(st)
+            log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
+        else:
+            cfg.validate()
+            trainer = Trainer(cfg, progress)
+        log.info("training %s: objective %s on %s (%s), %d parameters, device %s", cfg.name, cfg.objective,
+                 cfg.dataset, trainer.data.note, sum(p.numel() for p in trainer.model.parameters()), trainer.dev)
+        return trainer.run()
+    finally:
+        if handler:
+            log.removeHandler(handler)
+            handler.close()
