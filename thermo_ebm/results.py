@@ -1,7 +1,8 @@
 """Results files: HDF5, one group per training history or measurement, readable with h5py and with
 xarray.open_dataset(path, group=..., engine="h5netcdf").
 
-Every write rebuilds the file in a temporary file beside it (other groups copied verbatim), fsyncs it and
+Every write rebuilds the file in a temporary file beside it (other groups re-serialised through xarray),
+fsyncs it and
 os.replace()s it over the original, under an exclusive lock: readers see the old or the new file, never a
 half-written one, and concurrent writers queue.
 """
@@ -20,17 +21,17 @@ def write_group(path, group: str, ds: xr.Dataset, *, lock_timeout: float = 600.0
     """Write `ds` as `group` of `path` (replacing only that group); returns the group name."""
     path = Path(path)
     with file_lock(path, lock_timeout):
+        others = {}
+        if path.exists():
+            for name in list_groups(path):
+                if name != group:  # netCDF groups hold object references: rebuild them, never h5py-copy
+                    with xr.open_dataset(path, group=name, engine="h5netcdf") as g:
+                        others[name] = g.load()
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as dst:
-                if path.exists():
-                    with _open_h5(path) as src:
-                        for name in src:
-                            if name != group:
-                                src.copy(src[name], dst, name=name)
-                        for k, v in src.attrs.items():
-                            if not k.startswith("_"):
-                                dst.attrs[k] = v
-            ds.to_netcdf(tmp, mode="a", group=group, engine="h5netcdf", invalid_netcdf=False)
+            mode = "w"
+            for name, g in {**others, group: ds}.items():
+                g.to_netcdf(tmp, mode=mode, group=name, engine="h5netcdf")
+                mode = "a"
     return group
 
 

@@ -367,9 +367,9 @@ class Trainer:
             extra = "" if cfg.on_divergence == "stop" else f" after {self.rollbacks} rollbacks"
             ckpt = self.paths()[0]
             raise TrainingDiverged(f"{msg}{extra}; last good checkpoint: {ckpt if ckpt.exists() else 'none yet'}")
-        self.restore(snapshot)
-        self.rollbacks += 1
-        self.lr *= 0.5
+        lr, rollbacks, events = self.lr, self.rollbacks, list(self.events)
+        self.restore(snapshot)  # parameters, optimizer, chains, RNG, history back to the last good state
+        self.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5
         for g in self.opt.param_groups:
             g["lr"] = self.lr
         self.g_mc.manual_seed(cfg.seed + 1 + 7919 * self.rollbacks)

@@ -1,0 +1,206 @@
+"""CLI end to end, bad inputs (exit 2, one line, no traceback), unsafe checkpoints, atomic results."""
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from thermo_ebm.cli import main
+from thermo_ebm.results import list_groups, write_group
+
+
+def run_cli(args):
+    """Run the CLI in-process; returns (exit code, stderr text)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, err.getvalue()
+
+
+SMALL = ["--ais-chains", "64", "--ais-steps", "100", "--chains", "8", "--burn-in", "20", "--samples", "40",
+         "--replicas", "4", "--reverse-steps", "40"]
+
+
+@pytest.fixture(scope="module")
+def measured(digits_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "run.h5"
+    import shutil
+    shutil.copy(digits_ckpt["results"], out)  # holds the training group
+    for ens in ("marginal", "joint"):
+        code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "0.5:2:0.5",
+                             "--ensemble", ens, "--out", str(out), "--device", "cpu", *SMALL])
+        assert code == 0, err
+    return out
+
+
+def test_measure_writes_groups_without_touching_others(measured):
+    groups = list_groups(measured)
+    assert groups == {"training": "training", "measure_marginal": "measurement", "measure_joint": "measurement"}
+    ds = xr.open_dataset(measured, group="measure_joint", engine="h5netcdf")
+    assert list(ds.temperature.values) == [0.5, 1.0, 1.5, 2.0]
+    for v in ("log_Z", "F", "U", "S", "C", "info_bits", "H_Y_bits", "I_XY_bits", "log_Z_upper", "log_Z_mbar"):
+        assert v in ds and v + "_err" in ds
+    assert ds.samples.shape[:2] == (4, 8)
+    assert "versions" in ds.attrs and ds.attrs["seed"] == 0
+
+
+def test_plot_every_figure_both_formats(measured):
+    for fmt in ("png", "pdf"):
+        code, err = run_cli(["plot", str(measured), "--format", fmt])
+        assert code == 0, err
+    stem = measured.with_suffix("")
+    for suffix in ("", "_samples", "_training"):
+        png = Path(f"{stem}{suffix}.png")
+        img = mpimg.imread(png)
+        assert img.shape[0] > 300 and img.std() > 0.01  # a real, non-blank figure
+        assert Path(f"{stem}{suffix}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_thermo_figure_axes(measured):
+    import matplotlib.pyplot as plt
+    from thermo_ebm.plot import _measurements, thermo_figure
+    runs = _measurements([measured])
+    captured = {}
+    orig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        captured["fig"] = fig
+        return orig(fig, *a, **k)
+    plt.Figure.savefig = spy
+    try:
+        thermo_figure(runs, Path("t.png"))
+    finally:
+        plt.Figure.savefig = orig
+    labels = [ax.get_ylabel() for ax in captured["fig"].axes]
+    for want in ("free energy", "internal energy", "entropy", "heat capacity", "information", "$I(X;Y)$"):
+        assert any(want in lab for lab in labels), (want, labels)
+    first = captured["fig"].axes[0]
+    assert len(first.lines) == 2  # two measurement groups overlaid
+    assert all(ax.get_xlabel() == "temperature $T$" for ax in captured["fig"].axes)
+
+
+def test_show_table_and_json(measured):
+    from thermo_ebm.report import report
+    text = report(measured)
+    assert "measure_joint" in text and "training" in text and "±" in text
+    import json
+    doc = json.loads(report(measured, as_json=True))
+    assert len(doc["groups"]["measure_marginal"]["rows"]) == 4
+
+
+def test_sample_command(digits_ckpt):
+    code, err = run_cli(["sample", "--ckpt", digits_ckpt["checkpoint"], "--temp", "1", "--label", "3", "-n", "16",
+                         "--steps", "20", "-o", "g.png"])
+    assert code == 0, err
+    assert mpimg.imread("g.png").shape[0] > 20
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("command", ["measure", "sample", "resume"])
+def test_malicious_checkpoint_is_refused(command, tmp_path):
+    Path("checkpoints").mkdir(exist_ok=True)
+    bad = Path("checkpoints/evil.pt")
+    torch.save({"model_spec": Evil(), "model": {}}, bad)
+    args = {"measure": ["measure", "--ckpt", str(bad), "--temps", "1"],
+            "sample": ["sample", "--ckpt", str(bad), "--temp", "1"],
+            "resume": ["train", "--name", "evil", "--resume", "--dataset", "digits"]}[command]
+    code, err = run_cli(args)
+    assert code == 2 and "refusing to load" in err and len(err.strip().splitlines()) == 1
+    assert not Path("PWNED").exists()
+
+
+def _ckpt_variants(good):
+    Path("empty.pt").write_bytes(b"")
+    data = Path(good).read_bytes()
+    Path("trunc.pt").write_bytes(data[: len(data) // 2])
+    Path("text.pt").write_text("hello")
+    torch.save({"hello": 1}, "notckpt.pt")
+    ck = torch.load(good, weights_only=True)
+    torch.save(dict(ck, format_version=99), "newer.pt")
+    spec = dict(ck["model_spec"], size=64)
+    torch.save(dict(ck, model_spec=spec), "otherarch.pt")
+
+
+BAD = [
+    (["measure", "--ckpt", "CK", "--temps", "2:0.5:0.1"], "above stop"),
+    (["measure", "--ckpt", "CK", "--temps", "0:1:0.1"], "> 0"),
+    (["measure", "--ckpt", "CK", "--temps", "-1,1"], "> 0"),
+    (["measure", "--ckpt", "CK", "--temps", ""], "empty"),
+    (["measure", "--ckpt", "CK", "--temps", "a:b:c"], "not start:stop:step"),
+    (["measure", "--ckpt", "CK", "--temps", "0.001:1000:0.001"], "1000"),
+    (["measure", "--ckpt", "CK", "--temps", "1:2:0"], "step must be > 0"),
+    (["measure", "--ckpt", "missing.pt", "--temps", "1"], "not found"),
+    (["measure", "--ckpt", "empty.pt", "--temps", "1"], "empty"),
+    (["measure", "--ckpt", "trunc.pt", "--temps", "1"], "cannot read"),
+    (["measure", "--ckpt", "text.pt", "--temps", "1"], "cannot read"),
+    (["measure", "--ckpt", "notckpt.pt", "--temps", "1"], "not a thermo-ebm checkpoint"),
+    (["measure", "--ckpt", "newer.pt", "--temps", "1"], "upgrade"),
+    (["measure", "--ckpt", "otherarch.pt", "--temps", "1"], "do not match"),
+    (["measure", "--ckpt", "CK", "--temps", "1", "--device", "tpu"], "unknown device"),
+    (["plot", "missing.h5"], "not found"),
+    (["plot", "nogroups.h5"], "no measurement or training group"),
+    (["show", "text.pt"], "not a readable HDF5"),
+    (["train", "--dataset", "imagenet"], "unknown dataset"),
+    (["train", "--dataset", "mnist", "--data-dir", "nowhere"], "--data-dir"),
+    (["train", "--dataset", "digits", "--labels", "3,11"], "not in digits"),
+    (["train", "--dataset", "digits", "--labels", "3"], "at least two"),
+    (["train", "--dataset", "digits", "--buffer-size", "8", "--batch-size", "64"], "buffer-size"),
+    (["train", "--name", "nothing-here", "--resume"], "not found"),
+    (["sample", "--ckpt", "CK", "--temp", "-1"], "positive"),
+    (["measure", "--temps", "1"], "Missing option"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_inputs_exit_2_with_one_line(args, needle, digits_ckpt):
+    _ckpt_variants(digits_ckpt["checkpoint"])
+    import h5py
+    with h5py.File("nogroups.h5", "w") as f:
+        f.create_group("other")
+    args = [digits_ckpt["checkpoint"] if a == "CK" else a for a in args]
+    code, err = run_cli(args)
+    assert code == 2, err
+    assert needle in err
+    assert "Traceback" not in err
+    if needle != "Missing option":  # click's usage errors add a usage line
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_subprocess_exit_code_and_debug(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "thermo_ebm", "measure", "--ckpt", "nope.pt", "--temps", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: checkpoint not found: nope.pt"
+    r = subprocess.run([sys.executable, "-m", "thermo_ebm", "--debug", "measure", "--ckpt", "nope.pt", "--temps", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_concurrent_writers_both_land(tmp_path):
+    path = tmp_path / "r.h5"
+    ds = xr.Dataset({"a": ("t", np.arange(1000.0))}, attrs={"kind": "measurement"})
+
+    def writer(i):
+        write_group(path, f"g{i}", ds)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert set(list_groups(path)) == {"g0", "g1", "g2", "g3"}
+    for i in range(4):
+        assert float(xr.open_dataset(path, group=f"g{i}", engine="h5netcdf").a.sum()) == ds.a.sum()

@@ -1,0 +1,60 @@
+"""Estimators vs exactly solvable systems: every quantity within 4 reported SEs at every temperature."""
+import numpy as np
+import pytest
+
+from thermo_ebm import measure
+from thermo_ebm.testing import ClassGaussian, DoubleWells, Neural2D, TruncatedGaussian
+
+TEMPS = [0.5, 0.75, 1.0, 1.5, 2.0]
+
+CASES = [
+    ("gauss64", lambda: TruncatedGaussian(64), "marginal"),
+    ("wells64", lambda: DoubleWells(64), "marginal"),
+    ("classgauss16-joint", lambda: ClassGaussian(16), "joint"),
+    ("classgauss16-marginal", lambda: ClassGaussian(16), "marginal"),
+    ("neural2d-joint", lambda: Neural2D(), "joint"),
+    ("neural2d-marginal", lambda: Neural2D(), "marginal"),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def result(request):
+    name, make, ens = request.param
+    system = make()
+    return name, system.exact(TEMPS, ens), measure(system, TEMPS, ensemble=ens, device="cpu", seed=1)
+
+
+def test_within_four_standard_errors(result):
+    name, exact, ds = result
+    for key, value in exact.items():
+        est, se = ds[key].values, ds[key + "_err"].values
+        assert np.all(se > 0), (name, key)
+        z = (est - value) / se
+        assert np.all(np.abs(z) < 4), f"{name} {key}: z = {np.round(z, 2)}"
+
+
+def test_cross_checks_agree(result):
+    name, exact, ds = result
+    for key in ("log_Z_mbar", "log_Z_upper"):
+        z = (ds[key].values - exact["log_Z"]) / ds[key + "_err"].values
+        assert np.all(np.abs(z) < 4), f"{name} {key}: z = {np.round(z, 2)}"
+    zu = ds.U_resid.values / ds.U_resid_err.values
+    assert np.all(np.abs(zu) < 4), f"{name} U residual z = {zu}"
+    assert not ds.flag_nonfinite.values.any() and not ds.flag_low_acceptance.values.any()
+
+
+def test_standard_error_small_at_d64():
+    system = TruncatedGaussian(64, seed=3)
+    ds = measure(system, [0.5, 1.0, 2.0], device="cpu", seed=2)
+    assert ds.log_Z_err.max() <= 0.05
+    assert ds.ess.min() > 50
+
+
+def test_heat_capacity_peak_of_double_wells_is_resolved():
+    # the exact C(T) of the double wells peaks inside [0.3, 1.2]; the estimate must find the same shape
+    temps = np.array([0.3, 0.45, 0.6, 0.8, 1.2])
+    system = DoubleWells(8)
+    exact = system.exact(temps)
+    ds = measure(system, temps, device="cpu", seed=0)
+    assert np.argmax(exact["C"]) == np.argmax(ds.C.values)
+    assert np.all(np.abs((ds.C.values - exact["C"]) / ds.C_err.values) < 4)

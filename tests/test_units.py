@@ -1,0 +1,148 @@
+"""Unit tests: samplers, estimators, objectives, temperature parsing."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from thermo_ebm import ThermoEBMError
+from thermo_ebm.ensembles import Ensemble
+from thermo_ebm.estimators import integrated_autocorr_time, jackknife, log_mean_weight
+from thermo_ebm.measure import parse_temps
+from thermo_ebm.objectives import loss_terms
+from thermo_ebm.sampling import fold, langevin_init, langevin_step, log_folded_normal, mala_init, mala_step
+
+
+def test_fold_maps_into_box_and_is_identity_inside():
+    z = torch.linspace(-9, 9, 1001)
+    y = fold(z)
+    assert y.min() >= -1 and y.max() <= 1
+    inside = z.abs() <= 1
+    assert torch.allclose(y[inside], z[inside], atol=1e-6)
+    assert torch.allclose(fold(torch.tensor([1.2, -1.3, 3.5])), torch.tensor([0.8, -0.7, -0.5]))
+
+
+def test_folded_normal_density_normalises():
+    # integrate exp(log q) over the box: must be 1 after adding the normalising constant
+    s = torch.tensor([[0.3]], dtype=torch.float64)
+    for mu in (-1.4, 0.2, 0.95, 2.7):
+        ys = torch.linspace(-1, 1, 20001, dtype=torch.float64)[:, None]
+        lq = log_folded_normal(ys, torch.full_like(ys, mu), s.expand(len(ys), 1)) - math.log(0.3 * math.sqrt(2 * math.pi))
+        assert abs(torch.trapezoid(lq.exp(), ys[:, 0]).item() - 1) < 1e-6
+
+
+@pytest.mark.parametrize("step", [0.2, 0.5])
+def test_reflected_mala_is_stationary_on_boundary_heavy_target(step):
+    a = 6.0  # p(x) ∝ exp(a x) on [-1, 1]: most mass against the wall
+    model = lambda x: a * x  # noqa: E731  (K = 1 logits)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    # start exactly in equilibrium (inverse CDF); a correct kernel keeps the distribution
+    u = torch.rand(n, 1, generator=g)
+    x = torch.log(u * (math.exp(a) - math.exp(-a)) + math.exp(-a)) / a
+    st = mala_init(model, Ensemble("marginal", 1), x)
+    for _ in range(50):
+        st, acc, _ = mala_step(st, model, Ensemble("marginal", 1), torch.ones(n), torch.full((n,), step), g)
+    exact = (math.exp(a) + math.exp(-a)) / (math.exp(a) - math.exp(-a)) - 1 / a
+    se = st.x.std().item() / math.sqrt(n)
+    assert abs(st.x.mean().item() - exact) < 4 * se
+
+
+def test_langevin_stationary_behaviour_on_gaussian():
+    # small-step SGLD on E = x^2 / (2 s^2) with step eta and noise sqrt(2 eta) samples N(0, s^2) (in the box)
+    s2, eta = 0.04, 1e-3
+    energy = lambda x: (x ** 2).sum(-1) / (2 * s2)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    st = langevin_init(energy, torch.zeros(4000, 1))
+    for _ in range(600):
+        st = langevin_step(st, energy, eta, math.sqrt(2 * eta), g)
+    var = st.x.var().item()
+    assert abs(var - s2) < 0.1 * s2  # discretisation bias of SGLD is O(eta / s2) = 2.5%
+
+
+def test_log_mean_weight_and_ess():
+    rng = np.random.default_rng(0)
+    logw = rng.normal(0, 1, (3, 4096))
+    est, se, reps, ess = log_mean_weight(logw, 16)
+    assert np.all(np.abs(est - 0.5) < 4 * se)  # log E[e^w] = 1/2 for w ~ N(0, 1)
+    assert np.all((ess > 0.3 * 4096) & (ess < 0.45 * 4096))  # e^-1 of N for lognormal(0, 1)
+
+
+def test_jackknife_and_iat():
+    rng = np.random.default_rng(1)
+    blocks = rng.normal(2.0, 1.0, (1, 400, 1))
+    est, se = jackknife(blocks, lambda m: m[..., 0] ** 2)
+    assert abs(est[0] - 4.0) < 4 * se[0]
+    assert abs(se[0] - 4.0 / 20) < 0.05  # delta method: 2 mu sigma / sqrt(n)
+    # AR(1) with rho = 0.9 has tau = (1 + rho) / (1 - rho) = 19
+    x = np.zeros((20000, 8))
+    for t in range(1, len(x)):
+        x[t] = 0.9 * x[t - 1] + rng.normal(size=8)
+    assert 15 < integrated_autocorr_time(x) < 23
+
+
+def test_parse_temps():
+    assert len(parse_temps("0.5:2:0.1")) == 16
+    assert np.allclose(parse_temps("0.5,1,2"), [0.5, 1, 2])
+    assert np.allclose(parse_temps("1:1.25:0.1"), [1.0, 1.1, 1.2])
+    for bad in ["2:0.5:0.1", "0:1:0.1", "-1,2", "", "a:b:c", "1:2:0", "0.001:100:0.0001", "1,x"]:
+        with pytest.raises(ThermoEBMError):
+            parse_temps(bad)
+
+
+class Tiny(torch.nn.Module):
+    """Logits f_y(x) = w_y * x + b_y on x in [-1, 1] (1-D), so every expectation is exact by quadrature."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.5, -0.7, 0.3], dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.tensor([0.1, 0.4, -0.2], dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w + self.b
+
+
+def _grad(model, loss):
+    return torch.autograd.grad(loss, list(model.parameters()))
+
+
+def test_gcl_gradient_equals_cross_entropy_gradient_in_expectation():
+    m = Tiny()
+    x_data = torch.tensor([[-0.5], [0.2], [0.9]], dtype=torch.float64)
+    y_data = torch.tensor([0, 2, 1])
+    # exact model expectations: quadrature grid with weights p(x, y) and p(x)
+    xs = torch.linspace(-1, 1, 4001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        lg = m(xs)
+        pj = torch.softmax(lg.reshape(-1), 0).reshape(lg.shape)  # p(x, y) on the grid
+        pm = pj.sum(1)
+    k = lg.shape[1]
+    x_joint = xs.repeat_interleave(k, 0)
+    y_joint = torch.arange(k).repeat(len(xs))
+    lg_d, lg_j, lg_m = m(x_data), m(x_joint), m(xs)
+    gcl, _ = loss_terms("gcl", lg_d, y_data, logits_joint=lg_j, y_joint=y_joint, logits_marg=lg_m, gamma=1.0,
+                        reg=0.0, w_joint=pj.reshape(-1), w_marg=pm)
+    ce, _ = loss_terms("dcl", m(x_data), y_data)
+    for a, b in zip(_grad(m, gcl), _grad(m, ce)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"])
+def test_every_objective_loss(objective):
+    m = Tiny()
+    xd = torch.tensor([[-0.5], [0.3]], dtype=torch.float64)
+    yd = torch.tensor([0, 1])
+    xj, yj = torch.tensor([[0.1], [0.7]], dtype=torch.float64), torch.tensor([2, 0])
+    xm = torch.tensor([[-0.9], [0.4]], dtype=torch.float64)
+    loss, t = loss_terms(objective, m(xd), yd, logits_joint=m(xj), y_joint=yj, logits_marg=m(xm), gamma=0.5, reg=0.1)
+    with torch.no_grad():
+        lse = lambda z: torch.logsumexp(m(z), 1)  # noqa: E731
+        ce = torch.nn.functional.cross_entropy(m(xd), yd)
+        jml = -m(xd)[[0, 1], yd].mean() + m(xj)[[0, 1], yj].mean()
+        mml = -lse(xd).mean() + lse(xm).mean()
+        jreg = (m(xd)[[0, 1], yd] ** 2).mean() + (m(xj)[[0, 1], yj] ** 2).mean()
+        mreg = (lse(xd) ** 2).mean() + (lse(xm) ** 2).mean()
+    expect = {"dcl": ce, "m_ebm": mml + 0.1 * mreg, "j_ebm": jml + 0.1 * jreg,
+              "gcl": jml - 0.5 * mml + 0.1 * (jreg + mreg), "hybrid": ce + mml + 0.1 * mreg}[objective]
+    assert torch.allclose(loss, expect)
+    assert torch.allclose(t["loss"], loss)
