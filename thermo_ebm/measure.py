@@ -50,7 +50,7 @@ class MeasureConfig:
     thin: int = 5               # keep logits every `thin` production steps for MBAR
     reverse_steps: int = 500    # total reverse-AIS betas across all segments
     mbar: bool = True
-    keep_samples: int = 16      # samples per temperature stored for plotting
+    keep_samples: int = 16      # samples per temperature stored for plotting (at most `chains`)
 
     def validate(self):
         for f in fields(self):
@@ -59,8 +59,6 @@ class MeasureConfig:
                 raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
             raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
-        if self.keep_samples > self.chains:
-            raise ThermoEBMError("keep_samples cannot exceed chains")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -281,11 +279,11 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     for name, f in flags.items():
         data_vars[name] = ("temperature", f[rev].astype(np.int8))
     # samples for plotting: first keep_samples chains at each temperature
-    xs = sw.final.x.reshape(n_t, -1, *shape)[:, : cfg.keep_samples].cpu().numpy()[rev]
+    xs = sw.final.x.reshape(n_t, -1, *shape)[:, : min(cfg.keep_samples, cfg.chains)].cpu().numpy()[rev]
     sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(shape))]
     data_vars["samples"] = (sdims, xs.astype(np.float32))
     if ens.kind == "joint":
-        lg = sw.final.logits.reshape(n_t, -1, k)[:, : cfg.keep_samples]
+        lg = sw.final.logits.reshape(n_t, -1, k)[:, : min(cfg.keep_samples, cfg.chains)]
         p = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
         lab = torch.multinomial(p.reshape(-1, k), 1, generator=gen).reshape(n_t, -1).cpu().numpy()[rev]
         data_vars["sample_labels"] = (["temperature", "sample"], lab.astype(np.int64))

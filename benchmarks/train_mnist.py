@@ -1,0 +1,30 @@
+"""Training benchmark on the MNIST test split in ../shared/data (8,000 train / 2,000 held out).
+Targets: dcl >= 97%, j_ebm and gcl >= 93% held-out accuracy, each run within 15 minutes on 2 CPU cores;
+look at the m_ebm sample grid. Writes benchmarks/results/train_mnist.json.
+
+    python benchmarks/train_mnist.py [--objectives dcl,j_ebm,gcl,m_ebm] [--minutes 15]
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+from thermo_ebm.train import train
+
+p = argparse.ArgumentParser()
+p.add_argument("--objectives", default="dcl,j_ebm,gcl,m_ebm")
+p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+p.add_argument("--epochs", type=int, default=20)
+args = p.parse_args()
+rows = []
+for obj in args.objectives.split(","):
+    t0 = time.perf_counter()
+    out = train(name=f"bench_{obj}", objective=obj, dataset="mnist", data_dir=args.data_dir, epochs=args.epochs,
+                checkpoint_dir="checkpoints", results_dir="results", progress=False)
+    rows.append(dict(objective=obj, heldout_acc=out["heldout_acc"], seconds=time.perf_counter() - t0,
+                     epochs=out["epochs"], samples=f"results/bench_{obj}_samples/"))
+    print(f"{obj:<8} held-out accuracy {out['heldout_acc']:.4f}  {rows[-1]['seconds']:.0f} s")
+res = Path(__file__).parent / "results" / "train_mnist.json"
+res.parent.mkdir(exist_ok=True)
+res.write_text(json.dumps(rows, indent=1))
+print("->", res)
