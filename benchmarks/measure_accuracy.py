@@ -8,8 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from thermo_ebm import measure
 from thermo_ebm.testing import DoubleWells, TruncatedGaussian
 

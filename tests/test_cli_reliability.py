@@ -1,6 +1,5 @@
 """CLI end to end, bad inputs (exit 2, one line, no traceback), unsafe checkpoints, atomic results."""
 import os
-import pickle
 import subprocess
 import sys
 import threading

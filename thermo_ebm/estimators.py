@@ -18,14 +18,29 @@ def log_mean_weight(logw, n_replicas: int):
     Returns (estimate [...], se [...], per-replica estimates [..., R], ess [...]).
     """
     logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
-    n = logw.shape[-1]
-    r = max(2, min(n_replicas, n // 2))
-    n_use = (n // r) * r
+    r, n_use = replica_split(logw.shape[-1], n_replicas)
     reps = logmeanexp(logw[..., :n_use].reshape(*logw.shape[:-1], r, n_use // r), axis=-1)
     est = logmeanexp(logw, axis=-1)
     se = np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
     ess = weight_ess(logw)
     return est, se, reps, ess
+
+
+def replica_split(n: int, n_replicas: int):
+    """(R, N_used): R >= 2 equal groups of the first N_used = R * (n // R) chains."""
+    r = max(2, min(n_replicas, n // 2))
+    return r, (n // r) * r
+
+
+def weighted_mean(logw, values, n_replicas: int):
+    """Self-normalised weighted mean over chains [T, N] with SE from independent replicas."""
+    logw = np.where(np.isnan(logw), -np.inf, logw)
+    w = np.exp(logw - logw.max(-1, keepdims=True))
+    est = (w * values).sum(-1) / w.sum(-1)
+    r, k = replica_split(logw.shape[-1], n_replicas)
+    wr, vr = w[:, :k].reshape(len(w), r, -1), values[:, :k].reshape(len(w), r, -1)
+    reps = (wr * vr).sum(-1) / np.maximum(wr.sum(-1), 1e-300)
+    return est, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
 
 
 def weight_ess(logw):

@@ -23,7 +23,7 @@ from . import ais
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .estimators import derivative, integrated_autocorr_time, jackknife, log_mean_weight
+from .estimators import derivative, integrated_autocorr_time, jackknife, log_mean_weight, weighted_mean
 from .models import EBM
 from .sweep import run_sweep
 
@@ -116,25 +116,11 @@ def _versions():
             "scipy": scipy.__version__, "xarray": xr.__version__, "h5py": h5py.__version__}
 
 
-def _weighted_mean(logw, values, n_replicas):
-    """Self-normalised weighted mean over chains [T, N] with SE from independent replicas."""
-    logw = np.where(np.isnan(logw), -np.inf, logw)
-    w = np.exp(logw - logw.max(-1, keepdims=True))
-    est = (w * values).sum(-1) / w.sum(-1)
-    n = logw.shape[-1]
-    r = max(2, min(n_replicas, n // 2))
-    k = (n // r) * r
-    wr, vr = w[:, :k].reshape(len(w), r, -1), values[:, :k].reshape(len(w), r, -1)
-    reps = (wr * vr).sum(-1) / np.maximum(wr.sum(-1), 1e-300)
-    return est, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
-
-
 def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
     """log Z at every sweep beta from MBAR on the sweep samples, anchored at the lowest beta's AIS value."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import pymbar
-    n_thin, n_t, c, k = logits.shape
-    del c
+    n_t, k = logits.shape[1], logits.shape[3]
     stride = max(1, int(math.ceil(tau)))
     lg = logits[::stride]  # roughly independent samples, at most MBAR_MAX per state
     lg = lg[:, :, : max(1, MBAR_MAX // lg.shape[0])][: MBAR_MAX]
@@ -195,7 +181,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     # ---- log Z from AIS (ascending beta order here; flipped to ascending T at the end)
     log_omega = ens.log_omega(d)
     lw = fwd.logw.cpu().numpy()
-    lmw, lmw_se, reps, ess = log_mean_weight(lw, cfg.replicas)
+    lmw, lmw_se, _, ess = log_mean_weight(lw, cfg.replicas)
     log_z, log_z_se = log_omega + lmw, lmw_se
     log_z_upper = log_omega + np.cumsum(rev_ratio)
     log_z_upper_se = np.sqrt(np.cumsum(rev_se ** 2))
@@ -231,7 +217,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     # ---- diagnostics and cross-checks
     tau = np.array([integrated_autocorr_time(sw.u_trace[:, t, :]) for t in range(n_t)])
     # -d log Z / d beta of the AIS estimator is its weighted mean energy (no finite differences)
-    u_ais, u_ais_se = _weighted_mean(lw, fwd.energy.cpu().numpy(), cfg.replicas)
+    u_ais, u_ais_se = weighted_mean(lw, fwd.energy.cpu().numpy(), cfg.replicas)
     if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
         t_asc = 1.0 / betas[::-1]
         D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)

@@ -11,7 +11,6 @@ Optional weights (summing to 1) replace sample means by weighted means (exact ex
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .errors import ThermoEBMError

@@ -4,10 +4,11 @@ work/heat/Jarzynski bookkeeping, atomic checkpoints, exact resume and divergence
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -232,9 +233,9 @@ class Trainer:
         return rec
 
     def diverged(self, rec) -> str | None:
-        vals = [v for k, v in rec.items() if not k.endswith(("_jarzynski", "_dF", "_W", "_Q", "_dW", "_dQ"))]
-        if not all(math.isfinite(v) for v in vals):
-            bad = [k for k, v in rec.items() if not math.isfinite(v) and k in rec and not k.startswith(("joint_W", "marginal_W"))]
+        bookkeeping = ("_jarzynski", "_dF", "_W", "_Q", "_dW", "_dQ")  # diagnostics, not divergence signals
+        bad = [k for k, v in rec.items() if not k.endswith(bookkeeping) and not math.isfinite(v)]
+        if bad:
             return f"non-finite {', '.join(bad[:3])} (learning rate too high or too few MCMC steps)"
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return "non-finite parameters (learning rate too high)"
@@ -272,13 +273,9 @@ class Trainer:
             imgs, nrow = self.pops["marginal"]["x"][:64], 8
         out = Path(self.cfg.results_dir) / f"{self.cfg.name}_samples" / f"epoch_{self.epoch:03d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        vu.save_image(imgs.reshape(-1, *self._img_shape()).cpu(), out, nrow=nrow, normalize=True,
+        vu.save_image(imgs.cpu(), out, nrow=nrow, normalize=True,
                       value_range=(-1, 1), pad_value=1.0)
         return out
-
-    def _img_shape(self):
-        s = self.data.shape
-        return s if len(s) == 3 else (1, int(math.sqrt(s[-1])), -1)
 
     def history_dataset(self) -> xr.Dataset:
         steps = np.arange(1, len(next(iter(self.hist.values()), [])) + 1)
@@ -288,8 +285,8 @@ class Trainer:
             dv["event_step"] = ("event", np.array([s for s, _ in self.events], dtype=np.int64))
             dv["event_message"] = ("event", np.array([m for _, m in self.events], dtype=object))
         coords = {"step": steps, "epoch": np.arange(1, len(self.epoch_hist.get("heldout_acc", [])) + 1)}
-        attrs = {"kind": "training", "config": __import__("json").dumps(asdict(self.cfg)),
-                 "split_note": self.data.note, "classes": __import__("json").dumps(self.data.classes),
+        attrs = {"kind": "training", "config": json.dumps(asdict(self.cfg)),
+                 "split_note": self.data.note, "classes": json.dumps(self.data.classes),
                  "rollbacks": self.rollbacks, "units": "energies in nats (k_B T = 1 at T = 1)"}
         return xr.Dataset(dv, coords=coords, attrs=attrs)
 
