@@ -88,6 +88,13 @@ def test_thermo_figure_axes(measured):
         assert any(want in lab for lab in labels), (want, labels)
     first = captured["fig"].axes[0]
     assert len(first.lines) == 2  # two measurement groups overlaid
+    res = next(ax for ax in captured["fig"].axes if ax.get_ylabel() == "residual / SE")
+    ds = runs[0][1]
+    series = [ln for ln in res.lines if ln.get_linestyle() == "None"]
+    assert len(series) == 4  # U and C residuals for both groups
+    np.testing.assert_allclose(series[0].get_ydata(), ds.U_resid.values / ds.U_resid_err.values)
+    gap = next(ax for ax in captured["fig"].axes if "cross-check" in ax.get_ylabel())
+    assert any(c.get_label() == "MBAR" for c in gap.containers)
     assert all(ax.get_xlabel() == "temperature $T$" for ax in captured["fig"].axes)
 
 

@@ -60,11 +60,31 @@ def _band(ax, ds, var, label, color):
     ax.fill_between(t, y - e, y + e, color=color, alpha=0.25, lw=0)
 
 
+def _diagnostics(ax_gap, ax_res, ds, col, first):
+    """Left: log Z cross-checks minus AIS log Z (nats). Right: consistency residuals in SE units."""
+    t = ds.temperature.values
+    for var, mk, name in (("log_Z_upper", "^", "reverse AIS (upper)"), ("log_Z_mbar", "s", "MBAR")):
+        if var in ds and np.any(np.isfinite(ds[var].values)):
+            ax_gap.errorbar(t, ds[var].values - ds.log_Z.values, yerr=ds[var + "_err"].values, fmt=mk, ms=3,
+                            color=col, alpha=0.8, lw=0.8, label=name if first else None,
+                            mfc="none" if var == "log_Z_mbar" else col)
+    for var, mk, name in (("U_resid", "o", r"$U - (-\partial_\beta \log Z)$"), ("C_resid", "D", r"$C - dU/dT$")):
+        if var in ds and np.any(np.isfinite(ds[var].values)):
+            ax_res.plot(t, ds[var].values / ds[var + "_err"].values, mk, ms=3, color=col,
+                        mfc=col if var == "U_resid" else "none", label=name if first else None)
+
+
 def thermo_figure(runs, out):
+    """F, U, S, C, info (+ H(Y), H(Y|X), I(X;Y) for joint) vs T with 1-SE bands, the C peak, and two
+    diagnostics panels (log Z cross-checks; consistency residuals in SE units)."""
     joint = any(ds.attrs.get("ensemble") == "joint" for _, ds in runs)
     n_rows = 3 if joint else 2
-    fig, axes = plt.subplots(n_rows, 3, figsize=(10, 2.8 * n_rows), constrained_layout=True)
+    fig, axes = plt.subplots(n_rows, 4, figsize=(12.5, 2.9 * n_rows), constrained_layout=True)
     axes = axes.ravel()
+    ax_gap, ax_res = axes[5], axes[6]
+    axes[7].set_visible(False)
+    if joint:
+        axes[11].set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for r, (label, ds) in enumerate(runs):
         col = colors[r % len(colors)]
@@ -77,20 +97,21 @@ def thermo_figure(runs, out):
             axes[3].annotate(f"peak $T^*$={peak[0]:.3g}±{peak[1]:.2g}\n(possible phase transition)",
                              xy=(peak[0], float(np.nanmax(ds.C.values))), xytext=(4, -22),
                              textcoords="offset points", fontsize=7, color=col)
-        ax = axes[5]
-        t = ds.temperature.values
-        for var, mk, name in (("log_Z_upper", "^", "reverse AIS (upper)"), ("log_Z_mbar", "s", "MBAR")):
-            if var in ds and np.any(np.isfinite(ds[var].values)):
-                ax.errorbar(t, ds[var].values - ds.log_Z.values, yerr=ds[var + "_err"].values, fmt=mk, ms=3,
-                            color=col, alpha=0.8, lw=0.8, label=f"{name}" if r == 0 else None,
-                            mfc="none" if var == "log_Z_mbar" else col)
-        if joint and ds.attrs.get("ensemble") == "joint":
-            for ax, (var, ylab) in zip(axes[6:], JOINT):
+        _diagnostics(ax_gap, ax_res, ds, col, r == 0)
+        if ds.attrs.get("ensemble") == "joint":
+            for ax, (var, ylab) in zip(axes[8:], JOINT):
                 _band(ax, ds, var, label, col)
                 ax.set_ylabel(ylab)
-    axes[5].axhline(0, color="k", lw=0.8)
-    axes[5].set_ylabel(r"cross-check $-$ AIS $\log Z$ (nats)")
-    axes[5].legend(loc="best")
+    ax_gap.axhline(0, color="k", lw=0.8)
+    ax_gap.set_ylabel(r"cross-check $-$ AIS $\log Z$ (nats)")
+    ax_gap.set_title("diagnostics: $\\log Z$ cross-checks")
+    ax_res.axhspan(-2, 2, color="0.85", lw=0, zorder=0)
+    ax_res.axhline(0, color="k", lw=0.8)
+    ax_res.set_ylabel("residual / SE")
+    ax_res.set_title("diagnostics: consistency (band = ±2 SE)")
+    for ax in (ax_gap, ax_res):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
     axes[3].set_title("heat capacity $C = \\mathrm{Var}(E)/T^2$")
     axes[4].set_title("information $= KL(p_T\\,\\|\\,$uniform$)$")
     for ax in axes:
@@ -132,20 +153,23 @@ def samples_figure(runs, out):
             ax.set_ylabel("$x_2$")
         else:
             c, h, w = img
-            n = len(x)
-            cols = int(math.ceil(math.sqrt(n)))
-            rows = int(math.ceil(n / cols))
+            if labels is not None:      # one row per class, labelled on the left
+                classes = np.unique(labels)
+                slots = [(r_, c_) for r_, y in enumerate(classes) for c_ in range(int((labels == y).sum()))]
+                cols = max(c_ for _, c_ in slots) + 1
+                rows = len(classes)
+                ax.set_yticks([r_ * (h + 1) + h / 2 for r_ in range(rows)], [f"y={int(y)}" for y in classes])
+            else:
+                cols = int(math.ceil(math.sqrt(len(x))))
+                rows = int(math.ceil(len(x) / cols))
+                slots = [divmod(k, cols) for k in range(len(x))]
+                ax.set_yticks([])
             canvas = np.ones((rows * (h + 1), cols * (w + 1), c))
-            for k in range(n):
-                r_, c_ = divmod(k, cols)
+            for k, (r_, c_) in enumerate(slots):
                 canvas[r_ * (h + 1):r_ * (h + 1) + h, c_ * (w + 1):c_ * (w + 1) + w] = \
                     (x[k].reshape(c, h, w).transpose(1, 2, 0) + 1) / 2
-                if labels is not None:
-                    ax.text(c_ * (w + 1) + 0.5, r_ * (h + 1) + 0.5, str(int(labels[k])), color="red",
-                            fontsize=6, va="top")
             ax.imshow(canvas.squeeze(-1) if c == 1 else canvas.clip(0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
-            ax.set_yticks([])
             ax.grid(False)
         ax.set_title(f"T = {t[i]:.3g}" + (" (labels ~ p_T(y|x))" if labels is not None else ""))
     fig.suptitle(f"Samples from $p_T$ ({label}, {ds.attrs.get('ensemble')} ensemble)", fontsize=11)
