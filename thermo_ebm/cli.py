@@ -63,12 +63,19 @@ def _explicit(ctx, names):
 @click.pass_context
 def train(ctx, resume, **opts):
     """Train a GEBM / JEBM; writes checkpoints/NAME.pt and results/NAME.h5 (group 'training')."""
+    from . import distributed as dist
     from .train import TrainConfig, train as run
     names = [f.name for f in fields(TrainConfig) if f.name in opts]
     options = _explicit(ctx, names) if resume else {n: opts[n] for n in names}
     options.setdefault("name", opts["name"])
-    out = run(resume=resume, progress=True, **options)
-    click.echo(json.dumps(out))
+    dist.setup(opts["device"])  # under torchrun: join the process group (DDP training)
+    try:
+        out = run(resume=resume, progress=dist.is_main(), **options)
+    finally:
+        main_rank = dist.is_main()
+        dist.teardown()
+    if main_rank:
+        click.echo(json.dumps(out))
 
 
 @cli.command()
@@ -90,14 +97,21 @@ def train(ctx, resume, **opts):
 @click.option("--mbar/--no-mbar", default=True, show_default=True)
 def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
+    from . import distributed as dist
     from .measure import measure as run, parse_temps, save_measurement
     t = parse_temps(temps)
     opts = {k: v for k, v in budget.items() if v is not None}
-    ds = run(ckpt, t, ensemble=ensemble, seed=seed, device=device, progress=True, exchange=exchange,
-             mbar=mbar, **opts)
-    path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
-    g = save_measurement(ds, path, group)
-    click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures, {ds.attrs['seconds']:.0f} s)")
+    dist.setup(device)  # under torchrun: each process runs one shard of the chains
+    try:
+        ds = run(ckpt, t, ensemble=ensemble, seed=seed, device=device, progress=dist.is_main(),
+                 exchange=exchange, mbar=mbar, **opts)
+    finally:
+        main_rank = dist.is_main()
+        dist.teardown()
+    if main_rank:  # rank 0 alone writes the results file
+        path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
+        g = save_measurement(ds, path, group)
+        click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures, {ds.attrs['seconds']:.0f} s)")
 
 
 @cli.command()

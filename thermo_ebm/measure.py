@@ -20,12 +20,14 @@ import torch
 import xarray as xr
 
 from . import ais
+from . import distributed as dist
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .estimators import derivative, integrated_autocorr_time, jackknife, log_mean_weight, weighted_mean
+from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, log_mean_weight,
+                         logmeanexp, weighted_mean)
 from .models import EBM
-from .sweep import run_sweep
+from .sweep import run_sweep, stat_names
 
 log = logging.getLogger("thermo_ebm")
 LN2 = math.log(2.0)
@@ -51,6 +53,7 @@ class MeasureConfig:
     reverse_steps: int = 500    # total reverse-AIS betas across all segments
     mbar: bool = True
     keep_samples: int = 16      # samples per temperature stored for plotting (at most `chains`)
+    shards: int = 1             # independent chain groups with their own seeds (= processes under torchrun)
 
     def validate(self):
         for f in fields(self):
@@ -59,6 +62,11 @@ class MeasureConfig:
                 raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
             raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
+        if self.ais_chains % self.shards or self.chains % self.shards:
+            raise ThermoEBMError(f"ais_chains ({self.ais_chains}) and chains ({self.chains}) must be divisible "
+                                 f"by the number of shards/processes ({self.shards})")
+        if self.chains // self.shards < 2:
+            raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise chains above {self.chains}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,6 +145,42 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
     return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
 
 
+# axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
+SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
+                  accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, progress, shard):
+    """Forward AIS, sweep and reverse AIS for one shard of the chains (its own generator). Returns numpy
+    arrays keyed as SHARD_AXES: per-chain arrays [T, N_shard, ...] and [1, T] summaries."""
+    n_shards = cfg.shards
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(shard_seed(seed, shard))
+    c = cfg.chains // n_shards
+    fwd = ais.run_forward(net, ens, shape, schedule, steps, betas, n_chains=cfg.ais_chains // n_shards,
+                          n_keep=c, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev, progress=progress)
+    sw = run_sweep(net, ens, fwd.states, betas, tuning.step_at(betas), n_burn=cfg.burn_in,
+                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=dev,
+                   progress=progress)
+    rev_lw = ais.run_reverse(net, ens, sw.final, betas, tuning, n_steps=cfg.reverse_steps,
+                             generator=gen, device=dev, progress=progress)
+    n_t, keep = len(betas), min(cfg.keep_samples, c)
+    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
+               ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None],
+               chain_means=sw.chain_means, u_trace=sw.u_trace, logits=sw.logits, accept=sw.accept[None],
+               swap_accept=sw.swap_accept[None], nonfinite=sw.nonfinite[None], step=sw.step[None], rev_lw=rev_lw,
+               samples=sw.final.x.reshape(n_t, c, *shape)[:, :keep].cpu().numpy())
+    if ens.kind == "joint":
+        lg = sw.final.logits.reshape(n_t, c, -1)[:, :keep]
+        p = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
+        out["labels"] = torch.multinomial(p.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
+    return out
+
+
 def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, device: str = "auto",
             progress: bool = False, config: MeasureConfig | None = None, **budget) -> xr.Dataset:
     """Estimate log Z, F, U, S, C, info (and joint information quantities) at temperatures `temps`.
@@ -150,9 +194,13 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     if unknown:
         raise ThermoEBMError(f"unknown budget option(s): {', '.join(sorted(unknown))}")
     cfg = MeasureConfig(**{**asdict(cfg), **budget})
+    if dist.active():  # under torchrun every process runs one shard
+        if cfg.shards not in (1, dist.world()):
+            raise ThermoEBMError(f"shards={cfg.shards} conflicts with the {dist.world()} processes")
+        cfg.shards = dist.world()
     cfg.validate()
     temps = check_temps(temps)
-    dev = resolve_device(device)
+    dev = dist.local_device(resolve_device(device))
     net, shape, k, desc = resolve_model(model, shape)
     if ensemble not in ("marginal", "joint"):
         raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose marginal or joint")
@@ -160,35 +208,41 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     if isinstance(net, torch.nn.Module):
         net = net.to(dev)
     d = int(np.prod(shape))
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(int(seed))
     t0 = time.perf_counter()
 
     betas = np.sort(1.0 / temps)  # ascending beta = descending T
     n_t = len(betas)
-    tuning = ais.tune(net, ens, shape, betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
-                      n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress)
+    tuning = None
+    if dist.is_main():  # one pilot, shared by every shard
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(seed))
+        tuning = ais.tune(net, ens, shape, betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
+                          n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress)
+    tuning = dist.broadcast(tuning)
     schedule, steps = ais.make_schedule(tuning, betas, cfg.ais_steps)
-    fwd = ais.run_forward(net, ens, shape, schedule, steps, betas, n_chains=cfg.ais_chains,
-                          n_keep=cfg.chains, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev,
-                          progress=progress)
-    sw = run_sweep(net, ens, fwd.states, betas, tuning.step_at(betas), n_burn=cfg.burn_in,
-                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=dev,
-                   progress=progress)
-    rev_ratio, rev_se = ais.run_reverse(net, ens, sw.final, betas, tuning, n_steps=cfg.reverse_steps,
-                                        generator=gen, device=dev, progress=progress)
+    args = (net, ens, shape, betas, tuning, schedule, steps, cfg, int(seed), dev, progress)
+    if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
+        part = _run_shard(*args, dist.rank())
+        pooled = {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}
+    else:
+        parts = [_run_shard(*args, s) for s in range(cfg.shards)]
+        pooled = {k: np.concatenate([p[k] for p in parts], axis=SHARD_AXES[k]) for k in parts[0]}
+    fwd_acc, fwd_bad = pooled["ais_accept"].mean(0), pooled["ais_nonfinite"].sum(0)
+    sw_acc, sw_bad, sw_step = pooled["accept"].mean(0), pooled["nonfinite"].sum(0), pooled["step"].mean(0)
+    swap_acc = pooled["swap_accept"].mean(0)
 
     # ---- log Z from AIS (ascending beta order here; flipped to ascending T at the end)
     log_omega = ens.log_omega(d)
-    lw = fwd.logw.cpu().numpy()
+    lw = pooled["logw"]
     lmw, lmw_se, _, ess = log_mean_weight(lw, cfg.replicas)
     log_z, log_z_se = log_omega + lmw, lmw_se
+    rev_ratio, rev_se = -logmeanexp(pooled["rev_lw"], axis=-1), delta_log_mean_se(pooled["rev_lw"])
     log_z_upper = log_omega + np.cumsum(rev_ratio)
     log_z_upper_se = np.sqrt(np.cumsum(rev_se ** 2))
 
     # ---- sweep estimators: jackknife over chains (independent blocks)
-    names = sw.stat_names
-    blocks = sw.chain_means
+    names = stat_names(ens)
+    blocks = pooled["chain_means"]
     iu, im2 = names.index("u"), names.index("m2")
     U, U_se = jackknife(blocks, lambda m: m[..., iu])
 
@@ -215,9 +269,9 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
         out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
 
     # ---- diagnostics and cross-checks
-    tau = np.array([integrated_autocorr_time(sw.u_trace[:, t, :]) for t in range(n_t)])
+    tau = np.array([integrated_autocorr_time(pooled["u_trace"][:, t, :]) for t in range(n_t)])
     # -d log Z / d beta of the AIS estimator is its weighted mean energy (no finite differences)
-    u_ais, u_ais_se = weighted_mean(lw, fwd.energy.cpu().numpy(), cfg.replicas)
+    u_ais, u_ais_se = weighted_mean(lw, pooled["energy"], cfg.replicas)
     if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
         t_asc = 1.0 / betas[::-1]
         D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)
@@ -233,16 +287,16 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     mbar_ok = False
     if cfg.mbar and n_t > 1:
         try:
-            diag["log_Z_mbar"] = _mbar_log_z(sw.logits, betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
+            diag["log_Z_mbar"] = _mbar_log_z(pooled["logits"], betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
             mbar_ok = True
         except Exception as e:  # MBAR failing (no overlap) is a diagnostic, not a fatal error
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
 
-    nonfinite = (fwd.nonfinite.cpu().numpy() + sw.nonfinite) > 0
-    ais_acc = fwd.accept.cpu().numpy()
-    low_acc = (sw.accept < 0.05) | (ais_acc < 0.05)
+    nonfinite = (fwd_bad + sw_bad) > 0
+    ais_acc = fwd_acc
+    low_acc = (sw_acc < 0.05) | (ais_acc < 0.05)
     low_ess = ess < 10
     poor_mix = (cfg.samples < 10 * tau) | (cfg.burn_in < 5 * tau)
     flags = {"flag_nonfinite": nonfinite, "flag_low_acceptance": low_acc, "flag_low_ess": low_ess,
@@ -250,7 +304,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     for name, f in flags.items():
         for t in np.nonzero(f)[0]:
             log.warning("T=%g: %s", 1.0 / betas[t], name.replace("flag_", "").replace("_", " "))
-    swap = np.concatenate([sw.swap_accept, [np.nan]]) if n_t > 1 else np.array([np.nan])
+    swap = np.concatenate([swap_acc, [np.nan]]) if n_t > 1 else np.array([np.nan])
 
     # ---- assemble, ascending temperature
     rev = slice(None, None, -1)
@@ -258,21 +312,18 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     for name, (v, e) in {**out, **diag}.items():
         data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
         data_vars[name + "_err"] = ("temperature", np.asarray(e, dtype=np.float64)[rev])
-    extra = {"ess": ess, "ais_accept": ais_acc, "accept": sw.accept, "swap_accept": swap, "tau_E": tau,
-             "step_size": sw.step}
+    extra = {"ess": ess, "ais_accept": ais_acc, "accept": sw_acc, "swap_accept": swap, "tau_E": tau,
+             "step_size": sw_step}
     for name, v in extra.items():
         data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
     for name, f in flags.items():
         data_vars[name] = ("temperature", f[rev].astype(np.int8))
-    # samples for plotting: first keep_samples chains at each temperature
-    xs = sw.final.x.reshape(n_t, -1, *shape)[:, : min(cfg.keep_samples, cfg.chains)].cpu().numpy()[rev]
+    # samples for plotting: the first keep_samples chains at each temperature
+    xs = pooled["samples"][:, : cfg.keep_samples][rev]
     sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(shape))]
     data_vars["samples"] = (sdims, xs.astype(np.float32))
     if ens.kind == "joint":
-        lg = sw.final.logits.reshape(n_t, -1, k)[:, : min(cfg.keep_samples, cfg.chains)]
-        p = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
-        lab = torch.multinomial(p.reshape(-1, k), 1, generator=gen).reshape(n_t, -1).cpu().numpy()[rev]
-        data_vars["sample_labels"] = (["temperature", "sample"], lab.astype(np.int64))
+        data_vars["sample_labels"] = (["temperature", "sample"], pooled["labels"][:, : cfg.keep_samples][rev])
     attrs = {
         "kind": "measurement", "ensemble": ens.kind, "n_classes": k, "dimension": d,
         "shape": json.dumps(list(shape)), "log_Omega": log_omega, "seed": int(seed), "device": str(dev),

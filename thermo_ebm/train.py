@@ -16,6 +16,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import DATASETS, load_data, parse_labels
 from .errors import ThermoEBMError, TrainingDiverged
@@ -99,17 +100,24 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
-        self.dev = resolve_device(cfg.device)
+        self.rank, self.world = dist.rank(), dist.world()
+        if cfg.batch_size % self.world or cfg.buffer_size % self.world:
+            raise ThermoEBMError(f"--batch-size ({cfg.batch_size}) and --buffer-size ({cfg.buffer_size}) must be "
+                                 f"divisible by the {self.world} processes")
+        self.batch = cfg.batch_size // self.world  # this rank's share of the global batch
+        self.dev = dist.local_device(resolve_device(cfg.device))
         self.data = load_data(cfg.dataset, cfg.data_dir, cfg.labels, cfg.noise)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
                                  cfg.spectral_norm).to(self.dev)
+        # the loss goes through DDP (gradients averaged over ranks); the samplers use the bare model
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if dist.active() else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.g_data = torch.Generator().manual_seed(cfg.seed)
-        self.g_mc = torch.Generator(device=self.dev).manual_seed(cfg.seed + 1)
+        self.g_mc = torch.Generator(device=self.dev).manual_seed(cfg.seed + 1 + 104729 * self.rank)
         self.pops = {}
         for pop in NEEDS[cfg.objective]:
-            n = cfg.batch_size if cfg.short_run else cfg.buffer_size
+            n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
             self.pops[pop] = {
                 "x": self._uniform(n),
                 "y": torch.randint(self.data.n_classes, (n,), generator=self.g_mc, device=self.dev),
@@ -146,7 +154,22 @@ class Trainer:
             | {"classes": [int(c) for c in self.data.classes]},
         }
 
-    def restore(self, st: dict):
+    def gathered(self, st: dict) -> dict:
+        """A checkpoint of every rank: the state of rank 0 plus each rank's buffers, RNG and data order."""
+        if not dist.active():
+            return st
+        mine = {"buffers": st["buffers"], "rng": st["rng"], "perm": st["perm"]}
+        return dict(st, world=self.world, ranks=dist.gather_objects(mine))
+
+    def restore(self, st: dict, from_checkpoint: bool = False):
+        """Restore a capture() (this rank's snapshot) or, with from_checkpoint, this rank's part of a checkpoint."""
+        if from_checkpoint:
+            world = int(st.get("world", 1))
+            if world != self.world:
+                raise ThermoEBMError(f"the checkpoint was written by {world} process(es); resume with the same number "
+                                     f"(torchrun --nproc-per-node {world})")
+            if world > 1:
+                st = dict(st, **st["ranks"][self.rank])
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(copy.deepcopy(st["optimizer"]))
         for key, v in st["buffers"].items():
@@ -176,7 +199,7 @@ class Trainer:
 
     def _sample(self, pop):
         """Advance a batch of chains of population `pop`; returns (idx, x, y, e_start, dW)."""
-        cfg, buf, b = self.cfg, self.pops[pop], self.cfg.batch_size
+        cfg, buf, b = self.cfg, self.pops[pop], self.batch
         n = buf["x"].shape[0]
         idx = torch.randperm(n, generator=self.g_mc, device=self.dev)[:b]
         if cfg.short_run:
@@ -203,7 +226,7 @@ class Trainer:
         cfg = self.cfg
         chains = {pop: self._sample(pop) for pop in self.pops}
         parts = [xb] + [chains[p][1] for p in self.pops]
-        logits = self.model(torch.cat(parts))
+        logits = self.ddp(torch.cat(parts))
         sizes = [len(p) for p in parts]
         split = dict(zip(["data", *self.pops], torch.split(logits, sizes)))
         loss, terms = loss_terms(
@@ -225,12 +248,29 @@ class Trainer:
             if cfg.short_run:
                 rec.update({f"{pop}_{k}": float("nan") for k in ("W", "Q", "dW", "dQ", "jarzynski", "dF")})
                 continue
-            j = float(-_logmeanexp(-buf["W"][idx]))
-            self.j0.setdefault(pop, j)
             rec.update({f"{pop}_W": float(buf["W"][idx].mean()), f"{pop}_Q": float(buf["Q"][idx].mean()),
                         f"{pop}_dW": float(dW.mean()), f"{pop}_dQ": float((e_end - e_start).mean()),
-                        f"{pop}_jarzynski": j, f"{pop}_dF": j - self.j0[pop]})
+                        f"{pop}_jarzynski": float(-_logmeanexp(-buf["W"][idx]))})
+        rec = self._pool(rec)
+        for pop in self.pops:
+            if not cfg.short_run:
+                j = rec[f"{pop}_jarzynski"]
+                self.j0.setdefault(pop, j)
+                rec[f"{pop}_dF"] = j - self.j0[pop]
         return rec
+
+    def _pool(self, rec):
+        """Global-batch values across ranks (equal shards): means, and for the Jarzynski estimate
+        -log mean_r exp(-J_r), which equals -log mean exp(-W) over all ranks' walkers."""
+        if not dist.active():
+            return rec
+        keys = sorted(rec)
+        per_rank = dist.gather_cat(np.array([[rec[k] for k in keys]], dtype=np.float64), axis=0)
+        out = dict(zip(keys, per_rank.mean(0).tolist()))
+        for i, k in enumerate(keys):
+            if k.endswith("_jarzynski"):
+                out[k] = float(-torch.logsumexp(torch.as_tensor(-per_rank[:, i]), 0) + math.log(self.world))
+        return out
 
     def diverged(self, rec) -> str | None:
         bookkeeping = ("_jarzynski", "_dF", "_W", "_Q", "_dW", "_dQ")  # diagnostics, not divergence signals
@@ -295,28 +335,39 @@ class Trainer:
                 Path(self.cfg.results_dir) / f"{self.cfg.name}.h5")
 
     def save(self):
-        """History first, then checkpoint: the results file always holds every step of the checkpoint."""
-        ckpt, res = self.paths()
-        write_group(res, "training", self.history_dataset())
-        save_checkpoint(ckpt, self.capture())
+        """History first, then checkpoint: the results file always holds every step of the checkpoint.
+        Every rank takes part (its buffers go into the checkpoint); rank 0 alone writes."""
+        st = self.gathered(self.capture())
+        if dist.is_main():
+            ckpt, res = self.paths()
+            write_group(res, "training", self.history_dataset())
+            save_checkpoint(ckpt, st)
+
+    def _epoch_order(self, n):
+        """This rank's example order for the next epoch: DistributedSampler's shard of a shuffle drawn
+        from the data generator (the whole shuffle with one process)."""
+        sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=self.world, rank=self.rank,
+                                                      shuffle=True, drop_last=True,
+                                                      seed=int(torch.randint(2 ** 31, (1,), generator=self.g_data)))
+        return torch.tensor(list(sampler), dtype=torch.long)
 
     # ---------------------------------------------------------------- the loop
     def run(self):
         cfg = self.cfg
         n = len(self.data.y_train)
-        n_batches = n // cfg.batch_size
+        n_batches = n // cfg.batch_size  # global batches per epoch; each rank takes self.batch of each
         if n_batches == 0:
             raise ThermoEBMError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
         snapshot = self.capture()
         t0 = time.perf_counter()
         while self.epoch < cfg.epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
             if self.perm is None:
-                self.perm, self.batch_in_epoch = torch.randperm(n, generator=self.g_data), 0
+                self.perm, self.batch_in_epoch = self._epoch_order(n), 0
             bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                        disable=not self.progress, leave=False)
             rolled_back = False
             while self.batch_in_epoch < n_batches and (cfg.max_steps is None or self.step < cfg.max_steps):
-                sel = self.perm[self.batch_in_epoch * cfg.batch_size:(self.batch_in_epoch + 1) * cfg.batch_size]
+                sel = self.perm[self.batch_in_epoch * self.batch:(self.batch_in_epoch + 1) * self.batch]
                 xb = self.data.x_train[sel]
                 if cfg.noise > 0:
                     xb = (xb + cfg.noise * torch.randn(xb.shape, generator=self.g_data)).clamp(-1, 1)
@@ -345,9 +396,10 @@ class Trainer:
                 for k, v in {"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
                              "seconds": time.perf_counter() - t0}.items():
                     self.epoch_hist.setdefault(k, []).append(v)
-                grid = self.save_grid()
-                log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch, self.step,
-                         acc, ce, f", samples {grid}" if grid else "")
+                grid = self.save_grid() if dist.is_main() else None
+                if dist.is_main():
+                    log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch,
+                             self.step, acc, ce, f", samples {grid}" if grid else "")
                 self.save()
                 snapshot = self.capture()
         self.save()
@@ -371,7 +423,7 @@ class Trainer:
             g["lr"] = self.lr
         self.g_mc.manual_seed(cfg.seed + 1 + 7919 * self.rollbacks)
         self.g_data.manual_seed(cfg.seed + 7919 * self.rollbacks)
-        self.perm = None if self.perm is None else torch.randperm(len(self.perm), generator=self.g_data)
+        self.perm = None if self.perm is None else self._epoch_order(len(self.data.y_train))
         self.events.append((self.step, f"{msg}; rolled back to step {self.step}, reseeded, lr -> {self.lr:g}"))
         log.warning("%s; rolled back to step %d, reseeded, learning rate halved to %g", msg, self.step, self.lr)
 
@@ -404,7 +456,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
             cfg.validate()
             trainer = Trainer(cfg, progress)
             model_from_checkpoint(st, path)  # architecture check with a one-line error
-            trainer.restore(st)
+            trainer.restore(st, from_checkpoint=True)
             log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
         else:
             cfg.validate()

@@ -1,0 +1,97 @@
+"""torch.distributed helpers: process-group set-up from torchrun's environment, and the collectives
+the estimators need (concatenate per-chain arrays across ranks). With one process every helper is the
+identity, so the same code runs under `python` and under `torchrun --nproc-per-node N`."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: str = "auto") -> bool:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): nccl when the run is on CUDA,
+    gloo on CPU; each rank takes GPU LOCAL_RANK. Returns whether a group is active."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:  # one voice: rank 0 logs, the others only report errors
+        logging.getLogger("thermo_ebm").setLevel(logging.ERROR)
+    return active()
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def local_device(device):
+    """The device of this rank: cuda:LOCAL_RANK under a multi-GPU group, else `device` unchanged."""
+    device = torch.device(device)
+    if active() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_cat(a: np.ndarray, axis: int) -> np.ndarray:
+    """Concatenate each rank's array along `axis`, in rank order (all_gather; shapes must agree)."""
+    if not active():
+        return a
+    t = torch.as_tensor(np.ascontiguousarray(a)).to(_comm_device())
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t)
+    return np.concatenate([p.cpu().numpy() for p in parts], axis=axis)
+
+
+def broadcast(obj):
+    """Rank 0's picklable object on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_mean(values: dict) -> dict:
+    """Mean over ranks of a dict of floats (one all_reduce)."""
+    if not active():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / world()).tolist()))
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable object, in rank order (all_gather_object)."""
+    if not active():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
