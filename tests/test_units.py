@@ -146,3 +146,28 @@ def test_every_objective_loss(objective):
               "gcl": jml - 0.5 * mml + 0.1 * (jreg + mreg), "hybrid": ce + mml + 0.1 * mreg}[objective]
     assert torch.allclose(loss, expect)
     assert torch.allclose(t["loss"], loss)
+
+
+def test_compiled_folded_density_matches_eager():
+    from thermo_ebm.sampling import folded_density, log_folded_normal
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(32, 50, generator=g) * 2 - 1
+    mu = y + 0.3 * torch.randn(32, 50, generator=g)
+    s = torch.rand(32, 1, generator=g) * 0.45 + 0.05
+    torch.testing.assert_close(folded_density(True)(y, mu, s), log_folded_normal(y, mu, s), rtol=1e-5, atol=1e-3)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    from thermo_ebm import sampling
+
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("no compiler")
+        return call
+    monkeypatch.setattr(sampling.torch, "compile", broken)
+    density = sampling.folded_density(True)
+    y = torch.zeros(2, 3)
+    with caplog.at_level("WARNING"):
+        out = density(y, y, torch.full((2, 1), 0.1))
+    torch.testing.assert_close(out, sampling.log_folded_normal(y, y, torch.full((2, 1), 0.1)))
+    assert "eager" in caplog.text

@@ -95,7 +95,9 @@ def train(ctx, resume, **opts):
 @click.option("--reverse-steps", type=int, default=None, help="Reverse-AIS betas [500].")
 @click.option("--exchange/--no-exchange", default=True, show_default=True)
 @click.option("--mbar/--no-mbar", default=True, show_default=True)
-def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, **budget):
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="Fuse the MALA density with torch.compile [default: when the input has >= 256 dimensions].")
+def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, compile_, **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
     from .measure import measure as run, parse_temps, save_measurement
@@ -104,7 +106,7 @@ def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, **b
     dist.setup(device)  # under torchrun: each process runs one shard of the chains
     try:
         ds = run(ckpt, t, ensemble=ensemble, seed=seed, device=device, progress=dist.is_main(),
-                 exchange=exchange, mbar=mbar, **opts)
+                 exchange=exchange, mbar=mbar, compile=compile_, **opts)
     finally:
         main_rank = dist.is_main()
         dist.teardown()

@@ -27,6 +27,7 @@ from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, log_mean_weight,
                          logmeanexp, weighted_mean)
 from .models import EBM
+from .sampling import folded_density
 from .sweep import run_sweep, stat_names
 
 log = logging.getLogger("thermo_ebm")
@@ -54,6 +55,7 @@ class MeasureConfig:
     mbar: bool = True
     keep_samples: int = 16      # samples per temperature stored for plotting (at most `chains`)
     shards: int = 1             # independent chain groups with their own seeds (= processes under torchrun)
+    compile: bool | None = None  # fuse the reflected-MALA density with torch.compile; None: when d >= 256
 
     def validate(self):
         for f in fields(self):
@@ -154,7 +156,7 @@ def shard_seed(seed: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, progress, shard):
+def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, progress, density, shard):
     """Forward AIS, sweep and reverse AIS for one shard of the chains (its own generator). Returns numpy
     arrays keyed as SHARD_AXES: per-chain arrays [T, N_shard, ...] and [1, T] summaries."""
     n_shards = cfg.shards
@@ -162,12 +164,13 @@ def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, 
     gen.manual_seed(shard_seed(seed, shard))
     c = cfg.chains // n_shards
     fwd = ais.run_forward(net, ens, shape, schedule, steps, betas, n_chains=cfg.ais_chains // n_shards,
-                          n_keep=c, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev, progress=progress)
+                          n_keep=c, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev, progress=progress,
+                          density=density)
     sw = run_sweep(net, ens, fwd.states, betas, tuning.step_at(betas), n_burn=cfg.burn_in,
                    n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=dev,
-                   progress=progress)
+                   progress=progress, density=density)
     rev_lw = ais.run_reverse(net, ens, sw.final, betas, tuning, n_steps=cfg.reverse_steps,
-                             generator=gen, device=dev, progress=progress)
+                             generator=gen, device=dev, progress=progress, density=density)
     n_t, keep = len(betas), min(cfg.keep_samples, c)
     out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
                ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None],
@@ -212,15 +215,16 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
 
     betas = np.sort(1.0 / temps)  # ascending beta = descending T
     n_t = len(betas)
+    density = folded_density(cfg.compile if cfg.compile is not None else d >= 256)
     tuning = None
     if dist.is_main():  # one pilot, shared by every shard
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed))
         tuning = ais.tune(net, ens, shape, betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
-                          n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress)
+                          n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress, density=density)
     tuning = dist.broadcast(tuning)
     schedule, steps = ais.make_schedule(tuning, betas, cfg.ais_steps)
-    args = (net, ens, shape, betas, tuning, schedule, steps, cfg, int(seed), dev, progress)
+    args = (net, ens, shape, betas, tuning, schedule, steps, cfg, int(seed), dev, progress, density)
     if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
         part = _run_shard(*args, dist.rank())
         pooled = {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}
