@@ -215,7 +215,7 @@ def efficiency(quick):
     repeats = 5 if quick else 10
     for d in (64, 784):
         for name, system in (("gaussian", TruncatedGaussian(d)), ("wells", DoubleWells(d))):
-            exact = float(system.exact([1.0]).log_Z[0])
+            exact = float(system.exact([1.0])["log_Z"][0])
             n_chains, n_steps = 256, 1000
             ours, ula = [], []
             for r in range(repeats):
