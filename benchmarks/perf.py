@@ -19,7 +19,7 @@ import torch
 from thermo_ebm.ais import make_schedule, run_forward, tune, uniform
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.models import build_model
-from thermo_ebm.sampling import energy_and_grad, fold, folded_density, langevin_init, langevin_step, mala_init, mala_step
+from thermo_ebm.sampling import energy_and_grad, fold, mala_kernel, langevin_init, langevin_step, mala_init, mala_step
 from thermo_ebm.estimators import logmeanexp
 from thermo_ebm.sweep import _swap, run_sweep
 from thermo_ebm.testing import DoubleWells, TruncatedGaussian
@@ -74,7 +74,7 @@ def overhead(quick):
         st_m = mala_init(model, ens, x)
         beta = torch.ones(n)
         step = torch.full((n,), 0.05)
-        fused = folded_density(True)
+        fused = mala_kernel(True)
         t_floor = timeit(floor, reps)
         t_lan = timeit(lambda: langevin_step(st_l, energy_fn, 0.01, 0.01, g), reps)
         t_mala = timeit(lambda: mala_step(st_m, model, ens, beta, step, g), reps)
@@ -97,17 +97,17 @@ def sweep(quick, device="cpu"):
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     init = mala_init(model, ens, uniform(n_t * c, MNIST, g.manual_seed(0), device))
     step0 = np.full(n_t, 0.05)
-    density = folded_density(True)  # what measure uses at d = 784
+    kernel = mala_kernel(True)  # what measure uses at d = 784
 
     def batched():
         run_sweep(model, ens, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=True, thin=5,
-                  generator=g.manual_seed(1), device=device, density=density)
+                  generator=g.manual_seed(1), device=device, kernel=kernel)
 
     def sequential():
         for t in range(n_t):
             part = type(init)(*(f[t * c:(t + 1) * c] for f in init))
             run_sweep(model, ens, part, betas[t:t + 1], step0[t:t + 1], n_burn=n_burn, n_prod=n_prod,
-                      exchange=False, thin=5, generator=g.manual_seed(1), device=device, density=density)
+                      exchange=False, thin=5, generator=g.manual_seed(1), device=device, kernel=kernel)
     t_b = timeit(batched, 3, warmup=1, sync=sync)
     t_s = timeit(sequential, 3, warmup=1, sync=sync)
     print(f"16 temperatures x 64 chains, {n_burn + n_prod} steps on {device}: batched {t_b:.2f} s, "
@@ -120,7 +120,7 @@ def sweep(quick, device="cpu"):
 def train_step(quick):
     from thermo_ebm.train import TrainConfig, Trainer
     cfg = TrainConfig(objective="j_ebm", dataset="digits", model_size=512, depth=3, batch_size=64,
-                      mc_steps=20, buffer_size=1000, device="cpu")
+                      mc_steps=20, buffer_size=1000, reg=0.1, device="cpu")
     tr = Trainer(cfg, progress=False)
     xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
     ref_model = build_model("shallow", tr.data.shape, 10, 512, depth=3)
@@ -272,9 +272,9 @@ def gpu(quick):
     g = torch.Generator(device=dev).manual_seed(0)
     init = mala_init(model, ens, uniform(n_t * c, MNIST, g, dev))
     steps = 200
-    density = folded_density(True)
+    kernel = mala_kernel(True)
     run = lambda: run_sweep(model, ens, init, betas, np.full(n_t, 0.05), n_burn=steps // 2,  # noqa: E731
-                            n_prod=steps // 2, exchange=True, thin=10, generator=g, device=dev, density=density)
+                            n_prod=steps // 2, exchange=True, thin=10, generator=g, device=dev, kernel=kernel)
     t = timeit(run, 3, warmup=1, sync=torch.cuda.synchronize)
     rate = n_t * c * steps / t
     # host synchronisation inside the step loop (MALA step + replica exchange): any synchronising call errors
@@ -285,7 +285,7 @@ def gpu(quick):
     sync_free = True
     try:
         for i in range(10):
-            state, acc, fin = mala_step(state, model, ens, beta, step, g, density)
+            state, acc, fin = mala_step(state, model, ens, beta, step, g, kernel)
             state, _, _ = _swap(state, ens, beta, n_t, c, i % 2, g)
     except RuntimeError as e:
         sync_free = str(e).splitlines()[0]

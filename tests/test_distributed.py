@@ -4,10 +4,8 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from thermo_ebm import measure

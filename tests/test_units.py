@@ -148,13 +148,20 @@ def test_every_objective_loss(objective):
     assert torch.allclose(t["loss"], loss)
 
 
-def test_compiled_folded_density_matches_eager():
-    from thermo_ebm.sampling import folded_density, log_folded_normal
+def test_compiled_mala_kernel_matches_eager():
+    from thermo_ebm.sampling import EAGER, mala_kernel
     g = torch.Generator().manual_seed(0)
-    y = torch.rand(32, 50, generator=g) * 2 - 1
-    mu = y + 0.3 * torch.randn(32, 50, generator=g)
+    x = torch.rand(32, 50, generator=g) * 2 - 1
+    grad, xi = torch.randn(32, 50, generator=g), torch.randn(32, 50, generator=g)
     s = torch.rand(32, 1, generator=g) * 0.45 + 0.05
-    torch.testing.assert_close(folded_density(True)(y, mu, s), log_folded_normal(y, mu, s), rtol=1e-5, atol=1e-3)
+    b = torch.rand(32, 1, generator=g) * 2
+    fused = mala_kernel(True)
+    y, mu = fused.propose(x, grad, s, b, xi)
+    y0, mu0 = EAGER.propose(x, grad, s, b, xi)
+    torch.testing.assert_close(y, y0)
+    g_y = torch.randn(32, 50, generator=g)
+    torch.testing.assert_close(fused.log_q_ratio(x, y, mu, g_y, s, b), EAGER.log_q_ratio(x, y0, mu0, g_y, s, b),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
@@ -165,9 +172,10 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
             raise RuntimeError("no compiler")
         return call
     monkeypatch.setattr(sampling.torch, "compile", broken)
-    density = sampling.folded_density(True)
-    y = torch.zeros(2, 3)
+    kernel = sampling.mala_kernel(True)
+    x = torch.zeros(2, 3)
+    s, b = torch.full((2, 1), 0.1), torch.ones(2, 1)
     with caplog.at_level("WARNING"):
-        out = density(y, y, torch.full((2, 1), 0.1))
-    torch.testing.assert_close(out, sampling.log_folded_normal(y, y, torch.full((2, 1), 0.1)))
+        out = kernel.propose(x, x, s, b, x)
+    torch.testing.assert_close(out[0], sampling.EAGER.propose(x, x, s, b, x)[0])
     assert "eager" in caplog.text

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import MAX_STEP, MalaState, log_folded_normal, mala_init, mala_step, take
+from .sampling import MAX_STEP, MalaState, EAGER, mala_init, mala_step, take
 
 TARGET_ACCEPT = 0.574
 
@@ -36,7 +36,7 @@ def uniform(n, shape, generator, device):
 
 
 def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, generator, device,
-         progress=False, density=log_folded_normal) -> Tuning:
+         progress=False, kernel=EAGER) -> Tuning:
     b_max = float(np.max(sweep_betas))
     betas = np.unique(np.concatenate([[0.0], np.geomspace(b_max * 1e-5, b_max, n_stages), sweep_betas]))
     state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
@@ -45,7 +45,7 @@ def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, ge
     for b in tqdm(betas, desc="tune", disable=not progress, leave=False):
         beta = torch.full((n_chains,), float(b), device=device)
         for _ in range(n_adapt):
-            state, acc, _ = mala_step(state, model, ensemble, beta, step, generator, density)
+            state, acc, _ = mala_step(state, model, ensemble, beta, step, generator, kernel)
             step = (step * torch.exp(acc.float().mean() - TARGET_ACCEPT)).clamp(1e-5, MAX_STEP)
         u, m2 = ensemble.energy_moments(state.logits, beta)
         steps.append(step[0])
@@ -81,7 +81,7 @@ class ForwardResult:
 
 
 def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_chains, n_keep,
-                mcmc_steps, generator, device, progress=False, density=log_folded_normal) -> ForwardResult:
+                mcmc_steps, generator, device, progress=False, kernel=EAGER) -> ForwardResult:
     """Counted AIS with frozen schedule and step sizes; resamples n_keep states by weight at each sweep beta."""
     betas = torch.as_tensor(schedule, dtype=torch.float32, device=device)
     steps = torch.as_tensor(step_sizes, dtype=torch.float32, device=device)
@@ -99,7 +99,7 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
         b_prev, b = betas[k - 1] * ones, betas[k] * ones
         logw += (ensemble.logp(state.logits, b) - ensemble.logp(state.logits, b_prev)).double()
         for _ in range(mcmc_steps):
-            state, acc, fin = mala_step(state, model, ensemble, b, steps[k] * ones, generator, density)
+            state, acc, fin = mala_step(state, model, ensemble, b, steps[k] * ones, generator, kernel)
             acc_sum[seg] += acc.float().mean()
             acc_n[seg] += 1
             bad[seg] += (~fin).sum()
@@ -115,7 +115,7 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
 
 
 def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning, *, n_steps, generator,
-                device, progress=False, density=log_folded_normal):
+                device, progress=False, kernel=EAGER):
     """Reverse AIS from sweep samples at each sweep beta down to the next lower sweep beta (or 0).
 
     states: [T * C] chains grouped by ascending sweep beta. All segments run at once with per-chain betas;
@@ -145,6 +145,6 @@ def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning,
     state = states
     for j in tqdm(range(1, n_max + 1), desc="reverse AIS", disable=not progress, leave=False):
         logw += (ensemble.logp(state.logits, betas[j]) - ensemble.logp(state.logits, betas[j - 1])).double()
-        state, _, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator, density)
+        state, _, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator, kernel)
     lw = logw.reshape(n_t, c).cpu().numpy()
     return np.where(np.isnan(lw), -np.inf, lw)

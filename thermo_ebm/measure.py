@@ -27,7 +27,7 @@ from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, log_mean_weight,
                          logmeanexp, weighted_mean)
 from .models import EBM
-from .sampling import folded_density
+from .sampling import mala_kernel
 from .sweep import run_sweep, stat_names
 
 log = logging.getLogger("thermo_ebm")
@@ -157,7 +157,7 @@ def shard_seed(seed: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, progress, density, shard):
+def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, progress, kernel, shard):
     """Forward AIS, sweep and reverse AIS for one shard of the chains (its own generator). Returns numpy
     arrays keyed as SHARD_AXES: per-chain arrays [T, N_shard, ...] and [1, T] summaries."""
     n_shards = cfg.shards
@@ -166,12 +166,12 @@ def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, 
     c = cfg.chains // n_shards
     fwd = ais.run_forward(net, ens, shape, schedule, steps, betas, n_chains=cfg.ais_chains // n_shards,
                           n_keep=c, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev, progress=progress,
-                          density=density)
+                          kernel=kernel)
     sw = run_sweep(net, ens, fwd.states, betas, tuning.step_at(betas), n_burn=cfg.burn_in,
                    n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=dev,
-                   progress=progress, density=density)
+                   progress=progress, kernel=kernel)
     rev_lw = ais.run_reverse(net, ens, sw.final, betas, tuning, n_steps=cfg.reverse_steps,
-                             generator=gen, device=dev, progress=progress, density=density)
+                             generator=gen, device=dev, progress=progress, kernel=kernel)
     n_t, keep = len(betas), min(cfg.keep_samples, c)
     out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
                ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None],
@@ -216,13 +216,13 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
 
     betas = np.sort(1.0 / temps)  # ascending beta = descending T
     n_t = len(betas)
-    density = folded_density(cfg.compile if cfg.compile is not None else d >= 256)
+    kernel = mala_kernel(cfg.compile if cfg.compile is not None else d >= 256)
     tuning = None
     if dist.is_main():  # one pilot, shared by every shard
         gen = torch.Generator(device=dev)
         gen.manual_seed(int(seed))
         tuning = ais.tune(net, ens, shape, betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
-                          n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress, density=density)
+                          n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress, kernel=kernel)
     tuning = dist.broadcast(tuning)
     # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
     # while the replica SE stays small (measured at d = 784: 2000 steps for L^2 ~ 1000 gave z = -11)
@@ -231,7 +231,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     if n_ais > cfg.ais_steps:
         log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
     schedule, steps = ais.make_schedule(tuning, betas, n_ais)
-    args = (net, ens, shape, betas, tuning, schedule, steps, cfg, int(seed), dev, progress, density)
+    args = (net, ens, shape, betas, tuning, schedule, steps, cfg, int(seed), dev, progress, kernel)
     if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
         part = _run_shard(*args, dist.rank())
         pooled = {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}

@@ -88,30 +88,53 @@ def log_folded_normal(y, mu, s):
     return torch.logsumexp(q, dim=-1).sum(-1)
 
 
-def folded_density(compile: bool):
-    """log_folded_normal, or the same function through torch.compile: one fused loop instead of ~40
-    passes over [N, D] tensors (the reflected-MALA overhead at large d; see docs/performance.md). Falls back
-    to eager, with a warning, when compilation is unavailable (e.g. no C++ compiler)."""
+def propose(x, ugrad, s, b, xi):
+    """Reflected MALA proposal y = fold(mu_x + s xi) with mu_x = x + (s^2/2) b ugrad; x, ugrad, xi [N, D]."""
+    mu_x = x + 0.5 * s * s * b * ugrad
+    return fold(mu_x + s * xi), mu_x
+
+
+def log_q_ratio(x, y, mu_x, g_y, s, b):
+    """log q(x | y) - log q(y | x) of the folded proposal; [N]."""
+    mu_y = y + 0.5 * s * s * b * g_y
+    return log_folded_normal(x, mu_y, s) - log_folded_normal(y, mu_x, s)
+
+
+class MalaKernel(NamedTuple):
+    """The elementwise parts of a reflected-MALA step (eager, or fused by torch.compile)."""
+    propose: Callable
+    log_q_ratio: Callable
+
+
+EAGER = MalaKernel(propose, log_q_ratio)
+
+
+def _with_fallback(compiled, eager, box):
+    def call(*args):
+        if box["eager"]:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # compiler missing or failing: the exact eager path
+            logging.getLogger("thermo_ebm").warning("torch.compile unavailable (%s); using eager MALA",
+                                                    str(e).splitlines()[0][:120])
+            box["eager"] = True
+            return eager(*args)
+    return call
+
+
+def mala_kernel(compile: bool) -> MalaKernel:
+    """EAGER, or the same functions through torch.compile: one fused loop each instead of ~50 passes over
+    [N, D] tensors (the reflected-MALA overhead at large d; docs/performance.md). Falls back to eager, with a
+    warning, when compilation is unavailable (e.g. no C++ compiler)."""
     if not compile:
-        return log_folded_normal
-    compiled = torch.compile(log_folded_normal, dynamic=True)
-    state = {"fn": compiled}
-
-    def density(y, mu, s):
-        if state["fn"] is compiled:
-            try:
-                return compiled(y, mu, s)
-            except Exception as e:  # compiler missing or failing: exact eager path
-                logging.getLogger("thermo_ebm").warning("torch.compile unavailable (%s); using eager MALA",
-                                                        str(e).splitlines()[0][:120])
-                state["fn"] = log_folded_normal
-        return state["fn"](y, mu, s)
-    return density
+        return EAGER
+    box = {"eager": False}
+    return MalaKernel(*(_with_fallback(torch.compile(f, dynamic=True), f, box) for f in EAGER))
 
 
-def mala_step(state: MalaState, model, ensemble, beta, step, generator, density=log_folded_normal):
-    """One reflected-MALA step at inverse temperatures beta [N] with step sizes step [N]; `density` is
-    log_folded_normal or its compiled form (folded_density).
+def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: MalaKernel = EAGER):
+    """One reflected-MALA step at inverse temperatures beta [N] with step sizes step [N].
 
     Returns (new_state, accepted [N] bool, finite [N] bool: proposal log-density finite).
     """
@@ -119,14 +142,12 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, density=
     x = state.x.reshape(n, -1)
     s = step[:, None]
     b = beta[:, None]
-    mu_x = x + 0.5 * s * s * b * state.ugrad.reshape(n, -1)
     xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    y = fold(mu_x + s * xi)
+    y, mu_x = kernel.propose(x, state.ugrad.reshape(n, -1), s, b, xi)
     logits_y, g_y = evaluate(model, ensemble, y.reshape(state.x.shape))
-    mu_y = y + 0.5 * s * s * b * g_y.reshape(n, -1)
     lp_x = ensemble.logp(state.logits, beta)
     lp_y = ensemble.logp(logits_y, beta)
-    log_a = lp_y - lp_x + density(x, mu_y, s) - density(y, mu_x, s)
+    log_a = lp_y - lp_x + kernel.log_q_ratio(x, y, mu_x, g_y.reshape(n, -1), s, b)
     u = torch.rand(n, generator=generator, device=x.device, dtype=x.dtype)
     finite = torch.isfinite(lp_y)
     acc = (torch.log(u) < log_a) & finite

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .ais import TARGET_ACCEPT
-from .sampling import MAX_STEP, MalaState, log_folded_normal, mala_step, take
+from .sampling import MAX_STEP, EAGER, MalaState, mala_step, take
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _swap(state, ensemble, beta, n_t, c, phase, generator):
 
 
 def run_sweep(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin,
-              generator, device, progress=False, density=log_folded_normal) -> SweepResult:
+              generator, device, progress=False, kernel=EAGER) -> SweepResult:
     """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
@@ -78,7 +78,7 @@ def run_sweep(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod,
     total = n_burn + n_prod
     for i in tqdm(range(total), desc="sweep", disable=not progress, leave=False):
         step = step_t.repeat_interleave(c)
-        state, acc, fin = mala_step(state, model, ensemble, beta, step, generator, density)
+        state, acc, fin = mala_step(state, model, ensemble, beta, step, generator, kernel)
         acc_t = acc.float().reshape(n_t, c).mean(1)
         bad += (~fin).float().reshape(n_t, c).sum(1)
         if i < n_burn:
