@@ -195,7 +195,7 @@ def ula_ais(system, beta_max, n_chains, n_steps, step, seed):
         e, grad = energy_and_grad(lambda z: -system(z)[:, 0], x)
         x = fold(x - step * betas[k] * grad + (2 * step) ** 0.5 * torch.randn(x.shape, generator=g))
         e = -system(x)[:, 0]
-    return float(logmeanexp(logw.numpy()))
+    return float(logmeanexp(logw.numpy())) + d * np.log(2.0)  # + log volume of the uniform start
 
 
 def ours_ais(system, beta_max, n_chains, n_steps, seed):
@@ -207,7 +207,7 @@ def ours_ais(system, beta_max, n_chains, n_steps, seed):
     fw = run_forward(system, ens, (system.d,), sched, steps, np.array([beta_max]), n_chains=n_chains, n_keep=1,
                      mcmc_steps=1, generator=g, device="cpu")
     pilot_evals = 64 * len(tuning.betas) * 5
-    return float(logmeanexp(fw.logw[-1].numpy())), pilot_evals
+    return float(logmeanexp(fw.logw[-1].numpy())) + system.d * np.log(2.0), pilot_evals
 
 
 def efficiency(quick):
