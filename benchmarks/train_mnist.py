@@ -2,7 +2,7 @@
 Targets: dcl >= 97%, j_ebm and gcl >= 93% held-out accuracy, each run within 15 minutes on 2 CPU cores;
 look at the m_ebm sample grid. Writes benchmarks/results/train_mnist.json.
 
-    python benchmarks/train_mnist.py [--objectives dcl,j_ebm,gcl,m_ebm] [--minutes 15]
+    python benchmarks/train_mnist.py [--objectives dcl,j_ebm,gcl,m_ebm] [--data-dir DIR]
 """
 import argparse
 import json

@@ -169,6 +169,8 @@ BAD = [
     (["train", "--dataset", "digits", "--labels", "3"], "at least two"),
     (["train", "--dataset", "digits", "--buffer-size", "8", "--batch-size", "64"], "buffer-size"),
     (["train", "--name", "nothing-here", "--resume"], "not found"),
+    (["train", "--name", "taken", "--dataset", "digits"], "already exist"),
+    (["train", "--name", "taken", "--resume", "--overwrite"], "conflict"),
     (["sample", "--ckpt", "CK", "--temp", "-1"], "positive"),
     (["measure", "--temps", "1"], "Missing option"),
 ]
@@ -180,6 +182,8 @@ def test_bad_inputs_exit_2_with_one_line(args, needle, digits_ckpt):
     import h5py
     with h5py.File("nogroups.h5", "w") as f:
         f.create_group("other")
+    Path("checkpoints").mkdir(exist_ok=True)
+    Path("checkpoints/taken.pt").write_bytes(Path(digits_ckpt["checkpoint"]).read_bytes())
     args = [digits_ckpt["checkpoint"] if a == "CK" else a for a in args]
     code, err = run_cli(args)
     assert code == 2, err

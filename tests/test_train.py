@@ -73,3 +73,22 @@ def test_divergence_rollback_and_stop():
     with pytest.raises(TrainingDiverged, match="divergence at step"):
         train(name="stop2", checkpoint_dir="c", results_dir="r", on_divergence="stop", max_energy_gap=50.0, **kw)
     assert load_checkpoint("c/stop.pt")["step"] == before
+
+
+def test_cosine_schedule_and_fresh_run_guard():
+    from thermo_ebm import ThermoEBMError
+    kw = dict(TINY, objective="dcl", epochs=1, max_steps=5, lr=1e-3, lr_schedule="cosine", checkpoint_dir="c",
+              results_dir="r")
+    out = train(name="cos", **kw)
+    with xr.open_dataset(out["results"], group="training", engine="h5netcdf") as ds:
+        lr = ds.lr.values
+    k = np.arange(5)
+    np.testing.assert_allclose(lr, 1e-3 * (0.1 + 0.45 * (1 + np.cos(np.pi * k / 5))), rtol=1e-12)
+    # a measurement of this model lives in the file: a fresh run of the same name must not mix with it
+    with h5py.File(out["results"], "a") as f:
+        f.create_group("measure_marginal")
+    with pytest.raises(ThermoEBMError, match="already exist"):
+        train(name="cos", **kw)
+    train(name="cos", overwrite=True, **kw)
+    with h5py.File(out["results"]) as f:
+        assert set(f) == {"training"}

@@ -44,6 +44,8 @@ def _explicit(ctx, names):
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps in total.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: decay to 0.1 x lr over the run (--epochs / --max-steps).")
 @click.option("--reg", type=float, default=None, help="L2 energy penalty [default: 0.1, 0 for dcl].")
 @click.option("--gamma", type=float, default=1.0, show_default=True)
 @click.option("--sgld-step", type=float, default=0.05, show_default=True)
@@ -60,8 +62,9 @@ def _explicit(ctx, names):
 @click.option("--on-divergence", type=click.Choice(["rollback", "stop"]), default="rollback", show_default=True)
 @click.option("--max-rollbacks", type=int, default=3, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue checkpoints/NAME.pt.")
+@click.option("--overwrite", is_flag=True, help="Start over: remove this run's earlier checkpoint and results file.")
 @click.pass_context
-def train(ctx, resume, **opts):
+def train(ctx, resume, overwrite, **opts):
     """Train a GEBM / JEBM; writes checkpoints/NAME.pt and results/NAME.h5 (group 'training')."""
     from . import distributed as dist
     from .train import TrainConfig, train as run
@@ -70,7 +73,7 @@ def train(ctx, resume, **opts):
     options.setdefault("name", opts["name"])
     dist.setup(opts["device"])  # under torchrun: join the process group (DDP training)
     try:
-        out = run(resume=resume, progress=dist.is_main(), **options)
+        out = run(resume=resume, overwrite=overwrite, progress=dist.is_main(), **options)
     finally:
         main_rank = dist.is_main()
         dist.teardown()

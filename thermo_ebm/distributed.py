@@ -78,14 +78,10 @@ def broadcast(obj):
     return box[0]
 
 
-def all_mean(values: dict) -> dict:
-    """Mean over ranks of a dict of floats (one all_reduce)."""
-    if not active():
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / world()).tolist()))
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    if active():
+        dist.barrier()
 
 
 def gather_objects(obj) -> list:

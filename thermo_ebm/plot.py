@@ -97,6 +97,9 @@ def thermo_figure(runs, out):
             axes[3].annotate(f"peak $T^*$={peak[0]:.3g}±{peak[1]:.2g}\n(possible phase transition)",
                              xy=(peak[0], float(np.nanmax(ds.C.values))), xytext=(4, -22),
                              textcoords="offset points", fontsize=7, color=col)
+        elif r == 0:
+            axes[3].text(0.97, 0.95, "no interior peak in this range", transform=axes[3].transAxes, ha="right",
+                         va="top", fontsize=7, color="0.35")
         _diagnostics(ax_gap, ax_res, ds, col, r == 0)
         if ds.attrs.get("ensemble") == "joint":
             for ax, (var, ylab) in zip(axes[8:], JOINT):
@@ -111,7 +114,7 @@ def thermo_figure(runs, out):
     ax_res.set_title("diagnostics: consistency (band = ±2 SE)")
     for ax in (ax_gap, ax_res):
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best")
+            ax.legend(loc="best", fontsize=7, framealpha=0.9)
     axes[3].set_title("heat capacity $C = \\mathrm{Var}(E)/T^2$")
     axes[4].set_title("information $= KL(p_T\\,\\|\\,$uniform$)$")
     for ax in axes:
@@ -137,6 +140,10 @@ def samples_figure(runs, out):
     shape = json.loads(ds.attrs.get("shape", "[]")) or list(ds.samples.shape[2:])
     img = _image_shape(shape)
     fig, axes = plt.subplots(1, len(idx), figsize=(3.2 * len(idx), 3.4), constrained_layout=True, squeeze=False)
+    if "sample_labels" in ds:  # the same rows (every class) and columns in every panel
+        all_labels = ds.sample_labels.values[idx]
+        classes = np.arange(int(ds.attrs.get("n_classes", all_labels.max() + 1)))
+        width = max(int((lab == y).sum()) for lab in all_labels for y in classes)
     for ax, i in zip(axes[0], idx):
         x = ds.samples.values[i].reshape(ds.samples.shape[1], -1)
         labels = ds.sample_labels.values[i] if "sample_labels" in ds else None
@@ -154,10 +161,8 @@ def samples_figure(runs, out):
         else:
             c, h, w = img
             if labels is not None:      # one row per class, labelled on the left
-                classes = np.unique(labels)
                 slots = [(r_, c_) for r_, y in enumerate(classes) for c_ in range(int((labels == y).sum()))]
-                cols = max(c_ for _, c_ in slots) + 1
-                rows = len(classes)
+                cols, rows = width, len(classes)
                 ax.set_yticks([r_ * (h + 1) + h / 2 for r_ in range(rows)], [f"y={int(y)}" for y in classes])
             else:
                 cols = int(math.ceil(math.sqrt(len(x))))
@@ -171,8 +176,9 @@ def samples_figure(runs, out):
             ax.imshow(canvas.squeeze(-1) if c == 1 else canvas.clip(0, 1), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.grid(False)
-        ax.set_title(f"T = {t[i]:.3g}" + (" (labels ~ p_T(y|x))" if labels is not None else ""))
-    fig.suptitle(f"Samples from $p_T$ ({label}, {ds.attrs.get('ensemble')} ensemble)", fontsize=11)
+        ax.set_title(f"T = {t[i]:.3g}")
+    note = "; rows: label drawn from $p_T(y|x)$, empty where no stored sample drew it" if "sample_labels" in ds else ""
+    fig.suptitle(f"Samples from $p_T$ ({label}, {ds.attrs.get('ensemble')} ensemble{note})", fontsize=10)
     return _save(fig, out)
 
 
@@ -188,7 +194,7 @@ def training_figure(files, out):
     for r, (name, ds) in enumerate(runs):
         col = colors[r % len(colors)]
         s = ds.step.values
-        for var, ls in (("loss", "-"), ("ce", "--"), ("joint_ml", ":"), ("marg_ml", "-."), ("reg", (0, (1, 3)))):
+        for var, ls in (("loss", "-"), ("ce", "--"), ("joint_ml", ":"), ("marg_ml", "-."), ("reg", (0, (4, 1, 1, 1, 1, 1)))):
             if var in ds:
                 v = smooth(ds[var].values)
                 axes[0].plot(s[:len(v)], v, ls=ls, color=col, lw=1, label=f"{name}: {var}")

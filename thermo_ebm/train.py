@@ -49,6 +49,7 @@ class TrainConfig:
     max_steps: int | None = None      # stop after this many optimizer steps in total
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"     # or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
     reg: float | None = None          # default 0.1 for EBM objectives, 0 for dcl
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.dataset not in DATASETS:
             raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ThermoEBMError("--lr-schedule must be constant or cosine")
         if self.on_divergence not in ("rollback", "stop"):
             raise ThermoEBMError("--on-divergence must be rollback or stop")
         for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):
@@ -189,6 +192,16 @@ class Trainer:
             g["lr"] = self.lr
 
     # ---------------------------------------------------------------- pieces of a step
+    def _set_lr(self, total_steps):
+        """Learning rate of the coming step: self.lr (halved by each rollback) times the schedule factor,
+        a function of the step alone so that resume stays exact."""
+        f = 1.0
+        if self.cfg.lr_schedule == "cosine":
+            f = 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(self.step / max(total_steps, 1), 1.0)))
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr * f
+        return self.lr * f
+
     def _uniform(self, n):
         return torch.rand((n, *self.data.shape), generator=self.g_mc, device=self.dev) * 2 - 1
 
@@ -358,6 +371,7 @@ class Trainer:
         n_batches = n // cfg.batch_size  # global batches per epoch; each rank takes self.batch of each
         if n_batches == 0:
             raise ThermoEBMError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
+        total = cfg.epochs * n_batches if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * n_batches)
         snapshot = self.capture()
         t0 = time.perf_counter()
         while self.epoch < cfg.epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
@@ -371,6 +385,7 @@ class Trainer:
                 xb = self.data.x_train[sel]
                 if cfg.noise > 0:
                     xb = (xb + cfg.noise * torch.randn(xb.shape, generator=self.g_data)).clamp(-1, 1)
+                lr = self._set_lr(total)
                 rec = self.train_step(xb.to(self.dev), self.data.y_train[sel].to(self.dev))
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -379,7 +394,7 @@ class Trainer:
                     self._on_divergence(why, snapshot)
                     rolled_back = True
                     break
-                rec["lr"] = self.lr
+                rec["lr"] = lr
                 for k in set(self.hist) | set(rec):
                     self.hist.setdefault(k, [float("nan")] * (self.step - 1)).append(rec.get(k, float("nan")))
                 bar.update(1)
@@ -428,8 +443,30 @@ class Trainer:
         log.warning("%s; rolled back to step %d, reseeded, learning rate halved to %g", msg, self.step, self.lr)
 
 
-def train(config: TrainConfig | None = None, *, resume: bool = False, progress: bool = True, **options) -> dict:
-    """Train (or with resume=True continue) a model; returns paths and final held-out accuracy."""
+def _clear_previous(cfg: TrainConfig, overwrite: bool):
+    """A fresh run never mixes with an earlier run of the same name (its checkpoint, or measurements of
+    its model in the results file): refuse, or with overwrite remove them (rank 0)."""
+    ckpt = Path(cfg.checkpoint_dir) / f"{cfg.name}.pt"
+    res = Path(cfg.results_dir) / f"{cfg.name}.h5"
+    old = [p for p in (ckpt, res) if p.exists()]
+    if old and not overwrite:
+        raise ThermoEBMError(f"{' and '.join(map(str, old))} already exist(s); --resume continues that run, "
+                             "--overwrite starts over, or choose another --name")
+    if old and dist.is_main():
+        for p in old:
+            p.unlink()
+        for png in (Path(cfg.results_dir) / f"{cfg.name}_samples").glob("epoch_*.png"):
+            png.unlink()
+        log.info("--overwrite: removed %s", ", ".join(map(str, old)))
+    dist.barrier()
+
+
+def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, **options) -> dict:
+    """Train (or with resume=True continue) a model; returns paths and final held-out accuracy.
+    A fresh run whose checkpoint or results file exists raises unless overwrite=True."""
+    if resume and overwrite:
+        raise ThermoEBMError("--resume and --overwrite conflict: continue the run or start it over, not both")
     cfg = config or TrainConfig()
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
@@ -460,6 +497,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, progress: 
             log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
         else:
             cfg.validate()
+            _clear_previous(cfg, overwrite)
             trainer = Trainer(cfg, progress)
         log.info("training %s: objective %s on %s (%s), %d parameters, device %s", cfg.name, cfg.objective,
                  cfg.dataset, trainer.data.note, sum(p.numel() for p in trainer.model.parameters()), trainer.dev)
