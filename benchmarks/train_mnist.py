@@ -21,18 +21,23 @@ SETTINGS = {
 }
 p = argparse.ArgumentParser()
 p.add_argument("--objectives", default="dcl,j_ebm,gcl,m_ebm")
+p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+               help="override a setting for every objective run, e.g. --set lr=3e-4 --set lr_schedule=cosine")
 p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 args = p.parse_args()
+overrides = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in (s.split("=", 1) for s in args.set)}
 rows = []
 for obj in args.objectives.split(","):
+    SETTINGS[obj] = {**SETTINGS[obj], **overrides}
     t0 = time.perf_counter()
     out = train(name=f"bench_{obj}", objective=obj, dataset="mnist", data_dir=args.data_dir,
-                checkpoint_dir="checkpoints", results_dir="results", progress=False, **SETTINGS[obj])
+                checkpoint_dir="checkpoints", results_dir="results", progress=False, overwrite=True,
+                **SETTINGS[obj])
     rows.append(dict(objective=obj, settings=SETTINGS[obj], heldout_acc=out["heldout_acc"],
                      seconds=time.perf_counter() - t0, epochs=out["epochs"], samples=f"results/bench_{obj}_samples/"))
     print(f"{obj:<8} held-out accuracy {out['heldout_acc']:.4f}  {rows[-1]['seconds']:.0f} s  {SETTINGS[obj]}",
           flush=True)
-res = Path(__file__).parent / "results" / "train_mnist.json"
+res = Path(__file__).parent / "results" / ("train_mnist.json" if not overrides else "train_mnist_trial.json")
 res.parent.mkdir(exist_ok=True)
 res.write_text(json.dumps(rows, indent=1))
 print("->", res)
