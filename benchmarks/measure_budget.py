@@ -1,6 +1,6 @@
 """Wall time of `measure` at the default budget: the MNIST MLP (784-512-512-512-10), 16 temperatures,
 marginal and joint ensembles. Target: under 10 minutes each on 2 CPU cores. Writes
-benchmarks/results/measure_budget.json.
+benchmarks/results/measure_budget.json (measure_budget_trained.json with --ckpt).
 
     python benchmarks/measure_budget.py [--ckpt CKPT] [--ensembles marginal,joint]
 
@@ -35,7 +35,7 @@ for ens in a.ensembles.split(","):
                      max_log_Z_err=float(ds.log_Z_err.max()), max_abs_U_resid_z=float(abs(ds.U_resid / ds.U_resid_err).max())))
     print(f"{ens:<9} {sec:7.1f} s for 16 temperatures (target < 600 s); max SE(log Z) {rows[-1]['max_log_Z_err']:.3f}; "
           f"flags {flags}", flush=True)
-out = Path(__file__).parent / "results" / "measure_budget.json"
+out = Path(__file__).parent / "results" / ("measure_budget_trained.json" if a.ckpt else "measure_budget.json")
 out.parent.mkdir(exist_ok=True)
 out.write_text(json.dumps(dict(model=str(a.ckpt or "784-512-512-512-10 MLP, initial weights"), rows=rows), indent=1))
 print("->", out)

@@ -137,3 +137,12 @@ def test_training_jarzynski_matches_exact_free_energy():
     boots = [-(np.logaddexp.reduce(-w[i]) - np.log(len(w))) for i in rng.integers(0, len(w), (400, len(w)))]
     se = float(np.std(boots))
     assert abs(est - exact) < 4 * se, (est, exact, se)
+
+
+def test_second_process_on_the_same_run_is_refused():
+    from thermo_ebm import ThermoEBMError
+    from thermo_ebm.fileio import file_lock
+    with file_lock("c/busy.run", timeout=0.0):  # what a running `train --name busy` holds
+        with pytest.raises(ThermoEBMError, match="another process is training run 'busy'"):
+            train(name="busy", checkpoint_dir="c", results_dir="r", **dict(TINY, epochs=1, max_steps=1))
+    assert train(name="busy", checkpoint_dir="c", results_dir="r", **dict(TINY, epochs=1, max_steps=1))["steps"] == 1

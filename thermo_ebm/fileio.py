@@ -51,8 +51,9 @@ def atomic_path(path, copy_existing: bool = False):
 
 
 @contextlib.contextmanager
-def file_lock(path, timeout: float = 600.0):
-    """Exclusive advisory lock on `<path>.lock`; waits up to `timeout` s, then refuses clearly."""
+def file_lock(path, timeout: float = 600.0, busy: str | None = None):
+    """Exclusive advisory lock on `<path>.lock`; waits up to `timeout` s, then refuses clearly
+    (with the message `busy` when given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
@@ -67,7 +68,7 @@ def file_lock(path, timeout: float = 600.0):
                     raise
                 if time.monotonic() - start > timeout:
                     raise ThermoEBMError(
-                        f"{path} is being written by another process (lock {lock}); try again later"
+                        busy or f"{path} is being written by another process (lock {lock}); try again later"
                     ) from None
                 time.sleep(0.1)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from . import distributed as dist
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .data import DATASETS, load_data, parse_labels
 from .errors import ThermoEBMError, TrainingDiverged
+from .fileio import file_lock
 from .measure import resolve_device
 from .models import build_model, joint_energy, marginal_energy
 from .objectives import NEEDS, OBJECTIVES, loss_terms
@@ -479,29 +481,36 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    if not cfg.name or "/" in cfg.name:
+        raise ThermoEBMError(f"invalid run name {cfg.name!r}")
+    # one process at a time per run name: a second `train` of the same run would clobber the first's files
+    run = Path(cfg.checkpoint_dir) / f"{cfg.name}.run"
+    lock = file_lock(run, timeout=0.0, busy=f"another process is training run {cfg.name!r} "
+                     f"(lock {run}.lock); wait for it or choose another --name") if dist.is_main() else nullcontext()
     try:
-        if resume:
-            path = Path(cfg.checkpoint_dir) / f"{cfg.name}.pt"
-            st = load_checkpoint(path)
-            saved = st["config"]
-            conflicts = [k for k in options if k not in RESUMABLE and k in saved and options[k] != saved[k]
-                         and not (k == "labels" and parse_labels(options[k]) == saved[k])]
-            if conflicts:
-                raise ThermoEBMError(f"--resume conflicts with the checkpoint's {', '.join(conflicts)}; "
-                                     "drop these options or start a new --name")
-            cfg = TrainConfig(**{**saved, **{k: v for k, v in options.items() if k in RESUMABLE}})
-            cfg.validate()
-            trainer = Trainer(cfg, progress)
-            model_from_checkpoint(st, path)  # architecture check with a one-line error
-            trainer.restore(st, from_checkpoint=True)
-            log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
-        else:
-            cfg.validate()
-            _clear_previous(cfg, overwrite)
-            trainer = Trainer(cfg, progress)
-        log.info("training %s: objective %s on %s (%s), %d parameters, device %s", cfg.name, cfg.objective,
-                 cfg.dataset, trainer.data.note, sum(p.numel() for p in trainer.model.parameters()), trainer.dev)
-        return trainer.run()
+        with lock:
+            if resume:
+                path = Path(cfg.checkpoint_dir) / f"{cfg.name}.pt"
+                st = load_checkpoint(path)
+                saved = st["config"]
+                conflicts = [k for k in options if k not in RESUMABLE and k in saved and options[k] != saved[k]
+                             and not (k == "labels" and parse_labels(options[k]) == saved[k])]
+                if conflicts:
+                    raise ThermoEBMError(f"--resume conflicts with the checkpoint's {', '.join(conflicts)}; "
+                                         "drop these options or start a new --name")
+                cfg = TrainConfig(**{**saved, **{k: v for k, v in options.items() if k in RESUMABLE}})
+                cfg.validate()
+                trainer = Trainer(cfg, progress)
+                model_from_checkpoint(st, path)  # architecture check with a one-line error
+                trainer.restore(st, from_checkpoint=True)
+                log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
+            else:
+                cfg.validate()
+                _clear_previous(cfg, overwrite)
+                trainer = Trainer(cfg, progress)
+            log.info("training %s: objective %s on %s (%s), %d parameters, device %s", cfg.name, cfg.objective,
+                     cfg.dataset, trainer.data.note, sum(p.numel() for p in trainer.model.parameters()), trainer.dev)
+            return trainer.run()
     finally:
         if handler:
             log.removeHandler(handler)
