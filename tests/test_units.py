@@ -179,3 +179,16 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
         out = kernel.propose(x, x, s, b, x)
     torch.testing.assert_close(out[0], sampling.EAGER.propose(x, x, s, b, x)[0])
     assert "eager" in caplog.text
+
+
+def test_folded_density_equals_the_explicit_image_sum():
+    """The closed form equals log sum_k N(image_k; fold(mu), s^2) over nine mirror images, in float64."""
+    g = torch.Generator().manual_seed(3)
+    for s_val in (0.02, 0.2, 0.5):
+        mu = (torch.rand(200, 7, generator=g, dtype=torch.float64) * 3 - 1.5)
+        y = torch.rand(200, 7, generator=g, dtype=torch.float64) * 2 - 1
+        s = torch.full((200, 1), s_val, dtype=torch.float64)
+        m = fold(mu)
+        imgs = torch.stack([y + 4 * k for k in range(-2, 3)] + [4 * k + 2 - y for k in range(-2, 2)], -1)
+        want = torch.logsumexp(-((imgs - m[..., None]) ** 2) / (2 * s_val ** 2), -1).sum(-1)
+        torch.testing.assert_close(log_folded_normal(y, mu, s), want, rtol=1e-10, atol=1e-10)
