@@ -129,8 +129,8 @@ def _with_fallback(compiled, eager, box):
 
 
 def mala_kernel(compile: bool) -> MalaKernel:
-    """EAGER, or the same functions through torch.compile: one fused loop each instead of ~50 passes over
-    [N, D] tensors (the reflected-MALA overhead at large d; docs/performance.md). Falls back to eager, with a
+    """EAGER, or the same functions through torch.compile: one fused loop each instead of one pass over
+    [N, D] tensors per elementwise op (the reflected-MALA overhead at large d; docs/performance.md). Falls back to eager, with a
     warning, when compilation is unavailable (e.g. no C++ compiler)."""
     if not compile:
         return EAGER

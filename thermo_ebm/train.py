@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import nullcontext
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -70,6 +70,10 @@ class TrainConfig:
     max_energy_gap: float = 1e4       # |<E_data> - <E_model>| beyond this counts as divergence
     snapshot_every: int = 50
 
+    def check_name(self):
+        if not self.name or "/" in self.name:
+            raise ThermoEBMError(f"invalid run name {self.name!r}")
+
     def validate(self):
         if self.objective not in OBJECTIVES:
             raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -88,8 +92,7 @@ class TrainConfig:
             raise ThermoEBMError("--lr must be > 0 and SGLD step/noise >= 0")
         if self.buffer_size < self.batch_size and not self.short_run:
             raise ThermoEBMError("--buffer-size must be at least --batch-size")
-        if not self.name or "/" in self.name:
-            raise ThermoEBMError(f"invalid run name {self.name!r}")
+        self.check_name()
         self.labels = parse_labels(self.labels)
         if self.reg is None:
             self.reg = 0.0 if self.objective == "dcl" else 0.1
@@ -435,9 +438,7 @@ class Trainer:
             raise TrainingDiverged(f"{msg}{extra}; last good checkpoint: {ckpt if ckpt.exists() else 'none yet'}")
         lr, rollbacks, events = self.lr, self.rollbacks, list(self.events)
         self.restore(snapshot)  # parameters, optimizer, chains, RNG, history back to the last good state
-        self.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr
+        self.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5  # applied by _set_lr
         self.g_mc.manual_seed(cfg.seed + 1 + 7919 * self.rollbacks)
         self.g_data.manual_seed(cfg.seed + 7919 * self.rollbacks)
         self.perm = None if self.perm is None else self._epoch_order(len(self.data.y_train))
@@ -481,8 +482,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    if not cfg.name or "/" in cfg.name:
-        raise ThermoEBMError(f"invalid run name {cfg.name!r}")
+    cfg.check_name()  # before the lock file is named after it
     # one process at a time per run name: a second `train` of the same run would clobber the first's files
     run = Path(cfg.checkpoint_dir) / f"{cfg.name}.run"
     lock = file_lock(run, timeout=0.0, busy=f"another process is training run {cfg.name!r} "
