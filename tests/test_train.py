@@ -146,3 +146,38 @@ def test_second_process_on_the_same_run_is_refused():
         with pytest.raises(ThermoEBMError, match="another process is training run 'busy'"):
             train(name="busy", checkpoint_dir="c", results_dir="r", **dict(TINY, epochs=1, max_steps=1))
     assert train(name="busy", checkpoint_dir="c", results_dir="r", **dict(TINY, epochs=1, max_steps=1))["steps"] == 1
+
+
+class _FixedLogits(torch.nn.Module):
+    """Logits independent of x: p(y|x) = softmax(base) everywhere."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.register_buffer("base", torch.as_tensor(base, dtype=torch.float32))
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.base + self.w * 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_gibbs_joint_labels_follow_the_model_conditional():
+    """--joint-labels gibbs redraws each joint chain's y from p(y|x) (here softmax(base) for every x), and
+    the label move's energy change is booked as heat: e_last = E(x, y_new)."""
+    from scipy.stats import chisquare
+
+    from thermo_ebm.train import Trainer, TrainConfig
+    cfg = TrainConfig(objective="j_ebm", dataset="digits", batch_size=512, buffer_size=512, from_scratch=0.0,
+                      mc_steps=2, joint_labels="gibbs", reg=0.0, device="cpu", checkpoint_dir="c",
+                      results_dir="r").validate()
+    tr = Trainer(cfg, progress=False)
+    p = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01, 0.01, 0.005, 0.005])
+    tr.model = tr.ddp = _FixedLogits(np.log(p))
+    tr.opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
+    xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
+    counts = np.zeros(10)
+    for _ in range(8):
+        tr.train_step(xb, yb)
+        y = tr.pops["joint"]["y"].numpy()
+        counts += np.bincount(y, minlength=10)
+        assert np.allclose(tr.pops["joint"]["e_last"].numpy(), -np.log(p[y]), atol=1e-5)
+    assert chisquare(counts, counts.sum() * p).pvalue > 1e-4

@@ -51,6 +51,8 @@ def _explicit(ctx, names):
 @click.option("--sgld-step", type=float, default=0.05, show_default=True)
 @click.option("--sgld-noise", type=float, default=0.1, show_default=True)
 @click.option("--mc-steps", type=int, default=40, show_default=True)
+@click.option("--joint-labels", type=click.Choice(["fixed", "gibbs"]), default="fixed", show_default=True,
+              help="Joint chains keep their label, or redraw it from p(y|x) after each x update (Gibbs).")
 @click.option("--buffer-size", type=int, default=10000, show_default=True)
 @click.option("--from-scratch", type=float, default=0.05, show_default=True)
 @click.option("--short-run", is_flag=True, help="Non-persistent chains from noise.")

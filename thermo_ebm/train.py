@@ -57,6 +57,7 @@ class TrainConfig:
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float = 0.1
     mc_steps: int = 40
+    joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
     buffer_size: int = 10000
     from_scratch: float = 0.05
     short_run: bool = False
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ThermoEBMError("--lr-schedule must be constant or cosine")
+        if self.joint_labels not in ("fixed", "gibbs"):
+            raise ThermoEBMError("--joint-labels must be fixed or gibbs")
         if self.on_divergence not in ("rollback", "stop"):
             raise ThermoEBMError("--on-divergence must be rollback or stop")
         for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):
@@ -257,7 +260,9 @@ class Trainer:
         rec = {k: float(v.detach()) for k, v in terms.items()}
         rec["train_acc"] = float((split["data"].argmax(1) == yb).float().mean())
         for pop, (idx, x, y, e_start, dW) in chains.items():
-            lg = split[pop].detach()
+            lg = split[pop].detach()  # logits at the chains' final x under the parameters they sampled with
+            if pop == "joint" and cfg.joint_labels == "gibbs":  # exact Gibbs move on y; its energy change is heat
+                y = torch.multinomial(torch.softmax(lg.float(), 1), 1, generator=self.g_mc)[:, 0]
             e_end = (joint_energy(lg, y) if pop == "joint" else marginal_energy(lg)).double()
             buf = self.pops[pop]
             buf["Q"][idx] += e_end - e_start  # energy change from MCMC moves at fixed parameters
