@@ -47,6 +47,23 @@ def timeit(fn, reps, warmup=3, sync=lambda: None):
     return statistics.median(ts)
 
 
+def interleaved(fns, reps, warmup=3, sync=lambda: None):
+    """Median wall time (s) of each fn, timed round-robin (a, b, c, a, b, ...) so that drift in the
+    machine's speed hits every variant alike; timing them one after the other biased ratios by up to 30%."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    sync()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def write(name, payload):
     OUT.mkdir(exist_ok=True)
     payload = dict(payload, machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
@@ -75,15 +92,23 @@ def overhead(quick):
         beta = torch.ones(n)
         step = torch.full((n,), 0.05)
         fused = mala_kernel(True)
-        t_floor = timeit(floor, reps)
-        t_lan = timeit(lambda: langevin_step(st_l, energy_fn, 0.01, 0.01, g), reps)
-        t_mala = timeit(lambda: mala_step(st_m, model, ens, beta, step, g), reps)
-        t_fused = timeit(lambda: mala_step(st_m, model, ens, beta, step, g, fused), reps)
-        rows.append(dict(n=n, floor_s=t_floor, langevin_s=t_lan, mala_eager_s=t_mala, mala_compiled_s=t_fused,
-                         langevin_ratio=t_lan / t_floor, mala_eager_ratio=t_mala / t_floor,
-                         mala_compiled_ratio=t_fused / t_floor))
-        print(f"N={n:<5} floor {t_floor * 1e3:7.2f} ms  Langevin x{t_lan / t_floor:.3f} (target <= 1.10)  "
-              f"reflected MALA eager x{t_mala / t_floor:.3f}, compiled x{t_fused / t_floor:.3f} (target <= 1.15)")
+        # parts of the step above the floor: the N x 784 normal draws, and the exact folded-Gaussian
+        # proposal-density ratio (two densities, compiled)
+        flat = x.reshape(n, -1)
+        s, b = step[:, None], beta[:, None]
+        y, mu = fused.propose(flat, st_m.ugrad.reshape(n, -1), s, b, torch.randn(flat.shape, generator=g))
+        t = interleaved({
+            "floor": floor, "langevin": lambda: langevin_step(st_l, energy_fn, 0.01, 0.01, g),
+            "mala_eager": lambda: mala_step(st_m, model, ens, beta, step, g),
+            "mala_compiled": lambda: mala_step(st_m, model, ens, beta, step, g, fused),
+            "randn": lambda: torch.randn(flat.shape, generator=g),
+            "density_ratio": lambda: fused.log_q_ratio(flat, y, mu, flat, s, b)}, reps)
+        f = t["floor"]
+        rows.append(dict(n=n, floor_s=f, **{f"{k}_s": v for k, v in t.items() if k != "floor"},
+                         **{f"{k}_ratio": v / f for k, v in t.items() if k != "floor"}))
+        print(f"N={n:<5} floor {f * 1e3:7.2f} ms  Langevin x{t['langevin'] / f:.3f} (target <= 1.10)  "
+              f"reflected MALA eager x{t['mala_eager'] / f:.3f}, compiled x{t['mala_compiled'] / f:.3f} "
+              f"(target <= 1.15); parts: randn {t['randn'] / f:.3f}, density ratio {t['density_ratio'] / f:.3f}")
     write("overhead", dict(model="784-512-512-512-10 MLP", rows=rows, targets=dict(langevin=1.10, mala=1.15)))
 
 
@@ -108,8 +133,7 @@ def sweep(quick, device="cpu"):
             part = type(init)(*(f[t * c:(t + 1) * c] for f in init))
             run_sweep(model, ens, part, betas[t:t + 1], step0[t:t + 1], n_burn=n_burn, n_prod=n_prod,
                       exchange=False, thin=5, generator=g.manual_seed(1), device=device, kernel=kernel)
-    t_b = timeit(batched, 3, warmup=1, sync=sync)
-    t_s = timeit(sequential, 3, warmup=1, sync=sync)
+    t_b, t_s = interleaved({"batched": batched, "sequential": sequential}, 3, warmup=1, sync=sync).values()
     print(f"16 temperatures x 64 chains, {n_burn + n_prod} steps on {device}: batched {t_b:.2f} s, "
           f"sequential {t_s:.2f} s, speed-up x{t_s / t_b:.2f} (target >= {1.5 if device == 'cpu' else 5})")
     write(f"sweep_{device}", dict(device=device, temperatures=n_t, chains_per_temperature=c, steps=n_burn + n_prod,
@@ -166,20 +190,8 @@ def train_step(quick):
         (-ref_model(torch.cat([xb, x])).gather(1, torch.cat([yb, buf_y[:64]])[:, None]).mean()).backward()
         ref_opt.step()
 
-    # interleaved (ours, reference, floor, ours, ...): timing them one after the other biased the
-    # first-timed loop by up to 30% on this machine
-    reps = 5 if quick else 15
-    times = {"ours": [], "reference": [], "floor": []}
-    fns = {"ours": ours, "reference": reference, "floor": floor}
-    for f in fns.values():
-        for _ in range(3):
-            f()
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    t_ours, t_ref, t_floor = (statistics.median(times[k]) for k in ("ours", "reference", "floor"))
+    t_ours, t_ref, t_floor = interleaved({"ours": ours, "reference": reference, "floor": floor},
+                                         5 if quick else 15).values()
     # same losses: both start from identical weights and chains; compare the first-step loss exactly
     tr2 = Trainer(cfg, progress=False)
     m2 = build_model("shallow", tr2.data.shape, 10, 512, depth=3)

@@ -20,6 +20,15 @@ def test_fold_maps_into_box_and_is_identity_inside():
     inside = z.abs() <= 1
     assert torch.allclose(y[inside], z[inside], atol=1e-6)
     assert torch.allclose(fold(torch.tensor([1.2, -1.3, 3.5])), torch.tensor([0.8, -0.7, -0.5]))
+    # float32 values at and next to the fold points 4k - 1 (where rounding could leave the box), and far out
+    k = torch.arange(-50, 51, dtype=torch.float32) * 4 - 1
+    edge = torch.cat([k, torch.nextafter(k, k + 1), torch.nextafter(k, k - 1), torch.randn(10000) * 1e4])
+    y = fold(edge)
+    assert y.min() >= -1 and y.max() <= 1
+    # and it is the reflection: equal to the remainder-based definition (float64 reference)
+    e64 = edge.double()
+    w = torch.remainder(e64 + 1, 4)
+    assert torch.allclose(y.double(), torch.where(w <= 2, w - 1, 3 - w), atol=1e-5)
 
 
 def test_folded_normal_density_normalises():

@@ -71,25 +71,29 @@ def mala_init(model, ensemble, x) -> MalaState:
 
 
 def fold(z: torch.Tensor) -> torch.Tensor:
-    """Reflect any real z into [-1, 1] (period 4)."""
-    w = torch.remainder(z + 1.0, 4.0)
-    return torch.where(w <= 2.0, w - 1.0, 3.0 - w)
+    """Reflect any real z into [-1, 1] (period 4). w = a - 4 floor(a/4) lies in [0, 4] in floating point
+    (a/4 and 4k are exact, rounding is monotone), so the result stays in the box; written with floor and
+    abs rather than remainder and where, which compile to a ~1.4x slower loop."""
+    a = z + 1.0
+    w = a - 4.0 * torch.floor(a * 0.25)
+    return 1.0 - (w - 2.0).abs()
 
 
 def log_folded_normal(y, mu, s):
     """log density (up to the s-only constant) of fold(N(mu, s^2)) at y, summed over dims; [N].
 
     y, mu: [N, D]; s: [N, 1]. The density is a sum over the mirror images of y; by the fold's symmetry
-    mu can be folded first (m), after which the five images y, 2-y, -2-y, y+4, y-4 hold all mass above
-    ~e^-24 for s <= 0.5. Written relative to the direct image, with r = y - m:
-    log sum = -r^2/(2 s^2) + log1p(e^{-2(1-y)(1-m)/s^2} + e^{-2(1+y)(1+m)/s^2} + e^{-(8+4r)/s^2} + e^{-(8-4r)/s^2}),
-    every exponent <= 0 (no max needed, no [N, D, 5] tensor).
+    mu can be folded first (m), after which the images y, 2-y, -2-y, y+4, y-4 hold all mass above
+    ~e^-24 for s <= 0.5. Written relative to the direct image, with r = y - m in [-2, 2]:
+    log sum = -r^2/(2 s^2) + log1p(e^{-2(1-y)(1-m)/s^2} + e^{-2(1+y)(1+m)/s^2} + e^{-(8-4|r|)/s^2} + e^{-(8+4|r|)/s^2}),
+    every exponent <= 0 (no max needed, no [N, D, 5] tensor). The last term is below e^{-8/s^2} <= e^{-32}
+    (relative weight 1.3e-14, far below the e^-24 images already omitted) and is dropped: three exps per element.
     """
     m = fold(mu)
     r = y - m
     inv = 1.0 / (s * s)
     extra = (torch.exp(-2.0 * inv * (1.0 - y) * (1.0 - m)) + torch.exp(-2.0 * inv * (1.0 + y) * (1.0 + m))
-             + torch.exp(-inv * (8.0 + 4.0 * r)) + torch.exp(-inv * (8.0 - 4.0 * r)))
+             + torch.exp(-inv * (8.0 - 4.0 * r.abs())))
     return (torch.log1p(extra) - 0.5 * inv * r * r).sum(-1)
 
 
