@@ -33,20 +33,6 @@ def mnist_mlp(device="cpu"):
     return build_model("shallow", MNIST, 10, 512, depth=3).to(device).eval()  # 784-512-512-512-10
 
 
-def timeit(fn, reps, warmup=3, sync=lambda: None):
-    """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def interleaved(fns, reps, warmup=3, sync=lambda: None):
     """Median wall time (s) of each fn, timed round-robin (a, b, c, a, b, ...) so that drift in the
     machine's speed hits every variant alike; timing them one after the other biased ratios by up to 30%."""
@@ -308,7 +294,7 @@ def gpu(quick):
     kernel = mala_kernel(True)
     run = lambda: run_sweep(model, ens, init, betas, np.full(n_t, 0.05), n_burn=steps // 2,  # noqa: E731
                             n_prod=steps // 2, exchange=True, thin=10, generator=g, device=dev, kernel=kernel)
-    t = timeit(run, 3, warmup=1, sync=torch.cuda.synchronize)
+    t = interleaved({"sweep": run}, 3, warmup=1, sync=torch.cuda.synchronize)["sweep"]
     rate = n_t * c * steps / t
     # host synchronisation inside the step loop (MALA step + replica exchange): any synchronising call errors
     beta = torch.as_tensor(np.repeat(betas, c), dtype=torch.float32, device=dev)

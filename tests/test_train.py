@@ -106,20 +106,25 @@ class _Quadratic(torch.nn.Module):
         return -0.5 * x.flatten(1).pow(2).sum(1, keepdim=True) * self.c
 
 
+def _trainer_with(model, **options):
+    """A Trainer on digits whose network is replaced by `model` (with a fresh Adam over its parameters)."""
+    from thermo_ebm.train import Trainer, TrainConfig
+    cfg = TrainConfig(dataset="digits", device="cpu", checkpoint_dir="c", results_dir="r", **options).validate()
+    tr = Trainer(cfg, progress=False)
+    tr.model = tr.ddp = model
+    tr.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return tr
+
+
 def test_training_jarzynski_matches_exact_free_energy():
     """The recorded work W and Jarzynski estimate equal the exact free-energy change of the model since
     the uniform start, -log mean_i Z_{y_i}(theta_t) / 2^d, when the sampler is a T = 1 Langevin kernel
     (noise^2 = 2 step) and every walker is visited every step."""
     from scipy.special import erf
 
-    from thermo_ebm.train import Trainer, TrainConfig
     step = 1e-3
-    cfg = TrainConfig(objective="j_ebm", dataset="digits", batch_size=512, buffer_size=512, from_scratch=0.0,
-                      mc_steps=5, sgld_step=step, sgld_noise=(2 * step) ** 0.5, lr=2e-3, reg=0.0, device="cpu",
-                      checkpoint_dir="c", results_dir="r").validate()
-    tr = Trainer(cfg, progress=False)
-    tr.model = tr.ddp = _Quadratic(tr.data.n_classes)
-    tr.opt = torch.optim.Adam(tr.model.parameters(), lr=cfg.lr)
+    tr = _trainer_with(_Quadratic(10), objective="j_ebm", batch_size=512, buffer_size=512, from_scratch=0.0,
+                       mc_steps=5, sgld_step=step, sgld_noise=(2 * step) ** 0.5, lr=2e-3, reg=0.0)
     xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
     for _ in range(40):
         rec = tr.train_step(xb, yb)
@@ -165,14 +170,9 @@ def test_gibbs_joint_labels_follow_the_model_conditional():
     the label move's energy change is booked as heat: e_last = E(x, y_new)."""
     from scipy.stats import chisquare
 
-    from thermo_ebm.train import Trainer, TrainConfig
-    cfg = TrainConfig(objective="j_ebm", dataset="digits", batch_size=512, buffer_size=512, from_scratch=0.0,
-                      mc_steps=2, joint_labels="gibbs", reg=0.0, device="cpu", checkpoint_dir="c",
-                      results_dir="r").validate()
-    tr = Trainer(cfg, progress=False)
     p = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01, 0.01, 0.005, 0.005])
-    tr.model = tr.ddp = _FixedLogits(np.log(p))
-    tr.opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
+    tr = _trainer_with(_FixedLogits(np.log(p)), objective="j_ebm", batch_size=512, buffer_size=512,
+                       from_scratch=0.0, mc_steps=2, joint_labels="gibbs", reg=0.0, lr=1e-3)
     xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
     counts = np.zeros(10)
     for _ in range(8):

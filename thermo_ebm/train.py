@@ -71,6 +71,10 @@ class TrainConfig:
     max_energy_gap: float = 1e4       # |<E_data> - <E_model>| beyond this counts as divergence
     snapshot_every: int = 50
 
+    def paths(self):
+        """checkpoints/NAME.pt and results/NAME.h5 of this run."""
+        return (Path(self.checkpoint_dir) / f"{self.name}.pt", Path(self.results_dir) / f"{self.name}.h5")
+
     def check_name(self):
         if not self.name or "/" in self.name:
             raise ThermoEBMError(f"invalid run name {self.name!r}")
@@ -353,16 +357,12 @@ class Trainer:
                  "rollbacks": self.rollbacks, "units": "energies in nats (k_B T = 1 at T = 1)"}
         return xr.Dataset(dv, coords=coords, attrs=attrs)
 
-    def paths(self):
-        return (Path(self.cfg.checkpoint_dir) / f"{self.cfg.name}.pt",
-                Path(self.cfg.results_dir) / f"{self.cfg.name}.h5")
-
     def save(self):
         """History first, then checkpoint: the results file always holds every step of the checkpoint.
         Every rank takes part (its buffers go into the checkpoint); rank 0 alone writes."""
         st = self.gathered(self.capture())
         if dist.is_main():
-            ckpt, res = self.paths()
+            ckpt, res = self.cfg.paths()
             write_group(res, "training", self.history_dataset())
             save_checkpoint(ckpt, st)
 
@@ -428,7 +428,7 @@ class Trainer:
                 self.save()
                 snapshot = self.capture()
         self.save()
-        ckpt, res = self.paths()
+        ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
                 "heldout_acc": self.epoch_hist.get("heldout_acc", [float("nan")])[-1],
@@ -439,7 +439,7 @@ class Trainer:
         msg = f"divergence at step {self.step}: {why}"
         if cfg.on_divergence == "stop" or self.rollbacks >= cfg.max_rollbacks:
             extra = "" if cfg.on_divergence == "stop" else f" after {self.rollbacks} rollbacks"
-            ckpt = self.paths()[0]
+            ckpt = self.cfg.paths()[0]
             raise TrainingDiverged(f"{msg}{extra}; last good checkpoint: {ckpt if ckpt.exists() else 'none yet'}")
         lr, rollbacks, events = self.lr, self.rollbacks, list(self.events)
         self.restore(snapshot)  # parameters, optimizer, chains, RNG, history back to the last good state
@@ -454,9 +454,7 @@ class Trainer:
 def _clear_previous(cfg: TrainConfig, overwrite: bool):
     """A fresh run never mixes with an earlier run of the same name (its checkpoint, or measurements of
     its model in the results file): refuse, or with overwrite remove them (rank 0)."""
-    ckpt = Path(cfg.checkpoint_dir) / f"{cfg.name}.pt"
-    res = Path(cfg.results_dir) / f"{cfg.name}.h5"
-    old = [p for p in (ckpt, res) if p.exists()]
+    old = [p for p in cfg.paths() if p.exists()]
     if old and not overwrite:
         raise ThermoEBMError(f"{' and '.join(map(str, old))} already exist(s); --resume continues that run, "
                              "--overwrite starts over, or choose another --name")
@@ -495,7 +493,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     try:
         with lock:
             if resume:
-                path = Path(cfg.checkpoint_dir) / f"{cfg.name}.pt"
+                path = cfg.paths()[0]
                 st = load_checkpoint(path)
                 saved = st["config"]
                 conflicts = [k for k in options if k not in RESUMABLE and k in saved and options[k] != saved[k]
