@@ -50,8 +50,10 @@ def test_measure_writes_groups_without_touching_others(measured):
     assert groups == {"training": "training", "measure_marginal": "measurement", "measure_joint": "measurement"}
     ds = xr.open_dataset(measured, group="measure_joint", engine="h5netcdf")
     assert list(ds.temperature.values) == [0.5, 1.0, 1.5, 2.0]
-    for v in ("log_Z", "F", "U", "S", "C", "info_bits", "H_Y_bits", "I_XY_bits", "log_Z_upper", "log_Z_mbar"):
+    for v in ("log_Z", "F", "U", "S", "C", "info_bits", "H_Y_bits", "I_XY_bits", "log_Z_upper", "log_Z_mbar",
+              "C_peak_T"):
         assert v in ds and v + "_err" in ds
+    assert ds.C_peak_T.shape == ()
     assert ds.samples.shape[:2] == (4, 8)
     assert "versions" in ds.attrs and ds.attrs["seed"] == 0
 
@@ -105,6 +107,7 @@ def test_show_table_and_json(measured):
     import json
     doc = json.loads(report(measured, as_json=True))
     assert len(doc["groups"]["measure_marginal"]["rows"]) == 4
+    assert "C_peak_T" in doc["groups"]["measure_marginal"] and "heat-capacity peak" in text
 
 
 def test_sample_command(digits_ckpt):

@@ -7,7 +7,8 @@ import torch
 
 from thermo_ebm import ThermoEBMError
 from thermo_ebm.ensembles import Ensemble
-from thermo_ebm.estimators import integrated_autocorr_time, jackknife, log_mean_weight
+from thermo_ebm.estimators import (integrated_autocorr_time, jackknife, log_mean_weight, parabola_peak,
+                                   peak_position)
 from thermo_ebm.measure import parse_temps
 from thermo_ebm.objectives import loss_terms
 from thermo_ebm.sampling import (fold, langevin_init, langevin_step, log_folded_normal, log_q_ratio, mala_init,
@@ -212,3 +213,41 @@ def test_folded_density_equals_the_explicit_image_sum():
         imgs = torch.stack([y + 4 * k for k in range(-2, 3)] + [4 * k + 2 - y for k in range(-2, 2)], -1)
         want = torch.logsumexp(-((imgs - m[..., None]) ** 2) / (2 * s_val ** 2), -1).sum(-1)
         torch.testing.assert_close(log_folded_normal(y, mu, s), want, rtol=1e-10, atol=1e-10)
+
+
+def test_parabola_peak_is_exact_on_parabolas_and_batched():
+    t = np.linspace(0.0, 3.0, 7)
+    centres = np.array([0.7, 1.3, 2.45])
+    y = -(t[None] - centres[:, None]) ** 2 * np.array([[1.0], [3.0], [0.5]]) + 2.0
+    np.testing.assert_allclose(parabola_peak(t, y), centres, atol=1e-12)
+    assert parabola_peak(t, y[1]) == pytest.approx(1.3, abs=1e-12)
+
+
+def test_peak_se_is_calibrated_under_correlated_errors():
+    """C(T) with errors correlated between neighbouring temperatures (as replica exchange makes them): the
+    SE from the full covariance matches the spread of T* over repeated data sets; assuming independent
+    errors overstates it about twofold."""
+    t = np.round(np.arange(0.2, 0.451, 0.05), 3)
+    truth = np.array([7.269, 8.361, 8.645, 8.32, 7.668, 6.897])  # exact C of DoubleWells(8) on this grid
+    i = np.arange(len(t))
+    cov = 0.15 ** 2 * 0.8 ** np.abs(i[:, None] - i[None])
+    ys = np.random.default_rng(1).multivariate_normal(truth, cov, size=400)
+    full = np.array([peak_position(t, y, cov, n_draws=1000, seed=k) for k, y in enumerate(ys)])
+    indep = np.array([peak_position(t, y, np.diag(np.diag(cov)), n_draws=1000, seed=k)[1] for k, y in enumerate(ys)])
+    spread = full[:, 0].std()
+    assert 0.8 < spread / full[:, 1].mean() < 1.25
+    assert indep.mean() > 1.6 * spread
+    assert np.mean(np.abs(full[:, 0] - parabola_peak(t, truth)) < 2 * full[:, 1]) > 0.9
+    assert np.isnan(peak_position(t, np.arange(6.0), cov)).all()  # maximum at the edge: no interior peak
+
+
+def test_plot_reads_the_stored_peak_and_handles_older_files():
+    import xarray as xr
+    from thermo_ebm.plot import heat_capacity_peak
+    t = np.array([0.2, 0.25, 0.3, 0.35])
+    ds = xr.Dataset({"C": ("temperature", -(t - 0.27) ** 2)}, coords={"temperature": t})
+    t_star, se = heat_capacity_peak(ds)  # written before C_peak_T existed: the vertex, no SE
+    assert t_star == pytest.approx(0.27) and math.isnan(se)
+    stored = ds.assign(C_peak_T=((), 0.271), C_peak_T_err=((), 0.004))
+    assert heat_capacity_peak(stored) == (0.271, 0.004)
+    assert heat_capacity_peak(ds.assign(C_peak_T=((), np.nan), C_peak_T_err=((), np.nan))) is None

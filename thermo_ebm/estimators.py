@@ -64,12 +64,52 @@ def jackknife(blocks, fn):
     """
     blocks = np.asarray(blocks, dtype=np.float64)
     n = blocks.shape[1]
-    total = blocks.mean(axis=1)
-    est = fn(total)
-    loo = (n * total[:, None, :] - blocks) / (n - 1)  # [T, n, S]
-    vals = fn(loo)  # [T, n, ...]
+    est = fn(blocks.mean(axis=1))
+    vals = fn(_leave_one_out(blocks))  # [T, n, ...]
     se = np.sqrt((n - 1) / n * ((vals - vals.mean(axis=1, keepdims=True)) ** 2).sum(axis=1))
     return est, se
+
+
+def _leave_one_out(blocks):
+    """[T, n, S] -> [T, n, S]: the means over all blocks but block i, for each i."""
+    blocks = np.asarray(blocks, dtype=np.float64)
+    n = blocks.shape[1]
+    return (blocks.sum(axis=1, keepdims=True) - blocks) / (n - 1)
+
+
+def jackknife_cov(blocks, fn):
+    """Jackknife covariance [T, T] between temperatures of fn (as in `jackknife`, fn: [T, S] -> [T]). A block
+    must be the same unit at every temperature: here one replica ladder (swaps exchange configurations between
+    chain c at neighbouring temperatures, so ladders, not single chains, are independent)."""
+    vals = fn(_leave_one_out(blocks))  # [T, n]
+    n = vals.shape[1]
+    dev = vals - vals.mean(axis=1, keepdims=True)
+    return (n - 1) / n * dev @ dev.T
+
+
+def parabola_peak(t, y):
+    """Position of the maximum of y [..., T] on an ascending grid t [T >= 3]: the vertex of the parabola
+    through the largest point and its two neighbours (the end triple when the largest point is at an end;
+    the middle point when those three are not concave); [...]."""
+    t, y = np.asarray(t, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    j = np.clip(np.argmax(y, axis=-1), 1, len(t) - 2)[..., None]
+    t0, t1, t2 = t[j - 1][..., 0], t[j][..., 0], t[j + 1][..., 0]
+    y0, y1, y2 = (np.take_along_axis(y, j + k, -1)[..., 0] for k in (-1, 0, 1))
+    d1, d2 = (y1 - y0) / (t1 - t0), (y2 - y1) / (t2 - t1)
+    a = (d2 - d1) / (t2 - t0)  # y = y0 + d1 (t - t0) + a (t - t0)(t - t1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a < 0, 0.5 * (t0 + t1) - d1 / (2 * a), t1)
+
+
+def peak_position(t, y, cov, n_draws: int = 4000, seed: int = 0):
+    """(T*, SE) of the maximum of y(t) [T] (`parabola_peak`), SE from draws y* ~ N(y, cov [T, T]): the
+    covariance carries the correlation between temperatures, the draws the chance that another grid point
+    is the largest. (nan, nan) without an interior maximum."""
+    y = np.asarray(y, dtype=np.float64)
+    if len(y) < 3 or not 0 < int(np.argmax(y)) < len(y) - 1:
+        return np.nan, np.nan
+    draws = np.random.default_rng(seed).multivariate_normal(y, cov, size=n_draws, method="eigh")
+    return float(parabola_peak(t, y)), float(np.std(parabola_peak(t, draws)))
 
 
 def integrated_autocorr_time(series, c: float = 5.0):

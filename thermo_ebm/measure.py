@@ -24,8 +24,8 @@ from . import distributed as dist
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, log_mean_weight,
-                         logmeanexp, weighted_mean)
+from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
+                         log_mean_weight, logmeanexp, peak_position, weighted_mean)
 from .models import EBM
 from .sampling import mala_kernel
 from .sweep import run_sweep, stat_names
@@ -261,6 +261,10 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
         b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
         return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
     C, C_se = jackknife(blocks, heat)
+    # peak temperature of C(T): C at neighbouring T is positively correlated through the swaps, so its SE
+    # uses the jackknife covariance between temperatures; nan without an interior maximum
+    t_asc = 1.0 / betas[::-1]
+    peak = peak_position(t_asc, C[::-1], jackknife_cov(blocks, heat)[::-1, ::-1], seed=int(seed))
     S = betas * U + log_z
     S_se = np.sqrt((betas * U_se) ** 2 + log_z_se ** 2)
     out = {
@@ -284,7 +288,6 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     # -d log Z / d beta of the AIS estimator is its weighted mean energy (no finite differences)
     u_ais, u_ais_se = weighted_mean(lw, pooled["energy"], cfg.replicas)
     if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
-        t_asc = 1.0 / betas[::-1]
         D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)
         dU = (D @ U[::-1])[::-1]
         dU_se = np.sqrt((D ** 2) @ (U_se[::-1] ** 2))[::-1]
@@ -329,6 +332,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
         data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
     for name, f in flags.items():
         data_vars[name] = ("temperature", f[rev].astype(np.int8))
+    data_vars["C_peak_T"], data_vars["C_peak_T_err"] = ((), peak[0]), ((), peak[1])
     # samples for plotting: the first keep_samples chains at each temperature
     xs = pooled["samples"][:, : cfg.keep_samples][rev]
     sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(shape))]

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import ThermoEBMError  # noqa: E402
+from .estimators import parabola_peak  # noqa: E402
 from .results import groups_of_kind, list_groups, read_group  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -23,22 +24,16 @@ PANELS = [("F", "free energy $F$ (nats)"), ("U", "internal energy $U$ (nats)"), 
 JOINT = [("H_Y_bits", "$H(Y)$ (bits)"), ("H_Y_given_X_bits", "$H(Y|X)$ (bits)"), ("I_XY_bits", "$I(X;Y)$ (bits)")]
 
 
-def heat_capacity_peak(t, c, c_err, n_boot=500, seed=0):
-    """Peak temperature of C(T) from a parabola through the maximum and its neighbours, with a parametric
-    bootstrap SE; None when the maximum lies at the edge of the grid."""
-    t, c, c_err = map(np.asarray, (t, c, c_err))
-    i = int(np.nanargmax(c))
-    if i == 0 or i == len(c) - 1:
+def heat_capacity_peak(ds):
+    """(T*, SE) of the C(T) maximum as `measure` stored it (parabola vertex, jackknife over replica ladders);
+    None without an interior maximum. Files written before it was stored: the vertex, SE nan."""
+    if "C_peak_T" in ds:
+        t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
+        return (t_star, se) if math.isfinite(t_star) else None
+    t, c = ds.temperature.values, ds.C.values
+    if len(c) < 3 or not 0 < int(np.nanargmax(c)) < len(c) - 1:
         return None
-
-    def vertex(cc):
-        j = int(np.argmax(cc))
-        j = min(max(j, 1), len(cc) - 2)
-        a, b, _ = np.polyfit(t[j - 1:j + 2], cc[j - 1:j + 2], 2)
-        return -b / (2 * a) if a < 0 else t[j]
-    rng = np.random.default_rng(seed)
-    boots = [vertex(c + rng.normal(0, 1, len(c)) * c_err) for _ in range(n_boot)]
-    return float(vertex(c)), float(np.std(boots))
+    return parabola_peak(t, c), math.nan
 
 
 def _label(path, group, multi_groups):
@@ -91,10 +86,11 @@ def thermo_figure(runs, out):
         for ax, (var, ylab) in zip(axes, PANELS):
             _band(ax, ds, var, label, col)
             ax.set_ylabel(ylab)
-        peak = heat_capacity_peak(ds.temperature.values, ds.C.values, ds.C_err.values)
+        peak = heat_capacity_peak(ds)
         if peak:
+            se = f"±{peak[1]:.2g}" if math.isfinite(peak[1]) else " (no SE in this file)"
             axes[3].axvline(peak[0], color=col, ls="--", lw=0.8)
-            axes[3].annotate(f"peak $T^*$={peak[0]:.3g}±{peak[1]:.2g}\n(possible phase transition)",
+            axes[3].annotate(f"peak $T^*$={peak[0]:.3g}{se}\n(possible phase transition)",
                              xy=(peak[0], float(np.nanmax(ds.C.values))), xytext=(4, -22),
                              textcoords="offset points", fontsize=7, color=col)
         elif r == 0:

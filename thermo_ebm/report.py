@@ -38,6 +38,11 @@ def report(path, as_json=False) -> str:
             for r in rows:
                 cells = " ".join(f"{r[c]:>11.4g} ±{r[c + '_err']:<7.2g}" for c in cols)
                 lines.append(f"{r['T']:>6.3g} {cells}  {r['flags']}")
+            if "C_peak_T" in ds:
+                t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
+                doc["groups"][name].update(C_peak_T=t_star, C_peak_T_err=se)
+                lines.append(f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}" if np.isfinite(t_star)
+                             else "heat-capacity peak: none inside the temperature range")
         elif kind == "training":
             ds = read_group(path, name)
             info = {"kind": kind, "steps": int(ds.sizes.get("step", 0)), "epochs": int(ds.sizes.get("epoch", 0))}

@@ -103,7 +103,7 @@ class TruncatedGaussian(_System):
 
 
 class DoubleWells(_System):
-    """Product of d identical asymmetric double wells a (x^2 - c^2)^2 + h x (C(T) peaks near T ~ 0.8)."""
+    """Product of d identical asymmetric double wells a (x^2 - c^2)^2 + h x (C(T) peaks at T = 0.2945)."""
 
     def __init__(self, d=64, a=4.0, c=0.7, h=0.6):
         super().__init__(d, 1)
