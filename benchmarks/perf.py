@@ -137,6 +137,7 @@ def train_step(quick):
     ref_model = build_model("shallow", tr.data.shape, 10, 512, depth=3)
     ref_model.load_state_dict(tr.model.state_dict())
     ref_opt = torch.optim.Adam(ref_model.parameters(), lr=cfg.lr)
+    floor_opt = torch.optim.Adam(ref_model.parameters(), lr=cfg.lr, fused=True)  # the cheapest Adam step torch has
     buf_x = tr.pops["joint"]["x"].clone()
     buf_y = tr.pops["joint"]["y"].clone()
     g = torch.Generator().manual_seed(0)
@@ -162,7 +163,7 @@ def train_step(quick):
         ref_opt.zero_grad()
         loss.backward()
         ref_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def ours():
         tr.train_step(xb, yb)
@@ -173,9 +174,9 @@ def train_step(quick):
         x = buf_x[:64]
         for _ in range(cfg.mc_steps):
             energy_and_grad(lambda z: -ref_model(z).gather(1, buf_y[:64, None]).squeeze(1), x)
-        ref_opt.zero_grad()
+        floor_opt.zero_grad()
         (-ref_model(torch.cat([xb, x])).gather(1, torch.cat([yb, buf_y[:64]])[:, None]).mean()).backward()
-        ref_opt.step()
+        floor_opt.step()
 
     t_ours, t_ref, t_floor = interleaved({"ours": ours, "reference": reference, "floor": floor},
                                          5 if quick else 15).values()
