@@ -21,7 +21,7 @@ from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.models import build_model
 from thermo_ebm.sampling import energy_and_grad, fold, mala_kernel, langevin_init, langevin_step, mala_init, mala_step
 from thermo_ebm.estimators import logmeanexp
-from thermo_ebm.sweep import _swap, run_sweep
+from thermo_ebm.sweep import run_sweep, sweep_loop
 from thermo_ebm.testing import DoubleWells, TruncatedGaussian
 
 OUT = Path(__file__).parent / "results"
@@ -298,16 +298,16 @@ def gpu(quick):
                             n_prod=steps // 2, exchange=True, thin=10, generator=g, device=dev, kernel=kernel)
     t = interleaved({"sweep": run}, 3, warmup=1, sync=torch.cuda.synchronize)["sweep"]
     rate = n_t * c * steps / t
-    # host synchronisation inside the step loop (MALA step + replica exchange): any synchronising call errors
-    beta = torch.as_tensor(np.repeat(betas, c), dtype=torch.float32, device=dev)
-    step = torch.full_like(beta, 0.05)
-    state = init
+    # host synchronisation inside the whole step loop (MALA steps, step-size adaptation, replica exchange,
+    # statistics): under sync debug mode "error" any synchronising call raises
+    # (betas and step sizes go in as device tensors: copying them from the host would itself synchronise)
+    betas_d, step_d = torch.as_tensor(betas, dtype=torch.float32, device=dev), torch.full((n_t,), 0.05, device=dev)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     sync_free = True
     try:
-        for i in range(10):
-            state, acc, fin = mala_step(state, model, ens, beta, step, g, kernel)
-            state, _, _ = _swap(state, ens, beta, n_t, c, i % 2, g)
+        sweep_loop(model, ens, init, betas_d, step_d, n_burn=5, n_prod=5, exchange=True, thin=2, generator=g,
+                   device=dev, kernel=kernel)
     except RuntimeError as e:
         sync_free = str(e).splitlines()[0]
     finally:

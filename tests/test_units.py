@@ -251,3 +251,21 @@ def test_plot_reads_the_stored_peak_and_handles_older_files():
     stored = ds.assign(C_peak_T=((), 0.271), C_peak_T_err=((), 0.004))
     assert heat_capacity_peak(stored) == (0.271, 0.004)
     assert heat_capacity_peak(ds.assign(C_peak_T=((), np.nan), C_peak_T_err=((), np.nan))) is None
+
+
+def test_sweep_loop_takes_device_tensors_and_matches_run_sweep():
+    """perf.py's GPU sync check runs `sweep_loop` on betas and steps already on the device (a host copy would
+    synchronise); with the same generator state it must do exactly what `run_sweep` does with numpy inputs."""
+    from thermo_ebm.ais import uniform
+    from thermo_ebm.sweep import run_sweep, sweep_loop
+    from thermo_ebm.testing import DoubleWells
+    model, ens = DoubleWells(3), Ensemble("marginal", 1)
+    betas, step0 = np.array([0.5, 1.0, 2.0]), np.full(3, 0.2)
+    init = mala_init(model, ens, uniform(3 * 8, (3,), torch.Generator().manual_seed(0), "cpu"))
+    kw = dict(n_burn=4, n_prod=6, exchange=True, thin=2, device="cpu")
+    ref = run_sweep(model, ens, init, betas, step0, generator=torch.Generator().manual_seed(1), **kw)
+    out = sweep_loop(model, ens, init, torch.tensor(betas, dtype=torch.float32), torch.tensor(step0),
+                     generator=torch.Generator().manual_seed(1), **kw)
+    np.testing.assert_array_equal((out["sums"] / 6).reshape(3, 8, -1).numpy(), ref.chain_means)
+    np.testing.assert_array_equal(out["state"].x.numpy(), ref.final.x.numpy())
+    np.testing.assert_array_equal(out["step"].numpy(), ref.step)

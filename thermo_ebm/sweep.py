@@ -65,9 +65,31 @@ def _swap(state, ensemble, beta, n_t, c, phase, generator):
 def run_sweep(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin,
               generator, device, progress=False, kernel=EAGER) -> SweepResult:
     """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes."""
+    t = sweep_loop(model, ensemble, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange,
+                   thin=thin, generator=generator, device=device, progress=progress, kernel=kernel)
     n_t = len(betas)
     c = init.x.shape[0] // n_t
-    beta = torch.as_tensor(np.repeat(betas, c), dtype=torch.float32, device=device)
+    return SweepResult(
+        chain_means=(t["sums"] / n_prod).reshape(n_t, c, -1).cpu().numpy(),
+        stat_names=stat_names(ensemble),
+        u_trace=t["u_trace"].reshape(n_prod, n_t, c).cpu().numpy(),
+        logits=t["logits"].reshape(len(t["logits"]), n_t, c, -1).cpu().double().numpy(),
+        accept=(t["acc_sum"] / n_prod).cpu().numpy(),
+        swap_accept=(t["swap_sum"] / t["swap_n"].clamp_min(1)).cpu().numpy()[: n_t - 1],
+        nonfinite=t["bad"].cpu().numpy(),
+        step=t["step"].cpu().numpy(),
+        final=t["state"],
+    )
+
+
+def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin,
+               generator, device, progress=False, kernel=EAGER) -> dict:
+    """The step loop of `run_sweep` (same arguments; betas and step0 may already be device tensors): device
+    tensors out, and nothing in the loop waits for the device (`perf.py gpu` runs it under CUDA's sync debug
+    mode "error")."""
+    n_t = len(betas)
+    c = init.x.shape[0] // n_t
+    beta = torch.as_tensor(betas, dtype=torch.float32, device=device).repeat_interleave(c)
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(1e-5, MAX_STEP)
     state = init
     swap_sum = torch.zeros(max(n_t - 1, 1), device=device)
@@ -95,15 +117,5 @@ def run_sweep(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod,
             u_trace.append(st[:, 0].float())
             if (i - n_burn) % thin == 0:
                 logits.append(state.logits)
-    chain_means = (sums / n_prod).reshape(n_t, c, -1).cpu().numpy()
-    return SweepResult(
-        chain_means=chain_means,
-        stat_names=stat_names(ensemble),
-        u_trace=torch.stack(u_trace).reshape(n_prod, n_t, c).cpu().numpy(),
-        logits=torch.stack(logits).reshape(len(logits), n_t, c, -1).cpu().double().numpy(),
-        accept=(acc_sum / n_prod).cpu().numpy(),
-        swap_accept=(swap_sum / swap_n.clamp_min(1)).cpu().numpy()[: n_t - 1],
-        nonfinite=bad.cpu().numpy(),
-        step=step_t.cpu().numpy(),
-        final=state,
-    )
+    return dict(sums=sums, u_trace=torch.stack(u_trace), logits=torch.stack(logits), acc_sum=acc_sum,
+                swap_sum=swap_sum, swap_n=swap_n, bad=bad, step=step_t, state=state)
