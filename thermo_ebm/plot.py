@@ -25,8 +25,9 @@ JOINT = [("H_Y_bits", "$H(Y)$ (bits)"), ("H_Y_given_X_bits", "$H(Y|X)$ (bits)"),
 
 
 def heat_capacity_peak(ds):
-    """(T*, SE) of the C(T) maximum as `measure` stored it (parabola vertex, jackknife over replica ladders);
-    None without an interior maximum. Files written before it was stored: the vertex, SE nan."""
+    """(T*, SE) of the C(T) maximum as `measure` stored it (parabola vertex; SE from the jackknife covariance
+    of C between temperatures); None without an interior maximum. Files written before it was stored: the
+    vertex, SE nan."""
     if "C_peak_T" in ds:
         t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
         return (t_star, se) if math.isfinite(t_star) else None

@@ -120,8 +120,8 @@ def propose(x, ugrad, s, b, xi):
 def log_q_ratio(x, y, mu_x, g_y, s, b):
     """log q(x | y) - log q(y | x) of the folded proposal; [N]. The two mirror sums enter as one
     log((1 + A) / (1 + B)) = log1p(A) - log1p(B) per coordinate: one log instead of two log1p (the costliest
-    ops of the step). Where A, B < 1e-7 (interior coordinates) this is exactly 0 as log1p's difference rounds
-    to; elsewhere its absolute error is float32 rounding, ~1e-7."""
+    ops of the step). Where A, B < 1e-7 (interior coordinates) both are 0 to float32 precision; elsewhere the
+    absolute error is float32 rounding, ~1e-7."""
     mu_y = y + 0.5 * s * s * b * g_y
     quad_x, a = _image_terms(x, mu_y, s)
     quad_y, b_ = _image_terms(y, mu_x, s)
