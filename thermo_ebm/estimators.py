@@ -101,12 +101,17 @@ def parabola_peak(t, y):
         return np.where(a < 0, 0.5 * (t0 + t1) - d1 / (2 * a), t1)
 
 
+def has_interior_max(y):
+    """Whether the largest of y [T] (NaNs ignored) lies strictly inside the grid (T >= 3)."""
+    return len(y) >= 3 and 0 < int(np.nanargmax(y)) < len(y) - 1
+
+
 def peak_position(t, y, cov, n_draws: int = 4000, seed: int = 0):
     """(T*, SE) of the maximum of y(t) [T] (`parabola_peak`), SE from draws y* ~ N(y, cov [T, T]): the
     covariance carries the correlation between temperatures, the draws the chance that another grid point
     is the largest. (nan, nan) without an interior maximum."""
     y = np.asarray(y, dtype=np.float64)
-    if len(y) < 3 or not 0 < int(np.argmax(y)) < len(y) - 1:
+    if not has_interior_max(y):
         return np.nan, np.nan
     draws = np.random.default_rng(seed).multivariate_normal(y, cov, size=n_draws, method="eigh")
     return float(parabola_peak(t, y)), float(np.std(parabola_peak(t, draws)))

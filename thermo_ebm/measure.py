@@ -260,11 +260,13 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     def heat(m):
         b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
         return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
-    C, C_se = jackknife(blocks, heat)
-    # peak temperature of C(T): C at neighbouring T is positively correlated through the swaps, so its SE
-    # uses the jackknife covariance between temperatures; nan without an interior maximum
+    # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
+    # all of it, since C at neighbouring T is positively correlated through the swaps (nan without an
+    # interior maximum)
+    C_cov = jackknife_cov(blocks, heat)
+    C, C_se = heat(blocks.mean(axis=1)), np.sqrt(np.diag(C_cov))
     t_asc = 1.0 / betas[::-1]
-    peak = peak_position(t_asc, C[::-1], jackknife_cov(blocks, heat)[::-1, ::-1], seed=int(seed))
+    peak = peak_position(t_asc, C[::-1], C_cov[::-1, ::-1], seed=int(seed))
     S = betas * U + log_z
     S_se = np.sqrt((betas * U_se) ** 2 + log_z_se ** 2)
     out = {

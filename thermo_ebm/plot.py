@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import ThermoEBMError  # noqa: E402
-from .estimators import parabola_peak  # noqa: E402
+from .estimators import has_interior_max, parabola_peak  # noqa: E402
 from .results import groups_of_kind, list_groups, read_group  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -32,7 +32,7 @@ def heat_capacity_peak(ds):
         t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
         return (t_star, se) if math.isfinite(t_star) else None
     t, c = ds.temperature.values, ds.C.values
-    if len(c) < 3 or not 0 < int(np.nanargmax(c)) < len(c) - 1:
+    if not has_interior_max(c):
         return None
     return parabola_peak(t, c), math.nan
 
