@@ -227,8 +227,9 @@ def test_peak_se_is_calibrated_under_correlated_errors():
     """C(T) with errors correlated between neighbouring temperatures (as replica exchange makes them): the
     SE from the full covariance matches the spread of T* over repeated data sets; assuming independent
     errors overstates it about twofold."""
+    from thermo_ebm.testing import DoubleWells
     t = np.round(np.arange(0.2, 0.451, 0.05), 3)
-    truth = np.array([7.269, 8.361, 8.645, 8.32, 7.668, 6.897])  # exact C of DoubleWells(8) on this grid
+    truth = np.asarray(DoubleWells(8).exact(t)["C"])
     i = np.arange(len(t))
     cov = 0.15 ** 2 * 0.8 ** np.abs(i[:, None] - i[None])
     ys = np.random.default_rng(1).multivariate_normal(truth, cov, size=400)
