@@ -19,7 +19,8 @@ import torch
 from thermo_ebm.ais import make_schedule, run_forward, tune, uniform
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.models import build_model
-from thermo_ebm.sampling import energy_and_grad, fold, mala_kernel, langevin_init, langevin_step, mala_init, mala_step
+from thermo_ebm.sampling import (MalaKernel, energy_and_grad, fold, gaussian, mala_kernel, langevin_init, langevin_step,
+                                 mala_init, mala_step)
 from thermo_ebm.estimators import logmeanexp
 from thermo_ebm.sweep import run_sweep, sweep_loop
 from thermo_ebm.testing import DoubleWells, TruncatedGaussian
@@ -78,8 +79,10 @@ def overhead(quick):
         beta = torch.ones(n)
         step = torch.full((n,), 0.05)
         fused = mala_kernel(True)
-        # parts of the step above the floor: the N x 784 normal draws, and the compiled acceptance (the exact
-        # folded-Gaussian proposal-density ratio, the MH test and the selection of x and its gradient)
+        # before session 6 the compiled kernel drew its noise with torch.randn; kept for the before/after ratio
+        fused_randn = MalaKernel(gaussian, fused.propose, fused.accept)
+        # parts of the step above the floor: the N x 784 normal draws (torch.randn), and the compiled acceptance
+        # (the exact folded-Gaussian proposal-density ratio, the MH test and the selection of x and its gradient)
         flat, ugrad = x.reshape(n, -1), st_m.ugrad.reshape(n, -1)
         s, b = step[:, None], beta[:, None]
         y, mu = fused.propose(flat, ugrad, s, b, torch.randn(flat.shape, generator=g))
@@ -88,13 +91,15 @@ def overhead(quick):
             "floor": floor, "langevin": lambda: langevin_step(st_l, energy_fn, 0.01, 0.01, g),
             "mala_eager": lambda: mala_step(st_m, model, ens, beta, step, g),
             "mala_compiled": lambda: mala_step(st_m, model, ens, beta, step, g, fused),
+            "mala_compiled_randn": lambda: mala_step(st_m, model, ens, beta, step, g, fused_randn),
             "randn": lambda: torch.randn(flat.shape, generator=g),
             "accept": lambda: fused.accept(flat, y, mu, ugrad, ugrad, s, b, zero, zero, ok)}, reps)
         f = t["floor"]
         rows.append(dict(n=n, floor_s=f, **{f"{k}_s": v for k, v in t.items() if k != "floor"},
                          **{f"{k}_ratio": v / f for k, v in t.items() if k != "floor"}))
         print(f"N={n:<5} floor {f * 1e3:7.2f} ms  Langevin x{t['langevin'] / f:.3f} (target <= 1.10)  "
-              f"reflected MALA eager x{t['mala_eager'] / f:.3f}, compiled x{t['mala_compiled'] / f:.3f} "
+              f"reflected MALA eager x{t['mala_eager'] / f:.3f}, compiled x{t['mala_compiled'] / f:.3f} (its noise "
+              f"from torch.randn instead: x{t['mala_compiled_randn'] / f:.3f}) "
               f"(target <= 1.15); parts: randn {t['randn'] / f:.3f}, accept {t['accept'] / f:.3f}")
     write("overhead", dict(model="784-512-512-512-10 MLP", rows=rows, targets=dict(langevin=1.10, mala=1.15)))
 

@@ -11,6 +11,7 @@ from thermo_ebm.estimators import (integrated_autocorr_time, jackknife, log_mean
                                    peak_position)
 from thermo_ebm.measure import parse_temps
 from thermo_ebm.objectives import loss_terms
+from thermo_ebm.rng import normals_like
 from thermo_ebm.sampling import (fold, langevin_init, langevin_step, log_folded_normal, log_q_ratio, mala_init,
                                  mala_step)
 
@@ -197,8 +198,12 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     x = torch.zeros(2, 3)
     s, b = torch.full((2, 1), 0.1), torch.ones(2, 1)
     with caplog.at_level("WARNING"):
-        out = kernel.propose(x, x, s, b, x)
-    torch.testing.assert_close(out[0], sampling.EAGER.propose(x, x, s, b, x)[0])
+        key = kernel.noise(x, torch.Generator().manual_seed(0))  # drawn before the first compile attempt
+        out = kernel.propose(x, x, s, b, key)
+        noise = kernel.noise(x, torch.Generator().manual_seed(0))
+    # the step that hit the failure draws its normals eagerly from its key; later steps use torch.randn
+    torch.testing.assert_close(out[0], sampling.EAGER.propose(x, x, s, b, normals_like(x, key))[0])
+    torch.testing.assert_close(noise, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
     assert "eager" in caplog.text
 
 

@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .rng import draw_key, normals_like
+
 MAX_STEP = 0.5  # keeps the omitted mirror images of the folded Gaussian below ~e^-24 relative weight
 
 
@@ -39,9 +41,14 @@ def langevin_init(energy_fn, x) -> LangevinState:
     return LangevinState(x.detach(), e, g)
 
 
+def gaussian(like, generator):
+    """Standard normals shaped like `like` (its device and dtype) from torch.randn."""
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
 def langevin_move(state: LangevinState, step_size: float, noise_std: float, generator) -> torch.Tensor:
     """One SGLD position update (no energy evaluation); result kept in the box by clamping."""
-    x = torch.randn(state.x.shape, generator=generator, device=state.x.device, dtype=state.x.dtype)
+    x = gaussian(state.x, generator)
     return x.mul_(noise_std).add_(state.grad, alpha=-step_size).add_(state.x).clamp_(-1.0, 1.0)
 
 
@@ -112,7 +119,10 @@ def _exp(a):
 
 
 def propose(x, ugrad, s, b, xi):
-    """Reflected MALA proposal y = fold(mu_x + s xi) with mu_x = x + (s^2/2) b ugrad; x, ugrad, xi [N, D]."""
+    """Reflected MALA proposal y = fold(mu_x + s xi) with mu_x = x + (s^2/2) b ugrad; x, ugrad [N, D]; xi: N(0, 1)
+    draws [N, D], or an int64 [2] key from which they are drawn (rng.py; in the same loop when compiled)."""
+    if xi.dtype == torch.int64:
+        xi = normals_like(x, xi)
     mu_x = x + 0.5 * s * s * b * ugrad
     return fold(mu_x + s * xi), mu_x
 
@@ -137,12 +147,14 @@ def accept(x, y, mu_x, ugrad, g_y, s, b, dlp, log_u, finite):
 
 
 class MalaKernel(NamedTuple):
-    """The elementwise parts of a reflected-MALA step (eager, or fused by torch.compile)."""
+    """The elementwise parts of a reflected-MALA step (eager, or fused by torch.compile) and its source of
+    randomness for `propose`: (like, generator) -> N(0, 1) draws shaped like `like`, or a Threefry key."""
+    noise: Callable
     propose: Callable
     accept: Callable
 
 
-EAGER = MalaKernel(propose, accept)
+EAGER = MalaKernel(gaussian, propose, accept)
 
 
 def _with_fallback(compiled, eager, box):
@@ -151,8 +163,8 @@ def _with_fallback(compiled, eager, box):
             return eager(*args)
         try:
             return compiled(*args)
-        except Exception as e:  # compiler missing or failing: the exact eager path
-            logging.getLogger("thermo_ebm").warning("torch.compile unavailable (%s); using eager MALA",
+        except Exception as e:  # compiler missing or failing: the eager path
+            logging.getLogger("thermo_ebm").warning("torch.compile unavailable (%s); using the eager sampler",
                                                     str(e).splitlines()[0][:120])
             box["eager"] = True
             return eager(*args)
@@ -161,12 +173,19 @@ def _with_fallback(compiled, eager, box):
 
 def mala_kernel(compile: bool) -> MalaKernel:
     """EAGER, or the same functions through torch.compile: one fused loop each instead of one pass over
-    [N, D] tensors per elementwise op (the reflected-MALA overhead at large d; docs/performance.md). Falls back to eager, with a
-    warning, when compilation is unavailable (e.g. no C++ compiler)."""
+    [N, D] tensors per elementwise op (the reflected-MALA overhead at large d; docs/performance.md). On CPU the
+    compiled proposal draws its noise itself from the counter-based generator of rng.py instead of the
+    single-threaded torch.randn. Falls back to EAGER, with a warning, when compilation is unavailable (e.g. no
+    C++ compiler)."""
     if not compile:
         return EAGER
     box = {"eager": False}
-    return MalaKernel(*(_with_fallback(torch.compile(f, dynamic=True), f, box) for f in EAGER))
+
+    def key_or_normals(like, generator):
+        if box["eager"] or like.device.type != "cpu" or like.dtype != torch.float32:
+            return gaussian(like, generator)  # CUDA's torch.randn already is a parallel counter-based generator
+        return draw_key(generator, like.device)
+    return MalaKernel(key_or_normals, *(_with_fallback(torch.compile(f, dynamic=True), f, box) for f in EAGER[1:]))
 
 
 def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: MalaKernel = EAGER):
@@ -178,7 +197,7 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: 
     x = state.x.reshape(n, -1)
     s = step[:, None]
     b = beta[:, None]
-    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    xi = kernel.noise(x, generator)  # N(0, 1) draws or a key for propose
     y, mu_x = kernel.propose(x, state.ugrad.reshape(n, -1), s, b, xi)
     logits_y, g_y = evaluate(model, ensemble, y.reshape(state.x.shape))
     lp_y = ensemble.logp(logits_y, beta)
