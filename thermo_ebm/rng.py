@@ -6,8 +6,9 @@ Threefry-2x64-20 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2,
 round count) applied to counters 0, 1, 2, ... under a fresh 128-bit key drawn from the caller's explicit
 torch.Generator, then Box-Muller. Every output depends only on (key, counter), so torch.compile turns it
 into parallel, vectorised code inside the loop that consumes the noise (the compiled MALA proposal in
-sampling.py), with no [N, D] noise tensor in memory. Eager it is ~15x slower than torch.randn, so
-the samplers use it only compiled. Integers are int64 with two's-complement wrap-around, i.e. uint64 arithmetic bit for bit.
+sampling.py), with no [N, D] noise tensor in memory. Eager it is ~15x slower than torch.randn, so the
+samplers use it only compiled. Integers are int64 with two's-complement wrap-around, i.e. uint64
+arithmetic bit for bit.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import torch
 
 ROTATIONS = (16, 42, 12, 31, 16, 32, 24, 21)  # Threefry-2x64 rotation constants
-PARITY = 0x1BD11BDAA9FC1A22                   # Skein key-schedule parity constant
+PARITY = 0x1BD11BDAA9FC1A22                   # Skein key-schedule parity constant (< 2^63: a valid int64)
 ROUNDS = 20
 
 
@@ -27,8 +28,8 @@ def _rotl(x, r: int):
 
 def threefry2x64(c0, c1, k0, k1, rounds: int = ROUNDS):
     """Threefry-2x64 block function: counters c0, c1 (int64 tensors, any shape) under key (k0, k1) (int64
-    0-d tensors) -> two int64 tensors of random words (Random123 known-answer vectors in tests/test_units.py)."""
-    k2 = k0 ^ k1 ^ (PARITY - (1 << 64) if PARITY >= 1 << 63 else PARITY)
+    0-d tensors) -> two int64 tensors of random words (Random123 known-answer vectors in tests/test_rng.py)."""
+    k2 = k0 ^ k1 ^ PARITY
     ks = (k0, k1, k2)
     x0, x1 = c0 + k0, c1 + k1
     for r in range(rounds):
