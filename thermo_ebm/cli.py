@@ -101,7 +101,8 @@ def train(ctx, resume, overwrite, **opts):
 @click.option("--exchange/--no-exchange", default=True, show_default=True)
 @click.option("--mbar/--no-mbar", default=True, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=None,
-              help="Fuse the MALA density with torch.compile [default: when the input has >= 256 dimensions].")
+              help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "
+                   "[default: when the input has >= 256 dimensions].")
 def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, compile_, **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
