@@ -247,6 +247,7 @@ def test_peak_se_is_calibrated_under_correlated_errors():
     assert indep.mean() > 1.6 * spread
     assert np.mean(np.abs(full[:, 0] - parabola_peak(t, truth)) < 2 * full[:, 1]) > 0.9
     assert np.isnan(peak_position(t, np.arange(6.0), cov)).all()  # maximum at the edge: no interior peak
+    assert np.isnan(peak_position(t, np.full(6, np.nan), cov)).all()  # all-NaN C (a diverged model): no peak
 
 
 def test_plot_reads_the_stored_peak_and_handles_older_files():

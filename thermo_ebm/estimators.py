@@ -102,8 +102,9 @@ def parabola_peak(t, y):
 
 
 def has_interior_max(y):
-    """Whether the largest of y [T] (NaNs ignored) lies strictly inside the grid (T >= 3)."""
-    return len(y) >= 3 and 0 < int(np.nanargmax(y)) < len(y) - 1
+    """Whether the largest of y [T] (NaNs ignored; False if all are NaN) lies strictly inside the grid (T >= 3)."""
+    y = np.asarray(y, dtype=np.float64)
+    return len(y) >= 3 and not np.isnan(y).all() and 0 < int(np.nanargmax(y)) < len(y) - 1
 
 
 def peak_position(t, y, cov, n_draws: int = 4000, seed: int = 0):
