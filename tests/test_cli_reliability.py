@@ -1,4 +1,5 @@
 """CLI end to end, bad inputs (exit 2, one line, no traceback), unsafe checkpoints, atomic results."""
+import json
 import os
 import subprocess
 import sys
@@ -29,8 +30,8 @@ def run_cli(args):
     return code, err.getvalue()
 
 
-SMALL = ["--ais-chains", "64", "--ais-steps", "100", "--chains", "8", "--burn-in", "20", "--samples", "40",
-         "--replicas", "4", "--reverse-steps", "40"]
+SMALL = ["--ais-chains", "64", "--ais-steps", "100", "--ais-steps-per-l2", "4", "--chains", "8", "--burn-in", "20",
+         "--samples", "40", "--replicas", "4", "--reverse-steps", "40"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def test_measure_writes_groups_without_touching_others(measured):
     assert ds.C_peak_T.shape == ()
     assert ds.samples.shape[:2] == (4, 8)
     assert "versions" in ds.attrs and ds.attrs["seed"] == 0
+    assert json.loads(ds.attrs["settings"])["ais_steps_per_l2"] == 4
+    assert {"ess", "pareto_k", "flag_low_ess", "flag_heavy_tails"} <= set(ds.data_vars)
 
 
 def test_plot_every_figure_both_formats(measured):
@@ -163,6 +166,8 @@ BAD = [
     (["measure", "--ckpt", "newer.pt", "--temps", "1"], "upgrade"),
     (["measure", "--ckpt", "otherarch.pt", "--temps", "1"], "do not match"),
     (["measure", "--ckpt", "CK", "--temps", "1", "--device", "tpu"], "unknown device"),
+    (["measure", "--ckpt", "CK", "--temps", "1", "--ais-steps-per-l2", "-1"], "ais_steps_per_l2"),
+    (["measure", "--ckpt", "CK", "--temps", "1", "--ais-steps-per-l2", "nan"], "ais_steps_per_l2"),
     (["plot", "missing.h5"], "not found"),
     (["plot", "nogroups.h5"], "no measurement or training group"),
     (["show", "text.pt"], "not a readable HDF5"),

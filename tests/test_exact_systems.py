@@ -44,6 +44,8 @@ def test_cross_checks_agree(result):
     zu = ds.U_resid.values / ds.U_resid_err.values
     assert np.all(np.abs(zu) < 4), f"{name} U residual z = {zu}"
     assert not ds.flag_nonfinite.values.any() and not ds.flag_low_acceptance.values.any()
+    # no false alarm: at d <= 64 the default budget gives light-tailed AIS weights
+    assert not ds.flag_heavy_tails.values.any(), f"{name} Pareto k = {np.round(ds.pareto_k.values, 2)}"
 
 
 def test_standard_error_small_at_d64():

@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
-                         log_mean_weight, logmeanexp, peak_position, weighted_mean)
+                         log_mean_weight, logmeanexp, pareto_k, peak_position, weighted_mean)
 from .models import EBM
 from .sampling import mala_kernel
 from .sweep import run_sweep, stat_names
@@ -63,6 +63,8 @@ class MeasureConfig:
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v < 1):
                 raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
+            raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
             raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
         if self.ais_chains % self.shards or self.chains % self.shards:
@@ -151,6 +153,11 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
 SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
                   accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1)
+
+
+def heavy_tail_limit(n: int) -> float:
+    """Largest Pareto k of N AIS weights for which their replica SE is trusted (PSIS: min(0.7, 1 - 1/log10 N))."""
+    return min(0.7, 1.0 - 1.0 / math.log10(n))
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -314,9 +321,12 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     ais_acc = fwd_acc
     low_acc = (sw_acc < 0.05) | (ais_acc < 0.05)
     low_ess = ess < max(10.0, 0.05 * cfg.ais_chains)  # below this the replica SE of log Z is not trustworthy
+    # tail of the weights (Pareto k): a heavy tail makes the SE unreliable even where the ESS looks fine
+    k_hat = pareto_k(lw)
+    heavy = np.nan_to_num(k_hat, nan=0.0) > heavy_tail_limit(lw.shape[-1])
     poor_mix = (cfg.samples < 10 * tau) | (cfg.burn_in < 5 * tau)
     flags = {"flag_nonfinite": nonfinite, "flag_low_acceptance": low_acc, "flag_low_ess": low_ess,
-             "flag_poor_mixing": poor_mix}
+             "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
     for name, f in flags.items():
         for t in np.nonzero(f)[0]:
             log.warning("T=%g: %s", 1.0 / betas[t], name.replace("flag_", "").replace("_", " "))
@@ -328,8 +338,8 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     for name, (v, e) in {**out, **diag}.items():
         data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
         data_vars[name + "_err"] = ("temperature", np.asarray(e, dtype=np.float64)[rev])
-    extra = {"ess": ess, "ais_accept": ais_acc, "accept": sw_acc, "swap_accept": swap, "tau_E": tau,
-             "step_size": sw_step}
+    extra = {"ess": ess, "pareto_k": k_hat, "ais_accept": ais_acc, "accept": sw_acc, "swap_accept": swap,
+             "tau_E": tau, "step_size": sw_step}
     for name, v in extra.items():
         data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
     for name, f in flags.items():

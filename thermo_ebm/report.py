@@ -8,7 +8,7 @@ import numpy as np
 from .results import list_groups, read_group
 
 COLS = ["F", "U", "S", "C", "info_bits"]
-FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_poor_mixing"]
+FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing"]
 
 
 def _flags(ds, i):
