@@ -103,6 +103,10 @@ def test_pareto_k_separates_light_from_heavy_weights():
     heavy = pareto_k(np.log(rng.pareto(1 / 1.5, (50, 512))))  # Lomax, tail shape 1.5: infinite mean
     assert np.mean(light < 0.5) > 0.9 and np.mean(heavy > 0.7) > 0.9
     assert np.isnan(pareto_k(np.zeros(10)))  # too few weights to fit a tail
+    assert pareto_k(np.zeros(512)) == 0  # equal weights: no tail
+    assert pareto_k(np.r_[np.zeros(510), [800.0, 800.0]]) == np.inf  # two weights dominate
+    ties = np.r_[np.zeros(450), rng.normal(0, 0.5, 62)]  # ties at the tail's threshold are dropped
+    assert 0 <= pareto_k(ties) < 0.5
 
 
 def test_jackknife_and_iat():

@@ -55,7 +55,8 @@ def pareto_k(logw):
     The tail is the M = min(N/5, 3 sqrt(N)) largest weights above the next largest; k by the
     Zhang-Stephens (2009) profile-likelihood estimator with the weak prior of Vehtari et al. (PSIS, JMLR
     2024). k < 1/2: finite variance; above ~0.7 (or 1 - 1/log10 N when smaller) the variance is so poorly
-    determined that the sample gives no trustworthy SE of log mean w, whatever the ESS says. Returns [...].
+    determined that the sample gives no trustworthy SE of log mean w, whatever the ESS says. Returns [...]:
+    nan with fewer than 20 finite weights, inf when fewer than 5 weights stand above the tail's threshold.
     """
     logw = np.asarray(logw, dtype=np.float64)
     flat = logw.reshape(-1, logw.shape[-1])
@@ -68,16 +69,22 @@ def _pareto_k_row(logw):
     m = int(min(np.ceil(0.2 * n), np.ceil(3 * np.sqrt(n))))
     if n < 20 or m < 5:
         return np.nan
-    top, cut = logw[-m:], logw[-m - 1]
-    x = np.expm1(top - cut) * np.exp(cut - logw[-1])  # exceedances over the threshold, scaled by the max
-    if x[-1] <= 0:
-        return 0.0
+    if logw[-1] == logw[-m - 1]:
+        return 0.0  # the largest weights are all equal: no tail
+    # exceedances over the threshold, scaled by the largest weight (ties with the threshold carry no tail)
+    x = np.exp(logw[-m:] - logw[-1]) - np.exp(logw[-m - 1] - logw[-1])
+    x = x[x > 0]
+    m = len(x)
+    if m < 5:
+        return np.inf  # a handful of weights dominate the rest beyond float64 resolution
     # profile likelihood over theta = -k / sigma on Zhang & Stephens' grid, posterior-mean theta
     g = 30 + int(np.sqrt(m))
     q1 = x[int(np.floor(m / 4 + 0.5)) - 1]
     theta = 1 / x[-1] + (1 - np.sqrt(g / (np.arange(1, g + 1) - 0.5))) / (3 * q1)
     k = np.mean(np.log1p(-theta[:, None] * x), axis=1)  # profile MLE of the shape at each theta
-    loglik = m * (np.log(-theta / k) - k - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loglik = m * (np.log(-theta / k) - k - 1)
+    loglik = np.where(np.isfinite(loglik), loglik, -np.inf)
     w = np.exp(loglik - loglik.max())
     theta_hat = np.sum(theta * w) / np.sum(w)
     k_hat = np.mean(np.log1p(-theta_hat * x))

@@ -323,7 +323,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     low_ess = ess < max(10.0, 0.05 * cfg.ais_chains)  # below this the replica SE of log Z is not trustworthy
     # tail of the weights (Pareto k): a heavy tail makes the SE unreliable even where the ESS looks fine
     k_hat = pareto_k(lw)
-    heavy = np.nan_to_num(k_hat, nan=0.0) > heavy_tail_limit(lw.shape[-1])
+    heavy = k_hat > heavy_tail_limit(lw.shape[-1])  # nan (too few finite weights): left to the ESS flag
     poor_mix = (cfg.samples < 10 * tau) | (cfg.burn_in < 5 * tau)
     flags = {"flag_nonfinite": nonfinite, "flag_low_acceptance": low_acc, "flag_low_ess": low_ess,
              "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
