@@ -1,6 +1,8 @@
 """Statistical estimators that return values together with standard errors (numpy, float64)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.special import logsumexp
 
@@ -50,13 +52,13 @@ def weight_ess(logw):
 
 
 def pareto_k(logw):
-    """Shape k of a generalised Pareto fit to the largest importance weights, per row of logw [..., N] (N >= 20).
+    """Shape k of a generalised Pareto fit to the largest importance weights, per row of logw [..., N].
 
     The tail is the M = min(N/5, 3 sqrt(N)) largest weights above the next largest; k by the
     Zhang-Stephens (2009) profile-likelihood estimator with the weak prior of Vehtari et al. (PSIS, JMLR
-    2024). k < 1/2: finite variance; above ~0.7 (or 1 - 1/log10 N when smaller) the variance is so poorly
-    determined that the sample gives no trustworthy SE of log mean w, whatever the ESS says. Returns [...]:
-    nan with fewer than 20 finite weights, inf when fewer than 5 weights stand above the tail's threshold.
+    2024). k < 1/2: finite variance; above `heavy_tail_limit(N)` the variance is so poorly determined that
+    the sample gives no trustworthy SE of log mean w, whatever the ESS says. Returns [...]: nan with 20 or
+    fewer finite weights, inf when fewer than 5 weights stand above the tail's threshold.
     """
     logw = np.asarray(logw, dtype=np.float64)
     flat = logw.reshape(-1, logw.shape[-1])
@@ -67,7 +69,7 @@ def _pareto_k_row(logw):
     logw = np.sort(logw[np.isfinite(logw)])
     n = len(logw)
     m = int(min(np.ceil(0.2 * n), np.ceil(3 * np.sqrt(n))))
-    if n < 20 or m < 5:
+    if m < 5:  # n <= 20
         return np.nan
     if logw[-1] == logw[-m - 1]:
         return 0.0  # the largest weights are all equal: no tail
@@ -89,6 +91,11 @@ def _pareto_k_row(logw):
     theta_hat = np.sum(theta * w) / np.sum(w)
     k_hat = np.mean(np.log1p(-theta_hat * x))
     return float((m * k_hat + 10 * 0.5) / (m + 10))
+
+
+def heavy_tail_limit(n: int) -> float:
+    """Largest Pareto k of n importance weights for which their sample SE is trusted (PSIS: min(0.7, 1 - 1/log10 n))."""
+    return min(0.7, 1.0 - 1.0 / math.log10(n))
 
 
 def delta_log_mean_se(logw):

@@ -24,8 +24,8 @@ from . import distributed as dist
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
-                         log_mean_weight, logmeanexp, pareto_k, peak_position, weighted_mean)
+from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
+                         jackknife_cov, log_mean_weight, logmeanexp, pareto_k, peak_position, weighted_mean)
 from .models import EBM
 from .sampling import mala_kernel
 from .sweep import run_sweep, stat_names
@@ -153,11 +153,6 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
 SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
                   accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1)
-
-
-def heavy_tail_limit(n: int) -> float:
-    """Largest Pareto k of N AIS weights for which their replica SE is trusted (PSIS: min(0.7, 1 - 1/log10 N))."""
-    return min(0.7, 1.0 - 1.0 / math.log10(n))
 
 
 def shard_seed(seed: int, shard: int) -> int:
