@@ -76,6 +76,7 @@ def train(ctx, resume, overwrite, **opts):
     dist.setup(opts["device"])  # under torchrun: join the process group (DDP training)
     try:
         out = run(resume=resume, overwrite=overwrite, progress=dist.is_main(), **options)
+        dist.synchronize()
     finally:
         main_rank = dist.is_main()
         dist.teardown()
@@ -117,6 +118,7 @@ def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, com
     try:
         ds = run(ckpt, t, ensemble=ensemble, seed=seed, device=device, progress=dist.is_main(),
                  exchange=exchange, mbar=mbar, compile=compile_, **opts)
+        dist.synchronize()
     finally:
         main_rank = dist.is_main()
         dist.teardown()

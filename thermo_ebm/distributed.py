@@ -42,6 +42,13 @@ def setup(device: str = "auto") -> bool:
     return active()
 
 
+def synchronize():
+    """Wait for every rank (no-op with one process): called before a successful teardown, so that no rank
+    closes its connections while another's gloo threads still use them (seen as SIGABRT, ~1 run in 20)."""
+    if active():
+        dist.barrier()
+
+
 def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
