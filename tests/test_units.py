@@ -302,3 +302,53 @@ def test_sweep_loop_takes_device_tensors_and_matches_run_sweep():
     np.testing.assert_array_equal((out["sums"] / 6).reshape(3, 8, -1).numpy(), ref.chain_means)
     np.testing.assert_array_equal(out["state"].x.numpy(), ref.final.x.numpy())
     np.testing.assert_array_equal(out["step"].numpy(), ref.step)
+
+
+class _HostSyncTrap(torch.overrides.TorchFunctionMode):
+    """Raises on the tensor calls that make the host wait for a CUDA device: reading a value into Python
+    (item, bool, float, int, tolist, numpy), copies to the CPU, and ops whose output shape depends on values
+    (nonzero, boolean-mask indexing, unique, masked_select, tensor-valued repeat counts)."""
+    VALUE = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero",
+             "argwhere", "unique", "unique_consecutive", "masked_select", "nonzero_static"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if (name in self.VALUE
+                or name in ("__getitem__", "__setitem__", "index_put_") and any(
+                    t.dtype == torch.bool for t in _index_tensors(args[1:2]))
+                or name == "where" and len(args) == 1
+                or name == "repeat_interleave" and len(tensors) > 1
+                or name in ("to", "copy_") and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values()))):
+            raise AssertionError(f"host-synchronising call inside the step loop: {name}")
+        return func(*args, **kwargs)
+
+
+def _index_tensors(idx):
+    for i in idx:
+        if isinstance(i, torch.Tensor):
+            yield i
+        elif isinstance(i, (tuple, list)):
+            yield from _index_tensors(i)
+
+
+@pytest.mark.parametrize("kind", ["marginal", "joint"])
+def test_sweep_loop_makes_no_host_synchronising_call(kind):
+    """CI has no GPU, so `perf.py gpu`'s check under CUDA's sync debug mode never runs there; the same property,
+    checked at the level of the calls the step loop makes (EAGER kernel: the compiled one fuses the same calls)."""
+    from thermo_ebm.ais import uniform
+    from thermo_ebm.sweep import sweep_loop
+    from thermo_ebm.testing import DoubleWells
+    with pytest.raises(AssertionError, match="item"), _HostSyncTrap():  # the trap fires on a value read ...
+        torch.ones(2).sum().item()
+    with pytest.raises(AssertionError, match="__getitem__"), _HostSyncTrap():  # ... and on a boolean mask
+        x = torch.ones(3)
+        x[x > 0]
+    model, ens = DoubleWells(3), Ensemble(kind, 1)
+    init = mala_init(model, ens, uniform(4 * 8, (3,), torch.Generator().manual_seed(0), "cpu"))
+    betas, step0 = torch.tensor([0.5, 1.0, 1.5, 2.0]), torch.full((4,), 0.2)
+    with _HostSyncTrap():
+        out = sweep_loop(model, ens, init, betas, step0, n_burn=4, n_prod=6, exchange=True, thin=2,
+                         generator=torch.Generator().manual_seed(1), device="cpu")
+    assert out["u_trace"].shape == (6, 32)
