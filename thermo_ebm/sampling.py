@@ -118,30 +118,34 @@ def _exp(a):
     return torch.exp(a.clamp_min(-80.0))
 
 
+def _drift_mean(x, ugrad, s, b):
+    """The proposal's unfolded mean mu = x + (s^2/2) b ugrad; [N, D]."""
+    return x + 0.5 * s * s * b * ugrad
+
+
 def propose(x, ugrad, s, b, xi):
-    """Reflected MALA proposal y = fold(mu_x + s xi) with mu_x = x + (s^2/2) b ugrad; x, ugrad [N, D]; xi: N(0, 1)
-    draws [N, D], or an int64 [2] key from which they are drawn (rng.py; in the same loop when compiled)."""
+    """Reflected MALA proposal y = fold(mu_x + s xi) [N, D]; x, ugrad [N, D]; xi: N(0, 1) draws [N, D], or an int64
+    [2] key from which they are drawn (rng.py; in the same loop when compiled). mu_x is not returned: `accept`
+    recomputes it from x and ugrad, which it reads anyway (one [N, D] tensor less written and read per step)."""
     if xi.dtype == torch.int64:
         xi = normals_like(x, xi)
-    mu_x = x + 0.5 * s * s * b * ugrad
-    return fold(mu_x + s * xi), mu_x
+    return fold(_drift_mean(x, ugrad, s, b) + s * xi)
 
 
-def log_q_ratio(x, y, mu_x, g_y, s, b):
-    """log q(x | y) - log q(y | x) of the folded proposal; [N]. The two mirror sums enter as one
-    log((1 + A) / (1 + B)) = log1p(A) - log1p(B) per coordinate: one log instead of two log1p (the costliest
-    ops of the step). Where A, B < 1e-7 (interior coordinates) both are 0 to float32 precision; elsewhere the
-    absolute error is float32 rounding, ~1e-7."""
-    mu_y = y + 0.5 * s * s * b * g_y
-    quad_x, a = _image_terms(x, mu_y, s)
-    quad_y, b_ = _image_terms(y, mu_x, s)
+def log_q_ratio(x, y, g_x, g_y, s, b):
+    """log q(x | y) - log q(y | x) of the folded proposal; [N]; g_x, g_y: unit-potential gradients at x and y.
+    The two mirror sums enter as one log((1 + A) / (1 + B)) = log1p(A) - log1p(B) per coordinate: one log instead
+    of two log1p (the costliest ops of the step). Where A, B < 1e-7 (interior coordinates) both are 0 to float32
+    precision; elsewhere the absolute error is float32 rounding, ~1e-7."""
+    quad_x, a = _image_terms(x, _drift_mean(y, g_y, s, b), s)
+    quad_y, b_ = _image_terms(y, _drift_mean(x, g_x, s, b), s)
     return (torch.log((1.0 + a) / (1.0 + b_)) + quad_x - quad_y).sum(-1)
 
 
-def accept(x, y, mu_x, ugrad, g_y, s, b, dlp, log_u, finite):
+def accept(x, y, ugrad, g_y, s, b, dlp, log_u, finite):
     """The Metropolis-Hastings decision and the selected state: accept where log u < dlp + log q ratio and the
     proposal is finite; dlp = log p(y) - log p(x), log_u, finite: [N]. Returns (x', ugrad' [N, D], accepted [N])."""
-    acc = (log_u < dlp + log_q_ratio(x, y, mu_x, g_y, s, b)) & finite
+    acc = (log_u < dlp + log_q_ratio(x, y, ugrad, g_y, s, b)) & finite
     a = acc[:, None]
     return torch.where(a, y, x), torch.where(a, g_y, ugrad), acc
 
@@ -198,12 +202,12 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: 
     s = step[:, None]
     b = beta[:, None]
     xi = kernel.noise(x, generator)  # N(0, 1) draws or a key for propose
-    y, mu_x = kernel.propose(x, state.ugrad.reshape(n, -1), s, b, xi)
+    y = kernel.propose(x, state.ugrad.reshape(n, -1), s, b, xi)
     logits_y, g_y = evaluate(model, ensemble, y.reshape(state.x.shape))
     lp_y = ensemble.logp(logits_y, beta)
     log_u = torch.rand(n, generator=generator, device=x.device, dtype=x.dtype).log()
     finite = torch.isfinite(lp_y)
-    x_new, g_new, acc = kernel.accept(x, y, mu_x, state.ugrad.reshape(n, -1), g_y.reshape(n, -1), s, b,
+    x_new, g_new, acc = kernel.accept(x, y, state.ugrad.reshape(n, -1), g_y.reshape(n, -1), s, b,
                                       lp_y - ensemble.logp(state.logits, beta), log_u, finite)
     new = MalaState(x_new.reshape(state.x.shape), torch.where(acc[:, None], logits_y, state.logits),
                     g_new.reshape(state.x.shape))
