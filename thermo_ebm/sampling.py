@@ -126,7 +126,7 @@ def _drift_mean(x, ugrad, s, b):
 def propose(x, ugrad, s, b, xi):
     """Reflected MALA proposal y = fold(mu_x + s xi) [N, D]; x, ugrad [N, D]; xi: N(0, 1) draws [N, D], or an int64
     [2] key from which they are drawn (rng.py; in the same loop when compiled). mu_x is not returned: `accept`
-    recomputes it from x and ugrad, which it reads anyway (one [N, D] tensor less written and read per step)."""
+    recomputes it from x and ugrad, which it reads anyway."""
     if xi.dtype == torch.int64:
         xi = normals_like(x, xi)
     return fold(_drift_mean(x, ugrad, s, b) + s * xi)
