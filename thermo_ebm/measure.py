@@ -322,9 +322,15 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     poor_mix = (cfg.samples < 10 * tau) | (cfg.burn_in < 5 * tau)
     flags = {"flag_nonfinite": nonfinite, "flag_low_acceptance": low_acc, "flag_low_ess": low_ess,
              "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
+    longer = (f"log Z SE unreliable; anneal longer (schedule {len(schedule)} betas = max(ais_steps {cfg.ais_steps}, "
+              f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {length ** 2:.0f}) + sweep betas; 4x the betas "
+              f"fixed the 784-d benchmark, docs/estimators.md)")
+    remedy = {"flag_nonfinite": "the model returned non-finite logits (proposals rejected and counted)",
+              "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
+              "flag_poor_mixing": "raise samples and burn_in (the sweep chains are short against tau_E)"}
     for name, f in flags.items():
         for t in np.nonzero(f)[0]:
-            log.warning("T=%g: %s", 1.0 / betas[t], name.replace("flag_", "").replace("_", " "))
+            log.warning("T=%g: %s: %s", 1.0 / betas[t], name.replace("flag_", "").replace("_", " "), remedy[name])
     swap = np.concatenate([swap_acc, [np.nan]]) if n_t > 1 else np.array([np.nan])
 
     # ---- assemble, ascending temperature
