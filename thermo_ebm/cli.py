@@ -97,7 +97,7 @@ def train(ctx, resume, overwrite, **opts):
               help="Least number of annealing betas [2000]; raised to --ais-steps-per-l2 x L^2.")
 @click.option("--ais-steps-per-l2", type=float, default=None,
               help="Annealing betas per squared thermodynamic length L^2 of the model [8]; raise it where "
-                   "flag_heavy_tails or flag_low_ess is set.")
+                   "flag_heavy_tails or flag_low_ess is set (32 at d = 784, T <= 0.5: docs/estimators.md).")
 @click.option("--chains", type=int, default=None, help="Sweep chains per temperature [64].")
 @click.option("--burn-in", type=int, default=None, help="Sweep burn-in steps [300].")
 @click.option("--samples", type=int, default=None, help="Sweep production steps [1000].")
