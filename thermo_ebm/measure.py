@@ -325,7 +325,7 @@ def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, dev
     longer = (f"log Z SE unreliable; anneal longer (schedule {len(schedule)} betas = max(ais_steps {cfg.ais_steps}, "
               f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {length ** 2:.0f}) + sweep betas; 4x the betas "
               f"fixed the 784-d benchmark, docs/estimators.md)")
-    remedy = {"flag_nonfinite": "the model returned non-finite logits (proposals rejected and counted)",
+    remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
               "flag_poor_mixing": "raise samples and burn_in (the sweep chains are short against tau_E)"}
     for name, f in flags.items():
