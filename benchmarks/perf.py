@@ -19,8 +19,8 @@ import torch
 from thermo_ebm.ais import make_schedule, run_forward, tune, uniform
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.models import build_model
-from thermo_ebm.sampling import (MalaKernel, energy_and_grad, fold, gaussian, mala_kernel, langevin_init, langevin_step,
-                                 mala_init, mala_step)
+from thermo_ebm.sampling import (MalaKernel, _drift_mean, energy_and_grad, fold, gaussian, mala_kernel, langevin_init,
+                                 langevin_step, mala_init, mala_step)
 from thermo_ebm.estimators import logmeanexp
 from thermo_ebm.rng import draw_key, normals_like
 from thermo_ebm.sweep import run_sweep, sweep_loop
@@ -68,11 +68,11 @@ def write(name, payload):
 #   proposal. Any MH-corrected Langevin step needs at least this: noise, proposal, density ratio, MH test, selection.
 # - the compiled Langevin move: the SGLD update and clamp in one compiled loop with in-loop Threefry noise.
 def _propose_unconstrained(x, ugrad, s, b, key):
-    return x + 0.5 * s * s * b * ugrad + s * normals_like(x, key)
+    return _drift_mean(x, ugrad, s, b) + s * normals_like(x, key)
 
 
 def _accept_unconstrained(x, y, ugrad, g_y, s, b, dlp, log_u, finite):
-    mu_x, mu_y = x + 0.5 * s * s * b * ugrad, y + 0.5 * s * s * b * g_y
+    mu_x, mu_y = _drift_mean(x, ugrad, s, b), _drift_mean(y, g_y, s, b)
     log_q = ((y - mu_x) ** 2 - (x - mu_y) ** 2).sum(-1) / (2.0 * s[:, 0] * s[:, 0])
     acc = (log_u < dlp + log_q) & finite
     return torch.where(acc[:, None], y, x), torch.where(acc[:, None], g_y, ugrad), acc

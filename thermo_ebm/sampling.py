@@ -201,13 +201,14 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: 
     x = state.x.reshape(n, -1)
     s = step[:, None]
     b = beta[:, None]
+    ugrad = state.ugrad.reshape(n, -1)
     xi = kernel.noise(x, generator)  # N(0, 1) draws or a key for propose
-    y = kernel.propose(x, state.ugrad.reshape(n, -1), s, b, xi)
+    y = kernel.propose(x, ugrad, s, b, xi)
     logits_y, g_y = evaluate(model, ensemble, y.reshape(state.x.shape))
     lp_y = ensemble.logp(logits_y, beta)
     log_u = torch.rand(n, generator=generator, device=x.device, dtype=x.dtype).log()
     finite = torch.isfinite(lp_y)
-    x_new, g_new, acc = kernel.accept(x, y, state.ugrad.reshape(n, -1), g_y.reshape(n, -1), s, b,
+    x_new, g_new, acc = kernel.accept(x, y, ugrad, g_y.reshape(n, -1), s, b,
                                       lp_y - ensemble.logp(state.logits, beta), log_u, finite)
     new = MalaState(x_new.reshape(state.x.shape), torch.where(acc[:, None], logits_y, state.logits),
                     g_new.reshape(state.x.shape))
