@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermo_ebm.ais import make_schedule, run_forward, tune, uniform
+from thermo_ebm.ais import make_schedule, run_forward, tune
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.models import build_model
-from thermo_ebm.sampling import (MalaKernel, _drift_mean, energy_and_grad, fold, gaussian, mala_kernel, langevin_init,
+from thermo_ebm.sampling import (MalaKernel, uniform, _drift_mean, energy_and_grad, fold, gaussian, mala_kernel, langevin_init,
                                  langevin_step, mala_init, mala_step)
 from thermo_ebm.estimators import logmeanexp
 from thermo_ebm.rng import draw_key, normals_like

@@ -51,7 +51,7 @@ def test_measure_writes_groups_without_touching_others(measured):
     assert groups == {"training": "training", "measure_marginal": "measurement", "measure_joint": "measurement"}
     ds = xr.open_dataset(measured, group="measure_joint", engine="h5netcdf")
     assert list(ds.temperature.values) == [0.5, 1.0, 1.5, 2.0]
-    for v in ("log_Z", "F", "U", "S", "C", "info_bits", "H_Y_bits", "I_XY_bits", "log_Z_upper", "log_Z_mbar",
+    for v in ("log_Z", "F", "U", "S", "C", "info_bits", "H_Y_bits", "I_XY_bits", "log_Z_reverse", "log_Z_mbar",
               "C_peak_T"):
         assert v in ds and v + "_err" in ds
     assert ds.C_peak_T.shape == ()
@@ -92,7 +92,8 @@ def test_thermo_figure_axes(measured):
     for want in ("free energy", "internal energy", "entropy", "heat capacity", "information", "$I(X;Y)$"):
         assert any(want in lab for lab in labels), (want, labels)
     first = captured["fig"].axes[0]
-    assert len(first.lines) == 2  # two measurement groups overlaid
+    assert len([ln for ln in first.lines if ln.get_gid() != "T_train"]) == 2  # two measurement groups overlaid
+    assert [ln for ln in first.lines if ln.get_gid() == "T_train"]  # T = 1 (the training temperature) marked
     res = next(ax for ax in captured["fig"].axes if ax.get_ylabel() == "residual / SE")
     ds = runs[0][1]
     series = [ln for ln in res.lines if ln.get_linestyle() == "None"]
@@ -100,7 +101,8 @@ def test_thermo_figure_axes(measured):
     np.testing.assert_allclose(series[0].get_ydata(), ds.U_resid.values / ds.U_resid_err.values)
     gap = next(ax for ax in captured["fig"].axes if "cross-check" in ax.get_ylabel())
     assert any(c.get_label() == "MBAR" for c in gap.containers)
-    assert all(ax.get_xlabel() == "temperature $T$" for ax in captured["fig"].axes)
+    assert any(c.get_label() == "from uniform" for c in gap.containers)  # log Z came from the data-seeded anneal
+    assert all(ax.get_xlabel().startswith("$T / T_{train}$ ($T_{train}$ = 0.1") for ax in captured["fig"].axes)
 
 
 def test_show_table_and_json(measured):

@@ -288,7 +288,7 @@ def test_plot_reads_the_stored_peak_and_handles_older_files():
 def test_sweep_loop_takes_device_tensors_and_matches_run_sweep():
     """perf.py's GPU sync check runs `sweep_loop` on betas and steps already on the device (a host copy would
     synchronise); with the same generator state it must do exactly what `run_sweep` does with numpy inputs."""
-    from thermo_ebm.ais import uniform
+    from thermo_ebm.sampling import uniform
     from thermo_ebm.sweep import run_sweep, sweep_loop
     from thermo_ebm.testing import DoubleWells
     model, ens = DoubleWells(3), Ensemble("marginal", 1)
@@ -336,7 +336,7 @@ def _index_tensors(idx):
 def test_sweep_loop_makes_no_host_synchronising_call(kind):
     """CI has no GPU, so `perf.py gpu`'s check under CUDA's sync debug mode never runs there; the same property,
     checked at the level of the calls the step loop makes (EAGER kernel: the compiled one fuses the same calls)."""
-    from thermo_ebm.ais import uniform
+    from thermo_ebm.sampling import uniform
     from thermo_ebm.sweep import sweep_loop
     from thermo_ebm.testing import DoubleWells
     with pytest.raises(AssertionError, match="item"), _HostSyncTrap():  # the trap fires on a value read ...

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import MAX_STEP, MalaState, EAGER, mala_init, mala_step, take
-
-TARGET_ACCEPT = 0.574
+from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, mala_init, mala_step, take, uniform
 
 
 @dataclass
@@ -29,10 +27,6 @@ class Tuning:
 
     def step_at(self, betas):
         return np.exp(np.interp(betas, self.betas, self.log_step))
-
-
-def uniform(n, shape, generator, device):
-    return torch.rand((n, *shape), generator=generator, device=device) * 2.0 - 1.0
 
 
 def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, generator, device,
@@ -46,7 +40,7 @@ def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, ge
         beta = torch.full((n_chains,), float(b), device=device)
         for _ in range(n_adapt):
             state, acc, _ = mala_step(state, model, ensemble, beta, step, generator, kernel)
-            step = (step * torch.exp(acc.float().mean() - TARGET_ACCEPT)).clamp(1e-5, MAX_STEP)
+            step = adapt_step(step, acc.float().mean())
         u, m2 = ensemble.energy_moments(state.logits, beta)
         steps.append(step[0])
         var.append(m2.double().mean() - u.double().mean() ** 2)

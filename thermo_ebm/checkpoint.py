@@ -2,7 +2,8 @@
 
 Layout (format_version 1): format_version, config (dict), model_spec (dict), model (state_dict),
 optimizer (state_dict), buffers (dict of tensors), rng (dict of ByteTensors), epoch, step, batch_in_epoch,
-perm (tensor), lr (float), history (dict of float64 tensors), meta (dict).
+perm (tensor), lr (float), history (dict of float64 tensors), meta (dict), training_temperature (float,
+T_train = sgld_noise^2 / (2 sgld_step); older checkpoints: derived from config by `training_temperature`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ def load_checkpoint(path) -> dict:
         raise ThermoEBMError(f"{path} has checkpoint format {version!r}; this thermo-ebm reads up to "
                              f"{FORMAT_VERSION} (upgrade thermo-ebm)")
     return ckpt
+
+
+def training_temperature(config: dict) -> float:
+    """T_train = sgld_noise^2 / (2 sgld_step), the temperature (logits' units, k_B = 1) whose Boltzmann
+    distribution the training Langevin chains target (x <- x - s dE/dx + n xi is Langevin at T = n^2 / (2 s)).
+    1.0 where training ran no sampler (dcl: softmax(f) is p(y|x) at T = 1) or its step or noise is 0."""
+    if config.get("objective") == "dcl":
+        return 1.0
+    step, noise = float(config.get("sgld_step", 0.0)), float(config.get("sgld_noise", 0.0))
+    return noise * noise / (2.0 * step) if step > 0 and noise > 0 else 1.0
+
+
+def checkpoint_temperature(ckpt: dict) -> float:
+    """The training temperature a checkpoint records (derived from its config for older checkpoints)."""
+    t = ckpt.get("training_temperature")
+    return float(t) if t is not None else training_temperature(ckpt.get("config", {}))
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> EBM:

@@ -86,7 +86,14 @@ def train(ctx, resume, overwrite, **opts):
 
 @cli.command()
 @click.option("--ckpt", required=True, help="Checkpoint (.pt) written by `thermo-ebm train`.")
-@click.option("--temps", required=True, help="start:stop:step (stop included on the grid) or a list 0.5,1,2.")
+@click.option("--temps", required=True, help="start:stop:step (stop included on the grid) or a list 0.5,1,2; "
+              "in units of the training temperature unless --units raw.")
+@click.option("--units", type=click.Choice(["train", "raw"]), default="train", show_default=True,
+              help="train: T in units of T_train = sgld_noise^2 / (2 sgld_step) (T = 1 is what the training chains "
+                   "sampled); raw: T on the logits' scale.")
+@click.option("--data", "data", default="auto", show_default=True,
+              help="Reference states of the low-temperature phase: auto (the checkpoint's training split and stored "
+                   "chains), none (anneal from uniform only), or a .pt file of states [M, *shape].")
 @click.option("--ensemble", type=click.Choice(["marginal", "joint"]), default="marginal", show_default=True)
 @click.option("--out", default=None, help="Results file [default: results/<checkpoint name>.h5].")
 @click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken].")
@@ -103,12 +110,15 @@ def train(ctx, resume, overwrite, **opts):
 @click.option("--samples", type=int, default=None, help="Sweep production steps [1000].")
 @click.option("--replicas", type=int, default=None, help="AIS replicas for the SE [16].")
 @click.option("--reverse-steps", type=int, default=None, help="Reverse-AIS betas [500].")
+@click.option("--data-refs", type=int, default=None, help="Data-seeded kernel centres per temperature [64].")
+@click.option("--bridge-chains", type=int, default=None, help="Chains per temperature annealed from the "
+              "data-informed base [128].")
 @click.option("--exchange/--no-exchange", default=True, show_default=True)
 @click.option("--mbar/--no-mbar", default=True, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "
                    "[default: when the input has >= 256 dimensions].")
-def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, compile_, **budget):
+def measure(ckpt, temps, units, data, ensemble, out, group, device, seed, exchange, mbar, compile_, **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
     from .measure import measure as run, parse_temps, save_measurement
@@ -116,8 +126,8 @@ def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, com
     opts = {k: v for k, v in budget.items() if v is not None}
     dist.setup(device)  # under torchrun: each process runs one shard of the chains
     try:
-        ds = run(ckpt, t, ensemble=ensemble, seed=seed, device=device, progress=dist.is_main(),
-                 exchange=exchange, mbar=mbar, compile=compile_, **opts)
+        ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
+                 device=device, progress=dist.is_main(), exchange=exchange, mbar=mbar, compile=compile_, **opts)
         dist.synchronize()
     finally:
         main_rank = dist.is_main()
@@ -125,7 +135,8 @@ def measure(ckpt, temps, ensemble, out, group, device, seed, exchange, mbar, com
     if main_rank:  # rank 0 alone writes the results file
         path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
         g = save_measurement(ds, path, group)
-        click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures, {ds.attrs['seconds']:.0f} s)")
+        scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
+        click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures in {scale}, {ds.attrs['seconds']:.0f} s)")
 
 
 @cli.command()
@@ -150,17 +161,19 @@ def show(file, as_json):
 
 @cli.command()
 @click.option("--ckpt", required=True)
-@click.option("--temp", type=float, required=True, help="Temperature T > 0.")
+@click.option("--temp", type=float, required=True, help="Temperature T > 0 (units of T_train unless --units raw).")
+@click.option("--units", type=click.Choice(["train", "raw"]), default="train", show_default=True,
+              help="train: --temp in units of the checkpoint's training temperature; raw: the logits' scale.")
 @click.option("--label", type=int, default=None, help="Class for conditional sampling (joint models).")
 @click.option("-n", "n", type=int, default=64, show_default=True)
 @click.option("-o", "--out", default="samples.png", show_default=True)
 @click.option("--steps", type=int, default=500, show_default=True, help="MALA steps (step size adapted, then frozen).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def sample(ckpt, temp, label, n, out, steps, seed, device):
+def sample(ckpt, temp, units, label, n, out, steps, seed, device):
     """Draw samples at temperature T with the engine's reflected-MALA sampler; saves an image grid."""
     from .sample import sample_to_png
-    click.echo(str(sample_to_png(ckpt, temp, label=label, n=n, out=out, steps=steps, seed=seed, device=device)))
+    click.echo(str(sample_to_png(ckpt, temp, units=units, label=label, n=n, out=out, steps=steps, seed=seed, device=device)))
 
 
 def main(argv=None):

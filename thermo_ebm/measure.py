@@ -1,8 +1,10 @@
 """`measure`: thermodynamics of a model over a temperature sweep, with standard errors.
 
-Pipeline: tune (pilot anneal) -> frozen schedule -> counted forward AIS (log Z at every sweep T, replica
-SEs, ESS) -> temperature-sweep chains started from weight-resampled AIS states (U, C, joint information
-quantities; per-chain jackknife SEs) -> cross-checks (reverse AIS upper bound, MBAR, consistency residuals).
+Stages (each passes a small dataclass to the next):
+prepare (model in its own temperature units, reference data) -> plan (pilot anneal from uniform, frozen
+schedule) -> anneal (per shard: counted forward AIS from uniform; with data, the counted anneal from a
+data-informed base at every temperature; temperature-sweep chains; reverse AIS) -> thermodynamics (log Z,
+F, U, S, C, information with SEs) -> diagnose (cross-checks, the two origins compared, flags) -> dataset.
 """
 from __future__ import annotations
 
@@ -19,20 +21,23 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import ais
+from . import ais, bridge
 from . import distributed as dist
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
-                         jackknife_cov, log_mean_weight, logmeanexp, pareto_k, peak_position, weighted_mean)
-from .models import EBM
-from .sampling import mala_kernel
+                         jackknife_cov, log_mean_weight, logmeanexp, pareto_k, peak_position, replica_split,
+                         weighted_mean)
+from .models import EBM, ScaledLogits
+from .sampling import MalaKernel, MalaState, mala_kernel
 from .sweep import run_sweep, stat_names
 
 log = logging.getLogger("thermo_ebm")
 LN2 = math.log(2.0)
 MBAR_MAX = 1000
+BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
+HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
 logging.getLogger("pymbar").setLevel(logging.ERROR)
 
 
@@ -57,6 +62,12 @@ class MeasureConfig:
     keep_samples: int = 16      # samples per temperature stored for plotting (at most `chains`)
     shards: int = 1             # independent chain groups with their own seeds (= processes under torchrun)
     compile: bool | None = None  # fuse the reflected-MALA density with torch.compile; None: when d >= 256
+    # with reference data (the low-temperature phase): the anneal from a data-informed base at every temperature
+    data_refs: int = 64         # kernel centres per temperature seeded from data (as many from forward AIS)
+    reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
+    bridge_chains: int = 128    # chains per temperature annealed from the base (the reported log Z)
+    bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
+    bridge_uniform: float = 0.2  # weight of the uniform component of the base
 
     def validate(self):
         for f in fields(self):
@@ -65,11 +76,13 @@ class MeasureConfig:
                 raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
         if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
             raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
+        if not 0.0 < self.bridge_uniform < 1.0:
+            raise ThermoEBMError(f"bridge_uniform must lie in (0, 1), got {self.bridge_uniform!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
             raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
-        if self.ais_chains % self.shards or self.chains % self.shards:
-            raise ThermoEBMError(f"ais_chains ({self.ais_chains}) and chains ({self.chains}) must be divisible "
-                                 f"by the number of shards/processes ({self.shards})")
+        if self.ais_chains % self.shards or self.chains % self.shards or self.bridge_chains % self.shards:
+            raise ThermoEBMError(f"ais_chains ({self.ais_chains}), bridge_chains ({self.bridge_chains}) and chains "
+                                 f"({self.chains}) must be divisible by the number of shards/processes ({self.shards})")
         if self.chains // self.shards < 2:
             raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise chains above {self.chains}")
 
@@ -84,14 +97,41 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class Problem:
+    """What is measured: the model in the units of the measurement, the temperatures, the reference data."""
+    net: object             # callable x [N, *shape] -> logits [N, K], already divided by t_ref
+    ens: Ensemble
+    shape: tuple
+    temps: np.ndarray       # [T] ascending, as given (units of `units`)
+    betas: np.ndarray       # [T] ascending 1 / T (so descending temperature)
+    t_train: float          # the model's training temperature on the logits' scale
+    units: str              # "train": T in units of t_train; "raw": T on the logits' scale
+    data: torch.Tensor | None  # [M, D] reference states of the low-temperature phase, or None
+    data_source: str
+    desc: dict
+    device: torch.device
+    kernel: MalaKernel
+    cfg: MeasureConfig
+    seed: int
+
+    @property
+    def d(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def t_ref(self) -> float:
+        return self.t_train if self.units == "train" else 1.0
+
+
 def resolve_model(model, shape):
-    """(module, shape, n_classes, description) from a checkpoint path, an EBM or any logits callable."""
+    """(module, shape, n_classes, description, checkpoint or None) from a checkpoint path, an EBM or a callable."""
     if isinstance(model, (str, Path)):
         ckpt = load_checkpoint(model)
         m = model_from_checkpoint(ckpt, model)
-        return m.eval(), m.shape, m.n_classes, {"checkpoint": str(model), "model_spec": json.dumps(m.spec)}
+        return m.eval(), m.shape, m.n_classes, {"checkpoint": str(model), "model_spec": json.dumps(m.spec)}, ckpt
     if isinstance(model, EBM):
-        return model.eval(), model.shape, model.n_classes, {"model_spec": json.dumps(model.spec)}
+        return model.eval(), model.shape, model.n_classes, {"model_spec": json.dumps(model.spec)}, None
     if not callable(model):
         raise ThermoEBMError("model must be a checkpoint path, a thermo-ebm model or a callable")
     if shape is None:
@@ -105,10 +145,11 @@ def resolve_model(model, shape):
         raise ThermoEBMError(f"model must map [N, *shape] to logits [N, K]; got output shape {list(out.shape)}")
     if isinstance(model, torch.nn.Module):
         model.eval()
-    return model, shape, int(out.shape[1]), {"model_spec": type(model).__name__}
+    return model, shape, int(out.shape[1]), {"model_spec": type(model).__name__}, None
 
 
 def check_temps(temps) -> np.ndarray:
+    """Temperatures as given, ascending; duplicates, non-finite or non-positive values are errors."""
     t = np.asarray(temps, dtype=np.float64).reshape(-1)
     if t.size == 0:
         raise ThermoEBMError("no temperatures given")
@@ -116,8 +157,467 @@ def check_temps(temps) -> np.ndarray:
         raise ThermoEBMError(f"{t.size} temperatures requested; at most 1000")
     if not np.all(np.isfinite(t)) or np.any(t <= 0):
         raise ThermoEBMError("temperatures must be finite and > 0")
-    t = np.unique(t)
+    t = np.sort(t)
+    if np.any(np.diff(t) == 0):
+        raise ThermoEBMError(f"duplicate temperature(s): {', '.join(f'{v:g}' for v in np.unique(t[1:][np.diff(t) == 0]))}")
     return t
+
+
+def _checkpoint_data(ckpt, shape, path):
+    """The training split of a checkpoint's dataset (when readable here) and its stored sampler chains."""
+    parts, notes = [], []
+    cfg = ckpt.get("config", {})
+    try:
+        from .data import load_data
+        tr = load_data(cfg["dataset"], cfg.get("data_dir", "data"), cfg.get("labels"))
+        parts.append(tr.x_train.reshape(len(tr.x_train), -1))
+        notes.append(f"{len(tr.x_train)} training images ({cfg['dataset']})")
+    except Exception as e:  # the dataset is not readable here: the stored chains alone
+        log.info("reference data: training split of %s not readable here (%s); using the stored chains",
+                 path, " ".join(str(e).split())[:120])
+    for key, v in ckpt.get("buffers", {}).items():
+        if key.endswith("/x") and v.numel():
+            parts.append(v.float().reshape(len(v), -1))
+            notes.append(f"{len(v)} stored {key.split('/')[0]} chains")
+    if not parts:
+        return None, "none (no training data or stored chains found)"
+    return torch.cat(parts), ", ".join(notes)
+
+
+def resolve_data(data, shape, ckpt, path):
+    """Reference states [M, D] (float32, in the box) and a description; data: None, 'auto', a tensor/array
+    [M, *shape] or a .pt file holding one (or a dict with key 'x')."""
+    if data is None or (isinstance(data, str) and data == "none"):
+        return None, "none"
+    if isinstance(data, str) and data == "auto":
+        if ckpt is None:
+            return None, "none (auto: not a checkpoint)"
+        return _checkpoint_data(ckpt, shape, path)
+    src = "array"
+    if isinstance(data, (str, Path)):
+        p = Path(data)
+        if not p.is_file():
+            raise ThermoEBMError(f"data file not found: {p} (use none, auto or a .pt file of states [M, *shape])")
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ThermoEBMError(f"cannot read data file {p}: {type(e).__name__}") from None
+        data = obj.get("x") if isinstance(obj, dict) else obj
+        src = str(p)
+        if not isinstance(data, torch.Tensor):
+            raise ThermoEBMError(f"{p} holds no tensor of states (a tensor [M, *shape] or a dict with key 'x')")
+    x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).float()
+    d = int(np.prod(shape))
+    if x.ndim < 1 or x.numel() == 0 or x.numel() % d or x.shape[-len(shape):] != torch.Size(shape) and x.shape[-1] != d:
+        raise ThermoEBMError(f"data states must have shape [M, {', '.join(map(str, shape))}], got {list(x.shape)}")
+    x = x.reshape(-1, d)
+    if not torch.isfinite(x).all() or x.abs().max() > 1.0:
+        raise ThermoEBMError("data states must be finite and lie in the box [-1, 1]")
+    return x, f"{len(x)} states ({src})"
+
+
+def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed, cfg) -> Problem:
+    """Check every input and put the model in the measurement's units (before any sampling)."""
+    temps = check_temps(temps)
+    if ensemble not in ("marginal", "joint"):
+        raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose marginal or joint")
+    if units not in ("train", "raw"):
+        raise ThermoEBMError(f"unknown temperature units {units!r}; choose train or raw")
+    dev = dist.local_device(resolve_device(device))
+    net, shape, k, desc, ckpt = resolve_model(model, shape)
+    if t_train is None:
+        t_train = checkpoint_temperature(ckpt) if ckpt is not None else float(getattr(net, "training_temperature", 1.0))
+    if not (isinstance(t_train, (int, float)) and 0 < t_train < math.inf):
+        raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
+    states, source = resolve_data(data, shape, ckpt, model)
+    if isinstance(net, torch.nn.Module):
+        net = net.to(dev)
+    t_ref = float(t_train) if units == "train" else 1.0
+    if t_ref != 1.0:
+        net = ScaledLogits(net, t_ref, shape)
+    d = int(np.prod(shape))
+    kernel = mala_kernel(cfg.compile if cfg.compile is not None else d >= 256)
+    return Problem(net, Ensemble(ensemble, k), tuple(shape), temps, 1.0 / temps[::-1], float(t_train), units,
+                   states, source, desc, dev, kernel, cfg, int(seed))
+
+
+@dataclass
+class Plan:
+    """The frozen forward schedule from the pilot anneal (shared by every shard)."""
+    tuning: ais.Tuning
+    schedule: np.ndarray   # [S] ascending betas from 0
+    steps: np.ndarray      # [S] MALA step sizes
+    length: float          # thermodynamic length L of the path from uniform to the lowest temperature
+
+
+def plan(p: Problem, progress=False) -> Plan:
+    cfg = p.cfg
+    tuning = None
+    if dist.is_main():  # one pilot, shared by every shard
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(p.seed)
+        tuning = ais.tune(p.net, p.ens, p.shape, p.betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
+                          n_adapt=cfg.tune_adapt, generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    tuning = dist.broadcast(tuning)
+    # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
+    # while the replica SE stays small (docs/estimators.md)
+    length = float(ais.thermodynamic_length(tuning)[-1])
+    n_ais = max(cfg.ais_steps, int(math.ceil(cfg.ais_steps_per_l2 * length ** 2)))
+    if n_ais > cfg.ais_steps:
+        log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
+    schedule, steps = ais.make_schedule(tuning, p.betas, n_ais)
+    return Plan(tuning, schedule, steps, length)
+
+
+# axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
+SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
+                  accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
+                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
+    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
+    mixes three populations: kernels on data-seeded states, kernels on forward-AIS states, uniform; the pilot
+    sets each population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
+    cfg = p.cfg
+    refs = bridge.references(p.net, p.ens, p.shape, p.data, fwd, p.betas, step0, n_data=cfg.data_refs,
+                             n_steps=cfg.reference_steps, generator=gen, device=p.device, kernel=p.kernel,
+                             progress=progress)
+    n_t, n_f = len(p.betas), refs.centres.shape[1] - cfg.data_refs
+    sizes = (cfg.data_refs, n_f, 1)
+    population = np.repeat(np.arange(3), sizes)
+    first = np.tile([(1 - cfg.bridge_uniform) / 2, (1 - cfg.bridge_uniform) / 2, cfg.bridge_uniform], (n_t, 1))
+    base = bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, first, BASE_FLOOR))
+    bt = bridge.tune_bridge(p.net, p.ens, p.shape, base, p.betas, refs.step, population,
+                            n_chains=cfg.tune_chains // 2, n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt,
+                            generator=gen, device=p.device, kernel=p.kernel, progress=progress)
+    base = bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, bt.shares, BASE_FLOOR))
+    length = bt.length()[-1]
+    n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
+    lam, steps = bridge.bridge_schedule(bt, n_steps)
+    res = bridge.run_bridge(p.net, p.ens, p.shape, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
+                            n_keep=cfg.chains // cfg.shards, generator=gen, device=p.device, kernel=p.kernel,
+                            progress=progress)
+    out = dict(b_logw=res.logw.cpu().numpy(), b_energy=res.energy.cpu().numpy(), b_p_y=res.p_y.cpu().numpy(),
+               b_accept=res.accept.cpu().numpy()[None], b_nonfinite=res.nonfinite.cpu().numpy()[None],
+               b_steps=np.array([n_steps]), b_length=length[None], b_shares=bt.shares[None])
+    return res.states, out
+
+
+def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
+    """Forward AIS, (with data) the anneal from the data-informed base, sweep and reverse AIS for one shard of
+    the chains (its own generator). Returns numpy arrays keyed as SHARD_AXES."""
+    cfg, betas = p.cfg, p.betas
+    gen = torch.Generator(device=p.device)
+    gen.manual_seed(shard_seed(p.seed, shard))
+    c = cfg.chains // cfg.shards
+    n_keep = max(c, cfg.data_refs) if p.data is not None else c
+    fwd = ais.run_forward(p.net, p.ens, p.shape, pl.schedule, pl.steps, betas, n_chains=cfg.ais_chains // cfg.shards,
+                          n_keep=n_keep, mcmc_steps=cfg.ais_mcmc, generator=gen, device=p.device, progress=progress,
+                          kernel=p.kernel)
+    n_t = len(betas)
+    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
+               ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
+    if p.data is not None:
+        init, extra = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
+                                        gen, progress)
+        out.update(extra)
+    else:
+        init = _keep_first(fwd.states, n_t, c)
+    sw = run_sweep(p.net, p.ens, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in,
+                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=p.device,
+                   progress=progress, kernel=p.kernel)
+    rev_lw = ais.run_reverse(p.net, p.ens, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps,
+                             generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    keep = min(cfg.keep_samples, c)
+    out.update(chain_means=sw.chain_means, u_trace=sw.u_trace, logits=sw.logits, accept=sw.accept[None],
+               swap_accept=sw.swap_accept[None], nonfinite=sw.nonfinite[None], step=sw.step[None], rev_lw=rev_lw,
+               samples=sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy())
+    if p.ens.kind == "joint":
+        lg = sw.final.logits.reshape(n_t, c, -1)[:, :keep]
+        pr = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
+        out["labels"] = torch.multinomial(pr.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
+    return out
+
+
+def _keep_first(states: MalaState, n_t: int, n: int) -> MalaState:
+    """The first n of each temperature's resampled states ([T * n_keep] grouped) -> [T * n]."""
+    k = states.x.shape[0] // n_t
+    return MalaState(*(v.reshape(n_t, k, *v.shape[1:])[:, :n].reshape(n_t * n, *v.shape[1:]) for v in states))
+
+
+def _pool(p: Problem, pl: Plan, progress) -> dict:
+    if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
+        part = anneal(p, pl, dist.rank(), progress)
+        return {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}
+    parts = [anneal(p, pl, s, progress) for s in range(p.cfg.shards)]
+    return {k: np.concatenate([q[k] for q in parts], axis=SHARD_AXES[k]) for k in parts[0]}
+
+
+@dataclass
+class LogZ:
+    """An AIS estimate of log Z at every temperature (ascending beta) with its diagnostics."""
+    value: np.ndarray
+    se: np.ndarray
+    ess: np.ndarray
+    k_hat: np.ndarray
+    u: np.ndarray          # weighted <E> (= -d log Z / d beta of the estimator) and its SE
+    u_se: np.ndarray
+
+
+def log_z_estimate(logw, energy, log_omega, n_replicas) -> LogZ:
+    """log Z = log Omega + log mean w with replica SEs, and U from the same weights (arrays [T, N])."""
+    lmw, se, _, ess = log_mean_weight(logw, n_replicas)
+    u, u_se = weighted_mean(logw, energy, n_replicas)
+    return LogZ(log_omega + lmw, se, ess, pareto_k(logw), u, u_se)
+
+
+def label_entropy(logw, p_y, n_replicas):
+    """H(Y) in bits of p_T(y) = E_w[p_T(y | x)] from importance weights logw [T, N] and p_y [T, N, K]; SE from
+    replicas."""
+    def h(lw, q):
+        w = np.exp(lw - lw.max(-1, keepdims=True))
+        py = np.clip((w[..., None] * q).sum(-2) / np.maximum(w.sum(-1), 1e-300)[..., None], 1e-300, None)
+        return -(py * np.log(py)).sum(-1) / LN2
+    lw = np.where(np.isnan(logw), -np.inf, logw)
+    r, k = replica_split(lw.shape[-1], n_replicas)
+    reps = h(lw[:, :k].reshape(len(lw), r, -1), p_y[:, :k].reshape(len(lw), r, -1, p_y.shape[-1]))
+    return h(lw, p_y), np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+
+
+@dataclass
+class Thermo:
+    """Estimates (ascending beta) keyed as in the dataset: name -> (value [T], se [T])."""
+    out: dict
+    diag: dict
+    forward: LogZ
+    reported: LogZ
+    from_data: LogZ | None
+    C_cov: np.ndarray
+    peak: tuple
+    tau: np.ndarray
+    mbar_ok: bool
+
+
+def thermodynamics(p: Problem, pooled: dict) -> Thermo:
+    cfg, betas, ens = p.cfg, p.betas, p.ens
+    n_t = len(betas)
+    log_omega = ens.log_omega(p.d)
+    fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, cfg.replicas)
+    seeded = None
+    if "b_logw" in pooled:
+        # weights relative to the normalised base: log Z = log mean w (no reference volume)
+        seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, cfg.replicas)
+    rep = seeded or fwd
+    log_z, log_z_se = rep.value, rep.se
+
+    # ---- sweep estimators: jackknife over chains (independent blocks)
+    names = stat_names(ens)
+    blocks = pooled["chain_means"]
+    iu, im2 = names.index("u"), names.index("m2")
+    U, U_se = jackknife(blocks, lambda m: m[..., iu])
+
+    def heat(m):
+        b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
+        return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
+    # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
+    # all of it, since C at neighbouring T is positively correlated through the swaps
+    C_cov = jackknife_cov(blocks, heat)
+    C, C_se = heat(blocks.mean(axis=1)), np.sqrt(np.diag(C_cov))
+    t_asc = 1.0 / betas[::-1]
+    peak = peak_position(t_asc, C[::-1], C_cov[::-1, ::-1], seed=p.seed)
+    S = betas * U + log_z
+    S_se = np.sqrt((betas * U_se) ** 2 + log_z_se ** 2)
+    out = {
+        "log_Z": (log_z, log_z_se), "F": (-log_z / betas, log_z_se / betas), "U": (U, U_se),
+        "S": (S, S_se), "C": (C, C_se), "info_bits": ((log_omega - S) / LN2, S_se / LN2),
+    }
+    if ens.kind == "joint":
+        ih = names.index("h_y_given_x")
+        ip = slice(ih + 1, ih + 1 + ens.n_classes)
+
+        def h_y(m):
+            q = np.clip(m[..., ip], 1e-300, None)
+            return -(q * np.log(q)).sum(-1) / LN2
+        hyx = jackknife(blocks, lambda m: m[..., ih] / LN2)
+        if seeded is None:
+            hy = jackknife(blocks, h_y)
+            ixy = jackknife(blocks, lambda m: h_y(m) - m[..., ih] / LN2)
+        else:  # p_T(y) from the data-seeded weights: phases the sweep chains rarely visit still count
+            hy = label_entropy(pooled["b_logw"], pooled["b_p_y"], cfg.replicas)
+            ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
+        out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
+
+    # ---- cross-checks: the reverse direction, MBAR, consistency residuals, the two origins
+    tau = np.array([integrated_autocorr_time(pooled["u_trace"][:, t, :]) for t in range(n_t)])
+    rev_ratio, rev_se = -logmeanexp(pooled["rev_lw"], axis=-1), delta_log_mean_se(pooled["rev_lw"])
+    log_z_rev, log_z_rev_se = log_omega + np.cumsum(rev_ratio), np.sqrt(np.cumsum(rev_se ** 2))
+    if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
+        D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)
+        dU = (D @ U[::-1])[::-1]
+        dU_se = np.sqrt((D ** 2) @ (U_se[::-1] ** 2))[::-1]
+    else:
+        dU, dU_se = np.full(n_t, np.nan), np.full(n_t, np.nan)
+    diag = {
+        "log_Z_reverse": (log_z_rev, log_z_rev_se),
+        "log_Z_gap": (log_z_rev - log_z, np.sqrt(log_z_rev_se ** 2 + log_z_se ** 2)),
+        "log_Z_forward": (fwd.value, fwd.se),
+        "U_resid": (U - rep.u, np.sqrt(U_se ** 2 + rep.u_se ** 2)),
+        "C_resid": (C - dU, np.sqrt(C_se ** 2 + dU_se ** 2)),
+    }
+    if seeded is not None:
+        diag["origin_gap"] = (seeded.value - fwd.value, np.sqrt(seeded.se ** 2 + fwd.se ** 2))
+        diag["origin_U_gap"] = (seeded.u - fwd.u, np.sqrt(seeded.u_se ** 2 + fwd.u_se ** 2))
+    mbar_ok = False
+    if cfg.mbar and n_t > 1:
+        try:
+            diag["log_Z_mbar"] = _mbar_log_z(pooled["logits"], betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
+            mbar_ok = True
+        except Exception as e:  # MBAR failing (no overlap) is a diagnostic, not a fatal error
+            log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
+    if not mbar_ok:
+        diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
+    return Thermo(out, diag, fwd, rep, seeded, C_cov, peak, tau, mbar_ok)
+
+
+# what each flag makes unreliable (named in the warning and in docs/estimators.md)
+AFFECTS = {
+    "flag_nonfinite": "all quantities",
+    "flag_low_acceptance": "all quantities",
+    "flag_low_ess": "log_Z, F, S, info_bits",
+    "flag_heavy_tails": "log_Z, F, S, info_bits",
+    "flag_poor_mixing": "U, C, S, info_bits and the joint information quantities",
+    "flag_inconsistent": "U, C, S, info_bits and the joint information quantities",
+    "flag_hysteresis": "all quantities (a phase one origin did not reach)",
+}
+
+
+def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict]:
+    """Per-temperature flags (ascending beta) and the diagnostics stored beside them."""
+    cfg = p.cfg
+    rep = th.reported
+    n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else cfg.ais_chains
+    acc = pooled["b_accept"].mean(0) if th.from_data is not None else pooled["ais_accept"].mean(0)
+    bad = pooled["ais_nonfinite"].sum(0) + pooled["nonfinite"].sum(0)
+    if th.from_data is not None:
+        bad = bad + pooled["b_nonfinite"].sum(0)
+    sw_acc = pooled["accept"].mean(0)
+    # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
+    low_ess = rep.ess < max(10.0, 0.05 * n_chains)
+    heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
+    poor_mix = (cfg.samples < 10 * th.tau) | (cfg.burn_in < 5 * th.tau)
+    flags = {"flag_nonfinite": bad > 0, "flag_low_acceptance": (sw_acc < 0.05) | (acc < 0.05),
+             "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
+    # the sweep chains disagree with the annealing weights on U: the chains hold the wrong mix of phases
+    ur, ur_se = th.diag["U_resid"]
+    flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
+    if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
+        g, gs = th.diag["origin_gap"]
+        ug, ugs = th.diag["origin_U_gap"]
+        flags["flag_hysteresis"] = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
+    if th.from_data is not None:
+        n_sched = int(pooled["b_steps"].max())
+        longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
+                  f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {float(pooled['b_length'].max()) ** 2:.0f}); "
+                  "raise --ais-steps-per-l2 or --bridge-chains)")
+    else:
+        longer = (f"anneal longer (schedule {len(pl.schedule)} betas = max(ais_steps {cfg.ais_steps}, ais_steps_per_l2 "
+                  f"{cfg.ais_steps_per_l2:g} x L^2 {pl.length ** 2:.0f}) + sweep betas; 4x the betas fixed the "
+                  "784-d benchmark, docs/estimators.md)")
+    remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
+              "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
+              "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
+              "flag_inconsistent": "U of the sweep chains and of the annealing weights differ beyond 4 SE (U_resid): "
+                                   "the chains hold the wrong mix of phases; a longer sweep (--burn-in) or more chains",
+              "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
+                                 "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
+    for name, f in flags.items():
+        for t in np.nonzero(f)[0]:
+            log.warning("T=%g: %s affects %s: %s", 1.0 / p.betas[t], name.replace("flag_", "").replace("_", " "),
+                        AFFECTS[name], remedy[name])
+    extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
+             "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
+    n_t = len(p.betas)
+    sw = pooled["swap_accept"].mean(0)
+    extra["swap_accept"] = np.concatenate([sw, [np.nan]]) if n_t > 1 else np.array([np.nan])
+    return flags, extra
+
+
+def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, pooled: dict, seconds: float) -> xr.Dataset:
+    cfg = p.cfg
+    rev = slice(None, None, -1)  # ascending beta -> ascending temperature
+    data_vars = {}
+    for name, (v, e) in {**th.out, **th.diag}.items():
+        data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
+        data_vars[name + "_err"] = ("temperature", np.asarray(e, dtype=np.float64)[rev])
+    for name, v in extra.items():
+        data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
+    for name, f in flags.items():
+        data_vars[name] = ("temperature", np.asarray(f)[rev].astype(np.int8))
+    data_vars["C_peak_T"], data_vars["C_peak_T_err"] = ((), th.peak[0]), ((), th.peak[1])
+    xs = pooled["samples"][:, : cfg.keep_samples][rev]
+    sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(p.shape))]
+    data_vars["samples"] = (sdims, xs.astype(np.float32))
+    if p.ens.kind == "joint":
+        data_vars["sample_labels"] = (["temperature", "sample"], pooled["labels"][:, : cfg.keep_samples][rev])
+    energy_units = "T_train (multiply by T_train for the logits' units)" if p.units == "train" and p.t_train != 1.0 \
+        else "the logits' units"
+    attrs = {
+        "kind": "measurement", "ensemble": p.ens.kind, "n_classes": p.ens.n_classes, "dimension": p.d,
+        "shape": json.dumps(list(p.shape)), "log_Omega": p.ens.log_omega(p.d), "seed": p.seed,
+        "device": str(p.device), "settings": json.dumps(asdict(cfg)), "versions": json.dumps(_versions()),
+        "ais_schedule_length": len(pl.schedule), "thermodynamic_length": pl.length, "mbar_ok": int(th.mbar_ok),
+        "seconds": seconds, "units": "nats (k_B = 1) unless the name ends in _bits",
+        "T_train": p.t_train, "temperature_units": p.units, "energy_units": energy_units,
+        "data": p.data_source, "log_Z_source": "data-seeded anneal" if th.from_data is not None else "forward AIS from uniform",
+        **p.desc,
+    }
+    if th.from_data is not None:
+        attrs["bridge_schedule_length"] = int(pooled["b_steps"].max())
+        attrs["bridge_thermodynamic_length_max"] = float(pooled["b_length"].max())
+    coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref)}
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def measure(model, temps, *, shape=None, ensemble="marginal", units="train", t_train=None, data="auto",
+            seed: int = 0, device: str = "auto", progress: bool = False, config: MeasureConfig | None = None,
+            **budget) -> xr.Dataset:
+    """Estimate log Z, F, U, S, C, info (and joint information quantities) at temperatures `temps`.
+
+    model: checkpoint path, thermo-ebm EBM, or callable/nn.Module mapping float [N, *shape] to logits [N, K].
+    units: "train" (default): T in units of the model's training temperature T_train (a checkpoint's
+    sgld_noise^2 / (2 sgld_step); `t_train`, else 1, for other models), so T = 1 is the distribution the
+    training chains targeted, and U, F come in units of T_train; "raw": T and energies on the logits' scale.
+    data: reference states of the low-temperature phase, [M, *shape] in the box (tensor, array or .pt file);
+    "auto": a checkpoint's training split and stored chains (nothing for other models); None: none. With data,
+    log Z comes from annealing a data-informed base at every temperature, and the estimate from uniform is
+    kept as log_Z_forward (flag_hysteresis where they disagree).
+    Returns an xarray.Dataset on ascending `temperature` (as given; `temperature_raw` = T x T_train) with
+    `<name>_err` standard errors, cross-checks, diagnostics and per-temperature flags. Units: nats, except
+    names ending in _bits.
+    """
+    cfg = config or MeasureConfig()
+    unknown = set(budget) - {f.name for f in fields(MeasureConfig)}
+    if unknown:
+        raise ThermoEBMError(f"unknown budget option(s): {', '.join(sorted(unknown))}")
+    cfg = MeasureConfig(**{**asdict(cfg), **budget})
+    if dist.active():  # under torchrun every process runs one shard
+        if cfg.shards not in (1, dist.world()):
+            raise ThermoEBMError(f"shards={cfg.shards} conflicts with the {dist.world()} processes")
+        cfg.shards = dist.world()
+    cfg.validate()
+    p = prepare(model, temps, shape=shape, ensemble=ensemble, units=units, t_train=t_train, data=data,
+                device=device, seed=seed, cfg=cfg)
+    t0 = time.perf_counter()
+    pl = plan(p, progress)
+    pooled = _pool(p, pl, progress)
+    th = thermodynamics(p, pooled)
+    flags, extra = diagnose(p, pl, th, pooled)
+    return to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
 
 
 def _versions():
@@ -148,221 +648,6 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
         res = mbar.compute_free_energy_differences()
     f, df = res["Delta_f"][0], res["dDelta_f"][0]  # f_k - f_0, with f = -log Z; state 0 = lowest beta
     return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
-
-
-# axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
-SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
-                  accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1)
-
-
-def shard_seed(seed: int, shard: int) -> int:
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _run_shard(net, ens, shape, betas, tuning, schedule, steps, cfg, seed, dev, progress, kernel, shard):
-    """Forward AIS, sweep and reverse AIS for one shard of the chains (its own generator). Returns numpy
-    arrays keyed as SHARD_AXES: per-chain arrays [T, N_shard, ...] and [1, T] summaries."""
-    n_shards = cfg.shards
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(shard_seed(seed, shard))
-    c = cfg.chains // n_shards
-    fwd = ais.run_forward(net, ens, shape, schedule, steps, betas, n_chains=cfg.ais_chains // n_shards,
-                          n_keep=c, mcmc_steps=cfg.ais_mcmc, generator=gen, device=dev, progress=progress,
-                          kernel=kernel)
-    sw = run_sweep(net, ens, fwd.states, betas, tuning.step_at(betas), n_burn=cfg.burn_in,
-                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=dev,
-                   progress=progress, kernel=kernel)
-    rev_lw = ais.run_reverse(net, ens, sw.final, betas, tuning, n_steps=cfg.reverse_steps,
-                             generator=gen, device=dev, progress=progress, kernel=kernel)
-    n_t, keep = len(betas), min(cfg.keep_samples, c)
-    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
-               ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None],
-               chain_means=sw.chain_means, u_trace=sw.u_trace, logits=sw.logits, accept=sw.accept[None],
-               swap_accept=sw.swap_accept[None], nonfinite=sw.nonfinite[None], step=sw.step[None], rev_lw=rev_lw,
-               samples=sw.final.x.reshape(n_t, c, *shape)[:, :keep].cpu().numpy())
-    if ens.kind == "joint":
-        lg = sw.final.logits.reshape(n_t, c, -1)[:, :keep]
-        p = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
-        out["labels"] = torch.multinomial(p.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
-    return out
-
-
-def measure(model, temps, *, shape=None, ensemble="marginal", seed: int = 0, device: str = "auto",
-            progress: bool = False, config: MeasureConfig | None = None, **budget) -> xr.Dataset:
-    """Estimate log Z, F, U, S, C, info (and joint information quantities) at temperatures `temps`.
-
-    model: checkpoint path, thermo-ebm EBM, or callable/nn.Module mapping float [N, *shape] to logits
-    [N, K]. Returns an xarray.Dataset on ascending `temperature` with `<name>_err` standard errors,
-    cross-checks, diagnostics and per-temperature flags. Units: nats, except names ending in _bits.
-    """
-    cfg = config or MeasureConfig()
-    unknown = set(budget) - {f.name for f in fields(MeasureConfig)}
-    if unknown:
-        raise ThermoEBMError(f"unknown budget option(s): {', '.join(sorted(unknown))}")
-    cfg = MeasureConfig(**{**asdict(cfg), **budget})
-    if dist.active():  # under torchrun every process runs one shard
-        if cfg.shards not in (1, dist.world()):
-            raise ThermoEBMError(f"shards={cfg.shards} conflicts with the {dist.world()} processes")
-        cfg.shards = dist.world()
-    cfg.validate()
-    temps = check_temps(temps)
-    dev = dist.local_device(resolve_device(device))
-    net, shape, k, desc = resolve_model(model, shape)
-    if ensemble not in ("marginal", "joint"):
-        raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose marginal or joint")
-    ens = Ensemble(ensemble, k)
-    if isinstance(net, torch.nn.Module):
-        net = net.to(dev)
-    d = int(np.prod(shape))
-    t0 = time.perf_counter()
-
-    betas = np.sort(1.0 / temps)  # ascending beta = descending T
-    n_t = len(betas)
-    kernel = mala_kernel(cfg.compile if cfg.compile is not None else d >= 256)
-    tuning = None
-    if dist.is_main():  # one pilot, shared by every shard
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(int(seed))
-        tuning = ais.tune(net, ens, shape, betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
-                          n_adapt=cfg.tune_adapt, generator=gen, device=dev, progress=progress, kernel=kernel)
-    tuning = dist.broadcast(tuning)
-    # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
-    # while the replica SE stays small (measured at d = 784: 2000 steps for L^2 ~ 1000 gave z = -11)
-    length = float(ais.thermodynamic_length(tuning)[-1])
-    n_ais = max(cfg.ais_steps, int(math.ceil(cfg.ais_steps_per_l2 * length ** 2)))
-    if n_ais > cfg.ais_steps:
-        log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
-    schedule, steps = ais.make_schedule(tuning, betas, n_ais)
-    args = (net, ens, shape, betas, tuning, schedule, steps, cfg, int(seed), dev, progress, kernel)
-    if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
-        part = _run_shard(*args, dist.rank())
-        pooled = {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}
-    else:
-        parts = [_run_shard(*args, s) for s in range(cfg.shards)]
-        pooled = {k: np.concatenate([p[k] for p in parts], axis=SHARD_AXES[k]) for k in parts[0]}
-    fwd_acc, fwd_bad = pooled["ais_accept"].mean(0), pooled["ais_nonfinite"].sum(0)
-    sw_acc, sw_bad, sw_step = pooled["accept"].mean(0), pooled["nonfinite"].sum(0), pooled["step"].mean(0)
-    swap_acc = pooled["swap_accept"].mean(0)
-
-    # ---- log Z from AIS (ascending beta order here; flipped to ascending T at the end)
-    log_omega = ens.log_omega(d)
-    lw = pooled["logw"]
-    lmw, lmw_se, _, ess = log_mean_weight(lw, cfg.replicas)
-    log_z, log_z_se = log_omega + lmw, lmw_se
-    rev_ratio, rev_se = -logmeanexp(pooled["rev_lw"], axis=-1), delta_log_mean_se(pooled["rev_lw"])
-    log_z_upper = log_omega + np.cumsum(rev_ratio)
-    log_z_upper_se = np.sqrt(np.cumsum(rev_se ** 2))
-
-    # ---- sweep estimators: jackknife over chains (independent blocks)
-    names = stat_names(ens)
-    blocks = pooled["chain_means"]
-    iu, im2 = names.index("u"), names.index("m2")
-    U, U_se = jackknife(blocks, lambda m: m[..., iu])
-
-    def heat(m):
-        b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
-        return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
-    # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
-    # all of it, since C at neighbouring T is positively correlated through the swaps (nan without an
-    # interior maximum)
-    C_cov = jackknife_cov(blocks, heat)
-    C, C_se = heat(blocks.mean(axis=1)), np.sqrt(np.diag(C_cov))
-    t_asc = 1.0 / betas[::-1]
-    peak = peak_position(t_asc, C[::-1], C_cov[::-1, ::-1], seed=int(seed))
-    S = betas * U + log_z
-    S_se = np.sqrt((betas * U_se) ** 2 + log_z_se ** 2)
-    out = {
-        "log_Z": (log_z, log_z_se), "F": (-log_z / betas, log_z_se / betas), "U": (U, U_se),
-        "S": (S, S_se), "C": (C, C_se), "info_bits": ((log_omega - S) / LN2, S_se / LN2),
-    }
-    if ens.kind == "joint":
-        ih = names.index("h_y_given_x")
-        ip = slice(ih + 1, ih + 1 + k)
-
-        def h_y(m):
-            p = np.clip(m[..., ip], 1e-300, None)
-            return -(p * np.log(p)).sum(-1) / LN2
-        hy = jackknife(blocks, h_y)
-        hyx = jackknife(blocks, lambda m: m[..., ih] / LN2)
-        ixy = jackknife(blocks, lambda m: h_y(m) - m[..., ih] / LN2)
-        out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
-
-    # ---- diagnostics and cross-checks
-    tau = np.array([integrated_autocorr_time(pooled["u_trace"][:, t, :]) for t in range(n_t)])
-    # -d log Z / d beta of the AIS estimator is its weighted mean energy (no finite differences)
-    u_ais, u_ais_se = weighted_mean(lw, pooled["energy"], cfg.replicas)
-    if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
-        D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)
-        dU = (D @ U[::-1])[::-1]
-        dU_se = np.sqrt((D ** 2) @ (U_se[::-1] ** 2))[::-1]
-    else:
-        dU, dU_se = np.full(n_t, np.nan), np.full(n_t, np.nan)
-    diag = {
-        "log_Z_upper": (log_z_upper, log_z_upper_se),
-        "U_resid": (U - u_ais, np.sqrt(U_se ** 2 + u_ais_se ** 2)),
-        "C_resid": (C - dU, np.sqrt(C_se ** 2 + dU_se ** 2)),
-    }
-    mbar_ok = False
-    if cfg.mbar and n_t > 1:
-        try:
-            diag["log_Z_mbar"] = _mbar_log_z(pooled["logits"], betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
-            mbar_ok = True
-        except Exception as e:  # MBAR failing (no overlap) is a diagnostic, not a fatal error
-            log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
-    if not mbar_ok:
-        diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
-
-    nonfinite = (fwd_bad + sw_bad) > 0
-    ais_acc = fwd_acc
-    low_acc = (sw_acc < 0.05) | (ais_acc < 0.05)
-    low_ess = ess < max(10.0, 0.05 * cfg.ais_chains)  # below this the replica SE of log Z is not trustworthy
-    # tail of the weights (Pareto k): a heavy tail makes the SE unreliable even where the ESS looks fine
-    k_hat = pareto_k(lw)
-    heavy = k_hat > heavy_tail_limit(lw.shape[-1])  # nan (too few finite weights): left to the ESS flag
-    poor_mix = (cfg.samples < 10 * tau) | (cfg.burn_in < 5 * tau)
-    flags = {"flag_nonfinite": nonfinite, "flag_low_acceptance": low_acc, "flag_low_ess": low_ess,
-             "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
-    longer = (f"log Z SE unreliable; anneal longer (schedule {len(schedule)} betas = max(ais_steps {cfg.ais_steps}, "
-              f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {length ** 2:.0f}) + sweep betas; 4x the betas "
-              f"fixed the 784-d benchmark, docs/estimators.md)")
-    remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
-              "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
-              "flag_poor_mixing": "raise samples and burn_in (the sweep chains are short against tau_E)"}
-    for name, f in flags.items():
-        for t in np.nonzero(f)[0]:
-            log.warning("T=%g: %s: %s", 1.0 / betas[t], name.replace("flag_", "").replace("_", " "), remedy[name])
-    swap = np.concatenate([swap_acc, [np.nan]]) if n_t > 1 else np.array([np.nan])
-
-    # ---- assemble, ascending temperature
-    rev = slice(None, None, -1)
-    data_vars = {}
-    for name, (v, e) in {**out, **diag}.items():
-        data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
-        data_vars[name + "_err"] = ("temperature", np.asarray(e, dtype=np.float64)[rev])
-    extra = {"ess": ess, "pareto_k": k_hat, "ais_accept": ais_acc, "accept": sw_acc, "swap_accept": swap,
-             "tau_E": tau, "step_size": sw_step}
-    for name, v in extra.items():
-        data_vars[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
-    for name, f in flags.items():
-        data_vars[name] = ("temperature", f[rev].astype(np.int8))
-    data_vars["C_peak_T"], data_vars["C_peak_T_err"] = ((), peak[0]), ((), peak[1])
-    # samples for plotting: the first keep_samples chains at each temperature
-    xs = pooled["samples"][:, : cfg.keep_samples][rev]
-    sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(shape))]
-    data_vars["samples"] = (sdims, xs.astype(np.float32))
-    if ens.kind == "joint":
-        data_vars["sample_labels"] = (["temperature", "sample"], pooled["labels"][:, : cfg.keep_samples][rev])
-    attrs = {
-        "kind": "measurement", "ensemble": ens.kind, "n_classes": k, "dimension": d,
-        "shape": json.dumps(list(shape)), "log_Omega": log_omega, "seed": int(seed), "device": str(dev),
-        "settings": json.dumps(asdict(cfg)), "versions": json.dumps(_versions()),
-        "ais_schedule_length": len(schedule), "thermodynamic_length": length, "mbar_ok": int(mbar_ok),
-        "seconds": time.perf_counter() - t0, "units": "nats (k_B = 1) unless the name ends in _bits",
-        **desc,
-    }
-    ds = xr.Dataset(data_vars, coords={"temperature": 1.0 / betas[rev]},
-                    attrs=attrs)
-    return ds
 
 
 def parse_temps(spec: str) -> np.ndarray:

@@ -26,6 +26,19 @@ class EBM(nn.Module):
         return self.net(x)
 
 
+class ScaledLogits(nn.Module):
+    """f(x) / t_ref: a logits model in units of a reference temperature (its training temperature), so that
+    T = 1 of the scaled model is T = t_ref of the original and energies come out in units of t_ref."""
+
+    def __init__(self, net, t_ref: float, shape):
+        super().__init__()
+        self.net, self.inv = net, 1.0 / float(t_ref)
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return self.net(x) * self.inv
+
+
 def _mlp(d, width, depth, k):
     layers, n_in = [nn.Flatten()], d
     for _ in range(depth):

@@ -59,11 +59,17 @@ def _band(ax, ds, var, label, color):
 def _diagnostics(ax_gap, ax_res, ds, col, first):
     """Left: log Z cross-checks minus AIS log Z (nats). Right: consistency residuals in SE units."""
     t = ds.temperature.values
-    for var, mk, name in (("log_Z_upper", "^", "reverse AIS (upper)"), ("log_Z_mbar", "s", "MBAR")):
+    checks = (("log_Z_reverse", "^", "reverse AIS"), ("log_Z_mbar", "s", "MBAR"), ("log_Z_forward", "v", "from uniform"))
+    for var, mk, name in checks:
+        if var == "log_Z_forward" and ds.attrs.get("log_Z_source") != "data-seeded anneal":
+            continue  # the reported log Z itself
         if var in ds and np.any(np.isfinite(ds[var].values)):
             ax_gap.errorbar(t, ds[var].values - ds.log_Z.values, yerr=ds[var + "_err"].values, fmt=mk, ms=3,
                             color=col, alpha=0.8, lw=0.8, label=name if first else None,
                             mfc="none" if var == "log_Z_mbar" else col)
+    if "flag_hysteresis" in ds:  # the two origins disagree: shade those temperatures
+        for x in t[ds.flag_hysteresis.values.astype(bool)]:
+            ax_gap.axvline(x, color="tab:red", alpha=0.15, lw=6)
     for var, mk, name in (("U_resid", "o", r"$U - (-\partial_\beta \log Z)$"), ("C_resid", "D", r"$C - dU/dT$")):
         if var in ds and np.any(np.isfinite(ds[var].values)):
             ax_res.plot(t, ds[var].values / ds[var + "_err"].values, mk, ms=3, color=col,
@@ -114,11 +120,26 @@ def thermo_figure(runs, out):
             ax.legend(loc="best", fontsize=7, framealpha=0.9)
     axes[3].set_title("heat capacity $C = \\mathrm{Var}(E)/T^2$")
     axes[4].set_title("information $= KL(p_T\\,\\|\\,$uniform$)$")
+    xlabel = temperature_label(runs[0][1])
     for ax in axes:
-        ax.set_xlabel("temperature $T$")
+        ax.set_xlabel(xlabel)
+        if any(_train_units(ds) for _, ds in runs):
+            ax.axvline(1.0, color="0.6", lw=0.8, ls=":", gid="T_train")
     axes[0].legend(loc="best")
-    fig.suptitle("Thermodynamics vs temperature (±1 SE bands; nats, $k_B=1$)", fontsize=11)
+    units = "; $U, F$ in units of $T_{train}$" if _train_units(runs[0][1]) else ""
+    fig.suptitle(f"Thermodynamics vs temperature (±1 SE bands; nats, $k_B=1${units})", fontsize=11)
     return _save(fig, out)
+
+
+def _train_units(ds) -> bool:
+    return ds.attrs.get("temperature_units") == "train" and float(ds.attrs.get("T_train", 1.0)) != 1.0
+
+
+def temperature_label(ds) -> str:
+    """The x-axis label: which temperature scale the file holds (T = 1 marked where it is T_train)."""
+    if _train_units(ds):
+        return f"$T / T_{{train}}$ ($T_{{train}}$ = {float(ds.attrs['T_train']):.3g}; dotted: training chains)"
+    return "temperature $T$ (logits' units)"
 
 
 def _image_shape(shape):

@@ -8,7 +8,17 @@ import numpy as np
 from .results import list_groups, read_group
 
 COLS = ["F", "U", "S", "C", "info_bits"]
-FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing"]
+FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
+         "flag_inconsistent", "flag_hysteresis"]
+
+
+def scale_line(ds) -> str:
+    """Which temperature scale a measurement is on (and where the training distribution sits)."""
+    t_train = float(ds.attrs.get("T_train", 1.0))
+    if ds.attrs.get("temperature_units") == "train" and t_train != 1.0:
+        return (f"T in units of T_train = {t_train:.4g} (T = 1: the distribution the training chains targeted; "
+                f"raw T = T x T_train); U, F in units of T_train")
+    return f"T on the logits' scale (T_train = {t_train:.4g})" if "T_train" in ds.attrs else "T on the logits' scale"
 
 
 def _flags(ds, i):
@@ -30,9 +40,13 @@ def report(path, as_json=False) -> str:
                     row[c], row[c + "_err"] = float(ds[c].values[i]), float(ds[c + "_err"].values[i])
                 row["flags"] = _flags(ds, i)
                 rows.append(row)
-            doc["groups"][name] = {"kind": kind, "ensemble": ds.attrs.get("ensemble"), "rows": rows}
+            doc["groups"][name] = {"kind": kind, "ensemble": ds.attrs.get("ensemble"), "rows": rows,
+                                   "temperature_units": ds.attrs.get("temperature_units", "raw"),
+                                   "T_train": float(ds.attrs.get("T_train", 1.0))}
             lines.append(f"\n[{name}] measurement, ensemble={ds.attrs.get('ensemble')}, d={ds.attrs.get('dimension')}, "
                          "nats (k_B = 1), info in bits")
+            lines.append(scale_line(ds) + f"; log Z from {ds.attrs.get('log_Z_source', 'forward AIS from uniform')}"
+                         + (f" (data: {ds.attrs['data']})" if ds.attrs.get("data", "none") != "none" else ""))
             head = f"{'T':>6} " + " ".join(f"{c:>20}" for c in cols) + "  flags"
             lines.append(head)
             for r in rows:

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ais import TARGET_ACCEPT, uniform
-from .checkpoint import load_model
+from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .measure import resolve_device
-from .sampling import MAX_STEP, mala_init, mala_step
+from .sampling import MAX_STEP, adapt_step, mala_init, mala_step, uniform
 
 
 def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="auto"):
@@ -35,7 +34,7 @@ def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="aut
         b = float(anneal[i]) if i < len(anneal) else 1.0 / temp
         state, acc, _ = mala_step(state, model, ens, torch.full((n,), b, device=dev), step, g)
         if i < len(anneal):
-            step = (step * torch.exp(acc.float().mean() - TARGET_ACCEPT)).clamp(1e-5, MAX_STEP)
+            step = adapt_step(step, acc.float().mean())
     return state.x
 
 
@@ -51,8 +50,15 @@ def save_grid(x, out, shape):
     return out
 
 
-def sample_to_png(ckpt, temp, *, label=None, n=64, out="samples.png", steps=500, seed=0, device="auto"):
-    model = load_model(ckpt)
+def sample_to_png(ckpt, temp, *, units="train", label=None, n=64, out="samples.png", steps=500, seed=0,
+                  device="auto"):
+    """Samples at T (units="train": T x T_train on the logits' scale; "raw": T itself) saved as an image grid."""
+    if units not in ("train", "raw"):
+        raise ThermoEBMError(f"unknown temperature units {units!r}; choose train or raw")
+    st = load_checkpoint(ckpt)
+    model = model_from_checkpoint(st, ckpt).eval()
+    if units == "train" and math.isfinite(temp):
+        temp = temp * checkpoint_temperature(st)
     if label is not None and not 0 <= label < model.n_classes:
         raise ThermoEBMError(f"--label must be in 0..{model.n_classes - 1}")
     return save_grid(draw(model, temp, label=label, n=n, steps=steps, seed=seed, device=device), out, model.shape)

@@ -18,6 +18,19 @@ import torch
 from .rng import draw_key, normals_like
 
 MAX_STEP = 0.5  # keeps the omitted mirror images of the folded Gaussian below ~e^-24 relative weight
+MIN_STEP = 1e-5
+TARGET_ACCEPT = 0.574  # MALA's optimal acceptance (Roberts & Rosenthal 1998)
+
+
+def uniform(n, shape, generator, device) -> torch.Tensor:
+    """n uniform draws on the box [-1, 1]^shape; [n, *shape] float32."""
+    return torch.rand((n, *shape), generator=generator, device=device) * 2.0 - 1.0
+
+
+def adapt_step(step: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
+    """The sampler's step-size policy during tuning: step * exp(acceptance - TARGET_ACCEPT), kept in
+    [MIN_STEP, MAX_STEP] (any shape; acceptance broadcasts). Used only before counting starts."""
+    return (step * torch.exp(acceptance - TARGET_ACCEPT)).clamp(MIN_STEP, MAX_STEP)
 
 
 # --------------------------------------------------------------------------- Langevin (training)

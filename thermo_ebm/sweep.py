@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .ais import TARGET_ACCEPT
-from .sampling import MAX_STEP, EAGER, MalaState, mala_step, take
+from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, mala_step, take
 
 
 @dataclass
@@ -90,7 +89,7 @@ def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod
     n_t = len(betas)
     c = init.x.shape[0] // n_t
     beta = torch.as_tensor(betas, dtype=torch.float32, device=device).repeat_interleave(c)
-    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(1e-5, MAX_STEP)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
     state = init
     swap_sum = torch.zeros(max(n_t - 1, 1), device=device)
     swap_n = torch.zeros_like(swap_sum)
@@ -104,7 +103,7 @@ def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod
         acc_t = acc.float().reshape(n_t, c).mean(1)
         bad += (~fin).float().reshape(n_t, c).sum(1)
         if i < n_burn:
-            step_t = (step_t * torch.exp(acc_t - TARGET_ACCEPT)).clamp(1e-5, MAX_STEP)
+            step_t = adapt_step(step_t, acc_t)
         if exchange and n_t > 1:
             state, sacc, lo_t = _swap(state, ensemble, beta, n_t, c, i % 2, generator)
             if sacc is not None and i >= n_burn:

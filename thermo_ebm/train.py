@@ -18,7 +18,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
 from .data import DATASETS, load_data, parse_labels
 from .errors import ThermoEBMError, TrainingDiverged
 from .fileio import file_lock
@@ -163,6 +163,7 @@ class Trainer:
         return {
             "config": asdict(self.cfg),
             "model_spec": self.model.spec,
+            "training_temperature": training_temperature(asdict(self.cfg)),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": copy.deepcopy(self.opt.state_dict()),
             "buffers": {f"{p}/{k}": v.detach().cpu().clone() for p, d in self.pops.items() for k, v in d.items()},

@@ -1,0 +1,147 @@
+"""Phases that annealing from uniform cannot reach: the data-informed base, the two origins compared, the
+training-temperature units, against systems with exact answers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import truncnorm
+
+from thermo_ebm import ThermoEBMError, measure
+from thermo_ebm.bridge import KernelBase, run_bridge
+from thermo_ebm.checkpoint import training_temperature
+from thermo_ebm.ensembles import Ensemble
+from thermo_ebm.testing import ModeSwitch, TruncatedGaussian
+
+TEMPS = [0.5, 0.75, 1.0, 1.5, 2.0]
+FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
+         "flag_inconsistent", "flag_hysteresis")
+
+
+def _z(ds, key, exact):
+    est, se = ds[key].values, ds[key + "_err"].values
+    # an exactly zero SE can only match an estimate equal to the exact value to float precision
+    return np.where(se > 0, (est - exact) / np.where(se > 0, se, 1.0), np.where(np.abs(est - exact) < 1e-6, 0, np.inf))
+
+
+@pytest.fixture(scope="module", params=[("joint", 16), ("marginal", 16), ("joint", 64)],
+                ids=["modeswitch16-joint", "modeswitch16-marginal", "modeswitch64-joint"])
+def switched(request):
+    ens, d = request.param
+    system = ModeSwitch(d)
+    x, _ = system.sample(min(TEMPS), 2000, seed=1)  # "data": exact draws of the lowest temperature
+    ds = measure(system, TEMPS, ensemble=ens, data=x, device="cpu", seed=1)
+    return d, system.exact(TEMPS, ens), ds
+
+
+def test_mode_switch_with_data_is_right_or_flagged(switched):
+    """Every quantity within 4 SE of exact at every temperature, or that temperature flagged. At d = 16 no
+    flag may excuse a miss; the joint d = 16 system is also checked for the joint information quantities."""
+    d, exact, ds = switched
+    flagged = np.any([ds[f].values for f in FLAGS if f in ds], axis=0)
+    for key, value in exact.items():
+        z = _z(ds, key, value)
+        ok = np.abs(z) < 4 if d == 16 else (np.abs(z) < 4) | flagged
+        assert np.all(ok), f"d={d} {key}: z = {np.round(z, 2)}, flagged {flagged}"
+    others = [ds[f].values[0] for f in FLAGS if f != "flag_hysteresis"]
+    assert not any(others), "the lowest temperature (where the data live) must be measured, not flagged"
+
+
+def test_mode_switch_forward_miss_is_flagged_as_hysteresis(switched):
+    """Annealing from uniform misses the narrow deep modes below the transition (log_Z_forward far below the
+    exact value): those temperatures carry flag_hysteresis; above the transition both origins agree."""
+    d, exact, ds = switched
+    z_fwd = (ds.log_Z_forward.values - exact["log_Z"]) / ds.log_Z_forward_err.values
+    missed = z_fwd < -10
+    assert missed[:2].all(), z_fwd  # T = 0.5, 0.75: the forward anneal never enters the narrow modes
+    assert np.all(ds.flag_hysteresis.values[missed] == 1)
+    assert ds.flag_hysteresis.values[-1] == 0  # T = 2: the wide modes hold the mass, both origins agree
+    assert ds.attrs["log_Z_source"] == "data-seeded anneal"
+
+
+def test_data_does_not_raise_false_alarms_on_a_single_phase():
+    """A 64-d box Gaussian with exact data at the lowest temperature: within 4 SE, and the two origins agree."""
+    system = TruncatedGaussian(64, seed=2)
+    sd = system.s * math.sqrt(0.5)
+    a, b = (-1 - system.m) / sd, (1 - system.m) / sd
+    x = truncnorm.rvs(a, b, loc=system.m, scale=sd, size=(500, 64), random_state=0)
+    ds = measure(system, [0.5, 1.0, 2.0], data=torch.tensor(x, dtype=torch.float32), device="cpu", seed=3)
+    exact = system.exact([0.5, 1.0, 2.0])
+    for key, value in exact.items():
+        assert np.all(np.abs(_z(ds, key, value)) < 4), key
+    assert not ds.flag_hysteresis.values.any() and not ds.flag_inconsistent.values.any()
+    assert np.all(np.abs(ds.origin_gap.values / ds.origin_gap_err.values) < 4)
+
+
+def test_kernel_base_is_an_exact_normalised_density():
+    """q on [-1,1]^2 integrates to 1 on a fine grid, its gradient matches finite differences, and its draws
+    have the grid's moments."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[[0.9, -0.2], [-0.5, 0.99], [0.0, 0.0]]], dtype=torch.float64)
+    sigma = torch.tensor([[[0.3, 0.1], [0.2, 0.5], [1.5, 0.05]]], dtype=torch.float64)
+    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.3, 0.2, 0.2]]))
+    n = 801
+    h = 2.0 / n
+    c = torch.linspace(-1 + h / 2, 1 - h / 2, n, dtype=torch.float64)
+    grid = torch.cartesian_prod(c, c)
+    lq, grad = base.log_prob(grid)
+    q = lq.exp()
+    assert abs(float(q.sum() * h * h) - 1.0) < 2e-4
+    x0 = torch.tensor([[0.3, -0.4]], dtype=torch.float64)
+    eps = 1e-6
+    fd = [(base.log_prob(x0 + eps * e)[0] - base.log_prob(x0 - eps * e)[0]) / (2 * eps) for e in torch.eye(2, dtype=torch.float64)]
+    np.testing.assert_allclose(base.log_prob(x0)[1][0].numpy(), torch.cat(fd).numpy(), rtol=1e-6)
+    xs, comp = base.sample(200_000, g)
+    assert xs.abs().max() <= 1.0 and comp.max() == 3
+    mean_grid = (q[:, None] * grid).sum(0) * h * h
+    se = xs.std(0) / math.sqrt(len(xs))
+    assert torch.all((xs.mean(0) - mean_grid).abs() < 4 * se)
+
+
+def test_bridge_from_the_exact_target_has_zero_variance_weights():
+    """With q_t equal to p_beta (one kernel, the box Gaussian at beta; negligible uniform weight) every chain's
+    weight is exactly Z(beta): the path, the MALA kernel and the normalisation are consistent."""
+    system = TruncatedGaussian(8, seed=0)
+    betas = np.array([1.0, 2.0])
+    mu = torch.tensor(system.m)[None, None].repeat(2, 1, 1)
+    sig = torch.stack([torch.tensor(system.s / math.sqrt(b)) for b in betas])[:, None]
+    base = KernelBase(mu, sig, torch.tensor([[1 - 1e-12, 1e-12]] * 2))
+    lam = np.repeat(np.linspace(0, 1, 21)[:, None], 2, 1)
+    res = run_bridge(system, Ensemble("marginal", 1), (8,), base, betas, lam, np.full_like(lam, 0.2), n_chains=64,
+                     n_keep=4, generator=torch.Generator().manual_seed(0), device="cpu")
+    np.testing.assert_allclose(res.logw.numpy(), system.exact(1 / betas)["log_Z"][:, None].repeat(64, 1), atol=2e-4)
+
+
+def test_training_temperature_units_against_exact_values():
+    """units='train' with T_train = 0.5: temperature T is T_raw = 0.5 T; log Z, S, C, info are the raw-scale
+    values at T_raw and U, F come in units of T_train."""
+    system = TruncatedGaussian(16, seed=1)
+    temps = [1.0, 2.0]
+    ds = measure(system, temps, t_train=0.5, data=None, device="cpu", seed=0)
+    raw = system.exact([0.5, 1.0])
+    np.testing.assert_allclose(ds.temperature_raw.values, [0.5, 1.0])
+    assert ds.attrs["T_train"] == 0.5 and ds.attrs["temperature_units"] == "train"
+    for key, scale in (("log_Z", 1.0), ("S", 1.0), ("C", 1.0), ("info_bits", 1.0), ("U", 0.5), ("F", 0.5)):
+        z = (ds[key].values - raw[key] / scale) / ds[key + "_err"].values
+        assert np.all(np.abs(z) < 4), (key, z)
+
+
+def test_training_temperature_of_a_config():
+    assert training_temperature({"objective": "j_ebm", "sgld_step": 0.05, "sgld_noise": 0.1}) == pytest.approx(0.1)
+    assert training_temperature({"objective": "j_ebm", "sgld_step": 1.0, "sgld_noise": 0.01}) == pytest.approx(5e-5)
+    assert training_temperature({"objective": "dcl", "sgld_step": 0.05, "sgld_noise": 0.1}) == 1.0
+    assert training_temperature({"objective": "m_ebm", "sgld_step": 0.0, "sgld_noise": 0.1}) == 1.0
+
+
+def test_measure_input_errors():
+    system = TruncatedGaussian(4)
+    with pytest.raises(ThermoEBMError, match="duplicate temperature"):
+        measure(system, [1.0, 0.5, 1.0], device="cpu")
+    with pytest.raises(ThermoEBMError, match="box"):
+        measure(system, [1.0], data=torch.full((8, 4), 2.0), device="cpu")
+    with pytest.raises(ThermoEBMError, match="shape"):
+        measure(system, [1.0], data=torch.zeros(8, 5), device="cpu")
+    with pytest.raises(ThermoEBMError, match="units"):
+        measure(system, [1.0], units="kelvin", device="cpu")
+    with pytest.raises(ThermoEBMError, match="not found"):
+        measure(system, [1.0], data="missing.pt", device="cpu")

@@ -1,0 +1,289 @@
+"""Annealing from a data-informed base distribution to p_beta, at every sweep temperature at once.
+
+Base of temperature group t (exactly normalised on the box [-1, 1]^D):
+    q_t(x) = w_u 2^-D + (1 - w_u) (1/M) sum_m prod_i TN(x_i; mu_tmi, sigma_tmi)
+uniform mixed with box-truncated Gaussian kernels on M reference states (states of the low-temperature phase
+seeded from data, and states that annealing from uniform reached). Group t anneals
+    pi_lambda ∝ q_t^(1 - lambda) g_beta_t^lambda,  lambda: 0 -> 1,
+so its AIS weights estimate Z(beta_t) without any chain crossing a phase boundary: each chain starts in the
+phase its kernel sits in, and the weights set the phases' proportions. Pipeline, in this order:
+`references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
+(pilot anneal: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
+spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal).
+Chains are laid out [G, n] (G groups = ascending sweep betas) and flattened to [G * n].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
+
+SIGMA_FLOOR = 1e-3
+
+
+@dataclass
+class KernelBase:
+    """q_t per group t: centres and widths [G, M, D] and mixture weights [G, M + 1] (the last one: uniform)."""
+    centres: torch.Tensor
+    sigma: torch.Tensor
+    weights: torch.Tensor
+
+    def __post_init__(self):
+        mu, sig = self.centres.double(), self.sigma.double().clamp_min(SIGMA_FLOOR)
+        self.centres, self.sigma = mu, sig
+        g, m, d = mu.shape
+        w = self.weights.double().to(mu.device)
+        self.weights = w / w.sum(-1, keepdim=True)
+        inv = 1.0 / (sig * sig)
+        self._a, self._b = inv, mu * inv                                  # [G, M, D]
+        self._c = (mu * mu * inv).sum(-1)                                 # [G, M]
+        r2 = math.sqrt(2.0)
+        mass = 0.5 * (torch.erf((1 - mu) / (sig * r2)) - torch.erf((-1 - mu) / (sig * r2)))
+        log_norm = (-(torch.log(sig) + 0.5 * math.log(2 * math.pi)) - torch.log(mass)).sum(-1)
+        self._log_k = torch.log(self.weights[:, :m]) + log_norm            # [G, M]
+        self._log_u = torch.log(self.weights[:, m]) - d * math.log(2.0)    # [G]
+
+    @property
+    def groups(self):
+        return self.centres.shape[0]
+
+    def log_prob(self, x):
+        """log q(x) [N] and its gradient [N, D] (float64); x: [G * n, D] grouped as the chains."""
+        g, m, d = self.centres.shape
+        xg = x.double().reshape(g, -1, d)
+        quad = (torch.bmm(xg * xg, self._a.transpose(1, 2)) - 2.0 * torch.bmm(xg, self._b.transpose(1, 2))
+                + self._c[:, None, :])                                    # [G, n, M]
+        logk = self._log_k[:, None, :] - 0.5 * quad
+        lu = self._log_u[:, None, None].expand(g, xg.shape[1], 1)
+        logq = torch.logsumexp(torch.cat([logk, lu], -1), -1)            # [G, n]
+        r = torch.exp(logk - logq[..., None])                            # kernel responsibilities
+        grad = torch.bmm(r, self._b) - xg * torch.bmm(r, self._a)
+        return logq.reshape(-1), grad.reshape(-1, d)
+
+    def sample(self, n: int, generator):
+        """n exact draws from each q_t: x [G * n, D] float64, grouped, and their component [G, n] (M: uniform)."""
+        g, m, d = self.centres.shape
+        dev = self.centres.device
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        k = comp.clamp_max(m - 1)
+        mu = torch.gather(self.centres, 1, k[..., None].expand(g, n, d))
+        sig = torch.gather(self.sigma, 1, k[..., None].expand(g, n, d))
+        lo, hi = torch.special.ndtr((-1 - mu) / sig), torch.special.ndtr((1 - mu) / sig)
+        u = torch.rand((g, n, d), generator=generator, device=dev, dtype=torch.float64)
+        x = (mu + sig * torch.special.ndtri(lo + u * (hi - lo))).clamp(-1.0, 1.0)
+        xu = uniform(g * n, (d,), generator, dev).double().reshape(g, n, d)
+        return torch.where((comp == m)[..., None], xu, x).reshape(g * n, d), comp
+
+
+def population_weights(sizes, shares, floor):
+    """Mixture weights [G, M + 1] giving population j (sizes[j] consecutive kernels, then the uniform last)
+    the share shares[:, j] (floored at `floor`, renormalised), split equally over its kernels."""
+    shares = np.maximum(np.asarray(shares, dtype=np.float64), floor)
+    shares = shares / shares.sum(-1, keepdims=True)
+    cols = [np.repeat(shares[:, j:j + 1] / max(n, 1), n, axis=1) for j, n in enumerate(sizes)]
+    return torch.as_tensor(np.concatenate(cols, 1))
+
+
+class BridgeState(NamedTuple):
+    x: torch.Tensor       # [N, *shape]
+    logits: torch.Tensor  # [N, K]
+    ugrad: torch.Tensor   # [N, *shape] gradient of the ensemble's unit potential
+    log_q: torch.Tensor   # [N] float64
+    qgrad: torch.Tensor   # [N, D] float64
+
+
+def bridge_init(model, ensemble, base: KernelBase, x) -> BridgeState:
+    logits, g = evaluate(model, ensemble, x)
+    lq, qg = base.log_prob(x.reshape(x.shape[0], -1))
+    return BridgeState(x.detach(), logits, g, lq, qg)
+
+
+def log_target(ensemble, logits, log_q, lam, beta):
+    """log pi_lambda = (1 - lambda) log q + lambda log g_beta; [N] float64."""
+    return (1.0 - lam) * log_q + lam * ensemble.logp(logits, beta).double()
+
+
+def _drift(state, lam, beta):
+    n = state.x.shape[0]
+    return ((1.0 - lam)[:, None] * state.qgrad
+            + (lam * beta)[:, None].double() * state.ugrad.reshape(n, -1).double()).float()
+
+
+def bridge_step(state: BridgeState, model, ensemble, base, lam, beta, step, generator, kernel=EAGER):
+    """One reflected-MALA step on pi_lambda (lam, beta, step: [N]); MH-exact (the drift for the joint
+    ensemble is the approximate one the sampler uses, as in mala_step). Returns (state, accepted, finite)."""
+    n = state.x.shape[0]
+    x = state.x.reshape(n, -1)
+    s, one = step[:, None], torch.ones_like(step)[:, None]
+    lam64 = lam.double()
+    dx = _drift(state, lam64, beta)
+    y = kernel.propose(x, dx, s, one, kernel.noise(x, generator))
+    new = bridge_init(model, ensemble, base, y.reshape(state.x.shape))
+    dy = _drift(new, lam64, beta)
+    lp_y = log_target(ensemble, new.logits, new.log_q, lam64, beta)
+    lp_x = log_target(ensemble, state.logits, state.log_q, lam64, beta)
+    log_u = torch.rand(n, generator=generator, device=x.device, dtype=x.dtype).log()
+    finite = torch.isfinite(lp_y)
+    _, _, acc = kernel.accept(x, y, dx, dy, s, one, (lp_y - lp_x).float(), log_u, finite)
+    out = BridgeState(*(torch.where(acc.reshape(-1, *[1] * (a.ndim - 1)), b, a) for a, b in zip(state, new)))
+    return out, acc, finite
+
+
+def _group_tensor(values, n, device, dtype=torch.float32):
+    """[G] per-group values -> [G * n] per-chain tensor."""
+    return torch.as_tensor(np.repeat(np.asarray(values, dtype=np.float64), n), dtype=dtype, device=device)
+
+
+@dataclass
+class References:
+    centres: torch.Tensor   # [G, M, D] pilot chains' time averages (data-seeded first, then forward states)
+    sigma: torch.Tensor     # [G, M, D] per-population, per-coordinate within-chain standard deviations
+    step: np.ndarray        # [G] tuned MALA step sizes at beta_t
+
+
+def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *, n_data, n_steps, generator,
+               device, kernel=EAGER, progress=False) -> References:
+    """Pilot chains at each sweep beta from n_data data states and from the forward-AIS states (grouped
+    [G * n_f]): n_steps reflected-MALA steps, step sizes adapted per group over the first half. Each chain's
+    second half gives a local Gaussian: centre = its time average, width = the within-chain standard deviation
+    pooled over its population (data-seeded or forward), per coordinate. A kernel centred on the local mean
+    rather than on one sample keeps the mixture from being over-dispersed by a factor 2 in variance (a KL
+    that grows linearly with the dimension)."""
+    g = len(betas)
+    d = int(np.prod(shape))
+    n_f = forward.x.shape[0] // g
+    idx = torch.randint(data.shape[0], (g, n_data), generator=generator, device=device)
+    xd = data.to(device)[idx.reshape(-1)].reshape(g, n_data, d)
+    x = torch.cat([xd, forward.x.reshape(g, n_f, d)], 1).reshape(-1, *shape)
+    m = n_data + n_f
+    state = mala_init(model, ensemble, x)
+    beta = _group_tensor(betas, m, device)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(1e-5, MAX_STEP)
+    s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
+    s2 = torch.zeros_like(s1)
+    half = n_steps // 2
+    for i in tqdm(range(n_steps), desc="references", disable=not progress, leave=False):
+        state, acc, _ = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
+        if i < half:
+            step_t = adapt_step(step_t, acc.float().reshape(g, m).mean(1))
+        else:
+            xs = state.x.reshape(g, m, d).double()
+            s1 += xs
+            s2 += xs * xs
+    n = n_steps - half
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0.0) * n / max(n - 1, 1)
+    sig = torch.cat([var[:, :n_data].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
+                     var[:, n_data:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
+    return References(mean, sig, step_t.cpu().numpy().astype(np.float64))
+
+
+@dataclass
+class BridgeTuning:
+    lambdas: np.ndarray    # [P] pilot lambdas from 0 to 1
+    log_step: np.ndarray   # [P, G] tuned log step sizes
+    var: np.ndarray        # [P, G] Var_pi_lambda(log g - log q) (pilot chains weighted by their AIS weights)
+    shares: np.ndarray     # [G, C] share of the pilot's Z estimate delivered by chains from each population
+
+    def length(self):
+        """Cumulative thermodynamic length [P, G] of each group's path."""
+        sd = np.sqrt(self.var) + 1e-12
+        seg = 0.5 * (sd[1:] + sd[:-1]) * np.diff(self.lambdas)[:, None]
+        return np.concatenate([np.zeros((1, sd.shape[1])), np.cumsum(seg, 0)])
+
+
+def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, population, *, n_chains, n_stages,
+                n_adapt, generator, device, kernel=EAGER, progress=False) -> BridgeTuning:
+    """Pilot anneal of every group on a shared lambda grid, step sizes adapted (so its weights are not
+    counted). The variance that sets the schedule is taken under pi_lambda, i.e. with the pilot's AIS weights:
+    chains started where the target has no mass (most uniform draws at low T) would otherwise dominate it.
+    population: [M + 1] population index of each mixture component (for `shares`)."""
+    g = base.groups
+    lambdas = np.unique(np.concatenate([[0.0], np.geomspace(1e-4, 1.0, n_stages)]))
+    x, comp = base.sample(n_chains, generator)
+    state = bridge_init(model, ensemble, base, x.float().reshape(-1, *shape))
+    beta = _group_tensor(betas, n_chains, device)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(1e-5, MAX_STEP)
+    logw = torch.zeros(g, n_chains, dtype=torch.float64, device=device)
+    steps, var = [], []
+    prev = 0.0
+    for lam in tqdm(lambdas, desc="tune bridge", disable=not progress, leave=False):
+        delta = torch.nan_to_num((ensemble.logp(state.logits, beta).double() - state.log_q).reshape(g, n_chains),
+                                 nan=-np.inf)
+        logw += (lam - prev) * delta
+        prev = lam
+        w = torch.softmax(torch.nan_to_num(logw, nan=-np.inf), 1)
+        finite = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
+        mean = (w * finite).sum(1, keepdim=True)
+        var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
+        lam_t = torch.full((g * n_chains,), float(lam), device=device)
+        for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
+            state, acc, _ = bridge_step(state, model, ensemble, base, lam_t, beta,
+                                        step_t.repeat_interleave(n_chains), generator, kernel)
+            step_t = adapt_step(step_t, (w.float() * acc.float().reshape(g, n_chains)).sum(1))
+        steps.append(step_t.clone())
+    log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
+    pop = torch.as_tensor(population, device=device)[comp]                # [G, n]
+    w = torch.softmax(torch.nan_to_num(logw, nan=-np.inf), 1)
+    n_pop = int(max(population)) + 1
+    shares = torch.stack([(w * (pop == j)).sum(1) for j in range(n_pop)], 1)
+    return BridgeTuning(lambdas, log_step, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
+
+
+def bridge_schedule(tuning: BridgeTuning, n_steps: int):
+    """Per-group lambdas [n_steps + 1, G], equally spaced in that group's thermodynamic length, and the
+    pilot's step sizes interpolated to them (frozen)."""
+    L = tuning.length()
+    g = L.shape[1]
+    lam = np.empty((n_steps + 1, g))
+    step = np.empty_like(lam)
+    for t in range(g):
+        lam[:, t] = np.interp(np.linspace(0.0, L[-1, t], n_steps + 1), L[:, t], tuning.lambdas)
+        lam[0, t], lam[-1, t] = 0.0, 1.0
+        step[:, t] = np.exp(np.interp(lam[:, t], tuning.lambdas, tuning.log_step[:, t]))
+    return lam, step
+
+
+@dataclass
+class BridgeResult:
+    logw: torch.Tensor       # [G, n] log-weights: log Z(beta_t) estimates relative to the normalised q_t
+    energy: torch.Tensor     # [G, n] <E | x> at beta_t of each chain at the end
+    p_y: torch.Tensor        # [G, n, K] p_T(y | x) (joint ensemble; K = 1 column of ones otherwise)
+    states: MalaState        # [G * n_keep] states resampled by weight, grouped by beta
+    accept: torch.Tensor     # [G] mean acceptance
+    nonfinite: torch.Tensor  # [G] non-finite proposal densities
+
+
+def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_chains, n_keep, generator,
+               device, kernel=EAGER, progress=False) -> BridgeResult:
+    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]."""
+    g = base.groups
+    x = base.sample(n_chains, generator)[0].float().reshape(-1, *shape)
+    state = bridge_init(model, ensemble, base, x)
+    beta = _group_tensor(betas, n_chains, device)
+    lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=device)
+    step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=device)
+    logw = torch.zeros(g * n_chains, dtype=torch.float64, device=device)
+    acc_sum = torch.zeros(g, device=device)
+    bad = torch.zeros(g, device=device)
+    for k in tqdm(range(1, lam.shape[0]), desc="bridge AIS", disable=not progress, leave=False):
+        logw += (lam_t[k] - lam_t[k - 1]) * (ensemble.logp(state.logits, beta).double() - state.log_q)
+        state, acc, fin = bridge_step(state, model, ensemble, base, lam_t[k], beta, step_t[k], generator, kernel)
+        acc_sum += acc.float().reshape(g, n_chains).mean(1)
+        bad += (~fin).float().reshape(g, n_chains).sum(1)
+    lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
+    e = ensemble.energy_moments(state.logits, beta)[0]
+    p_y = (torch.softmax(beta[:, None] * state.logits, -1) if ensemble.kind == "joint"
+           else torch.ones_like(state.logits[:, :1]))
+    idx = torch.multinomial(torch.softmax(lw, 1).float(), n_keep, replacement=True, generator=generator)
+    idx = (idx + n_chains * torch.arange(g, device=device)[:, None]).reshape(-1)
+    kept = take(MalaState(state.x, state.logits, state.ugrad), idx)
+    return BridgeResult(lw, e.double().reshape(g, -1),
+                        p_y.double().reshape(g, n_chains, -1), kept,
+                        acc_sum / max(lam.shape[0] - 1, 1), bad)
