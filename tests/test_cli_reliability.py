@@ -224,3 +224,26 @@ def test_concurrent_writers_both_land(tmp_path):
     assert set(list_groups(path)) == {"g0", "g1", "g2", "g3"}
     for i in range(4):
         assert float(xr.open_dataset(path, group=f"g{i}", engine="h5netcdf").a.sum()) == ds.a.sum()
+
+
+def test_measure_units_and_data_options(digits_ckpt, tmp_path):
+    """--units raw keeps the logits' scale; --data none anneals from uniform only; a --data file is read;
+    the default (train units, auto data) is recorded in the file."""
+    from thermo_ebm.results import read_group
+    out = tmp_path / "u.h5"
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    torch.save(x, tmp_path / "states.pt")
+    for args in (["--units", "raw", "--data", "none"], ["--data", str(tmp_path / "states.pt")]):
+        code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1,2", "--out", str(out),
+                             "--device", "cpu", *args, *SMALL, "--data-refs", "4", "--bridge-chains", "16"])
+        assert code == 0, err
+    raw, seeded = read_group(out, "measure_marginal"), read_group(out, "measure_marginal_2")
+    assert raw.attrs["temperature_units"] == "raw" and raw.attrs["log_Z_source"] == "forward AIS from uniform"
+    np.testing.assert_allclose(raw.temperature_raw.values, [1.0, 2.0])
+    assert "origin_gap" not in raw and "flag_hysteresis" not in raw
+    assert seeded.attrs["temperature_units"] == "train" and seeded.attrs["T_train"] == pytest.approx(0.1)
+    np.testing.assert_allclose(seeded.temperature_raw.values, [0.1, 0.2])
+    assert seeded.attrs["data"].startswith("20 states") and "origin_gap" in seeded
+    code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(out),
+                         "--data", str(tmp_path / "missing.pt")])
+    assert code == 2 and "data file not found" in err

@@ -535,11 +535,15 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
                                    "the chains hold the wrong mix of phases; a longer sweep (--burn-in) or more chains",
               "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
                                  "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
+    affects = dict(AFFECTS)
+    if th.from_data is not None and p.ens.kind == "joint":  # p_T(y) comes from the same weights as log Z
+        for name in ("flag_low_ess", "flag_heavy_tails"):
+            affects[name] += ", H_Y_bits, I_XY_bits"
     for name, f in flags.items():  # one line per flag, listing its temperatures
         if np.any(f):
             at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(f, bool)]))
             log.warning("%s at T = %s (affects %s): %s", name.replace("flag_", "").replace("_", " "), at,
-                        AFFECTS[name], remedy[name])
+                        affects[name], remedy[name])
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
     n_t = len(p.betas)
