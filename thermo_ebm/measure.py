@@ -163,7 +163,7 @@ def check_temps(temps) -> np.ndarray:
     return t
 
 
-def _checkpoint_data(ckpt, shape, path):
+def _checkpoint_data(ckpt, path):
     """The training split of a checkpoint's dataset (when readable here) and its stored sampler chains."""
     parts, notes = [], []
     cfg = ckpt.get("config", {})
@@ -192,7 +192,7 @@ def resolve_data(data, shape, ckpt, path):
     if isinstance(data, str) and data == "auto":
         if ckpt is None:
             return None, "none (auto: not a checkpoint)"
-        return _checkpoint_data(ckpt, shape, path)
+        return _checkpoint_data(ckpt, path)
     src = "array"
     if isinstance(data, (str, Path)):
         p = Path(data)
