@@ -247,3 +247,29 @@ def test_measure_units_and_data_options(digits_ckpt, tmp_path):
     code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(out),
                          "--data", str(tmp_path / "missing.pt")])
     assert code == 2 and "data file not found" in err
+
+
+def test_measure_refuses_an_existing_group_and_a_bad_output_before_work(digits_ckpt, tmp_path):
+    """--group naming an existing group (here the training history) exits 2 and leaves it intact unless
+    --replace-group; --out on a file that is not a results file exits 2; both before any sampling."""
+    import shutil
+    import time
+    from thermo_ebm.results import read_group
+    out = tmp_path / "r.h5"
+    shutil.copy(digits_ckpt["results"], out)
+    before = read_group(out, "training")
+    t0 = time.perf_counter()
+    code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(out),
+                         "--group", "training", "--device", "cpu", "--samples", "100000"])
+    assert code == 2 and "already has a group 'training'" in err and "--replace-group" in err
+    bad = tmp_path / "notes.h5"
+    bad.write_text("not hdf5")
+    code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(bad),
+                         "--device", "cpu", "--samples", "100000"])
+    assert code == 2 and "not a readable HDF5 results file" in err
+    assert time.perf_counter() - t0 < 30  # 100,000 sweep steps would take far longer: refused before work
+    assert read_group(out, "training").identical(before)
+    code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(out),
+                         "--group", "training", "--replace-group", "--device", "cpu", "--data", "none", *SMALL])
+    assert code == 0, err
+    assert read_group(out, "training").attrs["kind"] == "measurement"

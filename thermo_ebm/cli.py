@@ -96,7 +96,9 @@ def train(ctx, resume, overwrite, **opts):
                    "chains), none (anneal from uniform only), or a .pt file of states [M, *shape].")
 @click.option("--ensemble", type=click.Choice(["marginal", "joint"]), default="marginal", show_default=True)
 @click.option("--out", default=None, help="Results file [default: results/<checkpoint name>.h5].")
-@click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken].")
+@click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken]; an "
+              "existing group is refused unless --replace-group.")
+@click.option("--replace-group", is_flag=True, help="Replace the --group of that name if the file has one.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ais-chains", type=int, default=None, help="Forward AIS chains [512].")
@@ -118,11 +120,14 @@ def train(ctx, resume, overwrite, **opts):
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "
                    "[default: when the input has >= 256 dimensions].")
-def measure(ckpt, temps, units, data, ensemble, out, group, device, seed, exchange, mbar, compile_, **budget):
+def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, device, seed, exchange, mbar, compile_,
+            **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
-    from .measure import measure as run, parse_temps, save_measurement
+    from .measure import check_group, measure as run, parse_temps, save_measurement
     t = parse_temps(temps)
+    path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
+    check_group(path, group, replace_group)  # before any work
     opts = {k: v for k, v in budget.items() if v is not None}
     dist.setup(device)  # under torchrun: each process runs one shard of the chains
     try:
@@ -133,8 +138,7 @@ def measure(ckpt, temps, units, data, ensemble, out, group, device, seed, exchan
         main_rank = dist.is_main()
         dist.teardown()
     if main_rank:  # rank 0 alone writes the results file
-        path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
-        g = save_measurement(ds, path, group)
+        g = save_measurement(ds, path, group, replace_group)
         scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
         click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures in {scale}, {ds.attrs['seconds']:.0f} s)")
 

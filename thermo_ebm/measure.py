@@ -686,8 +686,19 @@ def parse_temps(spec: str) -> np.ndarray:
     return temps
 
 
-def save_measurement(ds: xr.Dataset, path, group: str | None = None) -> str:
-    """Write a measurement as a new group of results file `path` (never replacing an existing group)."""
+def check_group(path, group: str | None, replace: bool = False) -> None:
+    """Before any work starts: an existing `path` must be a readable results file, and an explicit group that
+    exists in it is an error unless replace."""
+    from .results import list_groups
+    groups = list_groups(path) if Path(path).exists() else {}
+    if group and not replace and group in groups:
+        raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
+
+
+def save_measurement(ds: xr.Dataset, path, group: str | None = None, replace: bool = False) -> str:
+    """Write a measurement as a group of results file `path`: `group` (refused if it exists, unless replace)
+    or a new name measure_<ensemble>[_n]."""
     from .results import new_group_name, write_group
+    check_group(path, group, replace)
     group = group or new_group_name(path, f"measure_{ds.attrs['ensemble']}")
     return write_group(path, group, ds)
