@@ -145,3 +145,14 @@ def test_measure_input_errors():
         measure(system, [1.0], units="kelvin", device="cpu")
     with pytest.raises(ThermoEBMError, match="not found"):
         measure(system, [1.0], data="missing.pt", device="cpu")
+
+
+def test_label_entropy_from_weights():
+    """H(Y) of p(y) = E_w[p(y|x)]: two equally weighted chains certain of different labels give 1 bit; a chain
+    with weight e^-50 does not count."""
+    from thermo_ebm.estimators import label_entropy
+    p_y = np.tile(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]), (1, 1, 1))
+    h, se = label_entropy(np.zeros((1, 4)), p_y, 2)
+    assert h[0] == pytest.approx(1.0) and se[0] == pytest.approx(0.0)
+    h, _ = label_entropy(np.array([[0.0, -50.0, -50.0, 0.0]]), p_y, 2)
+    assert h[0] < 1e-19

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
+from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
 SIGMA_FLOOR = 1e-3
 
@@ -164,7 +164,7 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     m = n_data + n_f
     state = mala_init(model, ensemble, x)
     beta = _group_tensor(betas, m, device)
-    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(1e-5, MAX_STEP)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
     s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
     s2 = torch.zeros_like(s1)
     half = n_steps // 2
@@ -209,7 +209,7 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
     x, comp = base.sample(n_chains, generator)
     state = bridge_init(model, ensemble, base, x.float().reshape(-1, *shape))
     beta = _group_tensor(betas, n_chains, device)
-    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(1e-5, MAX_STEP)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
     logw = torch.zeros(g, n_chains, dtype=torch.float64, device=device)
     steps, var = [], []
     prev = 0.0
@@ -229,8 +229,7 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
             step_t = adapt_step(step_t, (w.float() * acc.float().reshape(g, n_chains)).sum(1))
         steps.append(step_t.clone())
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
-    pop = torch.as_tensor(population, device=device)[comp]                # [G, n]
-    w = torch.softmax(torch.nan_to_num(logw, nan=-np.inf), 1)
+    pop = torch.as_tensor(population, device=device)[comp]                # [G, n]; w: the final weights
     n_pop = int(max(population)) + 1
     shares = torch.stack([(w * (pop == j)).sum(1) for j in range(n_pop)], 1)
     return BridgeTuning(lambdas, log_step, torch.stack(var).cpu().numpy(), shares.cpu().numpy())

@@ -45,6 +45,19 @@ def weighted_mean(logw, values, n_replicas: int):
     return est, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
 
 
+def label_entropy(logw, p_y, n_replicas):
+    """H(Y) in bits of p_T(y) = E_w[p_T(y | x)] from importance weights logw [T, N] and p_y [T, N, K]; SE from
+    independent replicas, as `weighted_mean`."""
+    def h(lw, q):
+        w = np.exp(lw - lw.max(-1, keepdims=True))
+        py = np.clip((w[..., None] * q).sum(-2) / np.maximum(w.sum(-1), 1e-300)[..., None], 1e-300, None)
+        return -(py * np.log(py)).sum(-1) / math.log(2.0)
+    lw = np.where(np.isnan(logw), -np.inf, logw)
+    r, k = replica_split(lw.shape[-1], n_replicas)
+    reps = h(lw[:, :k].reshape(len(lw), r, -1), p_y[:, :k].reshape(len(lw), r, -1, p_y.shape[-1]))
+    return h(lw, p_y), np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+
+
 def weight_ess(logw):
     """Effective sample size (sum w)^2 / sum w^2 of importance weights given as logs; [...]."""
     logw = np.asarray(logw, dtype=np.float64)

@@ -27,7 +27,7 @@ from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_chec
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
-                         jackknife_cov, log_mean_weight, logmeanexp, pareto_k, peak_position, replica_split,
+                         jackknife_cov, label_entropy, log_mean_weight, logmeanexp, pareto_k, peak_position,
                          weighted_mean)
 from .models import EBM, ScaledLogits
 from .sampling import MalaKernel, MalaState, mala_kernel
@@ -208,7 +208,7 @@ def resolve_data(data, shape, ckpt, path):
             raise ThermoEBMError(f"{p} holds no tensor of states (a tensor [M, *shape] or a dict with key 'x')")
     x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).float()
     d = int(np.prod(shape))
-    if x.ndim < 1 or x.numel() == 0 or x.numel() % d or x.shape[-len(shape):] != torch.Size(shape) and x.shape[-1] != d:
+    if x.ndim < 2 or len(x) == 0 or (tuple(x.shape[1:]) != tuple(shape) and tuple(x.shape[1:]) != (d,)):
         raise ThermoEBMError(f"data states must have shape [M, {', '.join(map(str, shape))}], got {list(x.shape)}")
     x = x.reshape(-1, d)
     if not torch.isfinite(x).all() or x.abs().max() > 1.0:
@@ -322,12 +322,11 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
     n_t = len(betas)
     out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
                ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
+    init = fwd.states  # [T * c] without data
     if p.data is not None:
         init, extra = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
                                         gen, progress)
         out.update(extra)
-    else:
-        init = _keep_first(fwd.states, n_t, c)
     sw = run_sweep(p.net, p.ens, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in,
                    n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=p.device,
                    progress=progress, kernel=p.kernel)
@@ -376,19 +375,6 @@ def log_z_estimate(logw, energy, log_omega, n_replicas) -> LogZ:
     return LogZ(log_omega + lmw, se, ess, pareto_k(logw), u, u_se)
 
 
-def label_entropy(logw, p_y, n_replicas):
-    """H(Y) in bits of p_T(y) = E_w[p_T(y | x)] from importance weights logw [T, N] and p_y [T, N, K]; SE from
-    replicas."""
-    def h(lw, q):
-        w = np.exp(lw - lw.max(-1, keepdims=True))
-        py = np.clip((w[..., None] * q).sum(-2) / np.maximum(w.sum(-1), 1e-300)[..., None], 1e-300, None)
-        return -(py * np.log(py)).sum(-1) / LN2
-    lw = np.where(np.isnan(logw), -np.inf, logw)
-    r, k = replica_split(lw.shape[-1], n_replicas)
-    reps = h(lw[:, :k].reshape(len(lw), r, -1), p_y[:, :k].reshape(len(lw), r, -1, p_y.shape[-1]))
-    return h(lw, p_y), np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
-
-
 @dataclass
 class Thermo:
     """Estimates (ascending beta) keyed as in the dataset: name -> (value [T], se [T])."""
@@ -397,7 +383,6 @@ class Thermo:
     forward: LogZ
     reported: LogZ
     from_data: LogZ | None
-    C_cov: np.ndarray
     peak: tuple
     tau: np.ndarray
     mbar_ok: bool
@@ -481,7 +466,7 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
-    return Thermo(out, diag, fwd, rep, seeded, C_cov, peak, tau, mbar_ok)
+    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok)
 
 
 # what each flag makes unreliable (named in the warning and in docs/estimators.md)
