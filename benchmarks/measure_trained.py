@@ -20,7 +20,7 @@ import torch
 
 from thermo_ebm import measure
 from thermo_ebm.plot import plot_files
-from thermo_ebm.train import train
+from thermo_ebm.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser()

@@ -164,7 +164,7 @@ def sweep(quick, device="cpu"):
 
 # ----------------------------------------------------------------------------- 3. training step
 def train_step(quick):
-    from thermo_ebm.train import TrainConfig, Trainer
+    from thermo_ebm.training import TrainConfig, Trainer
     cfg = TrainConfig(objective="j_ebm", dataset="digits", model_size=512, depth=3, batch_size=64,
                       mc_steps=20, buffer_size=1000, reg=0.1, device="cpu")
     tr = Trainer(cfg, progress=False)
@@ -226,7 +226,7 @@ def train_step(quick):
         lg = tr2.model(torch.cat([xb, x0]))
     from thermo_ebm.objectives import loss_terms
     ref_loss = float(ed.mean() - em.mean() + 0.1 * (ed.pow(2).mean() + em.pow(2).mean()))
-    our_loss = float(loss_terms("j_ebm", lg[:64], yb, logits_joint=lg[64:], y_joint=y0, logits_marg=None,
+    our_loss = float(loss_terms("j_ebm", lg[:64], yb, logits_joint=lg[64:], y_joint=y0, logits_marginal=None,
                                 gamma=1.0, reg=0.1)[0])
     print(f"train step (j_ebm, digits 64-d MLP 512x3, batch 64, {cfg.mc_steps} MC steps): ours "
           f"{t_ours * 1e3:.1f} ms, reference {t_ref * 1e3:.1f} ms, floor {t_floor * 1e3:.1f} ms; speed-up "

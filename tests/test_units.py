@@ -9,7 +9,7 @@ from thermo_ebm import ThermoEBMError
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.estimators import (integrated_autocorr_time, jackknife, log_mean_weight, parabola_peak,
                                    pareto_k, peak_position)
-from thermo_ebm.measure import parse_temps
+from thermo_ebm.cli import parse_temps
 from thermo_ebm.objectives import loss_terms
 from thermo_ebm.rng import normals_like
 from thermo_ebm.sampling import (fold, langevin_init, langevin_step, log_folded_normal, log_q_ratio, mala_init,
@@ -161,8 +161,8 @@ def test_gcl_gradient_equals_cross_entropy_gradient_in_expectation():
     x_joint = xs.repeat_interleave(k, 0)
     y_joint = torch.arange(k).repeat(len(xs))
     lg_d, lg_j, lg_m = m(x_data), m(x_joint), m(xs)
-    gcl, _ = loss_terms("gcl", lg_d, y_data, logits_joint=lg_j, y_joint=y_joint, logits_marg=lg_m, gamma=1.0,
-                        reg=0.0, w_joint=pj.reshape(-1), w_marg=pm)
+    gcl, _ = loss_terms("gcl", lg_d, y_data, logits_joint=lg_j, y_joint=y_joint, logits_marginal=lg_m, gamma=1.0,
+                        reg=0.0, w_joint=pj.reshape(-1), w_marginal=pm)
     ce, _ = loss_terms("dcl", m(x_data), y_data)
     for a, b in zip(_grad(m, gcl), _grad(m, ce)):
         assert torch.allclose(a, b, atol=1e-10)
@@ -175,7 +175,7 @@ def test_every_objective_loss(objective):
     yd = torch.tensor([0, 1])
     xj, yj = torch.tensor([[0.1], [0.7]], dtype=torch.float64), torch.tensor([2, 0])
     xm = torch.tensor([[-0.9], [0.4]], dtype=torch.float64)
-    loss, t = loss_terms(objective, m(xd), yd, logits_joint=m(xj), y_joint=yj, logits_marg=m(xm), gamma=0.5, reg=0.1)
+    loss, t = loss_terms(objective, m(xd), yd, logits_joint=m(xj), y_joint=yj, logits_marginal=m(xm), gamma=0.5, reg=0.1)
     with torch.no_grad():
         lse = lambda z: torch.logsumexp(m(z), 1)  # noqa: E731
         ce = torch.nn.functional.cross_entropy(m(xd), yd)

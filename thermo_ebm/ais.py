@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, mala_init, mala_step, take, uniform
 
 
@@ -36,7 +36,7 @@ def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, ge
     state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
     step = torch.full((n_chains,), MAX_STEP, device=device)
     steps, var = [], []
-    for b in tqdm(betas, desc="tune", disable=not progress, leave=False):
+    for b in progress_bar(betas, desc="tune", enabled=progress):
         beta = torch.full((n_chains,), float(b), device=device)
         for _ in range(n_adapt):
             state, acc, _ = mala_step(state, model, ensemble, beta, step, generator, kernel)
@@ -89,7 +89,7 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
     acc_n = torch.zeros(n_t, device=device)
     bad = torch.zeros(n_t, device=device)
     seg = 0
-    for k in tqdm(range(1, len(schedule)), desc="AIS", disable=not progress, leave=False):
+    for k in progress_bar(range(1, len(schedule)), desc="AIS", enabled=progress):
         b_prev, b = betas[k - 1] * ones, betas[k] * ones
         logw += (ensemble.logp(state.logits, b) - ensemble.logp(state.logits, b_prev)).double()
         for _ in range(mcmc_steps):
@@ -137,7 +137,7 @@ def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning,
     steps = torch.as_tensor(np.repeat(steps, c, axis=1), dtype=torch.float32, device=device)
     logw = torch.zeros(n_t * c, dtype=torch.float64, device=device)
     state = states
-    for j in tqdm(range(1, n_max + 1), desc="reverse AIS", disable=not progress, leave=False):
+    for j in progress_bar(range(1, n_max + 1), desc="reverse AIS", enabled=progress):
         logw += (ensemble.logp(state.logits, betas[j]) - ensemble.logp(state.logits, betas[j - 1])).double()
         state, _, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator, kernel)
     lw = logw.reshape(n_t, c).cpu().numpy()

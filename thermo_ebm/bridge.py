@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
 SIGMA_FLOOR = 1e-3
@@ -168,7 +168,7 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
     s2 = torch.zeros_like(s1)
     half = n_steps // 2
-    for i in tqdm(range(n_steps), desc="references", disable=not progress, leave=False):
+    for i in progress_bar(range(n_steps), desc="references", enabled=progress):
         state, acc, _ = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
         if i < half:
             step_t = adapt_step(step_t, acc.float().reshape(g, m).mean(1))
@@ -213,7 +213,7 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
     logw = torch.zeros(g, n_chains, dtype=torch.float64, device=device)
     steps, var = [], []
     prev = 0.0
-    for lam in tqdm(lambdas, desc="tune bridge", disable=not progress, leave=False):
+    for lam in progress_bar(lambdas, desc="tune bridge", enabled=progress):
         delta = torch.nan_to_num((ensemble.logp(state.logits, beta).double() - state.log_q).reshape(g, n_chains),
                                  nan=-np.inf)
         logw += (lam - prev) * delta
@@ -271,7 +271,7 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
     logw = torch.zeros(g * n_chains, dtype=torch.float64, device=device)
     acc_sum = torch.zeros(g, device=device)
     bad = torch.zeros(g, device=device)
-    for k in tqdm(range(1, lam.shape[0]), desc="bridge AIS", disable=not progress, leave=False):
+    for k in progress_bar(range(1, lam.shape[0]), desc="bridge AIS", enabled=progress):
         logw += (lam_t[k] - lam_t[k - 1]) * (ensemble.logp(state.logits, beta).double() - state.log_q)
         state, acc, fin = bridge_step(state, model, ensemble, base, lam_t[k], beta, step_t[k], generator, kernel)
         acc_sum += acc.float().reshape(g, n_chains).mean(1)

@@ -8,6 +8,7 @@ T_train = sgld_noise^2 / (2 sgld_step); older checkpoints: derived from config b
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,20 +26,39 @@ def save_checkpoint(path, payload: dict) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path) -> dict:
-    """Load a thermo-ebm checkpoint safely (no code execution); every failure is a ThermoEBMError."""
+def _torch_load(path: Path):
+    """torch.load(weights_only=True) with one-line errors that say what is wrong with the file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # zip archive (torch >= 1.6) or legacy pickle
+        raise ThermoEBMError(f"{path} is not a PyTorch checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ThermoEBMError(f"refusing to load {path}: not a checkpoint of tensors and plain types as "
+                             "thermo-ebm writes (loading it fully could run code)") from None
+    except Exception:
+        raise ThermoEBMError(f"checkpoint {path} is truncated or corrupt") from None
+
+
+def check_checkpoint_file(path) -> Path:
+    """A checkpoint path names a non-empty file (the quick check before any work starts)."""
     path = Path(path)
+    if path.is_dir():
+        raise ThermoEBMError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise ThermoEBMError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise ThermoEBMError(f"checkpoint {path} is empty")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ThermoEBMError(f"refusing to load {path}: not a plain thermo-ebm checkpoint ({first[:160]})") from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise ThermoEBMError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Load a thermo-ebm checkpoint safely (no code execution); every failure is a ThermoEBMError."""
+    path = check_checkpoint_file(path)
+    ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model_spec" not in ckpt or "model" not in ckpt:
         raise ThermoEBMError(f"{path} is not a thermo-ebm checkpoint (no model_spec/model entries)")
     version = ckpt.get("format_version")

@@ -1,28 +1,110 @@
 """Command-line interface: a thin click layer over the Python API. User mistakes exit 2, runtime
-failures exit 1, both with one line on stderr (tracebacks only with --debug)."""
+failures exit 1, both with one line on stderr (tracebacks only with --debug, accepted anywhere on the line).
+Defaults come from the configuration dataclasses (thermo_ebm.config)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import re
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
+import numpy as np
 from click.core import ParameterSource
 
+from . import __version__
+from .config import DATASETS, OBJECTIVES, MeasureConfig, TrainConfig
 from .errors import ThermoEBMError, TrainingDiverged
+from .results import invoked_as
 
 log = logging.getLogger("thermo_ebm")
 
 
+class _Stderr(logging.Handler):
+    """Log lines on the current stderr: INFO as is, warnings and errors with their level."""
+
+    def emit(self, record):
+        msg = record.getMessage()
+        click.echo(msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}", err=True)
+
+
+def _setup_logging(level: int) -> None:
+    log.setLevel(level)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+        log.propagate = False
+        logging.captureWarnings(True)  # Python warnings (e.g. from torch) through the same handler
+        pw = logging.getLogger("py.warnings")
+        pw.addHandler(_Stderr())
+        pw.propagate = False
+
+
+@contextlib.contextmanager
+def _log_file(path):
+    """Copy the run's log lines (timestamped, with level) into `path` while the command runs."""
+    if not path:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+class Device(click.ParamType):
+    name = "device"
+
+    def get_metavar(self, param, ctx=None):
+        return "[auto|cpu|cuda|cuda:N]"
+
+    def convert(self, value, param, ctx):
+        if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(value)):
+            return value
+        self.fail(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N", param, ctx)
+
+
+DEVICE = Device()
+
+
+def default(cls, name):
+    """The default of field `name` of config dataclass `cls` (the one place defaults are written)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def train_option(*decls, **kw):
+    """A `train` option whose default is TrainConfig's."""
+    name = decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    kw.setdefault("default", default(TrainConfig, name))
+    kw.setdefault("show_default", kw["default"] is not None)
+    return click.option(*decls, **kw)
+
+
+def budget_option(decl, help, **kw):
+    """A `measure` budget option whose default is MeasureConfig's."""
+    name = decl.lstrip("-").split("/")[0].replace("-", "_")
+    return click.option(decl, default=default(MeasureConfig, name), show_default=True, help=help, **kw)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.version_option(__version__, "--version", prog_name="thermo-ebm")
+@click.option("--debug", is_flag=True, help="Show full tracebacks (also accepted after the subcommand).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug-level log lines.")
 @click.pass_context
-def cli(ctx, debug):
-    """Thermodynamics of energy-based models: train, measure, plot."""
+def cli(ctx, debug, quiet, verbose):
+    """Thermodynamics of energy-based models: train, measure, show, plot, sample."""
     ctx.obj = {"debug": debug}
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    _setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def _explicit(ctx, names):
@@ -30,46 +112,47 @@ def _explicit(ctx, names):
 
 
 @cli.command()
-@click.option("--name", default="run", show_default=True, help="Run name: checkpoints/NAME.pt, results/NAME.h5.")
-@click.option("--objective", type=click.Choice(["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"]), default="j_ebm", show_default=True)
-@click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10 or digits.")
-@click.option("--data-dir", default="data", show_default=True)
-@click.option("--labels", default=None, help="Subset of classes, e.g. 0,1,2.")
-@click.option("--noise", type=float, default=0.0, show_default=True, help="Std of Gaussian noise added to data.")
-@click.option("--arch", type=click.Choice(["shallow", "cnn"]), default="shallow", show_default=True)
-@click.option("--model-size", type=int, default=None, help="MLP width / CNN base channels.")
-@click.option("--depth", type=int, default=2, show_default=True, help="Hidden layers of the MLP.")
-@click.option("--spectral-norm/--no-spectral-norm", default=False, show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True, help="Total epochs (also when resuming).")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps in total.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+@train_option("--name", help="Run name: CHECKPOINT_DIR/NAME.pt, RESULTS_DIR/NAME.h5.")
+@train_option("--objective", type=click.Choice(OBJECTIVES), help="Training objective (docs/training.md).")
+@train_option("--dataset", type=click.Choice(DATASETS), help="Training data (digits: sklearn's 8x8, offline).")
+@train_option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are read or downloaded.")
+@train_option("--labels", help="Subset of classes, e.g. 0,1,2 [default: all].")
+@train_option("--noise", type=float, help="Std of Gaussian noise added to the data.")
+@train_option("--arch", type=click.Choice(["shallow", "cnn"]), help="Network: MLP (shallow) or CNN.")
+@train_option("--model-size", type=int, help="MLP width / CNN base channels [default: per dataset].")
+@train_option("--depth", type=int, help="Hidden layers of the MLP.")
+@train_option("--spectral-norm/--no-spectral-norm", help="Spectral normalisation of the weights.")
+@train_option("--epochs", type=int, help="Total epochs (also when resuming).")
+@train_option("--max-steps", type=int, help="Stop after this many optimizer steps in total.")
+@train_option("--batch-size", type=int, help="Data examples per optimizer step.")
+@train_option("--lr", type=float, help="Adam learning rate.")
+@train_option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
               help="cosine: decay to 0.1 x lr over the run (--epochs / --max-steps).")
-@click.option("--reg", type=float, default=None, help="L2 energy penalty [default: 0.1, 0 for dcl].")
-@click.option("--gamma", type=float, default=1.0, show_default=True)
-@click.option("--sgld-step", type=float, default=0.05, show_default=True)
-@click.option("--sgld-noise", type=float, default=0.1, show_default=True)
-@click.option("--mc-steps", type=int, default=40, show_default=True)
-@click.option("--joint-labels", type=click.Choice(["fixed", "gibbs"]), default="fixed", show_default=True,
+@train_option("--reg", type=float, help="L2 energy penalty [default: 0.1, 0 for dcl].")
+@train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
+@train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
+@train_option("--sgld-noise", type=float, help="Langevin noise n.")
+@train_option("--mc-steps", type=int, help="Langevin steps per optimizer step.")
+@train_option("--joint-labels", type=click.Choice(["fixed", "gibbs"]),
               help="Joint chains keep their label, or redraw it from p(y|x) after each x update (Gibbs).")
-@click.option("--buffer-size", type=int, default=10000, show_default=True)
-@click.option("--from-scratch", type=float, default=0.05, show_default=True)
-@click.option("--short-run", is_flag=True, help="Non-persistent chains from noise.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True)
-@click.option("--results-dir", default="results", show_default=True)
-@click.option("--log-file", default=None)
-@click.option("--on-divergence", type=click.Choice(["rollback", "stop"]), default="rollback", show_default=True)
-@click.option("--max-rollbacks", type=int, default=3, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue checkpoints/NAME.pt.")
+@train_option("--buffer-size", type=int, help="Persistent chains in the replay buffer.")
+@train_option("--from-scratch", type=float, help="Fraction of chains restarted from uniform noise each step.")
+@train_option("--short-run", is_flag=True, help="Non-persistent chains from noise.")
+@train_option("--seed", type=int, help="Seed of every random stream of the run.")
+@train_option("--device", type=DEVICE, help="Compute device.")
+@train_option("--checkpoint-dir", type=click.Path(file_okay=False), help="Folder of NAME.pt.")
+@train_option("--results-dir", type=click.Path(file_okay=False), help="Folder of NAME.h5.")
+@train_option("--log-file", type=click.Path(dir_okay=False), help="Also write the log lines to this file.")
+@train_option("--on-divergence", type=click.Choice(["rollback", "stop"]),
+              help="On divergence: roll back to the last good state with a lower lr, or stop (exit 1).")
+@train_option("--max-rollbacks", type=int, help="Rollbacks before giving up.")
+@click.option("--resume", is_flag=True, help="Continue CHECKPOINT_DIR/NAME.pt.")
 @click.option("--overwrite", is_flag=True, help="Start over: remove this run's earlier checkpoint and results file.")
 @click.pass_context
 def train(ctx, resume, overwrite, **opts):
     """Train a GEBM / JEBM; writes checkpoints/NAME.pt and results/NAME.h5 (group 'training')."""
     from . import distributed as dist
-    from .train import TrainConfig, train as run
+    from .training import train as run
     names = [f.name for f in fields(TrainConfig) if f.name in opts]
     options = _explicit(ctx, names) if resume else {n: opts[n] for n in names}
     options.setdefault("name", opts["name"])
@@ -84,8 +167,40 @@ def train(ctx, resume, overwrite, **opts):
         click.echo(json.dumps(out))
 
 
+def parse_temps(spec: str) -> np.ndarray:
+    """'start:stop:step' (stop included when on the grid) or a comma list; one-line errors otherwise."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ThermoEBMError("--temps is empty; use start:stop:step (e.g. 0.5:2:0.1) or a list (0.5,1,2)")
+    try:
+        if ":" in spec:
+            parts = [float(p) for p in spec.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if step <= 0:
+                raise ThermoEBMError(f"--temps step must be > 0, got {step:g}")
+            if start > stop:
+                raise ThermoEBMError(f"--temps start {start:g} is above stop {stop:g}")
+            n_f = (stop - start) / step
+            if not math.isfinite(n_f) or n_f > 1000:
+                raise ThermoEBMError("--temps asks for more than 1000 temperatures")
+            n = int(math.floor(n_f + 1e-9)) + 1
+            temps = np.round(start + step * np.arange(n), 12)
+        else:
+            temps = np.array([float(p) for p in spec.split(",") if p.strip() != ""])
+    except ValueError:
+        raise ThermoEBMError(f"--temps {spec!r} is not start:stop:step or a comma list of numbers") from None
+    if temps.size > 1000:
+        raise ThermoEBMError(f"--temps asks for {temps.size} temperatures; at most 1000")
+    if temps.size == 0 or not np.all(np.isfinite(temps)) or np.any(temps <= 0):
+        raise ThermoEBMError(f"--temps {spec!r}: temperatures must be finite and > 0")
+    return temps
+
+
 @cli.command()
-@click.option("--ckpt", required=True, help="Checkpoint (.pt) written by `thermo-ebm train`.")
+@click.option("--ckpt", required=True, type=click.Path(),
+              help="Checkpoint (.pt) written by `thermo-ebm train`.")
 @click.option("--temps", required=True, help="start:stop:step (stop included on the grid) or a list 0.5,1,2; "
               "in units of the training temperature unless --units raw.")
 @click.option("--units", type=click.Choice(["train", "raw"]), default="train", show_default=True,
@@ -94,45 +209,48 @@ def train(ctx, resume, overwrite, **opts):
 @click.option("--data", "data", default="auto", show_default=True,
               help="Reference states of the low-temperature phase: auto (the checkpoint's training split and stored "
                    "chains), none (anneal from uniform only), or a .pt file of states [M, *shape].")
-@click.option("--ensemble", type=click.Choice(["marginal", "joint"]), default="marginal", show_default=True)
-@click.option("--out", default=None, help="Results file [default: results/<checkpoint name>.h5].")
+@click.option("--ensemble", type=click.Choice(["marginal", "joint"]), default="marginal", show_default=True,
+              help="marginal: p(x) from logsumexp f(x); joint: p(x, y) from f(x)[y].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Results file (.h5) [default: results/<checkpoint name>.h5].")
 @click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken]; an "
               "existing group is refused unless --replace-group.")
 @click.option("--replace-group", is_flag=True, help="Replace the --group of that name if the file has one.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ais-chains", type=int, default=None, help="Forward AIS chains [512].")
-@click.option("--ais-steps", type=int, default=None,
-              help="Least number of annealing betas [2000]; raised to --ais-steps-per-l2 x L^2.")
-@click.option("--ais-steps-per-l2", type=float, default=None,
-              help="Annealing betas per squared thermodynamic length L^2 of the model [8]; raise it where "
-                   "flag_heavy_tails or flag_low_ess is set (32 at d = 784, T <= 0.5: docs/estimators.md).")
-@click.option("--chains", type=int, default=None, help="Sweep chains per temperature [64].")
-@click.option("--burn-in", type=int, default=None, help="Sweep burn-in steps [300].")
-@click.option("--samples", type=int, default=None, help="Sweep production steps [1000].")
-@click.option("--replicas", type=int, default=None, help="AIS replicas for the SE [16].")
-@click.option("--reverse-steps", type=int, default=None, help="Reverse-AIS betas [500].")
-@click.option("--data-refs", type=int, default=None, help="Data-seeded kernel centres per temperature [64].")
-@click.option("--bridge-chains", type=int, default=None, help="Chains per temperature annealed from the "
-              "data-informed base [128].")
-@click.option("--exchange/--no-exchange", default=True, show_default=True)
-@click.option("--mbar/--no-mbar", default=True, show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Compute device.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every chain.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Also write the log lines to this file.")
+@budget_option("--ais-chains", type=int, help="Forward AIS chains.")
+@budget_option("--ais-steps", type=int, help="Least number of annealing betas; raised to --ais-steps-per-l2 x L^2.")
+@budget_option("--ais-steps-per-l2", type=float,
+               help="Annealing betas per squared thermodynamic length L^2 of the model; raise it where "
+                    "flag_heavy_tails or flag_low_ess is set (32 at d = 784, T <= 0.5: docs/estimators.md).")
+@budget_option("--chains", type=int, help="Sweep chains per temperature.")
+@budget_option("--burn-in", type=int, help="Sweep burn-in steps.")
+@budget_option("--samples", type=int, help="Sweep production steps.")
+@budget_option("--replicas", type=int, help="Independent replica groups of chains for the SEs.")
+@budget_option("--reverse-steps", type=int, help="Reverse-AIS betas.")
+@budget_option("--data-refs", type=int, help="Data-seeded kernel centres per temperature.")
+@budget_option("--bridge-chains", type=int, help="Chains per temperature annealed from the data-informed base.")
+@budget_option("--exchange/--no-exchange", help="Replica-exchange swaps between neighbouring temperatures.")
+@budget_option("--mbar/--no-mbar", help="MBAR cross-check of log Z on the sweep samples.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "
                    "[default: when the input has >= 256 dimensions].")
-def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, device, seed, exchange, mbar, compile_,
+def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, device, seed, log_file, compile_,
             **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
-    from .measure import check_group, measure as run, parse_temps, save_measurement
+    from .checkpoint import check_checkpoint_file
+    from .measurement import check_group, measure as run, save_measurement
     t = parse_temps(temps)
+    check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
     check_group(path, group, replace_group)  # before any work
-    opts = {k: v for k, v in budget.items() if v is not None}
     dist.setup(device)  # under torchrun: each process runs one shard of the chains
     try:
-        ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
-                 device=device, progress=dist.is_main(), exchange=exchange, mbar=mbar, compile=compile_, **opts)
+        with _log_file(log_file if dist.is_main() else None):
+            ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
+                     device=device, progress=dist.is_main(), compile=compile_, **budget)
         dist.synchronize()
     finally:
         main_rank = dist.is_main()
@@ -144,9 +262,10 @@ def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, devic
 
 
 @cli.command()
-@click.argument("files", nargs=-1, required=True)
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--out", default=None, help="Output file stem or path [default: beside the first file].")
-@click.option("--format", "fmt", type=click.Choice(["png", "pdf"]), default="png", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["png", "pdf"]), default="png", show_default=True,
+              help="Figure format.")
 def plot(files, out, fmt):
     """Figures (thermodynamics, information, samples, training) from one or more results files."""
     from .plot import plot_files
@@ -155,25 +274,28 @@ def plot(files, out, fmt):
 
 
 @cli.command()
-@click.argument("file")
+@click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(file, as_json):
+@click.option("--diff", nargs=2, type=float, default=None, metavar="T1 T2",
+              help="Also print F(T2) - F(T1) and log Z(T2) - log Z(T1) with SEs from the stored covariances.")
+def show(file, as_json, diff):
     """Print the groups of a results file and a table per measurement."""
     from .report import report
-    click.echo(report(file, as_json=as_json))
+    click.echo(report(file, as_json=as_json, diff=diff))
 
 
 @cli.command()
-@click.option("--ckpt", required=True)
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (.pt).")
 @click.option("--temp", type=float, required=True, help="Temperature T > 0 (units of T_train unless --units raw).")
 @click.option("--units", type=click.Choice(["train", "raw"]), default="train", show_default=True,
               help="train: --temp in units of the checkpoint's training temperature; raw: the logits' scale.")
 @click.option("--label", type=int, default=None, help="Class for conditional sampling (joint models).")
-@click.option("-n", "n", type=int, default=64, show_default=True)
-@click.option("-o", "--out", default="samples.png", show_default=True)
+@click.option("-n", "n", type=int, default=64, show_default=True, help="Number of samples.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
+              help="Image grid (.png, .jpg, .pdf, ...).")
 @click.option("--steps", type=int, default=500, show_default=True, help="MALA steps (step size adapted, then frozen).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the chains.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Compute device.")
 def sample(ckpt, temp, units, label, n, out, steps, seed, device):
     """Draw samples at temperature T with the engine's reflected-MALA sampler; saves an image grid."""
     from .sample import sample_to_png
@@ -181,14 +303,20 @@ def sample(ckpt, temp, units, label, n, out, steps, seed, device):
 
 
 def main(argv=None):
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:  # accepted after the subcommand too
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
-        cli.main(args=argv, prog_name="thermo-ebm", standalone_mode=False)
+        with invoked_as(["thermo-ebm", *argv]):
+            cli.main(args=argv, prog_name="thermo-ebm", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
-    except click.exceptions.ClickException as e:
-        e.show()
+    except click.exceptions.ClickException as e:  # one line, like every other error
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
         sys.exit(e.exit_code)
     except ThermoEBMError as e:
         if debug:

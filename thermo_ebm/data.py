@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import DATASETS
 from .errors import ThermoEBMError
 
 log = logging.getLogger("thermo_ebm")
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 _IDX = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 SPLIT_SEED = 12345  # fixed: the held-out set is the same for every run
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import ThermoEBMError
+
 
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -54,8 +56,15 @@ def teardown():
         dist.destroy_process_group()
 
 
-def local_device(device):
-    """The device of this rank: cuda:LOCAL_RANK under a multi-GPU group, else `device` unchanged."""
+def resolve_device(device: str) -> torch.device:
+    """The device this process computes on, from auto | cpu | cuda | cuda:N: under a multi-GPU group each
+    rank takes cuda:LOCAL_RANK."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ThermoEBMError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    elif device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ThermoEBMError(f"unknown device {device!r}; use auto, cpu or cuda")
     device = torch.device(device)
     if active() and device.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

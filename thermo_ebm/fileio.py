@@ -1,19 +1,21 @@
-"""Atomic file replacement and inter-process locks for checkpoints and results files."""
+"""Atomic file replacement and inter-process locks for checkpoints and results files (POSIX and Windows:
+the locks come from the portable `filelock` package)."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
+
+import filelock
 
 from .errors import ThermoEBMError
 
 
 def fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows; os.replace is durable there
+        return
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -50,28 +52,37 @@ def atomic_path(path, copy_existing: bool = False):
             tmp.unlink()
 
 
+def remove_stale_tmp(path) -> list:
+    """Remove the temporary files `atomic_path(path)` leaves when its process is killed mid-write; call only
+    while holding the lock that guards writes to `path`. Returns the removed paths."""
+    path = Path(path)
+    gone = []
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def lock_path(path) -> Path:
+    """The lock file guarding `path`: a hidden, empty `.NAME.lock` beside it. It stays on disk between runs
+    and is inert: the lock is the operating system's, held only while the process that took it is alive."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def file_lock(path, timeout: float = 600.0, busy: str | None = None):
-    """Exclusive advisory lock on `<path>.lock`; waits up to `timeout` s, then refuses clearly
-    (with the message `busy` when given)."""
+    """Exclusive lock guarding `path`; waits up to `timeout` s, then refuses clearly (with the message `busy`
+    when given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    with open(lock, "a") as f:
-        start = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() - start > timeout:
-                    raise ThermoEBMError(
-                        busy or f"{path} is being written by another process (lock {lock}); try again later"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = filelock.FileLock(str(lock_path(path)), timeout=timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise ThermoEBMError(busy or f"{path} is being written by another process; try again later") from None
+    try:
+        yield
+    finally:
+        lock.release()

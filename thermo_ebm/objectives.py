@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .config import OBJECTIVES
 from .errors import ThermoEBMError
 from .models import joint_energy, marginal_energy
 
-OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
+# the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
 NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
          "hybrid": ("marginal",)}
 
@@ -25,8 +26,8 @@ def _mean(e, w):
     return e.mean() if w is None else (e * w).sum()
 
 
-def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marg=None,
-               gamma=1.0, reg=0.0, w_joint=None, w_marg=None):
+def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
+               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None):
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     terms = {}
@@ -42,11 +43,11 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         loss = loss + terms["joint_ml"]
         penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_joint)
     if "marginal" in NEEDS[objective]:
-        ed, em = marginal_energy(logits_data), marginal_energy(logits_marg)
-        terms["marg_e_data"], terms["marg_e_model"] = ed.mean(), _mean(em, w_marg)
-        terms["marg_ml"] = terms["marg_e_data"] - terms["marg_e_model"]
-        loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marg_ml"]
-        penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_marg)
+        ed, em = marginal_energy(logits_data), marginal_energy(logits_marginal)
+        terms["marginal_e_data"], terms["marginal_e_model"] = ed.mean(), _mean(em, w_marginal)
+        terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]
+        loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
+        penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_marginal)
     terms["reg"] = reg * penalty
     loss = loss + terms["reg"]
     terms["loss"] = loss

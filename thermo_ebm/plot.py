@@ -212,13 +212,13 @@ def training_figure(files, out):
     for r, (name, ds) in enumerate(runs):
         col = colors[r % len(colors)]
         s = ds.step.values
-        for var, ls in (("loss", "-"), ("ce", "--"), ("joint_ml", ":"), ("marg_ml", "-."), ("reg", (0, (4, 1, 1, 1, 1, 1)))):
+        for var, ls in (("loss", "-"), ("ce", "--"), ("joint_ml", ":"), ("marginal_ml", "-."), ("reg", (0, (4, 1, 1, 1, 1, 1)))):
             if var in ds:
                 v = smooth(ds[var].values)
                 axes[0].plot(s[:len(v)], v, ls=ls, color=col, lw=1, label=f"{name}: {var}")
         if "heldout_acc" in ds and ds.sizes.get("epoch", 0):
             axes[1].plot(ds.epoch_end_step.values, ds.heldout_acc.values, "-o", ms=3, color=col, label=name)
-        for pop, ls in (("joint", "-"), ("marg", "--")):
+        for pop, ls in (("joint", "-"), ("marginal", "--")):
             for var, mk in (("e_data", "data"), ("e_model", "model")):
                 if f"{pop}_{var}" in ds:
                     v = smooth(ds[f"{pop}_{var}"].values)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
-from .results import list_groups, read_group
+from .errors import ThermoEBMError
+from .results import file_sha256, list_groups, read_group
 
 COLS = ["F", "U", "S", "C", "info_bits"]
 FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
@@ -21,14 +23,51 @@ def scale_line(ds) -> str:
     return f"T on the logits' scale (T_train = {t_train:.4g})" if "T_train" in ds.attrs else "T on the logits' scale"
 
 
+def free_energy_difference(ds, t1: float, t2: float) -> dict:
+    """F(t2) - F(t1) and log Z(t2) - log Z(t1) with SEs from the stored covariance of log Z between
+    temperatures (F = -T log Z); t1, t2 on the measurement's temperature coordinate."""
+    temps = ds.temperature.values
+    idx = []
+    for t in (t1, t2):
+        hit = np.flatnonzero(np.isclose(temps, t, rtol=1e-9, atol=0))
+        if hit.size == 0:
+            raise ThermoEBMError(f"T = {t:g} is not a measured temperature ({', '.join(f'{v:g}' for v in temps)})")
+        idx.append(int(hit[0]))
+    if "log_Z_cov" not in ds:
+        raise ThermoEBMError("this measurement stores no log_Z_cov (written by an older thermo-ebm); re-measure")
+    i, j = idx
+    c = ds.log_Z_cov.values
+    lz = ds.log_Z.values
+    var_lz = c[i, i] + c[j, j] - 2 * c[i, j]
+    var_f = (t2 * t2 * c[j, j] + t1 * t1 * c[i, i] - 2 * t1 * t2 * c[i, j])
+    return {"T1": t1, "T2": t2, "dlog_Z": float(lz[j] - lz[i]), "dlog_Z_err": float(np.sqrt(max(var_lz, 0.0))),
+            "dF": float(-t2 * lz[j] + t1 * lz[i]), "dF_err": float(np.sqrt(max(var_f, 0.0)))}
+
+
+def checkpoint_note(ds) -> str | None:
+    """A warning when the checkpoint a measurement names is gone or no longer the one measured."""
+    path, digest = ds.attrs.get("checkpoint"), ds.attrs.get("checkpoint_sha256")
+    if not path or not digest:
+        return None
+    if not Path(path).is_file():
+        return f"warning: the measured checkpoint {path} is no longer on disk"
+    if file_sha256(path) != digest:
+        return (f"warning: {path} has changed since it was measured (sha256 {digest[:12]}... measured); "
+                "these numbers describe the earlier model")
+    return None
+
+
 def _flags(ds, i):
     return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
 
 
-def report(path, as_json=False) -> str:
+def report(path, as_json=False, diff=None) -> str:
+    """The text (or JSON) `show` prints; diff=(T1, T2) adds F(T2) - F(T1) with its SE per measurement."""
     groups = list_groups(path)
     doc = {"file": str(path), "groups": {}}
     lines = [f"{path}"]
+    if not groups:
+        lines.append("no groups yet (a results file gets one per `train`, `measure` or `eval`)")
     for name, kind in groups.items():
         if kind == "measurement":
             ds = read_group(path, name)
@@ -52,6 +91,16 @@ def report(path, as_json=False) -> str:
             for r in rows:
                 cells = " ".join(f"{r[c]:>11.4g} ±{r[c + '_err']:<7.2g}" for c in cols)
                 lines.append(f"{r['T']:>6.3g} {cells}  {r['flags']}")
+            note = checkpoint_note(ds)
+            if note:
+                lines.append(note)
+                doc["groups"][name]["warning"] = note
+            if diff is not None:
+                dd = free_energy_difference(ds, *diff)
+                doc["groups"][name]["diff"] = dd
+                lines.append(f"F({dd['T2']:g}) - F({dd['T1']:g}) = {dd['dF']:.6g} ±{dd['dF_err']:.2g}; "
+                             f"log Z({dd['T2']:g}) - log Z({dd['T1']:g}) = {dd['dlog_Z']:.6g} ±{dd['dlog_Z_err']:.2g} "
+                             "(SEs from log_Z_cov)")
             if "C_peak_T" in ds:
                 t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
                 doc["groups"][name].update(C_peak_T=t_star, C_peak_T_err=se)

@@ -1,43 +1,56 @@
-"""Results files: HDF5, one group per training history or measurement, readable with h5py and with
-xarray.open_dataset(path, group=..., engine="h5netcdf").
+"""Results files: HDF5, one group per training history, measurement or evaluation, readable with h5py, with
+xarray.open_dataset(path, group=..., engine="h5netcdf") and, all groups at once, with `open_results`.
 
-Every write rebuilds the file in a temporary file beside it (other groups re-serialised through xarray),
-fsyncs it and
-os.replace()s it over the original, under an exclusive lock: readers see the old or the new file, never a
-half-written one, and concurrent writers queue.
+A write appends one group in place: under an exclusive lock the file is copied beside itself, the group is
+added to the copy (everything else in the file, including groups and attributes other tools wrote, is left
+as it is), and the copy is fsynced and os.replace()d over the original. Readers see the old or the new file,
+never a half-written one; concurrent writers queue, and a group name chosen automatically is chosen under
+the lock.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import h5py
+import numpy as np
 import xarray as xr
 
 from .errors import ThermoEBMError
 from .fileio import atomic_path, file_lock
 
 
-def write_group(path, group: str, ds: xr.Dataset, *, lock_timeout: float = 600.0) -> str:
-    """Write `ds` as `group` of `path` (replacing only that group); returns the group name."""
+def write_group(path, group: str | None, ds: xr.Dataset, *, replace: bool = False, base: str | None = None,
+                lock_timeout: float = 600.0) -> str:
+    """Add `ds` to results file `path` as `group`, or (group None) as the first free name of `base`,
+    `base_2`, ...; an existing `group` is an error unless replace. Returns the group name."""
     path = Path(path)
+    if group is None and not base:
+        raise ValueError("write_group needs a group or a base name")
     with file_lock(path, lock_timeout):
-        others = {}
-        if path.exists():
-            for name in list_groups(path):
-                if name != group:  # netCDF groups hold object references: rebuild them, never h5py-copy
-                    with xr.open_dataset(path, group=name, engine="h5netcdf") as g:
-                        others[name] = g.load()
-        with atomic_path(path) as tmp:
-            mode = "w"
-            for name, g in {**others, group: ds}.items():
-                g.to_netcdf(tmp, mode=mode, group=name, engine="h5netcdf")
-                mode = "a"
+        names = set(list_groups(path)) if path.exists() else set()
+        if group is None:
+            group = free_name(names, base)
+        elif group in names and not replace:
+            raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
+        with atomic_path(path, copy_existing=True) as tmp:
+            if group in names:
+                with h5py.File(tmp, "a") as f:
+                    del f[group]
+            ds.to_netcdf(tmp, mode="a" if tmp.exists() else "w", group=group, engine="h5netcdf")
     return group
 
 
-def new_group_name(path, base: str) -> str:
-    """`base`, or `base_2`, `base_3`, ... so that an existing group is never replaced."""
-    names = set(list_groups(path)) if Path(path).exists() else set()
+def free_name(names, base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ... : the first name not in `names`."""
     if base not in names:
         return base
     i = 2
@@ -47,6 +60,8 @@ def new_group_name(path, base: str) -> str:
 
 
 def _open_h5(path):
+    if Path(path).is_dir():
+        raise ThermoEBMError(f"{path} is a directory, not a results file")
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -55,17 +70,38 @@ def _open_h5(path):
         raise ThermoEBMError(f"{path} is not a readable HDF5 results file ({str(e).splitlines()[0][:120]})") from None
 
 
+SUFFIXES = (".h5", ".hdf5", ".nc")
+
+
+def check_output_path(path) -> None:
+    """Before any long work: `path` names a results file (.h5, .hdf5, .nc) whose folder can be written, and an
+    existing `path` is a readable HDF5 file."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ThermoEBMError(f"results file {path} must end in {', '.join(SUFFIXES)} (it is HDF5)")
+    if path.exists():
+        _open_h5(path).close()
+        if not os.access(path, os.W_OK):
+            raise ThermoEBMError(f"results file {path} is not writable")
+    folder = next((q for q in [path.parent, *path.parent.parents] if q.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ThermoEBMError(f"cannot write results file {path}: {folder} is not a writable folder")
+
+
 def list_groups(path) -> dict:
-    """{group name: kind} for every top-level group ('training', 'measurement' or 'other')."""
+    """{group name: kind} for every top-level group ('training', 'measurement', 'evaluation' or 'other')."""
     with _open_h5(path) as f:
         out = {}
         for name in f:
+            if not isinstance(f[name], h5py.Group):
+                continue
             kind = f[name].attrs.get("kind", "other")
             out[name] = kind.decode() if isinstance(kind, bytes) else str(kind)
         return out
 
 
 def read_group(path, group: str) -> xr.Dataset:
+    """One group as an in-memory xarray.Dataset."""
     groups = list_groups(path)
     if group not in groups:
         raise ThermoEBMError(f"{path} has no group {group!r} (groups: {', '.join(groups) or 'none'})")
@@ -75,3 +111,105 @@ def read_group(path, group: str) -> xr.Dataset:
 
 def groups_of_kind(path, kind: str) -> list:
     return [g for g, k in list_groups(path).items() if k == kind]
+
+
+def open_results(path) -> xr.DataTree:
+    """Every group of a results file as an in-memory xarray.DataTree (tree["measure_joint"].ds, ...)."""
+    groups = list_groups(path)
+    return xr.DataTree.from_dict({f"/{name}": read_group(path, name) for name in groups})
+
+
+# ---- self-describing files: provenance and CF-style variable metadata
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_COMMAND_LINE: list = []  # set by the CLI for the command it runs; else sys.argv
+
+
+@contextlib.contextmanager
+def invoked_as(argv):
+    """Record `argv` (e.g. ["thermo-ebm", "measure", ...]) as the command line of groups written meanwhile."""
+    _COMMAND_LINE.append(list(argv))
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.pop()
+
+
+def provenance() -> dict:
+    """Attributes saying how a group was made: command line, UTC time, package versions."""
+    from . import __version__
+    versions = {"thermo_ebm": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "numpy", "scipy", "pymbar", "h5netcdf", "h5py", "xarray"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return {"Conventions": "CF-1.10", "command_line": shlex.join(_COMMAND_LINE[-1] if _COMMAND_LINE else sys.argv),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), "versions": json.dumps(versions)}
+
+
+# name -> (long_name, units); units "E" means the energy units of the measurement, "T" the temperature units
+VARIABLES = {
+    "log_Z": ("log partition function, Lebesgue measure on the box", "nats"),
+    "F": ("free energy -T log Z", "E"), "U": ("mean energy <E>_T", "E"),
+    "S": ("entropy (U - F) / T", "nats"), "C": ("heat capacity Var_T(E) / T^2", "nats"),
+    "info_bits": ("information log Omega - S", "bits"),
+    "H_Y_bits": ("label entropy H(Y) under p_T", "bits"),
+    "H_Y_given_X_bits": ("conditional label entropy H(Y|X) under p_T", "bits"),
+    "I_XY_bits": ("mutual information I(X;Y) under p_T", "bits"),
+    "log_Z_reverse": ("log Z from reverse annealing of the sweep chains (cross-check, not a bound)", "nats"),
+    "log_Z_gap": ("log_Z_reverse - log_Z (systematic-error estimate)", "nats"),
+    "log_Z_forward": ("log Z from forward AIS started from uniform", "nats"),
+    "log_Z_mbar": ("log Z from MBAR on the sweep samples (cross-check)", "nats"),
+    "U_resid": ("U of the sweep chains - U of the annealing weights", "E"),
+    "C_resid": ("C - dU/dT (consistency residual)", "nats"),
+    "origin_gap": ("log Z from data-seeded annealing - log Z from uniform", "nats"),
+    "origin_U_gap": ("U from data-seeded annealing - U from uniform", "E"),
+    "ess": ("effective sample size of the reported log Z weights", "1"),
+    "ess_forward": ("effective sample size of the forward AIS weights", "1"),
+    "pareto_k": ("Pareto k-hat of the reported log Z weights", "1"),
+    "ais_accept": ("annealing acceptance rate", "1"), "accept": ("sweep acceptance rate", "1"),
+    "swap_accept": ("replica-exchange acceptance with the next temperature", "1"),
+    "tau_E": ("integrated autocorrelation time of E in the sweep", "sweeps"),
+    "step_size": ("sweep MALA step size", "1"),
+    "C_peak_T": ("temperature of the heat-capacity maximum", "T"),
+    "log_Z_cov": ("covariance of log_Z between temperatures", "nats^2"),
+    "C_cov": ("covariance of C between temperatures", "nats^2"),
+    "samples": ("states of the sweep chains in the box [-1, 1]", "1"),
+    "sample_labels": ("labels of the sweep chains", "1"),
+    "temperature": ("temperature", "T"), "temperature_b": ("temperature (second axis of covariances)", "T"),
+    "temperature_raw": ("temperature on the logits' scale (T x T_train)", "logits' units"),
+}
+
+
+def annotate(ds: xr.Dataset, temperature_units: str, energy_units: str) -> xr.Dataset:
+    """CF-style metadata: long_name and units on every variable, ancillary_variables from a value to its
+    `_err`, flag_values/flag_meanings on the flags."""
+    t_units = "T_train" if temperature_units == "train" else "logits' units"
+    e_units = "T_train" if energy_units.startswith("T_train") else "logits' units"
+    for name in list(ds.variables):
+        var = ds[name]
+        base = name[:-4] if name.endswith("_err") else name
+        if name.startswith("flag_"):
+            var.attrs.update(long_name=name[5:].replace("_", " ") + " flag", flag_values=np.array([0, 1], np.int8),
+                             flag_meanings="ok flagged", units="1")
+            continue
+        if base not in VARIABLES:
+            continue
+        long_name, units = VARIABLES[base]
+        units = {"E": e_units, "T": t_units}.get(units, units)
+        if name.endswith("_err"):
+            var.attrs.update(long_name=f"standard error of {base}", units=units)
+        else:
+            var.attrs.update(long_name=long_name, units=units)
+            if name + "_err" in ds:
+                var.attrs["ancillary_variables"] = name + "_err"
+    return ds

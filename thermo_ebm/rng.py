@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed for one random stream named by non-negative integers (seed, stream, rank, restart, ...),
+    through numpy's SeedSequence: distinct key tuples give independent streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
 
 ROTATIONS = (16, 42, 12, 31, 16, 32, 24, 21)  # Threefry-2x64 rotation constants
 PARITY = 0x1BD11BDAA9FC1A22                   # Skein key-schedule parity constant (< 2^63: a valid int64)

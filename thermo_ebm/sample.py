@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .measure import resolve_device
 from .sampling import MAX_STEP, adapt_step, mala_init, mala_step, uniform
 
 
@@ -21,7 +21,7 @@ def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="aut
         raise ThermoEBMError(f"--temp must be a positive number, got {temp}")
     if n < 1 or steps < 2:
         raise ThermoEBMError("-n must be >= 1 and --steps >= 2")
-    dev = resolve_device(device)
+    dev = dist.resolve_device(device)
     model = model.to(dev).eval()
     if label is not None and model.n_classes < 2:
         raise ThermoEBMError("--label needs a model with several classes")
@@ -50,11 +50,27 @@ def save_grid(x, out, shape):
     return out
 
 
+def check_image_path(out) -> None:
+    """Before sampling: `out` has an image format PIL can write, in a folder that can be written."""
+    import os
+
+    from PIL import Image
+    out = Path(out)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ThermoEBMError(f"cannot write images as {out.suffix or 'a file without extension'!r}: "
+                             f"use .png, .jpg, .pdf or another format PIL writes")
+    folder = next((q for q in [out.parent, *out.parent.parents] if q.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or out.is_dir():
+        raise ThermoEBMError(f"cannot write {out}: {folder} is not a writable folder")
+
+
 def sample_to_png(ckpt, temp, *, units="train", label=None, n=64, out="samples.png", steps=500, seed=0,
                   device="auto"):
     """Samples at T (units="train": T x T_train on the logits' scale; "raw": T itself) saved as an image grid."""
     if units not in ("train", "raw"):
         raise ThermoEBMError(f"unknown temperature units {units!r}; choose train or raw")
+    check_image_path(out)
     st = load_checkpoint(ckpt)
     model = model_from_checkpoint(st, ckpt).eval()
     if units == "train" and math.isfinite(temp):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, mala_step, take
 
 
@@ -97,7 +97,7 @@ def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod
     bad = torch.zeros(n_t, device=device)
     sums, u_trace, logits = None, [], []
     total = n_burn + n_prod
-    for i in tqdm(range(total), desc="sweep", disable=not progress, leave=False):
+    for i in progress_bar(range(total), desc="sweep", enabled=progress):
         step = step_t.repeat_interleave(c)
         state, acc, fin = mala_step(state, model, ensemble, beta, step, generator, kernel)
         acc_t = acc.float().reshape(n_t, c).mean(1)

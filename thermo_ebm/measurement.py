@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,12 +25,15 @@ import xarray as xr
 from . import ais, bridge
 from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
+from .config import MeasureConfig
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
                          jackknife_cov, label_entropy, log_mean_weight, logmeanexp, pareto_k, peak_position,
                          weighted_mean)
 from .models import EBM, ScaledLogits
+from .results import annotate, file_sha256, provenance
+from .rng import stream_seed
 from .sampling import MalaKernel, MalaState, mala_kernel
 from .sweep import run_sweep, stat_names
 
@@ -39,62 +43,6 @@ MBAR_MAX = 1000
 BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
 HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
 logging.getLogger("pymbar").setLevel(logging.ERROR)
-
-
-@dataclass
-class MeasureConfig:
-    """Budget of a measurement (defaults: 16 temperatures of a 784-d MLP in minutes on 2 CPU cores)."""
-    ais_chains: int = 512       # forward AIS chains (split into `replicas` groups for the SE)
-    ais_steps: int = 2000       # minimum number of annealing betas (plus the sweep betas)
-    ais_steps_per_l2: float = 8.0  # ... raised to this times L^2 (L: thermodynamic length from the pilot)
-    ais_mcmc: int = 1           # MALA steps per annealing beta
-    replicas: int = 16
-    tune_chains: int = 64
-    tune_stages: int = 100
-    tune_adapt: int = 5
-    chains: int = 64            # sweep chains per temperature
-    burn_in: int = 300
-    samples: int = 1000         # production steps per sweep chain
-    exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
-    thin: int = 5               # keep logits every `thin` production steps for MBAR
-    reverse_steps: int = 500    # total reverse-AIS betas across all segments
-    mbar: bool = True
-    keep_samples: int = 16      # samples per temperature stored for plotting (at most `chains`)
-    shards: int = 1             # independent chain groups with their own seeds (= processes under torchrun)
-    compile: bool | None = None  # fuse the reflected-MALA density with torch.compile; None: when d >= 256
-    # with reference data (the low-temperature phase): the anneal from a data-informed base at every temperature
-    data_refs: int = 64         # kernel centres per temperature seeded from data (as many from forward AIS)
-    reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
-    bridge_chains: int = 128    # chains per temperature annealed from the base (the reported log Z)
-    bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
-    bridge_uniform: float = 0.2  # weight of the uniform component of the base
-
-    def validate(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(v, int) or v < 1):
-                raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
-        if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
-            raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
-        if not 0.0 < self.bridge_uniform < 1.0:
-            raise ThermoEBMError(f"bridge_uniform must lie in (0, 1), got {self.bridge_uniform!r}")
-        if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
-            raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
-        if self.ais_chains % self.shards or self.chains % self.shards or self.bridge_chains % self.shards:
-            raise ThermoEBMError(f"ais_chains ({self.ais_chains}), bridge_chains ({self.bridge_chains}) and chains "
-                                 f"({self.chains}) must be divisible by the number of shards/processes ({self.shards})")
-        if self.chains // self.shards < 2:
-            raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise chains above {self.chains}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ThermoEBMError("--device cuda requested but no CUDA device is available (use --device cpu)")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ThermoEBMError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
 
 
 @dataclass
@@ -129,7 +77,10 @@ def resolve_model(model, shape):
     if isinstance(model, (str, Path)):
         ckpt = load_checkpoint(model)
         m = model_from_checkpoint(ckpt, model)
-        return m.eval(), m.shape, m.n_classes, {"checkpoint": str(model), "model_spec": json.dumps(m.spec)}, ckpt
+        desc = {"checkpoint": str(model), "checkpoint_sha256": file_sha256(model),
+                "checkpoint_step": int(ckpt.get("step", -1)), "checkpoint_epoch": int(ckpt.get("epoch", -1)),
+                "model_spec": json.dumps(m.spec)}
+        return m.eval(), m.shape, m.n_classes, desc, ckpt
     if isinstance(model, EBM):
         return model.eval(), model.shape, model.n_classes, {"model_spec": json.dumps(model.spec)}, None
     if not callable(model):
@@ -223,7 +174,7 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose marginal or joint")
     if units not in ("train", "raw"):
         raise ThermoEBMError(f"unknown temperature units {units!r}; choose train or raw")
-    dev = dist.local_device(resolve_device(device))
+    dev = dist.resolve_device(device)
     net, shape, k, desc, ckpt = resolve_model(model, shape)
     if t_train is None:
         t_train = checkpoint_temperature(ckpt) if ckpt is not None else float(getattr(net, "training_temperature", 1.0))
@@ -276,7 +227,8 @@ SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1
 
 
 def shard_seed(seed: int, shard: int) -> int:
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """The seed of one shard's chains (one rank under torchrun)."""
+    return stream_seed(seed, shard)
 
 
 def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
@@ -366,13 +318,19 @@ class LogZ:
     k_hat: np.ndarray
     u: np.ndarray          # weighted <E> (= -d log Z / d beta of the estimator) and its SE
     u_se: np.ndarray
+    cov: np.ndarray        # [T, T] covariance of `value` between temperatures (from the replicas)
 
 
 def log_z_estimate(logw, energy, log_omega, n_replicas) -> LogZ:
     """log Z = log Omega + log mean w with replica SEs, and U from the same weights (arrays [T, N])."""
-    lmw, se, _, ess = log_mean_weight(logw, n_replicas)
+    lmw, se, reps, ess = log_mean_weight(logw, n_replicas)
     u, u_se = weighted_mean(logw, energy, n_replicas)
-    return LogZ(log_omega + lmw, se, ess, pareto_k(logw), u, u_se)
+    finite = np.isfinite(reps).all(-1)
+    cov = np.full((len(lmw), len(lmw)), np.nan)
+    if finite.any():
+        sub = np.atleast_2d(np.cov(reps[finite], ddof=1)) / reps.shape[-1]
+        cov[np.ix_(finite, finite)] = sub
+    return LogZ(log_omega + lmw, se, ess, pareto_k(logw), u, u_se, cov)
 
 
 @dataclass
@@ -386,6 +344,7 @@ class Thermo:
     peak: tuple
     tau: np.ndarray
     mbar_ok: bool
+    cov: dict              # name -> [T, T] covariance between temperatures (log_Z, C)
 
 
 def thermodynamics(p: Problem, pooled: dict) -> Thermo:
@@ -466,7 +425,7 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
-    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok)
+    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov})
 
 
 # what each flag makes unreliable (named in the warning and in docs/estimators.md)
@@ -549,6 +508,8 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     for name, f in flags.items():
         data_vars[name] = ("temperature", np.asarray(f)[rev].astype(np.int8))
     data_vars["C_peak_T"], data_vars["C_peak_T_err"] = ((), th.peak[0]), ((), th.peak[1])
+    for name, cov in th.cov.items():  # between temperatures: SE of differences such as F(T1) - F(T2)
+        data_vars[name + "_cov"] = (["temperature", "temperature_b"], np.asarray(cov, dtype=np.float64)[rev, rev])
     xs = pooled["samples"][:, : cfg.keep_samples][rev]
     sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(p.shape))]
     data_vars["samples"] = (sdims, xs.astype(np.float32))
@@ -559,7 +520,7 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     attrs = {
         "kind": "measurement", "ensemble": p.ens.kind, "n_classes": p.ens.n_classes, "dimension": p.d,
         "shape": json.dumps(list(p.shape)), "log_Omega": p.ens.log_omega(p.d), "seed": p.seed,
-        "device": str(p.device), "settings": json.dumps(asdict(cfg)), "versions": json.dumps(_versions()),
+        "device": str(p.device), "settings": json.dumps(asdict(cfg)), **provenance(),
         "ais_schedule_length": len(pl.schedule), "thermodynamic_length": pl.length, "mbar_ok": int(th.mbar_ok),
         "seconds": seconds, "units": "nats (k_B = 1) unless the name ends in _bits",
         "T_train": p.t_train, "temperature_units": p.units, "energy_units": energy_units,
@@ -569,26 +530,58 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     if th.from_data is not None:
         attrs["bridge_schedule_length"] = int(pooled["b_steps"].max())
         attrs["bridge_thermodynamic_length_max"] = float(pooled["b_length"].max())
-    coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref)}
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref),
+              "temperature_b": ("temperature_b", p.temps)}
+    return annotate(xr.Dataset(data_vars, coords=coords, attrs=attrs), p.units, energy_units)
 
 
-def measure(model, temps, *, shape=None, ensemble="marginal", units="train", t_train=None, data="auto",
+def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], temps: Sequence[float] | np.ndarray, *,
+            shape: Sequence[int] | None = None, ensemble: str = "marginal", units: str = "train",
+            t_train: float | None = None, data: str | Path | torch.Tensor | np.ndarray | None = "auto",
             seed: int = 0, device: str = "auto", progress: bool = False, config: MeasureConfig | None = None,
             **budget) -> xr.Dataset:
-    """Estimate log Z, F, U, S, C, info (and joint information quantities) at temperatures `temps`.
+    """Estimate log Z, F, U, S, C, information (and the joint information quantities) at temperatures `temps`,
+    every value with its standard error.
 
-    model: checkpoint path, thermo-ebm EBM, or callable/nn.Module mapping float [N, *shape] to logits [N, K].
-    units: "train" (default): T in units of the model's training temperature T_train (a checkpoint's
-    sgld_noise^2 / (2 sgld_step); `t_train`, else 1, for other models), so T = 1 is the distribution the
-    training chains targeted, and U, F come in units of T_train; "raw": T and energies on the logits' scale.
-    data: reference states of the low-temperature phase, [M, *shape] in the box (tensor, array or .pt file);
-    "auto": a checkpoint's training split and stored chains (nothing for other models); None: none. With data,
-    log Z comes from annealing a data-informed base at every temperature, and the estimate from uniform is
-    kept as log_Z_forward (flag_hysteresis where they disagree).
-    Returns an xarray.Dataset on ascending `temperature` (as given; `temperature_raw` = T x T_train) with
-    `<name>_err` standard errors, cross-checks, diagnostics and per-temperature flags. Units: nats, except
-    names ending in _bits.
+    Parameters
+    ----------
+    model : checkpoint path (.pt from `train`), thermo-ebm EBM, or a callable / nn.Module mapping float
+        x [N, *shape] in the box [-1, 1]^d to logits f(x) [N, K]; E(x) = -logsumexp_y f(x)[y] (marginal) or
+        E(x, y) = -f(x)[y] (joint).
+    temps : temperatures T > 0 (any order; duplicates are an error), in `units`.
+    shape : input shape, needed only for a plain callable.
+    ensemble : "marginal" (p_T(x) on the box) or "joint" (p_T(x, y); adds H_Y, H_Y_given_X, I_XY in bits).
+    units : "train" (default): T in units of the training temperature T_train (a checkpoint's
+        sgld_noise^2 / (2 sgld_step); else `t_train`, else a model's `training_temperature`, else 1), so T = 1 is
+        the distribution the training chains targeted and U, F are in units of T_train; "raw": T and energies
+        on the logits' scale.
+    t_train : training temperature (logits' scale) for models that do not record one.
+    data : reference states of the low-temperature phase, [M, *shape] in the box (tensor, array or .pt file);
+        "auto": a checkpoint's training split and stored chains (none for other models); None: none. With data,
+        log Z comes from annealing a data-informed base at every temperature and the estimate from uniform is
+        kept as log_Z_forward (flag_hysteresis where the two disagree).
+    seed : seed of every chain (shards and ranks derive theirs from it).
+    device : "auto", "cpu", "cuda" or "cuda:N".
+    progress : progress bars (a terminal) or periodic log lines (elsewhere).
+    config, **budget : a MeasureConfig and/or its fields as keywords (ais_chains=..., samples=...).
+
+    Returns
+    -------
+    xarray.Dataset on ascending `temperature` (as given; `temperature_raw` = T x T_train) with, per temperature:
+    log_Z, F, U, S, C, info_bits (joint: H_Y_bits, H_Y_given_X_bits, I_XY_bits), each with `<name>_err`;
+    cross-checks log_Z_forward, log_Z_reverse, log_Z_gap, log_Z_mbar, U_resid, C_resid (with data also
+    origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
+    swap_accept, tau_E, step_size; int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
+    flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_hysteresis (with data; a phase one origin
+    missed); C_peak_T and C_peak_T_err; log_Z_cov and C_cov [temperature, temperature_b], the covariances
+    between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
+    sample_labels). Units: nats (k_B = 1) except names ending in _bits; every variable carries `units`
+    and `long_name`, the dataset its provenance. docs/estimators.md describes each estimator and flag.
+
+    Example
+    -------
+    >>> ds = thermo_ebm.measure("checkpoints/run.pt", [0.5, 1.0, 2.0], ensemble="joint")
+    >>> float(ds.I_XY_bits.sel(temperature=1.0)), float(ds.I_XY_bits_err.sel(temperature=1.0))
     """
     cfg = config or MeasureConfig()
     unknown = set(budget) - {f.name for f in fields(MeasureConfig)}
@@ -608,15 +601,6 @@ def measure(model, temps, *, shape=None, ensemble="marginal", units="train", t_t
     th = thermodynamics(p, pooled)
     flags, extra = diagnose(p, pl, th, pooled)
     return to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
-
-
-def _versions():
-    import h5py
-    import scipy
-
-    from . import __version__
-    return {"thermo_ebm": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "xarray": xr.__version__, "h5py": h5py.__version__}
 
 
 def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
@@ -640,50 +624,18 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
     return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
 
 
-def parse_temps(spec: str) -> np.ndarray:
-    """'start:stop:step' (stop included when on the grid) or a comma list; one-line errors otherwise."""
-    spec = (spec or "").strip()
-    if not spec:
-        raise ThermoEBMError("--temps is empty; use start:stop:step (e.g. 0.5:2:0.1) or a list (0.5,1,2)")
-    try:
-        if ":" in spec:
-            parts = [float(p) for p in spec.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if step <= 0:
-                raise ThermoEBMError(f"--temps step must be > 0, got {step:g}")
-            if start > stop:
-                raise ThermoEBMError(f"--temps start {start:g} is above stop {stop:g}")
-            n_f = (stop - start) / step
-            if not math.isfinite(n_f) or n_f > 1000:
-                raise ThermoEBMError("--temps asks for more than 1000 temperatures")
-            n = int(math.floor(n_f + 1e-9)) + 1
-            temps = np.round(start + step * np.arange(n), 12)
-        else:
-            temps = np.array([float(p) for p in spec.split(",") if p.strip() != ""])
-    except ValueError:
-        raise ThermoEBMError(f"--temps {spec!r} is not start:stop:step or a comma list of numbers") from None
-    if temps.size > 1000:
-        raise ThermoEBMError(f"--temps asks for {temps.size} temperatures; at most 1000")
-    if temps.size == 0 or not np.all(np.isfinite(temps)) or np.any(temps <= 0):
-        raise ThermoEBMError(f"--temps {spec!r}: temperatures must be finite and > 0")
-    return temps
-
-
 def check_group(path, group: str | None, replace: bool = False) -> None:
-    """Before any work starts: an existing `path` must be a readable results file, and an explicit group that
-    exists in it is an error unless replace."""
-    from .results import list_groups
-    groups = list_groups(path) if Path(path).exists() else {}
-    if group and not replace and group in groups:
+    """Before any work starts: `path` must be a results-file name (.h5, .hdf5, .nc) in a writable folder, an
+    existing `path` a readable results file, and an explicit group that exists in it is an error unless
+    replace."""
+    from .results import check_output_path, list_groups
+    check_output_path(path)
+    if group and not replace and Path(path).exists() and group in list_groups(path):
         raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
 
 
 def save_measurement(ds: xr.Dataset, path, group: str | None = None, replace: bool = False) -> str:
     """Write a measurement as a group of results file `path`: `group` (refused if it exists, unless replace)
-    or a new name measure_<ensemble>[_n]."""
-    from .results import new_group_name, write_group
-    check_group(path, group, replace)
-    group = group or new_group_name(path, f"measure_{ds.attrs['ensemble']}")
-    return write_group(path, group, ds)
+    or the first free name measure_<ensemble>[_n], chosen under the file's lock."""
+    from .results import write_group
+    return write_group(path, group, ds, replace=replace, base=f"measure_{ds.attrs['ensemble']}")

@@ -9,101 +9,35 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from . import distributed as dist
+from .progress import progress_bar
+from .config import TrainConfig
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
-from .data import DATASETS, load_data, parse_labels
+from .data import load_data, parse_labels
 from .errors import ThermoEBMError, TrainingDiverged
-from .fileio import file_lock
-from .measure import resolve_device
+from .fileio import file_lock, lock_path, remove_stale_tmp
 from .models import build_model, joint_energy, marginal_energy
-from .objectives import NEEDS, OBJECTIVES, loss_terms
-from .results import write_group
+from .objectives import NEEDS, loss_terms
+from .results import provenance, write_group
+from .rng import stream_seed
 from .sampling import langevin_init, langevin_move, langevin_step
 
 log = logging.getLogger("thermo_ebm")
 
+POPULATIONS = ("joint", "marginal")  # sampler chain populations; metric names are "<population>_<name>"
+DIVERGENCE_SIGNALS = ("loss", "ce", "reg", "train_acc")
+POPULATION_SIGNALS = ("e_data", "e_model", "ml")
+
 # options that may differ when resuming (everything else must match the checkpoint)
 RESUMABLE = {"epochs", "max_steps", "device", "log_file", "on_divergence", "max_rollbacks", "resume",
              "checkpoint_dir", "results_dir", "progress"}
-
-
-@dataclass
-class TrainConfig:
-    name: str = "run"
-    objective: str = "j_ebm"
-    dataset: str = "mnist"
-    data_dir: str = "data"
-    labels: list | None = None
-    noise: float = 0.0
-    arch: str = "shallow"
-    model_size: int | None = None
-    depth: int = 2
-    spectral_norm: bool = False
-    epochs: int = 10
-    max_steps: int | None = None      # stop after this many optimizer steps in total
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_schedule: str = "constant"     # or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
-    reg: float | None = None          # default 0.1 for EBM objectives, 0 for dcl
-    gamma: float = 1.0
-    sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
-    sgld_noise: float = 0.1
-    mc_steps: int = 40
-    joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
-    buffer_size: int = 10000
-    from_scratch: float = 0.05
-    short_run: bool = False
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_dir: str = "checkpoints"
-    results_dir: str = "results"
-    log_file: str | None = None
-    on_divergence: str = "rollback"   # or "stop"
-    max_rollbacks: int = 3
-    max_energy_gap: float = 1e4       # |<E_data> - <E_model>| beyond this counts as divergence
-    snapshot_every: int = 50
-
-    def paths(self):
-        """checkpoints/NAME.pt and results/NAME.h5 of this run."""
-        return (Path(self.checkpoint_dir) / f"{self.name}.pt", Path(self.results_dir) / f"{self.name}.h5")
-
-    def check_name(self):
-        if not self.name or "/" in self.name:
-            raise ThermoEBMError(f"invalid run name {self.name!r}")
-
-    def validate(self):
-        if self.objective not in OBJECTIVES:
-            raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.dataset not in DATASETS:
-            raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ThermoEBMError("--lr-schedule must be constant or cosine")
-        if self.joint_labels not in ("fixed", "gibbs"):
-            raise ThermoEBMError("--joint-labels must be fixed or gibbs")
-        if self.on_divergence not in ("rollback", "stop"):
-            raise ThermoEBMError("--on-divergence must be rollback or stop")
-        for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):
-            if getattr(self, name) < 1:
-                raise ThermoEBMError(f"--{name.replace('_', '-')} must be >= 1")
-        if not 0.0 <= self.from_scratch <= 1.0:
-            raise ThermoEBMError("--from-scratch must be in [0, 1]")
-        if self.lr <= 0 or self.sgld_step < 0 or self.sgld_noise < 0:
-            raise ThermoEBMError("--lr must be > 0 and SGLD step/noise >= 0")
-        if self.buffer_size < self.batch_size and not self.short_run:
-            raise ThermoEBMError("--buffer-size must be at least --batch-size")
-        self.check_name()
-        self.labels = parse_labels(self.labels)
-        if self.reg is None:
-            self.reg = 0.0 if self.objective == "dcl" else 0.1
-        return self
 
 
 def _adam(params, lr):
@@ -130,7 +64,7 @@ class Trainer:
             raise ThermoEBMError(f"--batch-size ({cfg.batch_size}) and --buffer-size ({cfg.buffer_size}) must be "
                                  f"divisible by the {self.world} processes")
         self.batch = cfg.batch_size // self.world  # this rank's share of the global batch
-        self.dev = dist.local_device(resolve_device(cfg.device))
+        self.dev = dist.resolve_device(cfg.device)
         self.data = load_data(cfg.dataset, cfg.data_dir, cfg.labels, cfg.noise)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
@@ -138,8 +72,9 @@ class Trainer:
         # the loss goes through DDP (gradients averaged over ranks); the samplers use the bare model
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if dist.active() else self.model
         self.opt = _adam(list(self.model.parameters()), cfg.lr)
-        self.g_data = torch.Generator().manual_seed(cfg.seed)
-        self.g_mc = torch.Generator(device=self.dev).manual_seed(cfg.seed + 1 + 104729 * self.rank)
+        self.g_data, self.g_mc = torch.Generator(), torch.Generator(device=self.dev)
+        self.rollbacks = 0
+        self._seed_streams()
         self.pops = {}
         for pop in NEEDS[cfg.objective]:
             n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
@@ -155,7 +90,6 @@ class Trainer:
         self.hist: dict[str, list] = {}
         self.epoch_hist: dict[str, list] = {}
         self.events: list[tuple[int, str]] = []
-        self.rollbacks = 0
         self.lr = cfg.lr
 
     # ---------------------------------------------------------------- state capture / restore
@@ -268,7 +202,7 @@ class Trainer:
         loss, terms = loss_terms(
             cfg.objective, split["data"], yb,
             logits_joint=split.get("joint"), y_joint=chains["joint"][2] if "joint" in chains else None,
-            logits_marg=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg)
+            logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -311,13 +245,16 @@ class Trainer:
         return out
 
     def diverged(self, rec) -> str | None:
-        bookkeeping = ("_jarzynski", "_dF", "_W", "_Q", "_dW", "_dQ")  # diagnostics, not divergence signals
-        bad = [k for k, v in rec.items() if not k.endswith(bookkeeping) and not math.isfinite(v)]
+        """Why this step counts as diverged, or None. Signals: the loss and its terms (DIVERGENCE_SIGNALS),
+        the parameters, and each population's data-model energy gap; the W/Q/Jarzynski bookkeeping is not."""
+        signals = [k for k in DIVERGENCE_SIGNALS if k in rec]
+        signals += [f"{pop}_{t}" for pop in POPULATIONS for t in POPULATION_SIGNALS if f"{pop}_{t}" in rec]
+        bad = [k for k in signals if not math.isfinite(rec[k])]
         if bad:
             return f"non-finite {', '.join(bad[:3])} (learning rate too high or too few MCMC steps)"
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             return "non-finite parameters (learning rate too high)"
-        for pop in ("joint", "marg"):
+        for pop in POPULATIONS:
             if f"{pop}_e_data" in rec and abs(rec[f"{pop}_e_data"] - rec[f"{pop}_e_model"]) > self.cfg.max_energy_gap:
                 return (f"runaway {pop} energy gap {rec[f'{pop}_e_data'] - rec[f'{pop}_e_model']:.3g} between data "
                         "and model samples (sampler cannot keep up: lower the learning rate or add MCMC steps)")
@@ -365,7 +302,8 @@ class Trainer:
         coords = {"step": steps, "epoch": np.arange(1, len(self.epoch_hist.get("heldout_acc", [])) + 1)}
         attrs = {"kind": "training", "config": json.dumps(asdict(self.cfg)),
                  "split_note": self.data.note, "classes": json.dumps(self.data.classes),
-                 "rollbacks": self.rollbacks, "units": "energies in nats (k_B T = 1 at T = 1)"}
+                 "rollbacks": self.rollbacks, "units": "energies in nats (k_B T = 1 at T = 1)",
+                 "training_temperature": training_temperature(asdict(self.cfg)), **provenance()}
         return xr.Dataset(dv, coords=coords, attrs=attrs)
 
     def save(self):
@@ -374,7 +312,7 @@ class Trainer:
         st = self.gathered(self.capture())
         if dist.is_main():
             ckpt, res = self.cfg.paths()
-            write_group(res, "training", self.history_dataset())
+            write_group(res, "training", self.history_dataset(), replace=True)
             save_checkpoint(ckpt, st)
 
     def _epoch_order(self, n):
@@ -398,8 +336,8 @@ class Trainer:
         while self.epoch < cfg.epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
             if self.perm is None:
                 self.perm, self.batch_in_epoch = self._epoch_order(n), 0
-            bar = tqdm(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       disable=not self.progress, leave=False)
+            bar = progress_bar(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                               enabled=self.progress)
             rolled_back = False
             while self.batch_in_epoch < n_batches and (cfg.max_steps is None or self.step < cfg.max_steps):
                 sel = self.perm[self.batch_in_epoch * self.batch:(self.batch_in_epoch + 1) * self.batch]
@@ -445,6 +383,12 @@ class Trainer:
                 "heldout_acc": self.epoch_hist.get("heldout_acc", [float("nan")])[-1],
                 "rollbacks": self.rollbacks}
 
+    def _seed_streams(self):
+        """Data order (shared by all ranks) and chain noise (one stream per rank), both fresh after every
+        rollback: seeds from the sequence (seed, stream, [rank,] rollbacks)."""
+        self.g_data.manual_seed(training_seeds(self.cfg.seed, self.rank, self.rollbacks)[0])
+        self.g_mc.manual_seed(training_seeds(self.cfg.seed, self.rank, self.rollbacks)[1])
+
     def _on_divergence(self, why, snapshot):
         cfg = self.cfg
         msg = f"divergence at step {self.step}: {why}"
@@ -455,11 +399,26 @@ class Trainer:
         lr, rollbacks, events = self.lr, self.rollbacks, list(self.events)
         self.restore(snapshot)  # parameters, optimizer, chains, RNG, history back to the last good state
         self.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5  # applied by _set_lr
-        self.g_mc.manual_seed(cfg.seed + 1 + 7919 * self.rollbacks)
-        self.g_data.manual_seed(cfg.seed + 7919 * self.rollbacks)
+        self._seed_streams()
         self.perm = None if self.perm is None else self._epoch_order(len(self.data.y_train))
         self.events.append((self.step, f"{msg}; rolled back to step {self.step}, reseeded, lr -> {self.lr:g}"))
         log.warning("%s; rolled back to step %d, reseeded, learning rate halved to %g", msg, self.step, self.lr)
+
+
+def training_seeds(seed: int, rank: int, rollbacks: int) -> tuple[int, int]:
+    """(data-order seed, chain-noise seed) of a rank after `rollbacks` rollbacks: the data order is the same
+    on every rank (each takes its shard of it), the chain noise differs between ranks."""
+    return stream_seed(seed, 0, rollbacks), stream_seed(seed, 1, rank, rollbacks)
+
+
+def _remove_stale_files(cfg) -> None:
+    """Temporary files an earlier process of this run left when it was killed mid-write (under the run lock;
+    the results file's under its own lock, which a concurrent `measure` on it holds while writing)."""
+    ckpt, res = cfg.paths()
+    remove_stale_tmp(ckpt)
+    if res.parent.is_dir():
+        with file_lock(res):
+            remove_stale_tmp(res)
 
 
 def _clear_previous(cfg: TrainConfig, overwrite: bool):
@@ -500,9 +459,11 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     # one process at a time per run name: a second `train` of the same run would clobber the first's files
     run = Path(cfg.checkpoint_dir) / f"{cfg.name}.run"
     lock = file_lock(run, timeout=0.0, busy=f"another process is training run {cfg.name!r} "
-                     f"(lock {run}.lock); wait for it or choose another --name") if dist.is_main() else nullcontext()
+                     f"(lock {lock_path(run)}); wait for it or choose another --name") if dist.is_main() else nullcontext()
     try:
         with lock:
+            if dist.is_main():
+                _remove_stale_files(cfg)
             if resume:
                 path = cfg.paths()[0]
                 st = load_checkpoint(path)

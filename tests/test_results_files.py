@@ -1,0 +1,214 @@
+"""Results files that never lose data and explain themselves; the command line's manners (issue #18)."""
+import multiprocessing as mp
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import click
+import h5py
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import thermo_ebm
+from thermo_ebm.cli import cli, parse_temps
+from thermo_ebm.config import MeasureConfig, TrainConfig
+from thermo_ebm.measurement import save_measurement
+from thermo_ebm.results import list_groups, open_results, read_group, write_group
+from thermo_ebm.testing import TruncatedGaussian
+
+from test_cli_reliability import SMALL, run_cli
+
+TINY_BUDGET = dict(ais_chains=64, ais_steps=200, ais_steps_per_l2=2.0, chains=8, burn_in=40, samples=200,
+                   reverse_steps=40, replicas=8, mbar=False)
+
+
+@pytest.fixture(scope="module")
+def small_measurement():
+    """A measurement of a 4-d box Gaussian at 0.5, 0.6, ..., 1.0 (temperatures parsed as the CLI does)."""
+    system = TruncatedGaussian(d=4, seed=3)
+    temps = parse_temps("0.5:1:0.1")
+    return system, temps, thermo_ebm.measure(system, temps, shape=(4,), seed=1, **TINY_BUDGET)
+
+
+def _save_auto(path, i):
+    ds = xr.Dataset({"a": ("t", np.full(50, float(i)))}, attrs={"kind": "measurement", "ensemble": "marginal"})
+    save_measurement(ds, path)
+
+
+def test_automatic_group_names_are_chosen_under_the_lock(tmp_path):
+    """Four processes writing with automatic names: four groups, none lost."""
+    path = tmp_path / "r.h5"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_save_auto, args=(path, i)) for i in range(4)]
+    [p.start() for p in procs]
+    [p.join() for p in procs]
+    assert all(p.exitcode == 0 for p in procs)
+    groups = list_groups(path)
+    assert set(groups) == {"measure_marginal", "measure_marginal_2", "measure_marginal_3", "measure_marginal_4"}
+    assert sorted(float(read_group(path, g).a[0]) for g in groups) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_write_leaves_everything_else_in_the_file_intact(tmp_path):
+    path = tmp_path / "r.h5"
+    ds = xr.Dataset({"a": ("t", np.arange(5.0))}, attrs={"kind": "measurement"})
+    write_group(path, "first", ds)
+    with h5py.File(path, "a") as f:  # what another tool adds
+        f.attrs["lab_notebook"] = "page 12"
+        g = f.create_group("annotations")
+        g.create_dataset("z", data=np.arange(7))
+        g.attrs["who"] = "someone else"
+    before = read_group(path, "first")
+    write_group(path, "second", ds)
+    write_group(path, "second", ds.assign(a=ds.a * 2), replace=True)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["lab_notebook"] == "page 12"
+        assert f["annotations"].attrs["who"] == "someone else"
+        np.testing.assert_array_equal(f["annotations/z"][:], np.arange(7))
+    assert read_group(path, "first").identical(before)
+    np.testing.assert_array_equal(read_group(path, "second").a.values, np.arange(5.0) * 2)
+    with pytest.raises(thermo_ebm.ThermoEBMError, match="already has a group 'second'"):
+        write_group(path, "second", ds)
+
+
+def test_temperatures_are_stored_as_given_and_variables_explain_themselves(small_measurement, tmp_path):
+    _, temps, ds = small_measurement
+    path = tmp_path / "r.h5"
+    save_measurement(ds, path)
+    back = xr.open_dataset(path, group="measure_marginal", engine="h5netcdf")
+    assert float(back.sel(temperature=0.9).temperature) == 0.9  # not 0.8999999999999999
+    assert back.attrs["Conventions"].startswith("CF-")
+    for name, var in back.data_vars.items():
+        assert var.attrs.get("long_name") and var.attrs.get("units"), name
+    assert back.F.attrs["ancillary_variables"] == "F_err"
+    assert back.F_err.attrs["long_name"] == "standard error of F"
+    assert list(back.flag_low_ess.attrs["flag_values"]) == [0, 1]
+    assert back.flag_low_ess.attrs["flag_meanings"] == "ok flagged"
+
+
+def test_covariances_give_free_energy_differences_that_hold_against_exact(small_measurement, tmp_path):
+    """log_Z_cov and C_cov are stored; F(T2) - F(T1) from them agrees with the exact value within 4 SE."""
+    from thermo_ebm.report import free_energy_difference
+    system, temps, ds = small_measurement
+    cov = ds.log_Z_cov.values
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), ds.log_Z_err.values, rtol=1e-10)
+    np.testing.assert_allclose(np.sqrt(np.diag(ds.C_cov.values)), ds.C_err.values, rtol=1e-10)
+    exact = system.exact(temps)
+    d = free_energy_difference(ds, 0.5, 1.0)
+    exact_df = float(exact["F"][-1] - exact["F"][0])  # temps ascending 0.5 ... 1.0
+    assert abs(d["dF"] - exact_df) < 4 * d["dF_err"], (d, exact_df)
+    assert d["dF_err"] > 0
+    path = tmp_path / "r.h5"
+    save_measurement(ds, path)
+    code, _ = run_cli(["show", str(path), "--diff", "0.5", "1"])
+    assert code == 0
+    code, err = run_cli(["show", str(path), "--diff", "0.5", "0.55"])
+    assert code == 2 and "not a measured temperature" in err
+
+
+def test_open_results_returns_every_group(small_measurement, tmp_path):
+    _, _, ds = small_measurement
+    path = tmp_path / "r.h5"
+    save_measurement(ds, path)
+    save_measurement(ds, path)
+    tree = open_results(path)
+    assert set(tree.children) == {"measure_marginal", "measure_marginal_2"}
+    assert tree["measure_marginal"].ds.F.identical(read_group(path, "measure_marginal").F)
+
+
+def test_provenance_and_a_changed_checkpoint_warning(digits_ckpt, tmp_path):
+    ck = tmp_path / "m.pt"
+    ck.write_bytes(Path(digits_ckpt["checkpoint"]).read_bytes())
+    out = tmp_path / "m.h5"
+    code, err = run_cli(["measure", "--ckpt", str(ck), "--temps", "1", "--out", str(out), "--data", "none",
+                         "--device", "cpu", *SMALL])
+    assert code == 0, err
+    ds = read_group(out, "measure_marginal")
+    import hashlib
+    assert ds.attrs["checkpoint_sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
+    assert ds.attrs["checkpoint_step"] == torch.load(ck, weights_only=True)["step"]
+    assert ds.attrs["command_line"].startswith("thermo-ebm measure --ckpt") and ds.attrs["created_utc"].endswith("+00:00")
+    versions = __import__("json").loads(ds.attrs["versions"])
+    assert {"thermo_ebm", "python", "torch", "numpy", "pymbar", "h5netcdf", "xarray"} <= set(versions)
+    from thermo_ebm.report import report
+    assert "has changed" not in report(out)
+    st = torch.load(ck, weights_only=True)
+    torch.save(dict(st, step=st["step"] + 1), ck)
+    assert "has changed since it was measured" in report(out)
+    ck.unlink()
+    assert "no longer on disk" in report(out)
+
+
+def test_show_on_an_empty_file_and_no_visible_lock_after_a_failed_train(tmp_path):
+    with h5py.File(tmp_path / "empty.h5", "w"):
+        pass
+    from thermo_ebm.report import report
+    assert "no groups yet" in report(tmp_path / "empty.h5")
+    code, err = run_cli(["train", "--name", "broken", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere")])
+    assert code == 2
+    assert not [p for p in Path("checkpoints").glob("*") if not p.name.startswith(".")]
+    stale = Path("checkpoints") / ".broken.pt.abc123.tmp"  # as a SIGKILL mid-write leaves it
+    stale.write_bytes(b"partial")
+    code, err = run_cli(["train", "--name", "broken", "--dataset", "digits", "--epochs", "1", "--max-steps", "2",
+                         "--batch-size", "16", "--buffer-size", "64", "--mc-steps", "2", "--model-size", "16"])
+    assert code == 0, err  # the earlier failure left nothing that blocks the run
+    assert not stale.exists()
+    assert sorted(p.name for p in Path("checkpoints").iterdir() if not p.name.startswith(".")) == ["broken.pt"]
+
+
+def test_progress_in_logs_is_a_few_lines_and_quiet_is_quiet(tmp_path):
+    args = ["train", "--name", "p", "--dataset", "digits", "--epochs", "2", "--batch-size", "16",
+            "--buffer-size", "64", "--mc-steps", "2", "--model-size", "16"]
+    r = subprocess.run([sys.executable, "-m", "thermo_ebm", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and len(r.stderr.splitlines()) < 20, r.stderr
+    r = subprocess.run([sys.executable, "-m", "thermo_ebm", "-q", *args, "--overwrite"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_command_line_manners():
+    r = subprocess.run([sys.executable, "-m", "thermo_ebm", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and thermo_ebm.__version__ in r.stdout
+    defaults = {**{f.name: f.default for f in fields(TrainConfig)}, **{f.name: f.default for f in fields(MeasureConfig)}}
+    for name, command in cli.commands.items():
+        for p in command.params:
+            if not isinstance(p, click.Option):  # arguments are described in the command's help
+                continue
+            assert getattr(p, "help", None), f"{name} --{p.name} has no help"
+            if name in ("train", "measure") and p.name in defaults and p.name not in ("compile",):
+                if name == "measure" and p.name in ("device", "seed"):
+                    continue
+                assert p.default == defaults[p.name], f"{name} --{p.name} default differs from the config"
+
+
+def test_public_api_names():
+    import importlib
+    mod = importlib.import_module("thermo_ebm.measurement")
+    assert callable(thermo_ebm.measure) and mod.measure is thermo_ebm.measure
+    assert thermo_ebm.train is importlib.import_module("thermo_ebm.training").train
+    doc = thermo_ebm.measure.__doc__
+    for word in ("Parameters", "Returns", "flag_hysteresis", "Example", "log_Z_cov"):
+        assert word in doc, word
+    assert (Path(thermo_ebm.__file__).parent / "py.typed").exists()
+    with pytest.raises(thermo_ebm.ThermoEBMError, match="duplicate"):
+        thermo_ebm.measure(TruncatedGaussian(d=2), [1.0, 0.5, 1.0], shape=(2,))
+
+
+def test_import_and_locks_without_fcntl(tmp_path):
+    """As on Windows: no fcntl module; the package imports and its locks still exclude."""
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import warnings; warnings.simplefilter('ignore')\n"
+            "import thermo_ebm\nfrom thermo_ebm.fileio import file_lock\n"
+            "from thermo_ebm import ThermoEBMError\n"
+            "with file_lock('x.h5'):\n"
+            "    try:\n"
+            "        with file_lock('x.h5', timeout=0.0):\n"
+            "            raise SystemExit('second lock taken')\n"
+            "    except ThermoEBMError:\n"
+            "        pass\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

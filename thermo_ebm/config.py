@@ -1,0 +1,131 @@
+"""Configuration dataclasses of `train` and `measure` (importable without torch, so the command line takes its
+defaults from here)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ThermoEBMError
+
+OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    objective: str = "j_ebm"
+    dataset: str = "mnist"
+    data_dir: str = "data"
+    labels: list | None = None
+    noise: float = 0.0
+    arch: str = "shallow"
+    model_size: int | None = None
+    depth: int = 2
+    spectral_norm: bool = False
+    epochs: int = 10
+    max_steps: int | None = None      # stop after this many optimizer steps in total
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_schedule: str = "constant"     # or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
+    reg: float | None = None          # default 0.1 for EBM objectives, 0 for dcl
+    gamma: float = 1.0
+    sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
+    sgld_noise: float = 0.1
+    mc_steps: int = 40
+    joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
+    buffer_size: int = 10000
+    from_scratch: float = 0.05
+    short_run: bool = False
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_dir: str = "checkpoints"
+    results_dir: str = "results"
+    log_file: str | None = None
+    on_divergence: str = "rollback"   # or "stop"
+    max_rollbacks: int = 3
+    max_energy_gap: float = 1e4       # |<E_data> - <E_model>| beyond this counts as divergence
+    snapshot_every: int = 50
+
+    def paths(self):
+        """checkpoints/NAME.pt and results/NAME.h5 of this run."""
+        return (Path(self.checkpoint_dir) / f"{self.name}.pt", Path(self.results_dir) / f"{self.name}.h5")
+
+    def check_name(self):
+        if not self.name or "/" in self.name:
+            raise ThermoEBMError(f"invalid run name {self.name!r}")
+
+    def validate(self):
+        if self.objective not in OBJECTIVES:
+            raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.dataset not in DATASETS:
+            raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ThermoEBMError("--lr-schedule must be constant or cosine")
+        if self.joint_labels not in ("fixed", "gibbs"):
+            raise ThermoEBMError("--joint-labels must be fixed or gibbs")
+        if self.on_divergence not in ("rollback", "stop"):
+            raise ThermoEBMError("--on-divergence must be rollback or stop")
+        for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ThermoEBMError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.from_scratch <= 1.0:
+            raise ThermoEBMError("--from-scratch must be in [0, 1]")
+        if self.lr <= 0 or self.sgld_step < 0 or self.sgld_noise < 0:
+            raise ThermoEBMError("--lr must be > 0 and SGLD step/noise >= 0")
+        if self.buffer_size < self.batch_size and not self.short_run:
+            raise ThermoEBMError("--buffer-size must be at least --batch-size")
+        self.check_name()
+        from .data import parse_labels  # torch-free import of this module for the CLI
+        self.labels = parse_labels(self.labels)
+        if self.reg is None:
+            self.reg = 0.0 if self.objective == "dcl" else 0.1
+        return self
+
+
+
+@dataclass
+class MeasureConfig:
+    """Budget of a measurement (defaults: 16 temperatures of a 784-d MLP in minutes on 2 CPU cores)."""
+    ais_chains: int = 512       # forward AIS chains (split into `replicas` groups for the SE)
+    ais_steps: int = 2000       # minimum number of annealing betas (plus the sweep betas)
+    ais_steps_per_l2: float = 8.0  # ... raised to this times L^2 (L: thermodynamic length from the pilot)
+    ais_mcmc: int = 1           # MALA steps per annealing beta
+    replicas: int = 16
+    tune_chains: int = 64
+    tune_stages: int = 100
+    tune_adapt: int = 5
+    chains: int = 64            # sweep chains per temperature
+    burn_in: int = 300
+    samples: int = 1000         # production steps per sweep chain
+    exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
+    thin: int = 5               # keep logits every `thin` production steps for MBAR
+    reverse_steps: int = 500    # total reverse-AIS betas across all segments
+    mbar: bool = True
+    keep_samples: int = 16      # samples per temperature stored for plotting (at most `chains`)
+    shards: int = 1             # independent chain groups with their own seeds (= processes under torchrun)
+    compile: bool | None = None  # fuse the reflected-MALA density with torch.compile; None: when d >= 256
+    # with reference data (the low-temperature phase): the anneal from a data-informed base at every temperature
+    data_refs: int = 64         # kernel centres per temperature seeded from data (as many from forward AIS)
+    reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
+    bridge_chains: int = 128    # chains per temperature annealed from the base (the reported log Z)
+    bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
+    bridge_uniform: float = 0.2  # weight of the uniform component of the base
+
+    def validate(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or v < 1):
+                raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
+            raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
+        if not 0.0 < self.bridge_uniform < 1.0:
+            raise ThermoEBMError(f"bridge_uniform must lie in (0, 1), got {self.bridge_uniform!r}")
+        if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
+            raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
+        if self.ais_chains % self.shards or self.chains % self.shards or self.bridge_chains % self.shards:
+            raise ThermoEBMError(f"ais_chains ({self.ais_chains}), bridge_chains ({self.bridge_chains}) and chains "
+                                 f"({self.chains}) must be divisible by the number of shards/processes ({self.shards})")
+        if self.chains // self.shards < 2:
+            raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise chains above {self.chains}")
