@@ -5,6 +5,7 @@ docs/measure_trained_<name>.png: wall time, flags per temperature, the forward (
 log Z gap, the reverse-AIS gap, the C-peak temperature +- SE, I(X;Y) and info at T = 1.
 
     python benchmarks/measure_trained.py                       # trains the digits demo model if needed
+    (measure runs with max_time = --max-time, 240 s by default: flagged runs are repeated with doubled schedules)
     python benchmarks/measure_trained.py --ckpt checkpoints/mnist_j_ebm.pt --name mnist
 """
 import argparse
@@ -27,6 +28,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--ckpt", default=None, help="checkpoint [default: train the `make demo` digits model]")
 p.add_argument("--name", default="digits")
 p.add_argument("--work", default="/tmp/thermo_ebm_measure_trained")
+p.add_argument("--max-time", type=float, default=240.0, help="measure's max_time: seconds for lengthening flagged runs")
 a = p.parse_args()
 work = Path(a.work)
 work.mkdir(parents=True, exist_ok=True)
@@ -39,11 +41,11 @@ if ckpt is None:
               progress=False)
 temps = np.round(np.arange(0.5, 2.0001, 0.1), 3)
 t0 = time.perf_counter()
-ds = measure(ckpt, temps, ensemble="joint", device="cpu", seed=0)
+ds = measure(ckpt, temps, ensemble="joint", device="cpu", seed=0, max_time=a.max_time)
 sec = time.perf_counter() - t0
 h5 = work / f"measure_trained_{a.name}.h5"
 h5.unlink(missing_ok=True)
-from thermo_ebm.measure import save_measurement  # noqa: E402
+from thermo_ebm.measurement import save_measurement  # noqa: E402
 save_measurement(ds, h5)
 fig = plot_files([h5], out=str(ROOT / "docs" / f"measure_trained_{a.name}"))[0]
 flags = {k.replace("flag_", ""): [float(t) for t in ds.temperature.values[ds[k].values.astype(bool)]]
@@ -60,6 +62,7 @@ row = dict(
     log_Z_gap_reverse=[float(v) for v in ds.log_Z_gap.values],
     ess=[float(v) for v in ds.ess.values], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
     ais_schedule_length=ds.attrs["ais_schedule_length"], figure=str(Path(fig).relative_to(ROOT)),
+    max_time=a.max_time, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),
 )
 print(json.dumps(row, indent=1))
 out = ROOT / "benchmarks" / "results" / f"measure_trained_{a.name}.json"

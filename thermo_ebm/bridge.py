@@ -1,9 +1,12 @@
 """Annealing from a data-informed base distribution to p_beta, at every sweep temperature at once.
 
-Base of temperature group t (exactly normalised on the box [-1, 1]^D):
-    q_t(x) = w_u 2^-D + (1 - w_u) (1/M) sum_m prod_i TN(x_i; mu_tmi, sigma_tmi)
+Base of temperature group t (an exactly normalised density):
+    q_t(x) = w_u 2^-D 1_box(x) + sum_m w_m prod_i TN(x_i; mu_tmi, sigma_tmi) + w_g N(x; m_t, Sigma_t)
 uniform mixed with box-truncated Gaussian kernels on M reference states (states of the low-temperature phase
-seeded from data, and states that annealing from uniform reached). Group t anneals
+seeded from data, and states that annealing from uniform reached) and a full-covariance Gaussian fitted to the
+data-seeded reference chains (normalised on R^D: a draw outside the box starts with weight 0, since the target
+is 0 there; ill-conditioned, correlated targets then cost a short path rather than one that grows with their
+information). Group t anneals
     pi_lambda ∝ q_t^(1 - lambda) g_beta_t^lambda,  lambda: 0 -> 1,
 so its AIS weights estimate Z(beta_t) without any chain crossing a phase boundary: each chain starts in the
 phase its kernel sits in, and the weights set the phases' proportions. Pipeline, in this order:
@@ -25,14 +28,19 @@ from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
 SIGMA_FLOOR = 1e-3
+COV_SNAPSHOTS = 25  # states per data-seeded pilot chain that enter the fitted Gaussian
 
 
 @dataclass
 class KernelBase:
-    """q_t per group t: centres and widths [G, M, D] and mixture weights [G, M + 1] (the last one: uniform)."""
+    """q_t per group t: kernel centres and widths [G, M, D], optionally a fitted Gaussian (mean [G, D],
+    covariance [G, D, D]), and mixture weights [G, M + 1] or, with the Gaussian, [G, M + 2] (kernels, Gaussian,
+    uniform last)."""
     centres: torch.Tensor
     sigma: torch.Tensor
     weights: torch.Tensor
+    gauss_mean: torch.Tensor | None = None
+    gauss_cov: torch.Tensor | None = None
 
     def __post_init__(self):
         mu, sig = self.centres.double(), self.sigma.double().clamp_min(SIGMA_FLOOR)
@@ -40,6 +48,9 @@ class KernelBase:
         g, m, d = mu.shape
         w = self.weights.double().to(mu.device)
         self.weights = w / w.sum(-1, keepdim=True)
+        self.has_gauss = self.gauss_mean is not None
+        if w.shape[-1] != m + 1 + self.has_gauss:
+            raise ValueError(f"weights need {m + 1 + self.has_gauss} columns, got {w.shape[-1]}")
         inv = 1.0 / (sig * sig)
         self._a, self._b = inv, mu * inv                                  # [G, M, D]
         self._c = (mu * mu * inv).sum(-1)                                 # [G, M]
@@ -47,27 +58,41 @@ class KernelBase:
         mass = 0.5 * (torch.erf((1 - mu) / (sig * r2)) - torch.erf((-1 - mu) / (sig * r2)))
         log_norm = (-(torch.log(sig) + 0.5 * math.log(2 * math.pi)) - torch.log(mass)).sum(-1)
         self._log_k = torch.log(self.weights[:, :m]) + log_norm            # [G, M]
-        self._log_u = torch.log(self.weights[:, m]) - d * math.log(2.0)    # [G]
+        self._log_u = torch.log(self.weights[:, -1]) - d * math.log(2.0)   # [G]
+        if self.has_gauss:
+            self.gauss_mean = self.gauss_mean.double().to(mu.device)
+            self._chol = torch.linalg.cholesky(self.gauss_cov.double().to(mu.device))      # [G, D, D]
+            self._prec = torch.cholesky_inverse(self._chol)
+            self._log_g = (torch.log(self.weights[:, m]) - torch.log(torch.diagonal(self._chol, dim1=1, dim2=2)).sum(-1)
+                           - 0.5 * d * math.log(2 * math.pi))               # [G]
 
     @property
     def groups(self):
         return self.centres.shape[0]
 
     def log_prob(self, x):
-        """log q(x) [N] and its gradient [N, D] (float64); x: [G * n, D] grouped as the chains."""
+        """log q(x) [N] and its gradient [N, D] (float64); x: [G * n, D] grouped as the chains, in the box."""
         g, m, d = self.centres.shape
         xg = x.double().reshape(g, -1, d)
         quad = (torch.bmm(xg * xg, self._a.transpose(1, 2)) - 2.0 * torch.bmm(xg, self._b.transpose(1, 2))
                 + self._c[:, None, :])                                    # [G, n, M]
-        logk = self._log_k[:, None, :] - 0.5 * quad
-        lu = self._log_u[:, None, None].expand(g, xg.shape[1], 1)
-        logq = torch.logsumexp(torch.cat([logk, lu], -1), -1)            # [G, n]
-        r = torch.exp(logk - logq[..., None])                            # kernel responsibilities
-        grad = torch.bmm(r, self._b) - xg * torch.bmm(r, self._a)
+        comps = [self._log_k[:, None, :] - 0.5 * quad, self._log_u[:, None, None].expand(g, xg.shape[1], 1)]
+        if self.has_gauss:
+            diff = xg - self.gauss_mean[:, None, :]
+            pd = torch.bmm(diff, self._prec)                              # Sigma^-1 (x - m)  [G, n, D]
+            comps.append(self._log_g[:, None, None] - 0.5 * (diff * pd).sum(-1, keepdim=True))
+        logc = torch.cat(comps, -1)
+        logq = torch.logsumexp(logc, -1)                                  # [G, n]
+        r = torch.exp(logc - logq[..., None])                             # responsibilities
+        rk = r[..., :m]
+        grad = torch.bmm(rk, self._b) - xg * torch.bmm(rk, self._a)
+        if self.has_gauss:
+            grad = grad - r[..., -1:] * pd
         return logq.reshape(-1), grad.reshape(-1, d)
 
     def sample(self, n: int, generator):
-        """n exact draws from each q_t: x [G * n, D] float64, grouped, and their component [G, n] (M: uniform)."""
+        """n exact draws from each q_t: x [G * n, D] float64, grouped, and their component [G, n] (M: the fitted
+        Gaussian when there is one, the last: uniform). Gaussian draws may lie outside the box."""
         g, m, d = self.centres.shape
         dev = self.centres.device
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -78,7 +103,21 @@ class KernelBase:
         u = torch.rand((g, n, d), generator=generator, device=dev, dtype=torch.float64)
         x = (mu + sig * torch.special.ndtri(lo + u * (hi - lo))).clamp(-1.0, 1.0)
         xu = uniform(g * n, (d,), generator, dev).double().reshape(g, n, d)
-        return torch.where((comp == m)[..., None], xu, x).reshape(g * n, d), comp
+        x = torch.where((comp == self.weights.shape[-1] - 1)[..., None], xu, x)
+        if self.has_gauss:
+            z = torch.randn((g, n, d), generator=generator, device=dev, dtype=torch.float64)
+            xg = self.gauss_mean[:, None, :] + torch.bmm(z, self._chol.transpose(1, 2))
+            x = torch.where((comp == m)[..., None], xg, x)
+        return x.reshape(g * n, d), comp
+
+
+def start_states(base: KernelBase, n: int, generator, shape):
+    """Draws of q_t as chain states [G * n, *shape] (float32, in the box) and their initial log-weights [G * n]
+    (0, or -inf for a Gaussian draw outside the box, where the target has no mass), and their components."""
+    x, comp = base.sample(n, generator)
+    inside = (x.abs() <= 1.0).all(-1)
+    lw0 = torch.where(inside, torch.zeros_like(x[:, 0]), torch.full_like(x[:, 0], -math.inf))
+    return x.clamp(-1.0, 1.0).float().reshape(-1, *shape), lw0, comp
 
 
 def population_weights(sizes, shares, floor):
@@ -145,43 +184,67 @@ class References:
     centres: torch.Tensor   # [G, M, D] pilot chains' time averages (data-seeded first, then forward states)
     sigma: torch.Tensor     # [G, M, D] per-population, per-coordinate within-chain standard deviations
     step: np.ndarray        # [G] tuned MALA step sizes at beta_t
+    mean: torch.Tensor      # [G, D] mean and covariance [G, D, D] of the data-seeded chains' states
+    cov: torch.Tensor
 
 
-def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *, n_data, n_steps, generator,
-               device, kernel=EAGER, progress=False) -> References:
-    """Pilot chains at each sweep beta from n_data data states and from the forward-AIS states (grouped
-    [G * n_f]): n_steps reflected-MALA steps, step sizes adapted per group over the first half. Each chain's
-    second half gives a local Gaussian: centre = its time average, width = the within-chain standard deviation
-    pooled over its population (data-seeded or forward), per coordinate. A kernel centred on the local mean
-    rather than on one sample keeps the mixture from being over-dispersed by a factor 2 in variance (a KL
-    that grows linearly with the dimension)."""
+def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *, n_data, n_gauss, n_steps,
+               generator, device, kernel=EAGER, progress=False) -> References:
+    """Pilot chains at each sweep beta from max(n_data, n_gauss) data states and from the forward-AIS states
+    (grouped [G * n_f]): n_steps reflected-MALA steps, step sizes adapted per group over the first half. The
+    second half of the first n_data data-seeded chains and of the forward chains gives local Gaussians:
+    centre = the chain's time average, width = the within-chain standard deviation pooled over its population,
+    per coordinate. A kernel centred on the local mean rather than on one sample keeps the mixture from being
+    over-dispersed by a factor 2 in variance (a KL that grows linearly with the dimension). The states of all
+    data-seeded chains (second half, COV_SNAPSHOTS per chain) give the fitted Gaussian's mean and covariance:
+    its error in KL shrinks with the number of chains, since a chain's states are strongly correlated."""
     g = len(betas)
     d = int(np.prod(shape))
     n_f = forward.x.shape[0] // g
-    idx = torch.randint(data.shape[0], (g, n_data), generator=generator, device=device)
-    xd = data.to(device)[idx.reshape(-1)].reshape(g, n_data, d)
+    n_seed = max(n_data, n_gauss)
+    idx = torch.randint(data.shape[0], (g, n_seed), generator=generator, device=device)
+    xd = data.to(device)[idx.reshape(-1)].reshape(g, n_seed, d)
     x = torch.cat([xd, forward.x.reshape(g, n_f, d)], 1).reshape(-1, *shape)
-    m = n_data + n_f
+    m = n_seed + n_f
     state = mala_init(model, ensemble, x)
     beta = _group_tensor(betas, m, device)
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
     s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
     s2 = torch.zeros_like(s1)
+    c1 = torch.zeros(g, d, dtype=torch.float64, device=device)
+    c2 = torch.zeros(g, d, d, dtype=torch.float64, device=device)
     half = n_steps // 2
+    stride, n_snap = max(1, (n_steps - half) // COV_SNAPSHOTS), 0
     for i in progress_bar(range(n_steps), desc="references", enabled=progress):
         state, acc, _ = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
         if i < half:
             step_t = adapt_step(step_t, acc.float().reshape(g, m).mean(1))
-        else:
-            xs = state.x.reshape(g, m, d).double()
-            s1 += xs
-            s2 += xs * xs
+            continue
+        xs = state.x.reshape(g, m, d).double()
+        s1 += xs
+        s2 += xs * xs
+        if (i - half) % stride == 0:
+            xg = xs[:, :n_seed]
+            c1 += xg.sum(1)
+            c2 += torch.bmm(xg.transpose(1, 2), xg)
+            n_snap += n_seed
     n = n_steps - half
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0.0) * n / max(n - 1, 1)
-    sig = torch.cat([var[:, :n_data].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
-                     var[:, n_data:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
-    return References(mean, sig, step_t.cpu().numpy().astype(np.float64))
+    keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(device)
+    sig = torch.cat([var[:, :n_seed].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
+                     var[:, n_seed:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
+    return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), *_moments(c1, c2, n_snap))
+
+
+def _moments(c1, c2, n):
+    """Mean [G, D] and covariance [G, D, D] from sums over n states, plus SIGMA_FLOOR^2 on the diagonal
+    (positive definite however few the states)."""
+    mean = c1 / n
+    cov = (c2 / n - mean[:, :, None] * mean[:, None, :]) * n / max(n - 1, 1)
+    cov = 0.5 * (cov + cov.transpose(1, 2)) + SIGMA_FLOOR ** 2 * torch.eye(c1.shape[-1], dtype=c1.dtype,
+                                                                           device=c1.device)
+    return mean, cov
 
 
 @dataclass
@@ -206,11 +269,11 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
     population: [M + 1] population index of each mixture component (for `shares`)."""
     g = base.groups
     lambdas = np.unique(np.concatenate([[0.0], np.geomspace(1e-4, 1.0, n_stages)]))
-    x, comp = base.sample(n_chains, generator)
-    state = bridge_init(model, ensemble, base, x.float().reshape(-1, *shape))
+    x, lw0, comp = start_states(base, n_chains, generator, shape)
+    state = bridge_init(model, ensemble, base, x)
     beta = _group_tensor(betas, n_chains, device)
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
-    logw = torch.zeros(g, n_chains, dtype=torch.float64, device=device)
+    logw = lw0.reshape(g, n_chains).clone()
     steps, var = [], []
     prev = 0.0
     for lam in progress_bar(lambdas, desc="tune bridge", enabled=progress):
@@ -263,12 +326,11 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
                device, kernel=EAGER, progress=False) -> BridgeResult:
     """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]."""
     g = base.groups
-    x = base.sample(n_chains, generator)[0].float().reshape(-1, *shape)
+    x, logw, _ = start_states(base, n_chains, generator, shape)
     state = bridge_init(model, ensemble, base, x)
     beta = _group_tensor(betas, n_chains, device)
     lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=device)
     step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=device)
-    logw = torch.zeros(g * n_chains, dtype=torch.float64, device=device)
     acc_sum = torch.zeros(g, device=device)
     bad = torch.zeros(g, device=device)
     for k in progress_bar(range(1, lam.shape[0]), desc="bridge AIS", enabled=progress):

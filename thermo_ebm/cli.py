@@ -231,6 +231,8 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--reverse-steps", type=int, help="Reverse-AIS betas.")
 @budget_option("--data-refs", type=int, help="Data-seeded kernel centres per temperature.")
 @budget_option("--bridge-chains", type=int, help="Chains per temperature annealed from the data-informed base.")
+@budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
+               "a run with doubled schedules fits in the time left, measure again with them [default: one run].")
 @budget_option("--exchange/--no-exchange", help="Replica-exchange swaps between neighbouring temperatures.")
 @budget_option("--mbar/--no-mbar", help="MBAR cross-check of log Z on the sweep samples.")
 @click.option("--compile/--no-compile", "compile_", default=None,

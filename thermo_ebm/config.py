@@ -108,10 +108,13 @@ class MeasureConfig:
     compile: bool | None = None  # fuse the reflected-MALA density with torch.compile; None: when d >= 256
     # with reference data (the low-temperature phase): the anneal from a data-informed base at every temperature
     data_refs: int = 64         # kernel centres per temperature seeded from data (as many from forward AIS)
+    gauss_refs: int = 256       # data-seeded pilot chains per temperature fitting the base's Gaussian
     reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
     bridge_chains: int = 128    # chains per temperature annealed from the base (the reported log Z)
     bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
+    crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
+    max_time: float | None = None  # seconds: while flags survive and a doubled budget fits, measure again longer
 
     def validate(self):
         for f in fields(self):
@@ -120,6 +123,8 @@ class MeasureConfig:
                 raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
         if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
             raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
+            raise ThermoEBMError(f"max_time must be a number of seconds > 0, got {self.max_time!r}")
         if not 0.0 < self.bridge_uniform < 1.0:
             raise ThermoEBMError(f"bridge_uniform must lie in (0, 1), got {self.bridge_uniform!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -199,6 +199,7 @@ class Plan:
     schedule: np.ndarray   # [S] ascending betas from 0
     steps: np.ndarray      # [S] MALA step sizes
     length: float          # thermodynamic length L of the path from uniform to the lowest temperature
+    capped: bool           # with data: the schedule is shorter than the length rule asks (a one-sided cross-check)
 
 
 def plan(p: Problem, progress=False) -> Plan:
@@ -213,11 +214,17 @@ def plan(p: Problem, progress=False) -> Plan:
     # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
     # while the replica SE stays small (docs/estimators.md)
     length = float(ais.thermodynamic_length(tuning)[-1])
-    n_ais = max(cfg.ais_steps, int(math.ceil(cfg.ais_steps_per_l2 * length ** 2)))
-    if n_ais > cfg.ais_steps:
+    n_rule = max(cfg.ais_steps, int(math.ceil(cfg.ais_steps_per_l2 * length ** 2)))
+    # with data the reported log Z comes from the data-informed base; the anneal from uniform is a cross-check
+    # whose cost would otherwise grow with the information the model holds
+    n_ais = min(n_rule, max(cfg.ais_steps, cfg.crosscheck_steps)) if p.data is not None else n_rule
+    if n_ais < n_rule:
+        log.info("AIS from uniform: thermodynamic length %.1f asks for %d betas; capped at %d (crosscheck_steps): "
+                 "a one-sided cross-check of the data-seeded log Z", length, n_rule, n_ais)
+    elif n_ais > cfg.ais_steps:
         log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
     schedule, steps = ais.make_schedule(tuning, p.betas, n_ais)
-    return Plan(tuning, schedule, steps, length)
+    return Plan(tuning, schedule, steps, length, n_ais < n_rule)
 
 
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
@@ -233,21 +240,26 @@ def shard_seed(seed: int, shard: int) -> int:
 
 def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
-    mixes three populations: kernels on data-seeded states, kernels on forward-AIS states, uniform; the pilot
+    mixes four populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian fitted to
+    the data-seeded chains, uniform; the pilot
     sets each population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
     cfg = p.cfg
     refs = bridge.references(p.net, p.ens, p.shape, p.data, fwd, p.betas, step0, n_data=cfg.data_refs,
-                             n_steps=cfg.reference_steps, generator=gen, device=p.device, kernel=p.kernel,
+                             n_gauss=cfg.gauss_refs, n_steps=cfg.reference_steps, generator=gen, device=p.device, kernel=p.kernel,
                              progress=progress)
     n_t, n_f = len(p.betas), refs.centres.shape[1] - cfg.data_refs
-    sizes = (cfg.data_refs, n_f, 1)
-    population = np.repeat(np.arange(3), sizes)
-    first = np.tile([(1 - cfg.bridge_uniform) / 2, (1 - cfg.bridge_uniform) / 2, cfg.bridge_uniform], (n_t, 1))
-    base = bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, first, BASE_FLOOR))
+    sizes = (cfg.data_refs, n_f, 1, 1)  # kernels on data-seeded states, on forward states; fitted Gaussian; uniform
+    population = np.repeat(np.arange(4), sizes)
+    first = np.tile([(1 - cfg.bridge_uniform) / 3] * 3 + [cfg.bridge_uniform], (n_t, 1))
+
+    def make_base(shares):
+        return bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, shares, BASE_FLOOR),
+                                 refs.mean, refs.cov)
+    base = make_base(first)
     bt = bridge.tune_bridge(p.net, p.ens, p.shape, base, p.betas, refs.step, population,
                             n_chains=cfg.tune_chains // 2, n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt,
                             generator=gen, device=p.device, kernel=p.kernel, progress=progress)
-    base = bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, bt.shares, BASE_FLOOR))
+    base = make_base(bt.shares)
     length = bt.length()[-1]
     n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
     lam, steps = bridge.bridge_schedule(bt, n_steps)
@@ -437,11 +449,13 @@ AFFECTS = {
     "flag_poor_mixing": "U, C, S, info_bits and the joint information quantities",
     "flag_inconsistent": "U, C, S, info_bits and the joint information quantities",
     "flag_hysteresis": "all quantities (a phase one origin did not reach)",
+    "flag_unconverged": "log_Z, F, S, info_bits (and with data H_Y_bits, I_XY_bits)",
 }
 
 
-def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict]:
-    """Per-temperature flags (ascending beta) and the diagnostics stored beside them."""
+def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, budget_note: str = "") -> tuple[dict, dict, list]:
+    """Per-temperature flags (ascending beta), the diagnostics stored beside them, and one warning line per
+    raised flag (its temperatures, what it affects, what to do; `budget_note` appended)."""
     cfg = p.cfg
     rep = th.reported
     n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else cfg.ais_chains
@@ -462,7 +476,10 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
-        flags["flag_hysteresis"] = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
+        if pl.capped:  # an under-annealed forward estimate is low by design: only more mass from uniform counts
+            flags["flag_hysteresis"] = -g > HYSTERESIS_Z * gs
+        else:
+            flags["flag_hysteresis"] = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
     if th.from_data is not None:
         n_sched = int(pooled["b_steps"].max())
         longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
@@ -483,17 +500,46 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     if th.from_data is not None and p.ens.kind == "joint":  # p_T(y) comes from the same weights as log Z
         for name in ("flag_low_ess", "flag_heavy_tails"):
             affects[name] += ", H_Y_bits, I_XY_bits"
+    warnings = []
     for name, f in flags.items():  # one line per flag, listing its temperatures
         if np.any(f):
             at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(f, bool)]))
-            log.warning("%s at T = %s (affects %s): %s", name.replace("flag_", "").replace("_", " "), at,
-                        affects[name], remedy[name])
+            warnings.append(f"{name.replace('flag_', '').replace('_', ' ')} at T = {at} (affects {affects[name]}): "
+                            f"{remedy[name]}{budget_note if name in LENGTHEN else ''}")
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
     n_t = len(p.betas)
     sw = pooled["swap_accept"].mean(0)
     extra["swap_accept"] = np.concatenate([sw, [np.nan]]) if n_t > 1 else np.array([np.nan])
-    return flags, extra
+    return flags, extra, warnings
+
+
+# what `max_time` lengthens when a flag survives: the anneals (both origins) or the sweep
+LENGTHEN = {"flag_low_ess": "anneal", "flag_heavy_tails": "anneal", "flag_hysteresis": "anneal",
+            "flag_unconverged": "anneal", "flag_poor_mixing": "sweep", "flag_inconsistent": "sweep"}
+
+
+def _unconverged_warning(p: Problem, flags: dict, note: str) -> list:
+    f = flags.get("flag_unconverged")
+    if f is None or not np.any(f):
+        return []
+    at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(f, bool)]))
+    return [f"unconverged at T = {at} (affects {AFFECTS['flag_unconverged']}): doubling the schedules moved log Z "
+            f"beyond 4 SE (log_Z_shift); the estimate is still moving{note}"]
+
+
+def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
+    """The next attempt's budget for the flags raised (the schedules or the sweep doubled), or None."""
+    raised = {LENGTHEN[name] for name, f in flags.items() if name in LENGTHEN and np.any(f)}
+    if not raised:
+        return None
+    new = MeasureConfig(**asdict(cfg))
+    if "anneal" in raised:
+        new.ais_steps_per_l2 = 2 * cfg.ais_steps_per_l2
+        new.ais_steps, new.bridge_steps, new.crosscheck_steps = 2 * cfg.ais_steps, 2 * cfg.bridge_steps, 2 * cfg.crosscheck_steps
+    if "sweep" in raised:
+        new.samples, new.burn_in = 2 * cfg.samples, 2 * cfg.burn_in
+    return new
 
 
 def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, pooled: dict, seconds: float) -> xr.Dataset:
@@ -522,6 +568,7 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
         "shape": json.dumps(list(p.shape)), "log_Omega": p.ens.log_omega(p.d), "seed": p.seed,
         "device": str(p.device), "settings": json.dumps(asdict(cfg)), **provenance(),
         "ais_schedule_length": len(pl.schedule), "thermodynamic_length": pl.length, "mbar_ok": int(th.mbar_ok),
+        "ais_schedule_capped": int(pl.capped),
         "seconds": seconds, "units": "nats (k_B = 1) unless the name ends in _bits",
         "T_train": p.t_train, "temperature_units": p.units, "energy_units": energy_units,
         "data": p.data_source, "log_Z_source": "data-seeded anneal" if th.from_data is not None else "forward AIS from uniform",
@@ -563,7 +610,11 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     seed : seed of every chain (shards and ranks derive theirs from it).
     device : "auto", "cpu", "cuda" or "cuda:N".
     progress : progress bars (a terminal) or periodic log lines (elsewhere).
-    config, **budget : a MeasureConfig and/or its fields as keywords (ais_chains=..., samples=...).
+    config, **budget : a MeasureConfig and/or its fields as keywords (ais_chains=..., samples=...). With
+        max_time (seconds), the run is repeated with the anneals (or, for mixing flags, the sweep) doubled while
+        flags fire or the last doubling moved log Z beyond 4 SE (flag_unconverged, log_Z_shift), as long as the
+        doubled run fits in the time left; attributes attempts, attempt_seconds and settings (the final budget)
+        record what was spent, and a surviving flag's warning says what the next doubling would take.
 
     Returns
     -------
@@ -596,11 +647,39 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     p = prepare(model, temps, shape=shape, ensemble=ensemble, units=units, t_train=t_train, data=data,
                 device=device, seed=seed, cfg=cfg)
     t0 = time.perf_counter()
-    pl = plan(p, progress)
-    pooled = _pool(p, pl, progress)
-    th = thermodynamics(p, pooled)
-    flags, extra = diagnose(p, pl, th, pooled)
-    return to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
+    attempts = []  # seconds per attempt; with max_time, runs are repeated with longer budgets (see `lengthen`)
+    previous = None
+    while True:
+        t_run = time.perf_counter()
+        pl = plan(p, progress)
+        pooled = _pool(p, pl, progress)
+        th = thermodynamics(p, pooled)
+        flags, extra, _ = diagnose(p, pl, th, pooled)
+        if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
+            moved = np.abs(th.reported.value - previous.value)
+            flags["flag_unconverged"] = moved > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)
+            extra["log_Z_shift"] = th.reported.value - previous.value
+        attempts.append(time.perf_counter() - t_run)
+        if cfg.max_time is None:
+            longer = None
+            break
+        # a first run is always checked by one doubling of its schedules, if the time allows
+        longer = lengthen(p.cfg, flags if previous is not None else {**flags, "flag_unconverged": True})
+        need = 2.2 * attempts[-1]  # a doubled budget costs about twice the last attempt
+        if longer is None or time.perf_counter() - t0 + need > cfg.max_time:
+            break
+        log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (--max-time %.0f s)",
+                 len(attempts), attempts[-1], ", ".join(n for n, f in flags.items() if n in LENGTHEN and np.any(f))
+                 or "checking convergence", cfg.max_time)
+        previous, p = th.reported, replace(p, cfg=longer)
+    note = ""
+    if longer is not None:
+        note = f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
+    for line in diagnose(p, pl, th, pooled, note)[2] + _unconverged_warning(p, flags, note):
+        log.warning("%s", line)
+    ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
+    ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]))
+    return ds
 
 
 def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):

@@ -173,6 +173,7 @@ VARIABLES = {
     "C_resid": ("C - dU/dT (consistency residual)", "nats"),
     "origin_gap": ("log Z from data-seeded annealing - log Z from uniform", "nats"),
     "origin_U_gap": ("U from data-seeded annealing - U from uniform", "E"),
+    "log_Z_shift": ("change of log Z when the schedules were last doubled (max_time)", "nats"),
     "ess": ("effective sample size of the reported log Z weights", "1"),
     "ess_forward": ("effective sample size of the forward AIS weights", "1"),
     "pareto_k": ("Pareto k-hat of the reported log Z weights", "1"),

@@ -327,3 +327,37 @@ class ModeSwitch(_System):
         r = np.array(rows)
         return _assemble(temps, r[:, 0], r[:, 1], r[:, 2], self.log_omega(ensemble),
                          extra if ensemble == "joint" else None)
+
+
+class RotatedGaussian(_System):
+    """E(x) = (x - mu)^T A (x - mu) / 2 with A = R diag(1 / sd^2) R^T, R a random rotation: non-separable and
+    ill-conditioned (variance condition number `cond`), its mass so far inside the box (mu = 0, largest std
+    `sd_max` sqrt(T) << 1) that the box truncation is below float64 resolution at T <= `t_max`. Exact:
+    log Z = (d/2) log(2 pi T) + sum log sd, U = d T / 2, C = d / 2; `sample(T, n)` draws exactly."""
+
+    def __init__(self, d=64, cond=400.0, sd_max=0.05, seed=0, t_max=4.0):
+        super().__init__(d, 1)
+        if sd_max * math.sqrt(t_max) > 1.0 / 9.0:  # P(|x_i| > 1) < 1e-18 per coordinate
+            raise ValueError("sd_max too large for an exact log Z on the box up to t_max")
+        rng = np.random.default_rng(seed)
+        self.sd = sd_max * np.geomspace(1.0 / math.sqrt(cond), 1.0, d)
+        self.rot, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        self.t_max = t_max
+        prec = (self.rot / self.sd ** 2) @ self.rot.T
+        self.register_buffer("prec", torch.tensor(prec, dtype=torch.float32))
+
+    def forward(self, x):
+        return -0.5 * ((x @ self.prec) * x).sum(-1, keepdim=True)
+
+    def sample(self, temp, n, seed=0):
+        """n exact draws [n, d] (float32 tensor) of p_T."""
+        rng = np.random.default_rng([seed, 13])
+        z = rng.normal(size=(n, self.d)) * self.sd * math.sqrt(temp)
+        return torch.tensor(z @ self.rot.T, dtype=torch.float32)
+
+    def exact(self, temps, ensemble="marginal"):
+        t = np.asarray(temps, dtype=np.float64)
+        if np.any(t > self.t_max):
+            raise ValueError(f"exact only up to T = {self.t_max}")
+        log_z = 0.5 * self.d * np.log(2 * math.pi * t) + np.log(self.sd).sum()
+        return _assemble(t, log_z, 0.5 * self.d * t, 0.5 * self.d * t * t, self.log_omega(ensemble))
