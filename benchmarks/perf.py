@@ -173,8 +173,8 @@ def train_step(quick):
     ref_model.load_state_dict(tr.model.state_dict())
     ref_opt = torch.optim.Adam(ref_model.parameters(), lr=cfg.lr)
     floor_opt = torch.optim.Adam(ref_model.parameters(), lr=cfg.lr, fused=True)  # the cheapest Adam step torch has
-    buf_x = tr.pops["joint"]["x"].clone()
-    buf_y = tr.pops["joint"]["y"].clone()
+    buf_x = tr.chains.pops["joint"]["x"].clone()
+    buf_y = tr.chains.pops["joint"]["y"].clone()
     g = torch.Generator().manual_seed(0)
 
     def reference():
@@ -219,7 +219,7 @@ def train_step(quick):
     tr2 = Trainer(cfg, progress=False)
     m2 = build_model("shallow", tr2.data.shape, 10, 512, depth=3)
     m2.load_state_dict(tr2.model.state_dict())
-    x0, y0 = tr2.pops["joint"]["x"][:64], tr2.pops["joint"]["y"][:64]
+    x0, y0 = tr2.chains.pops["joint"]["x"][:64], tr2.chains.pops["joint"]["y"][:64]
     with torch.no_grad():
         ed = -m2(xb).gather(1, yb[:, None]).squeeze(1)
         em = -m2(x0).gather(1, y0[:, None]).squeeze(1)

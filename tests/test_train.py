@@ -52,9 +52,9 @@ def test_divergence_signals_are_explicit():
                              batch_size=16).validate(), progress=False)
     ok = {"loss": 1.0, "marginal_e_data": 0.0, "marginal_e_model": 1.0, "marginal_W": float("nan"),
           "joint_jarzynski": float("inf")}
-    assert tr.diverged(ok) is None  # bookkeeping may be non-finite
-    assert "marginal_e_model" in tr.diverged(dict(ok, marginal_e_model=float("nan")))
-    assert "runaway marginal energy gap" in tr.diverged(dict(ok, marginal_e_model=1e6))
+    assert tr.guard.check(ok, tr.model) is None  # bookkeeping may be non-finite
+    assert "marginal_e_model" in tr.guard.check(dict(ok, marginal_e_model=float("nan")), tr.model)
+    assert "runaway marginal energy gap" in tr.guard.check(dict(ok, marginal_e_model=1e6), tr.model)
 
 
 def test_rollback_reseeds_each_rank_differently():
@@ -71,7 +71,7 @@ def test_rollback_reseeds_each_rank_differently():
                                  on_divergence="rollback").validate(), progress=False)
         tr.rank = rank  # as under torchrun
         tr._on_divergence("test", tr.capture())
-        draws.append(torch.randn(4, generator=tr.g_mc))
+        draws.append(torch.randn(4, generator=tr.chains.generator))
     assert not torch.equal(draws[0], draws[1])
 
 
@@ -146,13 +146,10 @@ class _Quadratic(torch.nn.Module):
 
 
 def _trainer_with(model, **options):
-    """A Trainer on digits whose network is replaced by `model` (with a fresh Adam over its parameters)."""
+    """A Trainer on digits with `model` as its network."""
     from thermo_ebm.training import Trainer, TrainConfig
     cfg = TrainConfig(dataset="digits", device="cpu", checkpoint_dir="c", results_dir="r", **options).validate()
-    tr = Trainer(cfg, progress=False)
-    tr.model = tr.ddp = model
-    tr.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return tr
+    return Trainer(cfg, progress=False, model=model)
 
 
 @pytest.mark.parametrize("labels, c0", [("fixed", np.full(10, 0.2)), ("gibbs", np.linspace(0.1, 0.5, 10))],
@@ -178,9 +175,9 @@ def test_training_jarzynski_matches_exact_free_energy(labels, c0):
     assert np.abs(c - c0).mean() > 0.05  # the protocol really changed the labels' energies
     d = 64
     log_z = d * np.log(np.sqrt(2 * np.pi / c) * erf(np.sqrt(c / 2)))  # per label
-    lz = log_z[tr.pops["joint"]["y"].numpy()] if labels == "fixed" else log_z
+    lz = log_z[tr.chains.pops["joint"]["y"].numpy()] if labels == "fixed" else log_z
     exact = -(np.logaddexp.reduce(lz) - np.log(len(lz))) + d * np.log(2.0)
-    w = tr.pops["joint"]["W"].numpy()
+    w = tr.chains.pops["joint"]["W"].numpy()
     est = -(np.logaddexp.reduce(-w) - np.log(len(w)))
     assert rec["joint_jarzynski"] == pytest.approx(est, rel=1e-9)
     rng = np.random.default_rng(0)
@@ -222,7 +219,7 @@ def test_gibbs_joint_labels_follow_the_model_conditional():
     counts = np.zeros(10)
     for _ in range(8):
         tr.train_step(xb, yb)
-        y = tr.pops["joint"]["y"].numpy()
+        y = tr.chains.pops["joint"]["y"].numpy()
         counts += np.bincount(y, minlength=10)
-        assert np.allclose(tr.pops["joint"]["e_last"].numpy(), -np.log(p[y]), atol=1e-5)
+        assert np.allclose(tr.chains.pops["joint"]["e_last"].numpy(), -np.log(p[y]), atol=1e-5)
     assert chisquare(counts, counts.sum() * p).pvalue > 1e-4

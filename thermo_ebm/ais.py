@@ -21,6 +21,7 @@ from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, mala_init, mala_st
 
 @dataclass
 class Tuning:
+    """Pilot anneal from uniform: step sizes and Var(E) per pilot beta (frozen before any counted run)."""
     betas: np.ndarray      # [P] pilot betas, ascending from 0
     log_step: np.ndarray   # [P] tuned log step size at each pilot beta
     var_e: np.ndarray      # [P] Var_beta(E) from the pilot chains
@@ -31,6 +32,7 @@ class Tuning:
 
 def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, generator, device,
          progress=False, kernel=EAGER) -> Tuning:
+    """Pilot anneal from uniform over n_stages geometric betas plus the sweep betas, steps adapted: a Tuning."""
     b_max = float(np.max(sweep_betas))
     betas = np.unique(np.concatenate([[0.0], np.geomspace(b_max * 1e-5, b_max, n_stages), sweep_betas]))
     state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
@@ -39,8 +41,8 @@ def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, ge
     for b in progress_bar(betas, desc="tune", enabled=progress):
         beta = torch.full((n_chains,), float(b), device=device)
         for _ in range(n_adapt):
-            state, acc, _ = mala_step(state, model, ensemble, beta, step, generator, kernel)
-            step = adapt_step(step, acc.float().mean())
+            state, info = mala_step(state, model, ensemble, beta, step, generator, kernel)
+            step = adapt_step(step, info.acceptance)
         u, m2 = ensemble.energy_moments(state.logits, beta)
         steps.append(step[0])
         var.append(m2.double().mean() - u.double().mean() ** 2)
@@ -67,6 +69,7 @@ def make_schedule(tuning: Tuning, sweep_betas, n_steps: int):
 
 @dataclass
 class ForwardResult:
+    """Forward AIS from uniform: log-weights and energies per sweep beta, resampled states, diagnostics."""
     logw: torch.Tensor           # [T, N] log-weights at each sweep beta (ascending beta order)
     energy: torch.Tensor         # [T, N] <E | x> of each chain at each sweep beta
     states: MalaState            # resampled states, [T * n_keep, ...], grouped by sweep beta
@@ -93,10 +96,10 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
         b_prev, b = betas[k - 1] * ones, betas[k] * ones
         logw += (ensemble.logp(state.logits, b) - ensemble.logp(state.logits, b_prev)).double()
         for _ in range(mcmc_steps):
-            state, acc, fin = mala_step(state, model, ensemble, b, steps[k] * ones, generator, kernel)
-            acc_sum[seg] += acc.float().mean()
+            state, info = mala_step(state, model, ensemble, b, steps[k] * ones, generator, kernel)
+            acc_sum[seg] += info.acceptance
             acc_n[seg] += 1
-            bad[seg] += (~fin).sum()
+            bad[seg] += (~info.finite).sum()
         if is_sweep[k]:
             lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw)
             logws.append(lw.clone())
@@ -139,6 +142,6 @@ def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning,
     state = states
     for j in progress_bar(range(1, n_max + 1), desc="reverse AIS", enabled=progress):
         logw += (ensemble.logp(state.logits, betas[j]) - ensemble.logp(state.logits, betas[j - 1])).double()
-        state, _, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator, kernel)
+        state, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator, kernel)
     lw = logw.reshape(n_t, c).cpu().numpy()
     return np.where(np.isnan(lw), -np.inf, lw)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .progress import progress_bar
-from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
+from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaInfo, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
 SIGMA_FLOOR = 1e-3
 COV_SNAPSHOTS = 25  # states per data-seeded pilot chain that enter the fitted Gaussian
@@ -130,6 +130,7 @@ def population_weights(sizes, shares, floor):
 
 
 class BridgeState(NamedTuple):
+    """A chain of the data-seeded anneal: the MALA state plus log q and its gradient (float64)."""
     x: torch.Tensor       # [N, *shape]
     logits: torch.Tensor  # [N, K]
     ugrad: torch.Tensor   # [N, *shape] gradient of the ensemble's unit potential
@@ -138,6 +139,7 @@ class BridgeState(NamedTuple):
 
 
 def bridge_init(model, ensemble, base: KernelBase, x) -> BridgeState:
+    """BridgeState of states x [N, *shape] (logits, potential gradient, log q and its gradient)."""
     logits, g = evaluate(model, ensemble, x)
     lq, qg = base.log_prob(x.reshape(x.shape[0], -1))
     return BridgeState(x.detach(), logits, g, lq, qg)
@@ -156,7 +158,7 @@ def _drift(state, lam, beta):
 
 def bridge_step(state: BridgeState, model, ensemble, base, lam, beta, step, generator, kernel=EAGER):
     """One reflected-MALA step on pi_lambda (lam, beta, step: [N]); MH-exact (the drift for the joint
-    ensemble is the approximate one the sampler uses, as in mala_step). Returns (state, accepted, finite)."""
+    ensemble is the approximate one the sampler uses, as in mala_step). Returns (state, MalaInfo)."""
     n = state.x.shape[0]
     x = state.x.reshape(n, -1)
     s, one = step[:, None], torch.ones_like(step)[:, None]
@@ -171,7 +173,7 @@ def bridge_step(state: BridgeState, model, ensemble, base, lam, beta, step, gene
     finite = torch.isfinite(lp_y)
     _, _, acc = kernel.accept(x, y, dx, dy, s, one, (lp_y - lp_x).float(), log_u, finite)
     out = BridgeState(*(torch.where(acc.reshape(-1, *[1] * (a.ndim - 1)), b, a) for a, b in zip(state, new)))
-    return out, acc, finite
+    return out, MalaInfo(acc, finite)
 
 
 def _group_tensor(values, n, device, dtype=torch.float32):
@@ -181,6 +183,7 @@ def _group_tensor(values, n, device, dtype=torch.float32):
 
 @dataclass
 class References:
+    """Kernel centres and widths, tuned steps and the fitted Gaussian's moments, per temperature group."""
     centres: torch.Tensor   # [G, M, D] pilot chains' time averages (data-seeded first, then forward states)
     sigma: torch.Tensor     # [G, M, D] per-population, per-coordinate within-chain standard deviations
     step: np.ndarray        # [G] tuned MALA step sizes at beta_t
@@ -216,9 +219,9 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     half = n_steps // 2
     stride, n_snap = max(1, (n_steps - half) // COV_SNAPSHOTS), 0
     for i in progress_bar(range(n_steps), desc="references", enabled=progress):
-        state, acc, _ = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
+        state, info = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
         if i < half:
-            step_t = adapt_step(step_t, acc.float().reshape(g, m).mean(1))
+            step_t = adapt_step(step_t, info.accepted.float().reshape(g, m).mean(1))
             continue
         xs = state.x.reshape(g, m, d).double()
         s1 += xs
@@ -249,6 +252,7 @@ def _moments(c1, c2, n):
 
 @dataclass
 class BridgeTuning:
+    """The pilot of the data-seeded anneal: lambdas, step sizes, the path metric and population shares."""
     lambdas: np.ndarray    # [P] pilot lambdas from 0 to 1
     log_step: np.ndarray   # [P, G] tuned log step sizes
     var: np.ndarray        # [P, G] Var_pi_lambda(log g - log q) (pilot chains weighted by their AIS weights)
@@ -287,9 +291,9 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
         var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
         lam_t = torch.full((g * n_chains,), float(lam), device=device)
         for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
-            state, acc, _ = bridge_step(state, model, ensemble, base, lam_t, beta,
-                                        step_t.repeat_interleave(n_chains), generator, kernel)
-            step_t = adapt_step(step_t, (w.float() * acc.float().reshape(g, n_chains)).sum(1))
+            state, info = bridge_step(state, model, ensemble, base, lam_t, beta,
+                                      step_t.repeat_interleave(n_chains), generator, kernel)
+            step_t = adapt_step(step_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1))
         steps.append(step_t.clone())
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
     pop = torch.as_tensor(population, device=device)[comp]                # [G, n]; w: the final weights
@@ -314,6 +318,7 @@ def bridge_schedule(tuning: BridgeTuning, n_steps: int):
 
 @dataclass
 class BridgeResult:
+    """The counted data-seeded anneal: log-weights, energies, p_T(y|x), resampled states, diagnostics."""
     logw: torch.Tensor       # [G, n] log-weights: log Z(beta_t) estimates relative to the normalised q_t
     energy: torch.Tensor     # [G, n] <E | x> at beta_t of each chain at the end
     p_y: torch.Tensor        # [G, n, K] p_T(y | x) (joint ensemble; K = 1 column of ones otherwise)
@@ -335,9 +340,9 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
     bad = torch.zeros(g, device=device)
     for k in progress_bar(range(1, lam.shape[0]), desc="bridge AIS", enabled=progress):
         logw += (lam_t[k] - lam_t[k - 1]) * (ensemble.logp(state.logits, beta).double() - state.log_q)
-        state, acc, fin = bridge_step(state, model, ensemble, base, lam_t[k], beta, step_t[k], generator, kernel)
-        acc_sum += acc.float().reshape(g, n_chains).mean(1)
-        bad += (~fin).float().reshape(g, n_chains).sum(1)
+        state, info = bridge_step(state, model, ensemble, base, lam_t[k], beta, step_t[k], generator, kernel)
+        acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
+        bad += (~info.finite).float().reshape(g, n_chains).sum(1)
     lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
     e = ensemble.energy_moments(state.logits, beta)[0]
     p_y = (torch.softmax(beta[:, None] * state.logits, -1) if ensemble.kind == "joint"

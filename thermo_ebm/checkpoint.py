@@ -1,9 +1,16 @@
 """Checkpoints: plain dicts of tensors and built-in types, written atomically, loaded with weights_only=True.
 
-Layout (format_version 1): format_version, config (dict), model_spec (dict), model (state_dict),
-optimizer (state_dict), buffers (dict of tensors), rng (dict of ByteTensors), epoch, step, batch_in_epoch,
-perm (tensor), lr (float), history (dict of float64 tensors), meta (dict), training_temperature (float,
-T_train = sgld_noise^2 / (2 sgld_step); older checkpoints: derived from config by `training_temperature`).
+Layout (format_version 1), the one place it is written down:
+  format_version (int); config (dict: TrainConfig); model_spec (dict); training_temperature (float, T_train =
+  sgld_noise^2 / (2 sgld_step); older checkpoints: derived from config by `training_temperature`);
+  model (state_dict); optimizer (state_dict);
+  buffers: PersistentChains.state_dict(), {"<population>/<x|y|W|Q|e_last>": tensor} of this rank's walkers;
+  rng: {"data": ByteTensor, "mc": ByteTensor (the chains' generator), "torch": ByteTensor};
+  epoch, step, batch_in_epoch (int); perm (int64 tensor, empty between epochs); lr (float); rollbacks (int);
+  History.state_dict(): j0 ({population: float}), history ({metric: float64 [steps]}),
+  epoch_history ({metric: float64 [epochs]}), events ([[step, message]]);
+  meta (dict: the dataset's split notes and classes);
+  under torchrun also world (int) and ranks (per rank: buffers, rng, perm).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path, payload: dict) -> None:
+    """Write a checkpoint dict (tensors and plain types) atomically, stamped with FORMAT_VERSION."""
     payload = dict(payload, format_version=FORMAT_VERSION)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -85,6 +93,7 @@ def checkpoint_temperature(ckpt: dict) -> float:
 
 
 def model_from_checkpoint(ckpt: dict, path="checkpoint") -> EBM:
+    """The EBM a loaded checkpoint describes, with its weights (one-line error on a mismatch)."""
     try:
         model = model_from_spec(ckpt["model_spec"])
         model.load_state_dict(ckpt["model"])

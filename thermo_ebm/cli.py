@@ -61,6 +61,7 @@ def _log_file(path):
 
 
 class Device(click.ParamType):
+    """Click type for --device: auto, cpu, cuda or cuda:N."""
     name = "device"
 
     def get_metavar(self, param, ctx=None):
@@ -305,6 +306,7 @@ def sample(ckpt, temp, units, label, n, out, steps, seed, device):
 
 
 def main(argv=None):
+    """Entry point: run the CLI on argv; user mistakes exit 2, runtime failures 1, one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:  # accepted after the subcommand too

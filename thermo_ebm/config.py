@@ -12,8 +12,24 @@ OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 
 
+def parse_labels(labels) -> list | None:
+    """A class subset from '0,1,2', a list or None (all classes); sorted unique ints."""
+    if labels is None or labels == "" or labels == []:
+        return None
+    if isinstance(labels, str):
+        try:
+            labels = [int(s) for s in labels.split(",") if s.strip() != ""]
+        except ValueError:
+            raise ThermoEBMError(f"--labels must be comma-separated integers, got {labels!r}") from None
+    labels = sorted(set(int(v) for v in labels))
+    if len(labels) < 2:
+        raise ThermoEBMError("--labels needs at least two classes")
+    return labels
+
+
 @dataclass
 class TrainConfig:
+    """Settings of `train` (stored in the checkpoint as `config`); the CLI's defaults come from here."""
     name: str = "run"
     objective: str = "j_ebm"
     dataset: str = "mnist"
@@ -77,7 +93,6 @@ class TrainConfig:
         if self.buffer_size < self.batch_size and not self.short_run:
             raise ThermoEBMError("--buffer-size must be at least --batch-size")
         self.check_name()
-        from .data import parse_labels  # torch-free import of this module for the CLI
         self.labels = parse_labels(self.labels)
         if self.reg is None:
             self.reg = 0.0 if self.objective == "dcl" else 0.1

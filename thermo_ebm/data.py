@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DATASETS
+from .config import DATASETS, parse_labels
 from .errors import ThermoEBMError
 
 log = logging.getLogger("thermo_ebm")
@@ -25,6 +25,7 @@ SPLIT_SEED = 12345  # fixed: the held-out set is the same for every run
 
 @dataclass
 class Data:
+    """A dataset in the box [-1, 1]: train/held-out images [N, C, H, W] float32, labels [N] int64, notes."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
@@ -128,20 +129,6 @@ def _load_digits():
     n_train = int(round(0.8 * len(x)))
     tr, te = perm[:n_train], perm[n_train:]
     return x[tr], y[tr], x[te], y[te], f"digits: scikit-learn 8x8 digits, fixed 80/20 split (seed {SPLIT_SEED})"
-
-
-def parse_labels(labels) -> list | None:
-    if labels is None or labels == "" or labels == []:
-        return None
-    if isinstance(labels, str):
-        try:
-            labels = [int(s) for s in labels.split(",") if s.strip() != ""]
-        except ValueError:
-            raise ThermoEBMError(f"--labels must be comma-separated integers, got {labels!r}") from None
-    labels = sorted(set(int(v) for v in labels))
-    if len(labels) < 2:
-        raise ThermoEBMError("--labels needs at least two classes")
-    return labels
 
 
 def load_data(name: str, data_dir="data", labels=None, noise: float = 0.0) -> Data:

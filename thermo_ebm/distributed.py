@@ -14,18 +14,22 @@ from .errors import ThermoEBMError
 
 
 def active() -> bool:
+    """Whether a torch.distributed group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank (0 without a group)."""
     return dist.get_rank() if active() else 0
 
 
 def world() -> int:
+    """Number of processes (1 without a group)."""
     return dist.get_world_size() if active() else 1
 
 
 def is_main() -> bool:
+    """Whether this is rank 0 (the one that logs and writes files)."""
     return rank() == 0
 
 
@@ -52,6 +56,7 @@ def synchronize():
 
 
 def teardown():
+    """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -19,6 +19,7 @@ KINDS = ("marginal", "joint", "conditional")
 
 @dataclass(frozen=True)
 class Ensemble:
+    """Which distribution of a K-logit model: marginal p(x), joint p(x, y) or conditional p(x | label)."""
     kind: str
     n_classes: int
     label: int | None = None

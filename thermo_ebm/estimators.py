@@ -8,6 +8,7 @@ from scipy.special import logsumexp
 
 
 def logmeanexp(a, axis=-1):
+    """log mean exp(a) along `axis`, stable; -inf for all -inf entries."""
     a = np.asarray(a, dtype=np.float64)
     return logsumexp(a, axis=axis) - np.log(a.shape[axis])
 

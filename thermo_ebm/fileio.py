@@ -14,6 +14,7 @@ from .errors import ThermoEBMError
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a folder so that a rename in it is durable (a no-op on Windows)."""
     if os.name == "nt":  # directories cannot be opened for fsync on Windows; os.replace is durable there
         return
     fd = os.open(str(path), os.O_RDONLY)

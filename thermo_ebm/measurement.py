@@ -203,6 +203,7 @@ class Plan:
 
 
 def plan(p: Problem, progress=False) -> Plan:
+    """The pilot anneal from uniform (rank 0) and the frozen forward schedule sized by its length."""
     cfg = p.cfg
     tuning = None
     if dist.is_main():  # one pilot, shared by every shard
@@ -360,6 +361,7 @@ class Thermo:
 
 
 def thermodynamics(p: Problem, pooled: dict) -> Thermo:
+    """log Z, F, U, S, C, info (joint: H_Y, H_Y|X, I_XY) with SEs, and the cross-checks."""
     cfg, betas, ens = p.cfg, p.betas, p.ens
     n_t = len(betas)
     log_omega = ens.log_omega(p.d)
@@ -543,6 +545,7 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
 
 
 def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, pooled: dict, seconds: float) -> xr.Dataset:
+    """The xarray.Dataset a measurement returns (ascending temperature, CF metadata, provenance)."""
     cfg = p.cfg
     rev = slice(None, None, -1)  # ascending beta -> ascending temperature
     data_vars = {}

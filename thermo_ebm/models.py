@@ -85,6 +85,7 @@ def build_model(arch: str, shape, n_classes: int, size: int | None = None, depth
 
 
 def model_from_spec(spec: dict) -> EBM:
+    """Build the EBM a checkpoint's model_spec describes (untrained weights)."""
     return build_model(spec["arch"], spec["shape"], spec["n_classes"], spec["size"], spec["depth"],
                        spec["spectral_norm"])
 

@@ -28,6 +28,7 @@ def _mean(e, w):
 
 def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
                gamma=1.0, reg=0.0, w_joint=None, w_marginal=None):
+    """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors."""
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     terms = {}

@@ -152,6 +152,7 @@ def _image_shape(shape):
 
 
 def samples_figure(runs, out):
+    """Figure of stored samples at the lowest, middle and highest temperature of a measurement."""
     label, ds = runs[0]
     t = ds.temperature.values
     idx = sorted({0, len(t) // 2, len(t) - 1})
@@ -201,6 +202,7 @@ def samples_figure(runs, out):
 
 
 def training_figure(files, out):
+    """Figure of training histories: losses, held-out accuracy, energies, W, Q, dF."""
     runs = [(Path(f).stem, read_group(f, "training")) for f in files if "training" in list_groups(f)]
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.6), constrained_layout=True)
     axes = axes.ravel()

@@ -110,6 +110,7 @@ def read_group(path, group: str) -> xr.Dataset:
 
 
 def groups_of_kind(path, kind: str) -> list:
+    """Names of the groups of a results file whose kind is `kind`."""
     return [g for g, k in list_groups(path).items() if k == kind]
 
 
@@ -122,6 +123,7 @@ def open_results(path) -> xr.DataTree:
 # ---- self-describing files: provenance and CF-style variable metadata
 
 def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

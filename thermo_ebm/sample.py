@@ -32,13 +32,14 @@ def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="aut
     anneal = np.geomspace(1e-3, 1.0, steps // 2) / temp
     for i in range(steps):
         b = float(anneal[i]) if i < len(anneal) else 1.0 / temp
-        state, acc, _ = mala_step(state, model, ens, torch.full((n,), b, device=dev), step, g)
+        state, info = mala_step(state, model, ens, torch.full((n,), b, device=dev), step, g)
         if i < len(anneal):
-            step = adapt_step(step, acc.float().mean())
+            step = adapt_step(step, info.acceptance)
     return state.x
 
 
 def save_grid(x, out, shape):
+    """Save samples [n, *shape] in [-1, 1] as an image grid at `out`; returns the path."""
     import torchvision.utils as vu
     if len(shape) == 1:
         side = int(math.isqrt(shape[0]))

@@ -35,6 +35,7 @@ def adapt_step(step: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- Langevin (training)
 class LangevinState(NamedTuple):
+    """Unadjusted Langevin chain state: x, E(x) [N], dE/dx."""
     x: torch.Tensor
     energy: torch.Tensor
     grad: torch.Tensor
@@ -50,6 +51,7 @@ def energy_and_grad(energy_fn: Callable, x: torch.Tensor):
 
 
 def langevin_init(energy_fn, x) -> LangevinState:
+    """LangevinState of x under energy_fn."""
     e, g = energy_and_grad(energy_fn, x)
     return LangevinState(x.detach(), e, g)
 
@@ -66,11 +68,13 @@ def langevin_move(state: LangevinState, step_size: float, noise_std: float, gene
 
 
 def langevin_step(state, energy_fn, step_size, noise_std, generator) -> LangevinState:
+    """One unadjusted Langevin step (training's SGLD move) and the new state."""
     return langevin_init(energy_fn, langevin_move(state, step_size, noise_std, generator))
 
 
 # --------------------------------------------------------------------------- reflected MALA
 class MalaState(NamedTuple):
+    """Reflected-MALA chain state: x [N, *shape], logits [N, K], gradient of the unit potential."""
     x: torch.Tensor       # [N, *shape] in the box
     logits: torch.Tensor  # [N, K] at x
     ugrad: torch.Tensor   # [N, *shape], gradient of the ensemble's unit potential at x
@@ -86,6 +90,7 @@ def evaluate(model, ensemble, x):
 
 
 def mala_init(model, ensemble, x) -> MalaState:
+    """MalaState of x [N, *shape] for `ensemble`."""
     logits, g = evaluate(model, ensemble, x)
     return MalaState(x.detach(), logits, g)
 
@@ -205,10 +210,22 @@ def mala_kernel(compile: bool) -> MalaKernel:
     return MalaKernel(key_or_normals, *(_with_fallback(torch.compile(f, dynamic=True), f, box) for f in EAGER[1:]))
 
 
+class MalaInfo(NamedTuple):
+    """What one MH-corrected step did, per chain: accepted [N] bool, finite [N] bool (the proposal's log density
+    was finite; non-finite proposals are rejected and counted)."""
+    accepted: torch.Tensor
+    finite: torch.Tensor
+
+    @property
+    def acceptance(self) -> torch.Tensor:
+        """Mean acceptance over the chains (0-d float tensor)."""
+        return self.accepted.float().mean()
+
+
 def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: MalaKernel = EAGER):
     """One reflected-MALA step at inverse temperatures beta [N] with step sizes step [N].
 
-    Returns (new_state, accepted [N] bool, finite [N] bool: proposal log-density finite).
+    Returns (new_state, MalaInfo).
     """
     n = state.x.shape[0]
     x = state.x.reshape(n, -1)
@@ -225,8 +242,9 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: 
                                       lp_y - ensemble.logp(state.logits, beta), log_u, finite)
     new = MalaState(x_new.reshape(state.x.shape), torch.where(acc[:, None], logits_y, state.logits),
                     g_new.reshape(state.x.shape))
-    return new, acc, finite
+    return new, MalaInfo(acc, finite)
 
 
 def take(state: MalaState, idx) -> MalaState:
+    """The chains at index `idx` of a MalaState."""
     return MalaState(state.x[idx], state.logits[idx], state.ugrad[idx])

@@ -16,6 +16,7 @@ from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, mala_ste
 
 @dataclass
 class SweepResult:
+    """Sweep at every temperature: per-chain statistic means, energy traces, logits, final states, rates."""
     chain_means: np.ndarray   # [T, C, S] per-chain production means of stats (see `stat_names`)
     stat_names: list
     u_trace: np.ndarray       # [n_prod, T, C] per-sample <E|x>, for autocorrelation times
@@ -38,6 +39,7 @@ def _stats(ensemble, logits, beta):
 
 
 def stat_names(ensemble):
+    """Names of the per-chain statistics the sweep averages for `ensemble`."""
     names = ["u", "m2"]
     if ensemble.kind == "joint":
         names += ["h_y_given_x"] + [f"p_{k}" for k in range(ensemble.n_classes)]
@@ -99,9 +101,9 @@ def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod
     total = n_burn + n_prod
     for i in progress_bar(range(total), desc="sweep", enabled=progress):
         step = step_t.repeat_interleave(c)
-        state, acc, fin = mala_step(state, model, ensemble, beta, step, generator, kernel)
-        acc_t = acc.float().reshape(n_t, c).mean(1)
-        bad += (~fin).float().reshape(n_t, c).sum(1)
+        state, info = mala_step(state, model, ensemble, beta, step, generator, kernel)
+        acc_t = info.accepted.float().reshape(n_t, c).mean(1)
+        bad += (~info.finite).float().reshape(n_t, c).sum(1)
         if i < n_burn:
             step_t = adapt_step(step_t, acc_t)
         if exchange and n_t > 1:

@@ -1,5 +1,7 @@
-"""`train`: one readable training loop for GEBM/JEBM objectives with persistent Langevin chains,
-work/heat/Jarzynski bookkeeping, atomic checkpoints, exact resume and divergence rollback.
+"""`train`: one readable training loop for GEBM/JEBM objectives. The loop (Trainer.run) composes small parts:
+the persistent Langevin chains with their work/heat bookkeeping (chains.PersistentChains), the history
+(chains.History), divergence detection (chains.DivergenceGuard) and rollback, atomic checkpoints assembled
+from the parts' state dicts (layout: checkpoint.py) with exact resume.
 """
 from __future__ import annotations
 
@@ -17,23 +19,19 @@ import torch
 import xarray as xr
 
 from . import distributed as dist
-from .progress import progress_bar
-from .config import TrainConfig
+from .chains import DivergenceGuard, History, PersistentChains
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
-from .data import load_data, parse_labels
+from .config import TrainConfig, parse_labels
+from .data import load_data
 from .errors import ThermoEBMError, TrainingDiverged
 from .fileio import file_lock, lock_path, remove_stale_tmp
-from .models import build_model, joint_energy, marginal_energy
+from .models import build_model
 from .objectives import NEEDS, loss_terms
+from .progress import progress_bar
 from .results import provenance, write_group
 from .rng import stream_seed
-from .sampling import langevin_init, langevin_move, langevin_step
 
 log = logging.getLogger("thermo_ebm")
-
-POPULATIONS = ("joint", "marginal")  # sampler chain populations; metric names are "<population>_<name>"
-DIVERGENCE_SIGNALS = ("loss", "ce", "reg", "train_acc")
-POPULATION_SIGNALS = ("e_data", "e_model", "ml")
 
 # options that may differ when resuming (everything else must match the checkpoint)
 RESUMABLE = {"epochs", "max_steps", "device", "log_file", "on_divergence", "max_rollbacks", "resume",
@@ -42,22 +40,18 @@ RESUMABLE = {"epochs", "max_steps", "device", "log_file", "on_divergence", "max_
 
 def _adam(params, lr):
     """Adam with torch's fused kernel where it has one for the parameters' device (CPU from torch 2.4, CUDA):
-    one pass over the parameters instead of one per elementwise op, ~2.3x faster on the 64-512x3 MLP, the same
-    arithmetic to float rounding. Older torch refuses fused CPU parameters: then the default Adam."""
+    one pass over the parameters instead of one per elementwise op (docs/performance.md), the same arithmetic to
+    float rounding. Older torch refuses fused CPU parameters: then the default Adam."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except RuntimeError:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _logmeanexp(a):
-    return torch.logsumexp(a, 0) - math.log(a.numel())
-
-
 class Trainer:
     """Holds everything that a checkpoint must restore, and runs the loop."""
 
-    def __init__(self, cfg: TrainConfig, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, progress: bool = True, model: torch.nn.Module | None = None):
         self.cfg, self.progress = cfg, progress
         self.rank, self.world = dist.rank(), dist.world()
         if cfg.batch_size % self.world or cfg.buffer_size % self.world:
@@ -67,29 +61,23 @@ class Trainer:
         self.dev = dist.resolve_device(cfg.device)
         self.data = load_data(cfg.dataset, cfg.data_dir, cfg.labels, cfg.noise)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
-                                 cfg.spectral_norm).to(self.dev)
+        if model is None:
+            model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
+                                cfg.spectral_norm)
+        self.model = model.to(self.dev)
         # the loss goes through DDP (gradients averaged over ranks); the samplers use the bare model
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if dist.active() else self.model
         self.opt = _adam(list(self.model.parameters()), cfg.lr)
-        self.g_data, self.g_mc = torch.Generator(), torch.Generator(device=self.dev)
         self.rollbacks = 0
-        self._seed_streams()
-        self.pops = {}
-        for pop in NEEDS[cfg.objective]:
-            n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
-            self.pops[pop] = {
-                "x": self._uniform(n),
-                "y": torch.randint(self.data.n_classes, (n,), generator=self.g_mc, device=self.dev),
-                "W": torch.zeros(n, dtype=torch.float64, device=self.dev),
-                "Q": torch.zeros(n, dtype=torch.float64, device=self.dev),
-                "e_last": torch.zeros(n, dtype=torch.float64, device=self.dev),
-            }
+        data_seed, mc_seed = training_seeds(cfg.seed, self.rank, self.rollbacks)
+        self.g_data = torch.Generator().manual_seed(data_seed)
+        g_mc = torch.Generator(device=self.dev).manual_seed(mc_seed)
+        n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
+        self.chains = PersistentChains(NEEDS[cfg.objective], n, self.data.shape, self.data.n_classes, cfg, self.dev,
+                                       g_mc)
+        self.history = History()
+        self.guard = DivergenceGuard(cfg.max_energy_gap)
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
-        self.j0 = {}
-        self.hist: dict[str, list] = {}
-        self.epoch_hist: dict[str, list] = {}
-        self.events: list[tuple[int, str]] = []
         self.lr = cfg.lr
 
     # ---------------------------------------------------------------- state capture / restore
@@ -100,16 +88,13 @@ class Trainer:
             "training_temperature": training_temperature(asdict(self.cfg)),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": copy.deepcopy(self.opt.state_dict()),
-            "buffers": {f"{p}/{k}": v.detach().cpu().clone() for p, d in self.pops.items() for k, v in d.items()},
-            "rng": {"data": self.g_data.get_state(), "mc": self.g_mc.get_state().cpu(),
+            "buffers": self.chains.state_dict(),
+            "rng": {"data": self.g_data.get_state(), "mc": self.chains.generator.get_state().cpu(),
                     "torch": torch.get_rng_state()},
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "perm": self.perm.clone() if self.perm is not None else torch.zeros(0, dtype=torch.long),
             "lr": self.lr, "rollbacks": self.rollbacks,
-            "j0": {k: float(v) for k, v in self.j0.items()},
-            "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.hist.items()},
-            "epoch_history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.epoch_hist.items()},
-            "events": [[int(s), str(m)] for s, m in self.events],
+            **self.history.state_dict(),
             "meta": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in self.data.meta.items()}
             | {"classes": [int(c) for c in self.data.classes]},
         }
@@ -132,19 +117,15 @@ class Trainer:
                 st = dict(st, **st["ranks"][self.rank])
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(copy.deepcopy(st["optimizer"]))
-        for key, v in st["buffers"].items():
-            p, k = key.split("/")
-            self.pops[p][k] = v.to(self.dev).clone()
+        self.chains.load_state_dict(st["buffers"])
         self.g_data.set_state(st["rng"]["data"])
-        self.g_mc.set_state(st["rng"]["mc"].to(self.g_mc.device) if self.dev.type == "cpu" else st["rng"]["mc"])
+        g_mc = self.chains.generator
+        g_mc.set_state(st["rng"]["mc"].to(g_mc.device) if self.dev.type == "cpu" else st["rng"]["mc"])
         torch.set_rng_state(st["rng"]["torch"])
         self.epoch, self.step, self.batch_in_epoch = st["epoch"], st["step"], st["batch_in_epoch"]
         self.perm = st["perm"].clone() if st["perm"].numel() else None
         self.lr, self.rollbacks = st["lr"], st["rollbacks"]
-        self.j0 = dict(st["j0"])
-        self.hist = {k: v.tolist() for k, v in st["history"].items()}
-        self.epoch_hist = {k: v.tolist() for k, v in st["epoch_history"].items()}
-        self.events = [(int(s), str(m)) for s, m in st["events"]]
+        self.history.load_state_dict(st)
         for g in self.opt.param_groups:
             g["lr"] = self.lr
 
@@ -159,76 +140,27 @@ class Trainer:
             g["lr"] = self.lr * f
         return self.lr * f
 
-    def _uniform(self, n):
-        return torch.rand((n, *self.data.shape), generator=self.g_mc, device=self.dev) * 2 - 1
-
-    def _energy_fn(self, pop, y):
-        if pop == "joint":
-            return lambda x: joint_energy(self.model(x), y)
-        return lambda x: marginal_energy(self.model(x))
-
-    def _sample(self, pop):
-        """Advance a batch of chains of population `pop`; returns (idx, x, y, e_start, dW)."""
-        cfg, buf, b = self.cfg, self.pops[pop], self.batch
-        n = buf["x"].shape[0]
-        idx = torch.randperm(n, generator=self.g_mc, device=self.dev)[:b]
-        if cfg.short_run:
-            restart = torch.ones(b, dtype=torch.bool, device=self.dev)
-        else:
-            restart = torch.rand(b, generator=self.g_mc, device=self.dev) < cfg.from_scratch
-        noise_x = self._uniform(b)
-        noise_y = torch.randint(self.data.n_classes, (b,), generator=self.g_mc, device=self.dev)
-        x0 = torch.where(restart.view(-1, *[1] * len(self.data.shape)), noise_x, buf["x"][idx])
-        y0 = torch.where(restart, noise_y, buf["y"][idx])
-        for k in ("W", "Q", "e_last"):  # a restarted walker starts over from the uniform reference (E = 0)
-            buf[k][idx] = torch.where(restart, torch.zeros_like(buf[k][idx]), buf[k][idx])
-        energy_fn = self._energy_fn(pop, y0)
-        state = langevin_init(energy_fn, x0)
-        e_start = state.energy.double()
-        dW = e_start - buf["e_last"][idx]  # energy change of these walkers from parameter updates
-        buf["W"][idx] += dW
-        for _ in range(cfg.mc_steps - 1):
-            state = langevin_step(state, energy_fn, cfg.sgld_step, cfg.sgld_noise, self.g_mc)
-        x = langevin_move(state, cfg.sgld_step, cfg.sgld_noise, self.g_mc)
-        return idx, x, y0, e_start, dW
-
     def train_step(self, xb, yb):
-        cfg = self.cfg
-        chains = {pop: self._sample(pop) for pop in self.pops}
-        parts = [xb] + [chains[p][1] for p in self.pops]
+        """One optimizer step on a data batch (x [b, *shape], y [b]) and the chains it needs; returns the
+        step's metrics, pooled over ranks."""
+        cfg, pops = self.cfg, list(self.chains.pops)
+        moved = self.chains.advance(self.model, self.batch)
+        parts = [xb] + [moved[p].x for p in pops]
         logits = self.ddp(torch.cat(parts))
-        sizes = [len(p) for p in parts]
-        split = dict(zip(["data", *self.pops], torch.split(logits, sizes)))
+        split = dict(zip(["data", *pops], torch.split(logits, [len(p) for p in parts])))
         loss, terms = loss_terms(
             cfg.objective, split["data"], yb,
-            logits_joint=split.get("joint"), y_joint=chains["joint"][2] if "joint" in chains else None,
+            logits_joint=split.get("joint"), y_joint=moved["joint"].y if "joint" in moved else None,
             logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         rec = {k: float(v.detach()) for k, v in terms.items()}
         rec["train_acc"] = float((split["data"].argmax(1) == yb).float().mean())
-        for pop, (idx, x, y, e_start, dW) in chains.items():
-            lg = split[pop].detach()  # logits at the chains' final x under the parameters they sampled with
-            if pop == "joint" and cfg.joint_labels == "gibbs":  # exact Gibbs move on y; its energy change is heat
-                y = torch.multinomial(torch.softmax(lg.float(), 1), 1, generator=self.g_mc)[:, 0]
-            e_end = (joint_energy(lg, y) if pop == "joint" else marginal_energy(lg)).double()
-            buf = self.pops[pop]
-            buf["Q"][idx] += e_end - e_start  # energy change from MCMC moves at fixed parameters
-            buf["e_last"][idx] = e_end
-            buf["x"][idx], buf["y"][idx] = x.detach(), y
-            if cfg.short_run:
-                rec.update({f"{pop}_{k}": float("nan") for k in ("W", "Q", "dW", "dQ", "jarzynski", "dF")})
-                continue
-            rec.update({f"{pop}_W": float(buf["W"][idx].mean()), f"{pop}_Q": float(buf["Q"][idx].mean()),
-                        f"{pop}_dW": float(dW.mean()), f"{pop}_dQ": float((e_end - e_start).mean()),
-                        f"{pop}_jarzynski": float(-_logmeanexp(-buf["W"][idx]))})
+        # logits at the chains' final x under the parameters they sampled with
+        rec.update(self.chains.book(moved, {p: split[p].detach() for p in pops}))
         rec = self._pool(rec)
-        for pop in self.pops:
-            if not cfg.short_run:
-                j = rec[f"{pop}_jarzynski"]
-                self.j0.setdefault(pop, j)
-                rec[f"{pop}_dF"] = j - self.j0[pop]
+        self.history.add_free_energy_change(rec, pops)
         return rec
 
     def _pool(self, rec):
@@ -244,22 +176,6 @@ class Trainer:
                 out[k] = float(-torch.logsumexp(torch.as_tensor(-per_rank[:, i]), 0) + math.log(self.world))
         return out
 
-    def diverged(self, rec) -> str | None:
-        """Why this step counts as diverged, or None. Signals: the loss and its terms (DIVERGENCE_SIGNALS),
-        the parameters, and each population's data-model energy gap; the W/Q/Jarzynski bookkeeping is not."""
-        signals = [k for k in DIVERGENCE_SIGNALS if k in rec]
-        signals += [f"{pop}_{t}" for pop in POPULATIONS for t in POPULATION_SIGNALS if f"{pop}_{t}" in rec]
-        bad = [k for k in signals if not math.isfinite(rec[k])]
-        if bad:
-            return f"non-finite {', '.join(bad[:3])} (learning rate too high or too few MCMC steps)"
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            return "non-finite parameters (learning rate too high)"
-        for pop in POPULATIONS:
-            if f"{pop}_e_data" in rec and abs(rec[f"{pop}_e_data"] - rec[f"{pop}_e_model"]) > self.cfg.max_energy_gap:
-                return (f"runaway {pop} energy gap {rec[f'{pop}_e_data'] - rec[f'{pop}_e_model']:.3g} between data "
-                        "and model samples (sampler cannot keep up: lower the learning rate or add MCMC steps)")
-        return None
-
     # ---------------------------------------------------------------- evaluation and outputs
     @torch.no_grad()
     def evaluate(self):
@@ -273,38 +189,23 @@ class Trainer:
         return correct / len(x), ce / len(x)
 
     def save_grid(self):
+        """An image grid of the chains after this epoch (results/NAME_samples/epoch_NNN.png), or None."""
         import torchvision.utils as vu
-        if not self.pops:
+        grid = self.chains.grid_images()
+        if grid is None:
             return None
-        if "joint" in self.pops:
-            buf, k = self.pops["joint"], self.data.n_classes
-            rows = []
-            for c in range(k):
-                sel = buf["x"][buf["y"] == c][:8]
-                pad = torch.full((8 - len(sel), *self.data.shape), -1.0, device=self.dev)
-                rows.append(torch.cat([sel, pad]))
-            imgs, nrow = torch.cat(rows), 8
-        else:
-            imgs, nrow = self.pops["marginal"]["x"][:64], 8
         out = Path(self.cfg.results_dir) / f"{self.cfg.name}_samples" / f"epoch_{self.epoch:03d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        vu.save_image(imgs.cpu(), out, nrow=nrow, normalize=True,
-                      value_range=(-1, 1), pad_value=1.0)
+        vu.save_image(grid[0].cpu(), out, nrow=grid[1], normalize=True, value_range=(-1, 1), pad_value=1.0)
         return out
 
     def history_dataset(self) -> xr.Dataset:
-        steps = np.arange(1, len(next(iter(self.hist.values()), [])) + 1)
-        dv = {k: ("step", np.asarray(v, dtype=np.float64)) for k, v in self.hist.items()}
-        dv.update({k: ("epoch", np.asarray(v, dtype=np.float64)) for k, v in self.epoch_hist.items()})
-        if self.events:
-            dv["event_step"] = ("event", np.array([s for s, _ in self.events], dtype=np.int64))
-            dv["event_message"] = ("event", np.array([m for _, m in self.events], dtype=object))
-        coords = {"step": steps, "epoch": np.arange(1, len(self.epoch_hist.get("heldout_acc", [])) + 1)}
-        attrs = {"kind": "training", "config": json.dumps(asdict(self.cfg)),
-                 "split_note": self.data.note, "classes": json.dumps(self.data.classes),
-                 "rollbacks": self.rollbacks, "units": "energies in nats (k_B T = 1 at T = 1)",
-                 "training_temperature": training_temperature(asdict(self.cfg)), **provenance()}
-        return xr.Dataset(dv, coords=coords, attrs=attrs)
+        """The results file's `training` group."""
+        return self.history.to_dataset({
+            "kind": "training", "config": json.dumps(asdict(self.cfg)), "split_note": self.data.note,
+            "classes": json.dumps(self.data.classes), "rollbacks": self.rollbacks,
+            "units": "energies in nats (k_B T = 1 at T = 1)",
+            "training_temperature": training_temperature(asdict(self.cfg)), **provenance()})
 
     def save(self):
         """History first, then checkpoint: the results file always holds every step of the checkpoint.
@@ -348,14 +249,13 @@ class Trainer:
                 rec = self.train_step(xb.to(self.dev), self.data.y_train[sel].to(self.dev))
                 self.step += 1
                 self.batch_in_epoch += 1
-                why = self.diverged(rec)
+                why = self.guard.check(rec, self.model)
                 if why:
                     self._on_divergence(why, snapshot)
                     rolled_back = True
                     break
                 rec["lr"] = lr
-                for k in set(self.hist) | set(rec):
-                    self.hist.setdefault(k, [float("nan")] * (self.step - 1)).append(rec.get(k, float("nan")))
+                self.history.record_step(self.step, rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3g}", acc=f"{rec['train_acc']:.2f}")
                 if self.step % cfg.snapshot_every == 0:
@@ -367,9 +267,8 @@ class Trainer:
                 acc, ce = self.evaluate()
                 self.epoch += 1
                 self.perm = None
-                for k, v in {"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
-                             "seconds": time.perf_counter() - t0}.items():
-                    self.epoch_hist.setdefault(k, []).append(v)
+                self.history.record_epoch({"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
+                                           "seconds": time.perf_counter() - t0})
                 grid = self.save_grid() if dist.is_main() else None
                 if dist.is_main():
                     log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch,
@@ -380,14 +279,15 @@ class Trainer:
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
-                "heldout_acc": self.epoch_hist.get("heldout_acc", [float("nan")])[-1],
+                "heldout_acc": self.history.last("heldout_acc"),
                 "rollbacks": self.rollbacks}
 
-    def _seed_streams(self):
-        """Data order (shared by all ranks) and chain noise (one stream per rank), both fresh after every
+    def _reseed(self):
+        """Data order (shared by all ranks) and chain noise (one stream per rank), both fresh after a
         rollback: seeds from the sequence (seed, stream, [rank,] rollbacks)."""
-        self.g_data.manual_seed(training_seeds(self.cfg.seed, self.rank, self.rollbacks)[0])
-        self.g_mc.manual_seed(training_seeds(self.cfg.seed, self.rank, self.rollbacks)[1])
+        data_seed, mc_seed = training_seeds(self.cfg.seed, self.rank, self.rollbacks)
+        self.g_data.manual_seed(data_seed)
+        self.chains.generator.manual_seed(mc_seed)
 
     def _on_divergence(self, why, snapshot):
         cfg = self.cfg
@@ -396,12 +296,12 @@ class Trainer:
             extra = "" if cfg.on_divergence == "stop" else f" after {self.rollbacks} rollbacks"
             ckpt = self.cfg.paths()[0]
             raise TrainingDiverged(f"{msg}{extra}; last good checkpoint: {ckpt if ckpt.exists() else 'none yet'}")
-        lr, rollbacks, events = self.lr, self.rollbacks, list(self.events)
+        lr, rollbacks, events = self.lr, self.rollbacks, list(self.history.events)
         self.restore(snapshot)  # parameters, optimizer, chains, RNG, history back to the last good state
-        self.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5  # applied by _set_lr
-        self._seed_streams()
+        self.history.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5  # applied by _set_lr
+        self._reseed()
         self.perm = None if self.perm is None else self._epoch_order(len(self.data.y_train))
-        self.events.append((self.step, f"{msg}; rolled back to step {self.step}, reseeded, lr -> {self.lr:g}"))
+        self.history.events.append((self.step, f"{msg}; rolled back to step {self.step}, reseeded, lr -> {self.lr:g}"))
         log.warning("%s; rolled back to step %d, reseeded, learning rate halved to %g", msg, self.step, self.lr)
 
 
