@@ -103,7 +103,7 @@ def budget_option(decl, help, **kw):
 @click.option("-v", "--verbose", is_flag=True, help="Debug-level log lines.")
 @click.pass_context
 def cli(ctx, debug, quiet, verbose):
-    """Thermodynamics of energy-based models: train, measure, show, plot, sample."""
+    """Thermodynamics of energy-based models: train, measure, eval, show, plot, sample."""
     ctx.obj = {"debug": debug}
     _setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
@@ -262,6 +262,42 @@ def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, devic
         g = save_measurement(ds, path, group, replace_group)
         scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
         click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures in {scale}, {ds.attrs['seconds']:.0f} s)")
+
+
+@cli.command("eval")
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (.pt) written by `thermo-ebm train`.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Results file (.h5) [default: results/<checkpoint name>.h5].")
+@click.option("--group", default="evaluation", show_default=True, help="Group name; an existing one is refused "
+              "unless --replace-group.")
+@click.option("--replace-group", is_flag=True, help="Replace the group if the file has one.")
+@click.option("--n-ood", type=int, default=1000, show_default=True,
+              help="Held-out images scored, and as many of each shifted set.")
+@click.option("--chains", type=int, default=64, show_default=True, help="Long-run chains per length.")
+@click.option("--chain-steps", default="1000,10000", show_default=True,
+              help="MALA steps of the long-run chains at T = 1 (units of T_train), comma-separated.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the chains and bootstraps.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="Compute device.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Also write the log lines to this file.")
+def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, seed, device, log_file):
+    """Calibration, OOD detection and long-run samples of a checkpoint; writes group 'evaluation', prints a table."""
+    from .checkpoint import check_checkpoint_file
+    from .evaluation import evaluate, table
+    from .results import check_output_path, list_groups, write_group
+    try:
+        steps = tuple(int(v) for v in chain_steps.split(",") if v.strip())
+    except ValueError:
+        raise ThermoEBMError(f"--chain-steps {chain_steps!r} is not a comma list of integers") from None
+    check_checkpoint_file(ckpt)
+    path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
+    check_output_path(path)
+    if not replace_group and path.exists() and group in list_groups(path):
+        raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
+    with _log_file(log_file):
+        ds = evaluate(ckpt, seed=seed, device=device, n_ood=n_ood, chains=chains, chain_steps=steps)
+    g = write_group(path, group, ds, replace=replace_group)
+    click.echo(table(ds))
+    click.echo(f"wrote group '{g}' of {path}")
 
 
 @cli.command()

@@ -1,5 +1,6 @@
 """Publication figures from results files (headless, Agg): thermodynamics (+ information for joint),
-samples at low/middle/high temperature, and training history. Several files overlay by run name."""
+samples at low/middle/high temperature, training history, and evaluation (reliability diagram, OOD score
+histograms, samples by chain length). Several files overlay by run name."""
 from __future__ import annotations
 
 import json
@@ -250,12 +251,56 @@ def _save(fig, out):
     return out
 
 
+def evaluation_figure(ds, out):
+    """Reliability diagram, OOD score histograms (held-out vs each shifted set, per score) and sample grids of
+    the replay buffer and the long-run chains."""
+    scores = list(ds.score.values)
+    kinds = list(ds.chain_kind.values)
+    ncol = max(len(scores) + 1, len(kinds))
+    fig, axes = plt.subplots(2, ncol, figsize=(3.0 * ncol, 6.0), constrained_layout=True, squeeze=False)
+    ax = axes[0, 0]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.plot(ds.reliability_confidence.values, ds.reliability_accuracy.values, "-o", ms=3)
+    ax.set(xlabel="confidence (equal-mass bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"ECE {float(ds.ece):.3f} ± {float(ds.ece_err):.3f}, T_cal {float(ds.t_cal):.3g}")
+    sets = list(ds.input_set.values)
+    for j, name in enumerate(scores):
+        ax = axes[0, j + 1]
+        v = ds.scores.values[:, j]
+        lo, hi = np.nanpercentile(v, [0.5, 99.5])
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+        for i, s in enumerate(sets):
+            ax.hist(np.clip(v[i], lo, hi), bins=bins, histtype="step" if i else "stepfilled", alpha=1 if i else 0.35,
+                    lw=1, label=s, density=True)
+        ax.set(title=f"OOD score: {name}", xlabel="score (larger: more in-distribution)")
+        if j == 0:
+            ax.legend(fontsize=6)
+    for j in range(ncol):
+        axes[1, j].axis("off")
+    for j, kind in enumerate(kinds):
+        x = ds.chain_samples.values[j]
+        n = x.shape[0]
+        side = int(math.ceil(math.sqrt(n)))
+        img = x.reshape(n, -1)
+        pix = int(round(math.sqrt(img.shape[1])))
+        if pix * pix != img.shape[1]:
+            continue
+        grid = np.ones((side * (pix + 1), side * (pix + 1)))
+        for k in range(n):
+            r, c = divmod(k, side)
+            grid[r * (pix + 1):r * (pix + 1) + pix, c * (pix + 1):c * (pix + 1) + pix] = img[k].reshape(pix, pix)
+        axes[1, j].imshow(grid, cmap="gray", vmin=-1, vmax=1)
+        axes[1, j].set_title(f"{kind}: saturated {float(ds.saturated_fraction[j]):.2f}", fontsize=8)
+    fig.suptitle("Evaluation: calibration, out-of-distribution scores, samples by chain length", fontsize=11)
+    return _save(fig, out)
+
+
 def plot_files(files, out=None, fmt="png"):
     """Render every figure the files support; returns the written paths."""
     files = [Path(f) for f in files]
     kinds = {f: set(list_groups(f).values()) for f in files}
     for f, k in kinds.items():
-        if not k & {"measurement", "training"}:
+        if not k & {"measurement", "training", "evaluation"}:
             raise ThermoEBMError(f"{f} has no measurement or training group (run `thermo-ebm measure` or `train`)")
     stem = Path(out) if out else files[0].with_suffix("")
     stem = stem.with_suffix("") if stem.suffix in (".png", ".pdf") else stem
@@ -266,4 +311,8 @@ def plot_files(files, out=None, fmt="png"):
         written.append(samples_figure(runs, Path(f"{stem}_samples.{fmt}")))
     if any("training" in kinds[f] for f in files):
         written.append(training_figure([f for f in files if "training" in kinds[f]], Path(f"{stem}_training.{fmt}")))
+    for f in files:
+        for g in groups_of_kind(f, "evaluation"):
+            name = f"{stem}_{g}.{fmt}" if f == files[0] else f"{f.with_suffix('')}_{g}.{fmt}"
+            written.append(evaluation_figure(read_group(f, g), Path(name)))
     return written

@@ -106,6 +106,13 @@ def report(path, as_json=False, diff=None) -> str:
                 doc["groups"][name].update(C_peak_T=t_star, C_peak_T_err=se)
                 lines.append(f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}" if np.isfinite(t_star)
                              else "heat-capacity peak: none inside the temperature range")
+        elif kind == "evaluation":
+            from .evaluation import table
+            ds = read_group(path, name)
+            doc["groups"][name] = {"kind": kind, **{k: [float(ds[k]), float(ds[k + "_err"])]
+                                                    for k in ("accuracy", "nll", "brier", "ece", "t_cal")}}
+            lines.append(f"\n[{name}] evaluation")
+            lines.append(table(ds))
         elif kind == "training":
             ds = read_group(path, name)
             info = {"kind": kind, "steps": int(ds.sizes.get("step", 0)), "epochs": int(ds.sizes.get("epoch", 0))}
