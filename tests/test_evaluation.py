@@ -93,3 +93,37 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     code, err = run_cli(["plot", str(out)])
     assert code == 0, err
     assert (tmp_path / "r_evaluation.png").stat().st_size > 10_000
+
+
+def test_mnist_feature_frechet_and_eval_of_an_mnist_model(tmp_path, monkeypatch):
+    """The feature network trains once on the offline MNIST split (cached: the second call loads it), separates
+    digits from noise in Fréchet distance, and `evaluate` of a (barely trained) MNIST model reports it."""
+    import time
+
+    import torch
+
+    from conftest import SHARED
+    from thermo_ebm import evaluate, train
+    from thermo_ebm.data import load_data
+    from thermo_ebm.evaluation import feature_frechet, mnist_feature_net
+    monkeypatch.setenv("THERMO_EBM_CACHE", str(tmp_path / "cache"))
+    net, acc = mnist_feature_net(SHARED)
+    assert acc > 0.9
+    t0 = time.perf_counter()
+    assert mnist_feature_net(SHARED)[1] == acc and time.perf_counter() - t0 < 5  # loaded, not retrained
+    data = load_data("mnist", SHARED)
+    same, same_se = feature_frechet(net, data.x_test[:1000], data.x_test[1000:2000])
+    noise, _ = feature_frechet(net, data.x_test[:1000], torch.rand(1000, 1, 28, 28) * 2 - 1)
+    assert noise > 10 * same and noise > same + 20 * same_se
+    out = train(name="m", objective="j_ebm", dataset="mnist", data_dir=str(SHARED), epochs=1, max_steps=3,
+                batch_size=32, buffer_size=64, mc_steps=2, model_size=32, checkpoint_dir="c", results_dir="r",
+                progress=False)
+    # a data folder that also holds Fashion-MNIST files (the MNIST ones stand in: same format)
+    import shutil
+    local = tmp_path / "data"
+    shutil.copytree(SHARED / "MNIST", local / "MNIST")
+    shutil.copytree(SHARED / "MNIST", local / "FashionMNIST")
+    ds = evaluate(out["checkpoint"], device="cpu", data_dir=str(local), n_ood=100, n_boot=20, chains=8,
+                  chain_steps=(10,))
+    assert {"digits8x8", "fashion-mnist"} <= set(ds.ood_set.values) and "mnist" not in ds.ood_set.values
+    assert np.all(np.isfinite(ds.mnist_feature_frechet.values)) and ds.attrs["feature_net_heldout_acc"] == acc

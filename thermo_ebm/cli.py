@@ -276,10 +276,13 @@ def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, devic
 @click.option("--chains", type=int, default=64, show_default=True, help="Long-run chains per length.")
 @click.option("--chain-steps", default="1000,10000", show_default=True,
               help="MALA steps of the long-run chains at T = 1 (units of T_train), comma-separated.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the checkpoint's dataset is read, and MNIST / Fashion-MNIST for OOD sets when present "
+                   "[default: the checkpoint's --data-dir].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the chains and bootstraps.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="Compute device.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Also write the log lines to this file.")
-def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, seed, device, log_file):
+def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, data_dir, seed, device, log_file):
     """Calibration, OOD detection and long-run samples of a checkpoint; writes group 'evaluation', prints a table."""
     from .checkpoint import check_checkpoint_file
     from .evaluation import evaluate, table
@@ -294,7 +297,8 @@ def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, seed, dev
     if not replace_group and path.exists() and group in list_groups(path):
         raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
     with _log_file(log_file):
-        ds = evaluate(ckpt, seed=seed, device=device, n_ood=n_ood, chains=chains, chain_steps=steps)
+        ds = evaluate(ckpt, seed=seed, device=device, data_dir=data_dir, n_ood=n_ood, chains=chains,
+                      chain_steps=steps)
     g = write_group(path, group, ds, replace=replace_group)
     click.echo(table(ds))
     click.echo(f"wrote group '{g}' of {path}")

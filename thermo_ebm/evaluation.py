@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from scipy import linalg, optimize
 from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .errors import ThermoEBMError
+from .fileio import atomic_path
 from .results import annotate, file_sha256, provenance
 
 log = logging.getLogger("thermo_ebm")
@@ -126,9 +130,12 @@ def _boot_pair(fn, pos, neg, n_boot, rng):
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)): the Fréchet (2-Wasserstein) distance of two Gaussians."""
-    covmean = linalg.sqrtm(np.asarray(cov1) @ np.asarray(cov2))
-    covmean = covmean.real
+    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)): the Fréchet (2-Wasserstein) distance of two Gaussians.
+    Covariances of fewer samples than dimensions are singular; the square root is still defined (scipy's
+    warning about it is silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(np.asarray(cov1) @ np.asarray(cov2)).real
     return float(((np.asarray(mu1) - np.asarray(mu2)) ** 2).sum() + np.trace(cov1) + np.trace(cov2)
                  - 2 * np.trace(covmean))
 
@@ -150,12 +157,85 @@ def pca_frechet(reference, samples, k: int = PCA_DIMS, n_boot: int = 50, seed: i
     return fd(b), float(np.std(boots, ddof=1))
 
 
+# ---------------------------------------------------------------- MNIST-feature Fréchet distance
+
+FEATURE_VERSION = 1
+
+
+class FeatureNet(torch.nn.Module):
+    """A small CNN for 1x28x28 inputs in the box; `features` are its 64-d penultimate activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(32 * 7 * 7, 64), torch.nn.ReLU())
+        self.head = torch.nn.Linear(64, 10)
+
+    def features(self, x):
+        return self.body(x.reshape(-1, 1, 28, 28))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def cache_dir() -> Path:
+    """$THERMO_EBM_CACHE, else ~/.cache/thermo-ebm."""
+    return Path(os.environ.get("THERMO_EBM_CACHE", Path.home() / ".cache" / "thermo-ebm"))
+
+
+def mnist_feature_net(data_dir, epochs: int = 2, seed: int = 0):
+    """(FeatureNet, its held-out accuracy) trained once on the MNIST training split readable under data_dir
+    and cached in cache_dir() (keyed by the split's size); later calls load it."""
+    from .data import load_data
+    data = load_data("mnist", data_dir)
+    path = cache_dir() / f"mnist_features_v{FEATURE_VERSION}_{len(data.x_train)}.pt"
+    net = FeatureNet()
+    if path.is_file():
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(st["model"])
+        return net.eval(), float(st["heldout_acc"])
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = FeatureNet()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(data.x_train), generator=g).split(128):
+            loss = torch.nn.functional.cross_entropy(net(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = float((net(data.x_test).argmax(1) == data.y_test).float().mean())
+    log.info("trained the MNIST feature network for the Fréchet distance: held-out accuracy %.4f (cached in %s)",
+             acc, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"model": net.state_dict(), "heldout_acc": acc}, tmp)
+    return net.eval(), acc
+
+
+def feature_frechet(net, reference, samples, n_boot: int = 50, seed: int = 0):
+    """Fréchet distance between Gaussians fitted to the feature-net features of `reference` and of `samples`
+    ("MNIST-feature FID"; not comparable with Inception FID), and its bootstrap SE over the samples."""
+    with torch.no_grad():
+        a = net.features(torch.as_tensor(reference, dtype=torch.float32)).double().numpy()
+        b = net.features(torch.as_tensor(samples, dtype=torch.float32)).double().numpy()
+
+    def fd(bb):
+        return frechet_distance(a.mean(0), np.cov(a.T), bb.mean(0), np.cov(bb.T))
+    rng = np.random.default_rng(seed)
+    return fd(b), float(np.std([fd(b[rng.integers(0, len(b), len(b))]) for _ in range(n_boot)], ddof=1))
+
+
 # ---------------------------------------------------------------- inputs the model did not see
 
-def shifted_inputs(x, seed: int = 0) -> dict:
+def shifted_inputs(x, seed: int = 0, data_dir=None, dataset: str | None = None) -> dict:
     """Out-of-distribution sets the size of x [n, *shape] (box [-1, 1]): uniform noise, Gaussian noise (sd 0.5,
-    clipped), constant images, inverted and pixel-permuted held-out images, and for 28x28 inputs the sklearn
-    8x8 digits resized."""
+    clipped), constant images, inverted and pixel-permuted held-out images; for 28x28 inputs the sklearn 8x8
+    digits resized, and the other of MNIST / Fashion-MNIST when its files are already under data_dir (no
+    download)."""
     g = torch.Generator().manual_seed(seed)
     n, shape = x.shape[0], tuple(x.shape[1:])
     flat = x.reshape(n, -1)
@@ -172,6 +252,10 @@ def shifted_inputs(x, seed: int = 0) -> dict:
         d = torch.tensor(load_digits().images[:n], dtype=torch.float32)[:, None] / 16.0 * 2 - 1
         out["digits8x8"] = torch.nn.functional.interpolate(d, size=(28, 28), mode="bilinear",
                                                            align_corners=False).reshape(-1, *shape)
+        from .data import _IDX, load_data
+        for other in ("mnist", "fashion-mnist"):
+            if other != dataset and data_dir is not None and (Path(data_dir) / _IDX[other] / "raw").is_dir():
+                out[other] = load_data(other, data_dir).x_test[:n].reshape(-1, *shape)
     return out
 
 
@@ -210,8 +294,10 @@ def _sample_stats(model, x):
     return float((x.abs() > 0.99).float().mean()), float(conf.mean()), float(conf.std() / math.sqrt(len(conf)))
 
 
-def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | None = None, **budget) -> xr.Dataset:
-    """Classifier calibration, OOD detection and long-run sample statistics of a checkpoint (see module doc).
+def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config: EvalConfig | None = None,
+             **budget) -> xr.Dataset:
+    """Classifier calibration, OOD detection and long-run sample statistics of a checkpoint (see module doc);
+    data_dir: where its dataset (and other datasets for OOD) are read [default: the checkpoint's].
     Returns an xarray.Dataset (group kind 'evaluation')."""
     from .data import load_data
     from .sample import draw
@@ -227,7 +313,8 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | 
     dev = dist.resolve_device(device)
     model = model.to(dev)
     conf_ = st.get("config", {})
-    data = load_data(conf_["dataset"], conf_.get("data_dir", "data"), conf_.get("labels"))
+    data_dir = data_dir or conf_.get("data_dir", "data")
+    data = load_data(conf_["dataset"], data_dir, conf_.get("labels"))
     n = min(cfg.n_ood, len(data.x_test))
     x, y = data.x_test[:n], data.y_test[:n].numpy()
     with torch.no_grad():
@@ -236,7 +323,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | 
     conf, acc = reliability_bins(_softmax(logits).max(1), (logits.argmax(1) == y).astype(np.float64))
     rng = np.random.default_rng(seed)
     ins = ood_scores(model, x)
-    shifts = shifted_inputs(x, seed)
+    shifts = shifted_inputs(x, seed, data_dir, conf_["dataset"])
     names = list(ins)
     au, au_e, ap, ap_e = (np.zeros((len(shifts), len(names))) for _ in range(4))
     all_scores = [np.stack([ins[s] for s in names])]
@@ -259,6 +346,10 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | 
         kinds.append(f"mala_{int(steps)}")
         grids.append(xs.detach().cpu())
     ref = data.x_test.reshape(len(data.x_test), -1).numpy()
+    feat = None
+    if conf_["dataset"] == "mnist":
+        feat, feat_acc = mnist_feature_net(data_dir)
+    fid, fid_e = [], []
     for xs in grids:
         a, b, c = _sample_stats(model, xs.to(dev))
         sat.append(a)
@@ -267,6 +358,10 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | 
         f, fe = pca_frechet(ref, xs.reshape(len(xs), -1).numpy(), seed=seed)
         fds.append(f)
         fds_e.append(fe)
+        if feat is not None:
+            f, fe = feature_frechet(feat, data.x_test, xs.cpu(), seed=seed)
+            fid.append(f)
+            fid_e.append(fe)
     keep = min(16, cfg.chains)
     dv = {name: ((), v) for name, (v, _) in cls.items()}
     dv.update({name + "_err": ((), e) for name, (_, e) in cls.items()})
@@ -279,6 +374,9 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | 
               scores=(("input_set", "score", "item"), np.stack(all_scores).astype(np.float32)),
               chain_samples=(("chain_kind", "sample", *[f"pixel_dim{i}" for i in range(len(data.shape))]),
                              np.stack([g[:keep].numpy() for g in grids]).astype(np.float32)))
+    if feat is not None:
+        dv.update(mnist_feature_frechet=("chain_kind", np.array(fid)),
+                  mnist_feature_frechet_err=("chain_kind", np.array(fid_e)))
     coords = {"bin": np.arange(1, N_BINS + 1), "ood_set": list(shifts), "score": names, "chain_kind": kinds,
               "input_set": ["heldout", *shifts]}
     attrs = {"kind": "evaluation", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
@@ -286,6 +384,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", config: EvalConfig | 
              "chain_temperature": f"{cfg.temperature:g} x T_train", "settings": json.dumps(
                  {**cfg.__dict__, "chain_steps": [int(s) for s in cfg.chain_steps]}),
              "positives": "held-out (in-distribution) inputs; scores larger = more in-distribution",
+             **({"feature_net_heldout_acc": feat_acc} if feat is not None else {}),
              **provenance()}
     return annotate(xr.Dataset(dv, coords=coords, attrs=attrs), "train", "T_train")
 
@@ -300,7 +399,9 @@ def table(ds: xr.Dataset) -> str:
         lines.append(f"{shift:<12}" + "".join(f"{float(ds.auroc[i, j]):>14.3f} ±{float(ds.auroc_err[i, j]):<6.3f}"
                                               for j in range(ds.sizes["score"])))
     for i, kind in enumerate(ds.chain_kind.values):
+        fid = (f", MNIST-feature Fréchet {float(ds.mnist_feature_frechet[i]):.3g} "
+               f"±{float(ds.mnist_feature_frechet_err[i]):.2g}" if "mnist_feature_frechet" in ds else "")
         lines.append(f"samples {kind}: saturated pixels {float(ds.saturated_fraction[i]):.3f}, model confidence "
                      f"{float(ds.confidence[i]):.3f} ±{float(ds.confidence_err[i]):.2g}, PCA Fréchet distance "
-                     f"{float(ds.pca_frechet[i]):.3g} ±{float(ds.pca_frechet_err[i]):.2g}")
+                     f"{float(ds.pca_frechet[i]):.3g} ±{float(ds.pca_frechet_err[i]):.2g}{fid}")
     return "\n".join(lines)

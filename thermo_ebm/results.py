@@ -198,6 +198,7 @@ VARIABLES = {
     "saturated_fraction": ("fraction of sample pixels with |x| > 0.99", "1"),
     "confidence": ("mean max-softmax of the model on the samples", "1"),
     "pca_frechet": ("Frechet distance to held-out images in 32 principal components", "1"),
+    "mnist_feature_frechet": ("Frechet distance to held-out images in a small MNIST CNN's 64 features", "1"),
     "chain_samples": ("replay-buffer and long-run chain states in the box", "1"),
     "scores": ("OOD scores (larger: more in-distribution) of held-out and shifted inputs", "1"),
     "temperature": ("temperature", "T"), "temperature_b": ("temperature (second axis of covariances)", "T"),
