@@ -92,3 +92,13 @@ def test_ddp_ebm_training_and_resume(tmp_path):
     one = subprocess.run([sys.executable, "-m", "thermo_ebm", "train", "--name", "j", "--resume", "--max-steps", "20"],
                          capture_output=True, text=True)
     assert one.returncode == 2 and "nproc-per-node 2" in one.stderr
+
+
+def test_max_time_under_torchrun_decides_once_for_every_rank(digits_ckpt):
+    """With --max-time the ranks repeat (or stop) together: rank 0 decides, no rank waits forever."""
+    import json
+    codes, outs = launch(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "0.5,1", "--device", "cpu",
+                          "--out", "dist_mt.h5", "--max-time", "40", "--data", "none", *_flags(BUDGET)])
+    assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    ds = read_group("dist_mt.h5", "measure_marginal")
+    assert ds.attrs["attempts"] >= 2 and len(json.loads(ds.attrs["attempt_seconds"])) == ds.attrs["attempts"]

@@ -669,7 +669,9 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         # a first run is always checked by one doubling of its schedules, if the time allows
         longer = lengthen(p.cfg, flags if previous is not None else {**flags, "flag_unconverged": True})
         need = 2.2 * attempts[-1]  # a doubled budget costs about twice the last attempt
-        if longer is None or time.perf_counter() - t0 + need > cfg.max_time:
+        # under torchrun rank 0 decides for every rank (their clocks differ; their pooled flags do not)
+        again = dist.broadcast(longer is not None and time.perf_counter() - t0 + need <= cfg.max_time)
+        if not again:
             break
         log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (--max-time %.0f s)",
                  len(attempts), attempts[-1], ", ".join(n for n, f in flags.items() if n in LENGTHEN and np.any(f))
