@@ -238,6 +238,8 @@ def test_max_time_lengthens_a_flagged_run_and_reports_what_it_spent(caplog):
     settings = json.loads(more.attrs["settings"])
     assert more.attrs["attempts"] >= 3 and settings["ais_steps_per_l2"] > 0.02
     assert len(json.loads(more.attrs["attempt_seconds"])) == more.attrs["attempts"]
+    stages = json.loads(more.attrs["stage_seconds"])
+    assert set(stages) == {"pilot", "forward", "data_seeded", "sweep", "reverse"} and stages["sweep"] > 0
     raised = {f: more[f].values for f in FLAGS + ("flag_unconverged",) if f in more and more[f].values.any()}
     assert not raised, raised
     exact = system.exact([0.5, 1.0])

@@ -231,7 +231,9 @@ def plan(p: Problem, progress=False) -> Plan:
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
 SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
                   accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
-                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0)
+                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
+                  seconds=0)
+STAGES = ("forward", "data_seeded", "sweep", "reverse")  # `seconds` columns: wall time of each stage per shard
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -281,6 +283,10 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
     gen.manual_seed(shard_seed(p.seed, shard))
     c = cfg.chains // cfg.shards
     n_keep = max(c, cfg.data_refs) if p.data is not None else c
+    clock = [time.perf_counter()]
+
+    def lap():
+        clock.append(time.perf_counter())
     fwd = ais.run_forward(p.net, p.ens, p.shape, pl.schedule, pl.steps, betas, n_chains=cfg.ais_chains // cfg.shards,
                           n_keep=n_keep, mcmc_steps=cfg.ais_mcmc, generator=gen, device=p.device, progress=progress,
                           kernel=p.kernel)
@@ -288,15 +294,20 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
     out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
                ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
     init = fwd.states  # [T * c] without data
+    lap()
     if p.data is not None:
         init, extra = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
                                         gen, progress)
         out.update(extra)
+    lap()
     sw = run_sweep(p.net, p.ens, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in,
                    n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=p.device,
                    progress=progress, kernel=p.kernel)
+    lap()
     rev_lw = ais.run_reverse(p.net, p.ens, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps,
                              generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    lap()
+    out["seconds"] = np.diff(clock)[None]
     keep = min(cfg.keep_samples, c)
     out.update(chain_means=sw.chain_means, u_trace=sw.u_trace, logits=sw.logits, accept=sw.accept[None],
                swap_accept=sw.swap_accept[None], nonfinite=sw.nonfinite[None], step=sw.step[None], rev_lw=rev_lw,
@@ -655,6 +666,7 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     while True:
         t_run = time.perf_counter()
         pl = plan(p, progress)
+        t_plan = time.perf_counter() - t_run
         pooled = _pool(p, pl, progress)
         th = thermodynamics(p, pooled)
         flags, extra, _ = diagnose(p, pl, th, pooled)
@@ -683,7 +695,9 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     for line in diagnose(p, pl, th, pooled, note)[2] + _unconverged_warning(p, flags, note):
         log.warning("%s", line)
     ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
-    ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]))
+    stages = {"pilot": round(t_plan, 1), **{k: round(float(v), 1) for k, v in zip(STAGES, pooled["seconds"].sum(0))}}
+    ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]),
+                    stage_seconds=json.dumps(stages))
     return ds
 
 
