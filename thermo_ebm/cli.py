@@ -244,7 +244,8 @@ def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, devic
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
     from .checkpoint import check_checkpoint_file
-    from .measurement import check_group, measure as run, save_measurement
+    from .measurement import measure as run, save_measurement
+    from .results import check_group
     t = parse_temps(temps)
     check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
@@ -286,16 +287,14 @@ def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, data_dir,
     """Calibration, OOD detection and long-run samples of a checkpoint; writes group 'evaluation', prints a table."""
     from .checkpoint import check_checkpoint_file
     from .evaluation import evaluate, table
-    from .results import check_output_path, list_groups, write_group
+    from .results import check_group, write_group
     try:
         steps = tuple(int(v) for v in chain_steps.split(",") if v.strip())
     except ValueError:
         raise ThermoEBMError(f"--chain-steps {chain_steps!r} is not a comma list of integers") from None
     check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
-    check_output_path(path)
-    if not replace_group and path.exists() and group in list_groups(path):
-        raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
+    check_group(path, group, replace_group)
     with _log_file(log_file):
         ds = evaluate(ckpt, seed=seed, device=device, data_dir=data_dir, n_ood=n_ood, chains=chains,
                       chain_steps=steps)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import xarray as xr
 from scipy import linalg, optimize
+from scipy.special import log_softmax, softmax
 
 from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
@@ -34,17 +35,6 @@ PCA_DIMS = 32     # principal components of the held-out images for the Fréchet
 
 
 # ---------------------------------------------------------------- metrics on arrays
-
-def _softmax(logits):
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def _log_softmax(logits):
-    z = logits - logits.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
 
 def expected_calibration_error(confidence, correct, n_bins: int = N_BINS) -> float:
     """ECE with equal-mass bins: sum_b (n_b / n) |accuracy_b - mean confidence_b| (confidence, correct: [n])."""
@@ -66,19 +56,19 @@ def reliability_bins(confidence, correct, n_bins: int = N_BINS):
 def calibration_temperature(logits, y) -> float:
     """T_cal minimising the NLL of softmax(logits / T) on (logits [n, K], y [n])."""
     def nll(log_t):
-        return -_log_softmax(logits / math.exp(log_t))[np.arange(len(y)), y].mean()
+        return -log_softmax(logits / math.exp(log_t), axis=1)[np.arange(len(y)), y].mean()
     res = optimize.minimize_scalar(nll, bounds=(math.log(1e-3), math.log(1e3)), method="bounded",
                                    options={"xatol": 1e-6})
     return float(math.exp(res.x))
 
 
 def _point_metrics(logits, y):
-    p = _softmax(logits)
+    p = softmax(logits, axis=1)
     pred = p.argmax(1)
     onehot = np.eye(logits.shape[1])[y]
     conf = p.max(1)
     return {"accuracy": float((pred == y).mean()),
-            "nll": float(-_log_softmax(logits)[np.arange(len(y)), y].mean()),
+            "nll": float(-log_softmax(logits, axis=1)[np.arange(len(y)), y].mean()),
             "brier": float(((p - onehot) ** 2).sum(1).mean()),
             "ece": expected_calibration_error(conf, (pred == y).astype(np.float64))}
 
@@ -140,6 +130,15 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
                  - 2 * np.trace(covmean))
 
 
+def _frechet_with_se(a, b, n_boot: int, seed: int):
+    """Fréchet distance between Gaussians fitted to features a [n, k] and b [m, k], and its bootstrap SE over
+    the rows of b."""
+    def fd(bb):
+        return frechet_distance(a.mean(0), np.cov(a.T), bb.mean(0), np.cov(bb.T))
+    rng = np.random.default_rng(seed)
+    return fd(b), float(np.std([fd(b[rng.integers(0, len(b), len(b))]) for _ in range(n_boot)], ddof=1))
+
+
 def pca_frechet(reference, samples, k: int = PCA_DIMS, n_boot: int = 50, seed: int = 0):
     """Fréchet distance between Gaussians fitted to `reference` [n, D] and `samples` [m, D] in the space of the
     reference's first k principal components, and its bootstrap SE over the samples. A pixel-space stand-in
@@ -148,13 +147,7 @@ def pca_frechet(reference, samples, k: int = PCA_DIMS, n_boot: int = 50, seed: i
     mu = ref.mean(0)
     _, _, vt = np.linalg.svd(ref - mu, full_matrices=False)
     basis = vt[: min(k, vt.shape[0])].T
-    a, b = (ref - mu) @ basis, (smp - mu) @ basis
-
-    def fd(bb):
-        return frechet_distance(a.mean(0), np.cov(a.T), bb.mean(0), np.cov(bb.T))
-    rng = np.random.default_rng(seed)
-    boots = [fd(b[rng.integers(0, len(b), len(b))]) for _ in range(n_boot)]
-    return fd(b), float(np.std(boots, ddof=1))
+    return _frechet_with_se((ref - mu) @ basis, (smp - mu) @ basis, n_boot, seed)
 
 
 # ---------------------------------------------------------------- MNIST-feature Fréchet distance
@@ -222,11 +215,7 @@ def feature_frechet(net, reference, samples, n_boot: int = 50, seed: int = 0):
     with torch.no_grad():
         a = net.features(torch.as_tensor(reference, dtype=torch.float32)).double().numpy()
         b = net.features(torch.as_tensor(samples, dtype=torch.float32)).double().numpy()
-
-    def fd(bb):
-        return frechet_distance(a.mean(0), np.cov(a.T), bb.mean(0), np.cov(bb.T))
-    rng = np.random.default_rng(seed)
-    return fd(b), float(np.std([fd(b[rng.integers(0, len(b), len(b))]) for _ in range(n_boot)], ddof=1))
+    return _frechet_with_se(a, b, n_boot, seed)
 
 
 # ---------------------------------------------------------------- inputs the model did not see
@@ -320,7 +309,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 1000].to(dev)).double().cpu() for i in range(0, n, 1000)]).numpy()
     cls = classifier_metrics(logits, y, cfg.n_boot, seed)
-    conf, acc = reliability_bins(_softmax(logits).max(1), (logits.argmax(1) == y).astype(np.float64))
+    conf, acc = reliability_bins(softmax(logits, axis=1).max(1), (logits.argmax(1) == y).astype(np.float64))
     rng = np.random.default_rng(seed)
     ins = ood_scores(model, x)
     shifts = shifted_inputs(x, seed, data_dir, conf_["dataset"])

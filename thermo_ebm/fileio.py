@@ -53,6 +53,15 @@ def atomic_path(path, copy_existing: bool = False):
             tmp.unlink()
 
 
+def check_writable_folder(path, what: str) -> None:
+    """Before any long work: the folder `path` will be written in (its nearest existing ancestor, created on
+    write) is a writable folder; `what` names the file in the error."""
+    path = Path(path)
+    folder = next((q for q in [path.parent, *path.parent.parents] if q.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or path.is_dir():
+        raise ThermoEBMError(f"cannot write {what} {path}: {folder} is not a writable folder")
+
+
 def remove_stale_tmp(path) -> list:
     """Remove the temporary files `atomic_path(path)` leaves when its process is killed mid-write; call only
     while holding the lock that guards writes to `path`. Returns the removed paths."""

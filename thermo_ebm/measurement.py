@@ -466,9 +466,9 @@ AFFECTS = {
 }
 
 
-def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, budget_note: str = "") -> tuple[dict, dict, list]:
+def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict, dict]:
     """Per-temperature flags (ascending beta), the diagnostics stored beside them, and one warning line per
-    raised flag (its temperatures, what it affects, what to do; `budget_note` appended)."""
+    raised flag, by flag name (its temperatures, what it affects, what to do)."""
     cfg = p.cfg
     rep = th.reported
     n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else cfg.ais_chains
@@ -513,12 +513,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, budget_note: str = 
     if th.from_data is not None and p.ens.kind == "joint":  # p_T(y) comes from the same weights as log Z
         for name in ("flag_low_ess", "flag_heavy_tails"):
             affects[name] += ", H_Y_bits, I_XY_bits"
-    warnings = []
-    for name, f in flags.items():  # one line per flag, listing its temperatures
-        if np.any(f):
-            at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(f, bool)]))
-            warnings.append(f"{name.replace('flag_', '').replace('_', ' ')} at T = {at} (affects {affects[name]}): "
-                            f"{remedy[name]}{budget_note if name in LENGTHEN else ''}")
+    warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
     n_t = len(p.betas)
@@ -532,13 +527,10 @@ LENGTHEN = {"flag_low_ess": "anneal", "flag_heavy_tails": "anneal", "flag_hyster
             "flag_unconverged": "anneal", "flag_poor_mixing": "sweep", "flag_inconsistent": "sweep"}
 
 
-def _unconverged_warning(p: Problem, flags: dict, note: str) -> list:
-    f = flags.get("flag_unconverged")
-    if f is None or not np.any(f):
-        return []
-    at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(f, bool)]))
-    return [f"unconverged at T = {at} (affects {AFFECTS['flag_unconverged']}): doubling the schedules moved log Z "
-            f"beyond 4 SE (log_Z_shift); the estimate is still moving{note}"]
+def warning_line(p: Problem, name: str, flag, affects: str, remedy: str) -> str:
+    """One warning for a raised flag: its temperatures, what it affects, what to do."""
+    at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(flag, bool)]))
+    return f"{name.replace('flag_', '').replace('_', ' ')} at T = {at} (affects {affects}): {remedy}"
 
 
 def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
@@ -669,11 +661,15 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         t_plan = time.perf_counter() - t_run
         pooled = _pool(p, pl, progress)
         th = thermodynamics(p, pooled)
-        flags, extra, _ = diagnose(p, pl, th, pooled)
+        flags, extra, warnings = diagnose(p, pl, th, pooled)
         if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
             moved = np.abs(th.reported.value - previous.value)
             flags["flag_unconverged"] = moved > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)
             extra["log_Z_shift"] = th.reported.value - previous.value
+            if np.any(flags["flag_unconverged"]):
+                warnings["flag_unconverged"] = warning_line(
+                    p, "flag_unconverged", flags["flag_unconverged"], AFFECTS["flag_unconverged"],
+                    "doubling the schedules moved log Z beyond 4 SE (log_Z_shift); the estimate is still moving")
         attempts.append(time.perf_counter() - t_run)
         if cfg.max_time is None:
             longer = None
@@ -692,8 +688,8 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     note = ""
     if longer is not None:
         note = f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
-    for line in diagnose(p, pl, th, pooled, note)[2] + _unconverged_warning(p, flags, note):
-        log.warning("%s", line)
+    for name, line in warnings.items():
+        log.warning("%s%s", line, note if name in LENGTHEN else "")
     ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
     stages = {"pilot": round(t_plan, 1), **{k: round(float(v), 1) for k, v in zip(STAGES, pooled["seconds"].sum(0))}}
     ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]),
@@ -720,16 +716,6 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
         res = mbar.compute_free_energy_differences()
     f, df = res["Delta_f"][0], res["dDelta_f"][0]  # f_k - f_0, with f = -log Z; state 0 = lowest beta
     return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
-
-
-def check_group(path, group: str | None, replace: bool = False) -> None:
-    """Before any work starts: `path` must be a results-file name (.h5, .hdf5, .nc) in a writable folder, an
-    existing `path` a readable results file, and an explicit group that exists in it is an error unless
-    replace."""
-    from .results import check_output_path, list_groups
-    check_output_path(path)
-    if group and not replace and Path(path).exists() and group in list_groups(path):
-        raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
 
 
 def save_measurement(ds: xr.Dataset, path, group: str | None = None, replace: bool = False) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import xarray as xr
 
 from .errors import ThermoEBMError
-from .fileio import atomic_path, file_lock
+from .fileio import atomic_path, check_writable_folder, file_lock
 
 
 def write_group(path, group: str | None, ds: xr.Dataset, *, replace: bool = False, base: str | None = None,
@@ -40,13 +40,25 @@ def write_group(path, group: str | None, ds: xr.Dataset, *, replace: bool = Fals
         if group is None:
             group = free_name(names, base)
         elif group in names and not replace:
-            raise ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
+            raise _group_taken(path, group)
         with atomic_path(path, copy_existing=True) as tmp:
             if group in names:
                 with h5py.File(tmp, "a") as f:
                     del f[group]
             ds.to_netcdf(tmp, mode="a" if tmp.exists() else "w", group=group, engine="h5netcdf")
     return group
+
+
+def _group_taken(path, group):
+    return ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
+
+
+def check_group(path, group: str | None, replace: bool = False) -> None:
+    """Before any work starts: `path` is a usable results-file name (check_output_path), and an explicit group
+    that exists in it is an error unless replace."""
+    check_output_path(path)
+    if group and not replace and Path(path).exists() and group in list_groups(path):
+        raise _group_taken(path, group)
 
 
 def free_name(names, base: str) -> str:
@@ -83,9 +95,7 @@ def check_output_path(path) -> None:
         _open_h5(path).close()
         if not os.access(path, os.W_OK):
             raise ThermoEBMError(f"results file {path} is not writable")
-    folder = next((q for q in [path.parent, *path.parent.parents] if q.exists()), Path("."))
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ThermoEBMError(f"cannot write results file {path}: {folder} is not a writable folder")
+    check_writable_folder(path, "results file")
 
 
 def list_groups(path) -> dict:

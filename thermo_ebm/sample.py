@@ -12,6 +12,7 @@ from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
+from .fileio import check_writable_folder
 from .sampling import MAX_STEP, adapt_step, mala_init, mala_step, uniform
 
 
@@ -53,17 +54,13 @@ def save_grid(x, out, shape):
 
 def check_image_path(out) -> None:
     """Before sampling: `out` has an image format PIL can write, in a folder that can be written."""
-    import os
-
     from PIL import Image
     out = Path(out)
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise ThermoEBMError(f"cannot write images as {out.suffix or 'a file without extension'!r}: "
                              f"use .png, .jpg, .pdf or another format PIL writes")
-    folder = next((q for q in [out.parent, *out.parent.parents] if q.exists()), Path("."))
-    if not folder.is_dir() or not os.access(folder, os.W_OK) or out.is_dir():
-        raise ThermoEBMError(f"cannot write {out}: {folder} is not a writable folder")
+    check_writable_folder(out, "image")
 
 
 def sample_to_png(ckpt, temp, *, units="train", label=None, n=64, out="samples.png", steps=500, seed=0,
