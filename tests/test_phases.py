@@ -8,7 +8,7 @@ import torch
 from scipy.stats import truncnorm
 
 from thermo_ebm import ThermoEBMError, measure
-from thermo_ebm.bridge import KernelBase, run_bridge
+from thermo_ebm.bridge import KernelBase, resample, run_bridge
 from thermo_ebm.checkpoint import training_temperature
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.testing import ModeSwitch, RotatedGaussian, TruncatedGaussian
@@ -172,8 +172,23 @@ def test_bridge_from_the_exact_target_has_zero_variance_weights():
     base = KernelBase(mu, sig, torch.tensor([[1 - 1e-12, 1e-12]] * 2))
     lam = np.repeat(np.linspace(0, 1, 21)[:, None], 2, 1)
     res = run_bridge(system, Ensemble("marginal", 1), (8,), base, betas, lam, np.full_like(lam, 0.2), n_chains=64,
-                     n_keep=4, generator=torch.Generator().manual_seed(0), device="cpu")
+                     n_keep=4, pop=8, generator=torch.Generator().manual_seed(0), device="cpu")
     np.testing.assert_allclose(res.logw.numpy(), system.exact(1 / betas)["log_Z"][:, None].repeat(64, 1), atol=2e-4)
+
+
+def test_smc_resampling_keeps_each_population_estimate():
+    """Resampling a degenerate population leaves its log mean weight (its running Z estimate) unchanged, gives
+    every chain that value, and copies chains in proportion to their weights (systematic: counts floor or ceil
+    of N w); a population with even weights is left alone."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0])
+    logw = torch.cat([torch.log(w).double() + 3.0, torch.zeros(8, dtype=torch.float64)])
+    idx, lw, n = resample(logw, 8, g)
+    assert n == 1
+    np.testing.assert_allclose(torch.logsumexp(lw.reshape(2, 8), 1).numpy(), torch.logsumexp(logw.reshape(2, 8), 1).numpy())
+    assert torch.all(lw[:8] == lw[0]) and torch.equal(idx[8:], torch.arange(8, 16))
+    counts = torch.bincount(idx[:8], minlength=8).numpy()
+    assert np.all(np.abs(counts - 8 * w.numpy()) < 1) and counts[3:].sum() == 0
 
 
 def test_training_temperature_units_against_exact_values():

@@ -9,7 +9,10 @@ is 0 there; ill-conditioned, correlated targets then cost a short path rather th
 information). Group t anneals
     pi_lambda ∝ q_t^(1 - lambda) g_beta_t^lambda,  lambda: 0 -> 1,
 so its AIS weights estimate Z(beta_t) without any chain crossing a phase boundary: each chain starts in the
-phase its kernel sits in, and the weights set the phases' proportions. Pipeline, in this order:
+phase its kernel sits in, and the weights set the phases' proportions. The chains of a group form independent
+populations (one per replica of the SE); a population whose weights degenerate (ESS below half its size) is
+resampled (systematic resampling, an SMC sampler): chains that reached a deep, narrow region multiply instead of
+leaving the estimate to one lucky weight. Pipeline, in this order:
 `references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
 (pilot anneal: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
 spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal).
@@ -28,6 +31,7 @@ from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaInfo, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
 SIGMA_FLOOR = 1e-3
+RESAMPLE_ESS = 0.5  # a population is resampled when its ESS falls below this fraction of its size
 COV_SNAPSHOTS = 25  # states per data-seeded pilot chain that enter the fitted Gaussian
 
 
@@ -129,6 +133,32 @@ def population_weights(sizes, shares, floor):
     return torch.as_tensor(np.concatenate(cols, 1))
 
 
+def resample(logw, pop: int, generator):
+    """SMC resampling step. logw: [N] float64 log-weights of populations of `pop` consecutive chains. A
+    population whose ESS is below RESAMPLE_ESS * pop is resampled systematically, and each of its chains then
+    carries the population's log mean weight, so that logmeanexp over a population stays its running, unbiased
+    estimate of Z (for fixed resampling times; ESS-triggered times keep it consistent).
+    Returns (indices [N] of the chains to continue, log-weights [N], number of populations resampled)."""
+    lw = torch.nan_to_num(logw, nan=-math.inf).reshape(-1, pop)
+    top = lw.max(-1, keepdim=True).values
+    alive = torch.isfinite(top[:, 0])
+    w = torch.exp(lw - torch.where(alive[:, None], top, torch.zeros_like(top)))
+    w = w / w.sum(-1, keepdim=True)
+    need = alive & (1.0 / (w * w).sum(-1) < RESAMPLE_ESS * pop)
+    idx = torch.arange(lw.numel(), device=lw.device).reshape(-1, pop)
+    n_need = int(need.sum())
+    if n_need:
+        cdf = torch.cumsum(w[need], -1)
+        cdf[:, -1] = 1.0
+        u = (torch.rand((n_need, 1), generator=generator, device=lw.device, dtype=lw.dtype)
+             + torch.arange(pop, device=lw.device, dtype=lw.dtype)) / pop
+        j = torch.searchsorted(cdf, u).clamp_max(pop - 1)
+        idx[need] = torch.gather(idx[need], 1, j)
+        lw = lw.clone()
+        lw[need] = (torch.logsumexp(lw[need], -1, keepdim=True) - math.log(pop)).expand(-1, pop)
+    return idx.reshape(-1), lw.reshape(-1), n_need
+
+
 class BridgeState(NamedTuple):
     """A chain of the data-seeded anneal: the MALA state plus log q and its gradient (float64)."""
     x: torch.Tensor       # [N, *shape]
@@ -136,6 +166,10 @@ class BridgeState(NamedTuple):
     ugrad: torch.Tensor   # [N, *shape] gradient of the ensemble's unit potential
     log_q: torch.Tensor   # [N] float64
     qgrad: torch.Tensor   # [N, D] float64
+
+
+def _take(state: BridgeState, idx) -> BridgeState:
+    return BridgeState(*(v[idx] for v in state))
 
 
 def bridge_init(model, ensemble, base: KernelBase, x) -> BridgeState:
@@ -278,6 +312,7 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
     beta = _group_tensor(betas, n_chains, device)
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
     logw = lw0.reshape(g, n_chains).clone()
+    origin = comp.reshape(-1)  # the base component each chain descends from
     steps, var = [], []
     prev = 0.0
     for lam in progress_bar(lambdas, desc="tune bridge", enabled=progress):
@@ -289,6 +324,9 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
         finite = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         mean = (w * finite).sum(1, keepdim=True)
         var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
+        idx, lw, _ = resample(logw.reshape(-1), n_chains, generator)  # the pilot is an SMC sampler too
+        state, origin, logw = _take(state, idx), origin[idx], lw.reshape(g, n_chains)
+        w = torch.softmax(logw, 1)
         lam_t = torch.full((g * n_chains,), float(lam), device=device)
         for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
             state, info = bridge_step(state, model, ensemble, base, lam_t, beta,
@@ -296,7 +334,7 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
             step_t = adapt_step(step_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1))
         steps.append(step_t.clone())
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
-    pop = torch.as_tensor(population, device=device)[comp]                # [G, n]; w: the final weights
+    pop = torch.as_tensor(population, device=device)[origin].reshape(g, n_chains)  # w: the final weights
     n_pop = int(max(population)) + 1
     shares = torch.stack([(w * (pop == j)).sum(1) for j in range(n_pop)], 1)
     return BridgeTuning(lambdas, log_step, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
@@ -325,11 +363,15 @@ class BridgeResult:
     states: MalaState        # [G * n_keep] states resampled by weight, grouped by beta
     accept: torch.Tensor     # [G] mean acceptance
     nonfinite: torch.Tensor  # [G] non-finite proposal densities
+    resampled: float         # resampling events per population
 
 
-def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_chains, n_keep, generator,
+def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_chains, n_keep, pop, generator,
                device, kernel=EAGER, progress=False) -> BridgeResult:
-    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]."""
+    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]:
+    reweight, resample (populations of `pop` consecutive chains, see `resample`), move."""
+    if n_chains % pop:
+        raise ValueError(f"populations of {pop} chains do not divide {n_chains} chains")
     g = base.groups
     x, logw, _ = start_states(base, n_chains, generator, shape)
     state = bridge_init(model, ensemble, base, x)
@@ -338,8 +380,12 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
     step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=device)
     acc_sum = torch.zeros(g, device=device)
     bad = torch.zeros(g, device=device)
-    for k in progress_bar(range(1, lam.shape[0]), desc="bridge AIS", enabled=progress):
+    resampled = 0
+    for k in progress_bar(range(1, lam.shape[0]), desc="bridge SMC", enabled=progress):
         logw += (lam_t[k] - lam_t[k - 1]) * (ensemble.logp(state.logits, beta).double() - state.log_q)
+        idx, logw, n_res = resample(logw, pop, generator)
+        if n_res:
+            state, resampled = _take(state, idx), resampled + n_res
         state, info = bridge_step(state, model, ensemble, base, lam_t[k], beta, step_t[k], generator, kernel)
         acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
         bad += (~info.finite).float().reshape(g, n_chains).sum(1)
@@ -352,4 +398,4 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
     kept = take(MalaState(state.x, state.logits, state.ugrad), idx)
     return BridgeResult(lw, e.double().reshape(g, -1),
                         p_y.double().reshape(g, n_chains, -1), kept,
-                        acc_sum / max(lam.shape[0] - 1, 1), bad)
+                        acc_sum / max(lam.shape[0] - 1, 1), bad, resampled / (g * n_chains // pop))

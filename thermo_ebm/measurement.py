@@ -30,7 +30,7 @@ from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
                          jackknife_cov, label_entropy, log_mean_weight, logmeanexp, pareto_k, peak_position,
-                         weighted_mean)
+                         replica_split, weighted_mean)
 from .models import EBM, ScaledLogits
 from .results import annotate, file_sha256, provenance
 from .rng import stream_seed
@@ -231,7 +231,7 @@ def plan(p: Problem, progress=False) -> Plan:
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
 SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
                   accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
-                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
+                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0, b_resampled=0,
                   seconds=0)
 STAGES = ("forward", "data_seeded", "sweep", "reverse")  # `seconds` columns: wall time of each stage per shard
 
@@ -266,12 +266,16 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     length = bt.length()[-1]
     n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
     lam, steps = bridge.bridge_schedule(bt, n_steps)
+    # SMC populations never straddle a replica (the SE's independent groups) or a shard
+    n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
+    pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
     res = bridge.run_bridge(p.net, p.ens, p.shape, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
-                            n_keep=cfg.chains // cfg.shards, generator=gen, device=p.device, kernel=p.kernel,
+                            n_keep=cfg.chains // cfg.shards, pop=pop, generator=gen, device=p.device, kernel=p.kernel,
                             progress=progress)
     out = dict(b_logw=res.logw.cpu().numpy(), b_energy=res.energy.cpu().numpy(), b_p_y=res.p_y.cpu().numpy(),
                b_accept=res.accept.cpu().numpy()[None], b_nonfinite=res.nonfinite.cpu().numpy()[None],
-               b_steps=np.array([n_steps]), b_length=length[None], b_shares=bt.shares[None])
+               b_steps=np.array([n_steps]), b_length=length[None], b_shares=bt.shares[None],
+               b_resampled=np.array([res.resampled]))
     return res.states, out
 
 
@@ -583,6 +587,7 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     if th.from_data is not None:
         attrs["bridge_schedule_length"] = int(pooled["b_steps"].max())
         attrs["bridge_thermodynamic_length_max"] = float(pooled["b_length"].max())
+        attrs["bridge_resamples_per_population"] = float(pooled["b_resampled"].mean())
     coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref),
               "temperature_b": ("temperature_b", p.temps)}
     return annotate(xr.Dataset(data_vars, coords=coords, attrs=attrs), p.units, energy_units)
