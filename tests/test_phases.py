@@ -191,6 +191,25 @@ def test_smc_resampling_keeps_each_population_estimate():
     assert np.all(np.abs(counts - 8 * w.numpy()) < 1) and counts[3:].sum() == 0
 
 
+def test_label_mix_check_compares_sweep_and_weights_on_arrays():
+    """_label_mix_z: sweep chains and data-seeded weights that split the mass between classes alike give
+    |z| < 4; weights that put it on another class give z >> 4."""
+    from thermo_ebm.measurement import _label_mix_z
+    rng = np.random.default_rng(0)
+    k, n = 4, 64
+    p = np.array([0.5, 0.3, 0.2, 0.0])
+
+    def noisy(m):
+        q = np.clip(p + 0.05 * rng.standard_normal((m, k)), 0, None)
+        return q / q.sum(-1, keepdims=True)
+    blocks = np.concatenate([rng.standard_normal((1, n, 3)), noisy(n)[None]], -1)  # u, m2, h_y|x, p_0..p_3
+    ip = slice(3, 3 + k)
+    same = noisy(128)[None]
+    assert _label_mix_z(blocks, ip, np.zeros((1, 128)), same, 16)[0] < 4
+    other = same[..., [3, 1, 2, 0]]  # class 0's mass moved to class 3
+    assert _label_mix_z(blocks, ip, np.zeros((1, 128)), other, 16)[0] > 20
+
+
 def test_training_temperature_units_against_exact_values():
     """units='train' with T_train = 0.5: temperature T is T_raw = 0.5 T; log Z, S, C, info are the raw-scale
     values at T_raw and U, F come in units of T_train."""

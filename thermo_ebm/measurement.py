@@ -373,6 +373,21 @@ class Thermo:
     tau: np.ndarray
     mbar_ok: bool
     cov: dict              # name -> [T, T] covariance between temperatures (log_Z, C)
+    label_z: np.ndarray | None = None  # joint with data: `_label_mix_z`
+
+
+def _label_mix_z(blocks, ip, b_logw, b_p_y, n_replicas) -> np.ndarray:
+    """max over y of |p_T(y) of the sweep chains - p_T(y) of the data-seeded weights| / combined SE, per
+    temperature [T]: the two disagree on how the mass splits between classes (a phase one of them mis-weighs).
+    The SE is at least 1 / (number of sweep chains), the finest share those chains can resolve (where every
+    chain and every weight sits in one class, both replica and jackknife SEs are 0)."""
+    floor = 1.0 / blocks.shape[1]
+    z = []
+    for y in range(ip.stop - ip.start):
+        ps, ps_se = jackknife(blocks, lambda m: m[..., ip.start + y])
+        pw, pw_se = weighted_mean(b_logw, b_p_y[..., y], n_replicas)
+        z.append(np.abs(ps - pw) / np.maximum(np.sqrt(ps_se ** 2 + pw_se ** 2), floor))
+    return np.max(z, axis=0)
 
 
 def thermodynamics(p: Problem, pooled: dict) -> Thermo:
@@ -380,6 +395,7 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
     cfg, betas, ens = p.cfg, p.betas, p.ens
     n_t = len(betas)
     log_omega = ens.log_omega(p.d)
+    label_z = None
     fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, cfg.replicas)
     seeded = None
     if "b_logw" in pooled:
@@ -423,6 +439,7 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
         else:  # p_T(y) from the data-seeded weights: phases the sweep chains rarely visit still count
             hy = label_entropy(pooled["b_logw"], pooled["b_p_y"], cfg.replicas)
             ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
+            label_z = _label_mix_z(blocks, ip, pooled["b_logw"], pooled["b_p_y"], cfg.replicas)
         out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
 
     # ---- cross-checks: the reverse direction, MBAR, consistency residuals, the two origins
@@ -454,7 +471,7 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
-    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov})
+    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov}, label_z)
 
 
 # what each flag makes unreliable (named in the warning and in docs/estimators.md)
@@ -490,6 +507,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     # the sweep chains disagree with the annealing weights on U: the chains hold the wrong mix of phases
     ur, ur_se = th.diag["U_resid"]
     flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
+    if th.label_z is not None:  # ... or split the mass between the classes differently
+        flags["flag_inconsistent"] |= th.label_z > HYSTERESIS_Z
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
@@ -509,8 +528,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
               "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
-              "flag_inconsistent": "U of the sweep chains and of the annealing weights differ beyond 4 SE (U_resid): "
-                                   "the chains hold the wrong mix of phases; a longer sweep (--burn-in) or more chains",
+              "flag_inconsistent": "U (U_resid) or, joint with data, p_T(y) (label_mix_z) of the sweep chains and of "
+                                   "the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
+                                   "a longer sweep (--burn-in) or more chains",
               "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
                                  "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
     affects = dict(AFFECTS)
@@ -520,6 +540,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
+    if th.label_z is not None:
+        extra["label_mix_z"] = th.label_z
     n_t = len(p.betas)
     sw = pooled["swap_accept"].mean(0)
     extra["swap_accept"] = np.concatenate([sw, [np.nan]]) if n_t > 1 else np.array([np.nan])
