@@ -7,6 +7,7 @@ log Z gap, the reverse-AIS gap, the C-peak temperature +- SE, I(X;Y) and info at
     python benchmarks/measure_trained.py                       # trains the digits demo model if needed
     (measure runs with max_time = --max-time, 240 s by default: flagged runs are repeated with doubled schedules)
     python benchmarks/measure_trained.py --ckpt checkpoints/mnist_j_ebm.pt --name mnist
+    python benchmarks/measure_trained.py --ckpt ... --name mnist_raw --raw-temps 1e-3:1:16   # geometric, raw scale
 """
 import argparse
 import json
@@ -29,6 +30,8 @@ p.add_argument("--ckpt", default=None, help="checkpoint [default: train the `mak
 p.add_argument("--name", default="digits")
 p.add_argument("--work", default="/tmp/thermo_ebm_measure_trained")
 p.add_argument("--max-time", type=float, default=240.0, help="measure's max_time: seconds for lengthening flagged runs")
+p.add_argument("--raw-temps", default=None, metavar="START:STOP:N",
+               help="N geometrically spaced temperatures on the logits' scale instead of the design card's")
 a = p.parse_args()
 work = Path(a.work)
 work.mkdir(parents=True, exist_ok=True)
@@ -39,9 +42,13 @@ if ckpt is None:
     if not Path(ckpt).exists():  # the `make demo` training run
         train(name="demo", objective="j_ebm", dataset="digits", epochs=15, buffer_size=1000, lr_schedule="cosine",
               progress=False)
+units = "train"
 temps = np.round(np.arange(0.5, 2.0001, 0.1), 3)
+if a.raw_temps:
+    lo, hi, n = a.raw_temps.split(":")
+    units, temps = "raw", np.geomspace(float(lo), float(hi), int(n))
 t0 = time.perf_counter()
-ds = measure(ckpt, temps, ensemble="joint", device="cpu", seed=0, max_time=a.max_time)
+ds = measure(ckpt, temps, ensemble="joint", units=units, device="cpu", seed=0, max_time=a.max_time)
 sec = time.perf_counter() - t0
 h5 = work / f"measure_trained_{a.name}.h5"
 h5.unlink(missing_ok=True)
@@ -53,11 +60,14 @@ flags = {k.replace("flag_", ""): [float(t) for t in ds.temperature.values[ds[k].
 i1 = int(np.argmin(abs(ds.temperature.values - 1.0)))
 row = dict(
     checkpoint=str(ckpt), date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
-    threads=torch.get_num_threads(), seconds=round(sec, 1), T_train=ds.attrs["T_train"],
-    temperatures=[float(t) for t in temps], flags=flags,
+    threads=torch.get_num_threads(), seconds=round(sec, 1), T_train=ds.attrs["T_train"], units=units,
+    temperatures=[float(t) for t in temps], flags=flags, stage_seconds=json.loads(ds.attrs["stage_seconds"]),
     C_peak_T=float(ds.C_peak_T), C_peak_T_err=float(ds.C_peak_T_err),
-    I_XY_bits_at_1=[float(ds.I_XY_bits[i1]), float(ds.I_XY_bits_err[i1])],
-    info_bits_at_1=[float(ds.info_bits[i1]), float(ds.info_bits_err[i1])],
+    temperature_raw=[float(t) for t in ds.temperature_raw.values],
+    I_XY_bits=[[float(v), float(e)] for v, e in zip(ds.I_XY_bits.values, ds.I_XY_bits_err.values)],
+    **({} if units != "train" else dict(
+        I_XY_bits_at_1=[float(ds.I_XY_bits[i1]), float(ds.I_XY_bits_err[i1])],
+        info_bits_at_1=[float(ds.info_bits[i1]), float(ds.info_bits_err[i1])])),
     origin_gap=[float(v) for v in ds.origin_gap.values] if "origin_gap" in ds else None,
     log_Z_gap_reverse=[float(v) for v in ds.log_Z_gap.values],
     ess=[float(v) for v in ds.ess.values], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),

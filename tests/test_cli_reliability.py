@@ -92,7 +92,11 @@ def test_thermo_figure_axes(measured):
     for want in ("free energy", "internal energy", "entropy", "heat capacity", "information", "$I(X;Y)$"):
         assert any(want in lab for lab in labels), (want, labels)
     first = captured["fig"].axes[0]
-    assert len([ln for ln in first.lines if ln.get_gid() != "T_train"]) == 2  # two measurement groups overlaid
+    assert len([ln for ln in first.lines if ln.get_gid() not in ("T_train", "flagged")]) == 2  # two groups overlaid
+    from thermo_ebm.plot import flagged  # flagged temperatures carry a red x, the others none
+    marked = np.concatenate([ln.get_xdata() for ln in first.lines if ln.get_gid() == "flagged"] or [[]])
+    want = np.concatenate([ds.temperature.values[flagged(ds)] for _, ds in runs])
+    np.testing.assert_allclose(np.sort(marked), np.sort(want))
     assert [ln for ln in first.lines if ln.get_gid() == "T_train"]  # T = 1 (the training temperature) marked
     res = next(ax for ax in captured["fig"].axes if ax.get_ylabel() == "residual / SE")
     ds = runs[0][1]

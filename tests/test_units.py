@@ -273,6 +273,16 @@ def test_peak_se_is_calibrated_under_correlated_errors():
     assert np.isnan(peak_position(t, np.full(6, np.nan), cov)).all()  # all-NaN C (a diverged model): no peak
 
 
+def test_heat_capacity_peak_is_flagged_where_c_is():
+    from thermo_ebm.measurement import peak_flagged
+    c = np.array([1.0, 2.0, 5.0, 2.0, 1.0, 0.5])
+    none = {"flag_poor_mixing": np.zeros(6, bool), "flag_low_ess": np.ones(6, bool)}  # low ESS does not touch C
+    assert not peak_flagged(c, none, 2.0)
+    near = dict(none, flag_poor_mixing=np.array([0, 0, 0, 1, 0, 0], bool))
+    far = dict(none, flag_poor_mixing=np.array([0, 0, 0, 0, 1, 1], bool))
+    assert peak_flagged(c, near, 2.0) and not peak_flagged(c, far, 2.0) and not peak_flagged(c, near, float("nan"))
+
+
 def test_plot_reads_the_stored_peak_and_handles_older_files():
     import xarray as xr
     from thermo_ebm.plot import heat_capacity_peak

@@ -573,6 +573,19 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
     return new
 
 
+C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
+
+
+def peak_flagged(c, flags: dict, t_star: float) -> bool:
+    """Whether a flag that affects C is raised at the largest C [T] or at a neighbour (the points the peak's
+    parabola rests on)."""
+    if not math.isfinite(t_star):
+        return False
+    i = int(np.argmax(c))
+    near = slice(max(i - 1, 0), i + 2)
+    return bool(any(np.any(np.asarray(flags[n])[near]) for n in C_FLAGS if n in flags))
+
+
 def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, pooled: dict, seconds: float) -> xr.Dataset:
     """The xarray.Dataset a measurement returns (ascending temperature, CF metadata, provenance)."""
     cfg = p.cfg
@@ -586,6 +599,7 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     for name, f in flags.items():
         data_vars[name] = ("temperature", np.asarray(f)[rev].astype(np.int8))
     data_vars["C_peak_T"], data_vars["C_peak_T_err"] = ((), th.peak[0]), ((), th.peak[1])
+    data_vars["C_peak_flag"] = ((), np.int8(peak_flagged(th.out["C"][0], flags, th.peak[0])))
     for name, cov in th.cov.items():  # between temperatures: SE of differences such as F(T1) - F(T2)
         data_vars[name + "_cov"] = (["temperature", "temperature_b"], np.asarray(cov, dtype=np.float64)[rev, rev])
     xs = pooled["samples"][:, : cfg.keep_samples][rev]
@@ -657,7 +671,7 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
     swap_accept, tau_E, step_size; int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
     flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_hysteresis (with data; a phase one origin
-    missed); C_peak_T and C_peak_T_err; log_Z_cov and C_cov [temperature, temperature_b], the covariances
+    missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and C_cov [temperature, temperature_b], the covariances
     between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
     sample_labels). Units: nats (k_B = 1) except names ending in _bits; every variable carries `units`
     and `long_name`, the dataset its provenance. docs/estimators.md describes each estimator and flag.

@@ -51,10 +51,19 @@ def _measurements(files):
     return out
 
 
+def flagged(ds) -> np.ndarray:
+    """[T] bool: temperatures where any flag_* is raised (`show` lists which)."""
+    flags = [ds[v].values.astype(bool) for v in ds.data_vars if v.startswith("flag_")]
+    return np.any(flags, axis=0) if flags else np.zeros(ds.sizes["temperature"], bool)
+
+
 def _band(ax, ds, var, label, color):
     t, y, e = ds.temperature.values, ds[var].values, ds[var + "_err"].values
     ax.plot(t, y, "-o", ms=2.5, lw=1.2, color=color, label=label)
     ax.fill_between(t, y - e, y + e, color=color, alpha=0.25, lw=0)
+    bad = flagged(ds)
+    if bad.any():
+        ax.plot(t[bad], y[bad], "x", ms=5, color="tab:red", gid="flagged")
 
 
 def _diagnostics(ax_gap, ax_res, ds, col, first):
@@ -98,7 +107,8 @@ def thermo_figure(runs, out):
         if peak:
             se = f"±{peak[1]:.2g}" if math.isfinite(peak[1]) else " (no SE in this file)"
             axes[3].axvline(peak[0], color=col, ls="--", lw=0.8)
-            axes[3].annotate(f"peak $T^*$={peak[0]:.3g}{se}\n(possible phase transition)",
+            why = "C flagged there" if int(ds.get("C_peak_flag", 0)) else "possible phase transition"
+            axes[3].annotate(f"peak $T^*$={peak[0]:.3g}{se}\n({why})",
                              xy=(peak[0], float(np.nanmax(ds.C.values))), xytext=(4, -22),
                              textcoords="offset points", fontsize=7, color=col)
         elif r == 0:
@@ -128,7 +138,8 @@ def thermo_figure(runs, out):
             ax.axvline(1.0, color="0.6", lw=0.8, ls=":", gid="T_train")
     axes[0].legend(loc="best")
     units = "; $U, F$ in units of $T_{train}$" if _train_units(runs[0][1]) else ""
-    fig.suptitle(f"Thermodynamics vs temperature (±1 SE bands; nats, $k_B=1${units})", fontsize=11)
+    fig.suptitle(f"Thermodynamics vs temperature (±1 SE bands; red x: flagged temperatures; nats, $k_B=1${units})",
+                 fontsize=11)
     return _save(fig, out)
 
 

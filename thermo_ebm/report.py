@@ -104,8 +104,11 @@ def report(path, as_json=False, diff=None) -> str:
             if "C_peak_T" in ds:
                 t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
                 doc["groups"][name].update(C_peak_T=t_star, C_peak_T_err=se)
-                lines.append(f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}" if np.isfinite(t_star)
-                             else "heat-capacity peak: none inside the temperature range")
+                bad = bool(ds.get("C_peak_flag", 0))
+                doc["groups"][name]["C_peak_flag"] = bad
+                lines.append((f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}"
+                              + (" (flagged: C is flagged at or next to its maximum)" if bad else ""))
+                             if np.isfinite(t_star) else "heat-capacity peak: none inside the temperature range")
         elif kind == "evaluation":
             from .evaluation import table
             ds = read_group(path, name)

@@ -195,6 +195,7 @@ VARIABLES = {
     "tau_E": ("integrated autocorrelation time of E in the sweep", "sweeps"),
     "step_size": ("sweep MALA step size", "1"),
     "C_peak_T": ("temperature of the heat-capacity maximum", "T"),
+    "C_peak_flag": ("1: a flag that affects C is raised at or next to the heat-capacity maximum", "1"),
     "log_Z_cov": ("covariance of log_Z between temperatures", "nats^2"),
     "C_cov": ("covariance of C between temperatures", "nats^2"),
     "samples": ("states of the sweep chains in the box [-1, 1]", "1"),
