@@ -189,6 +189,8 @@ def test_smc_resampling_keeps_each_population_estimate():
     assert torch.all(lw[:8] == lw[0]) and torch.equal(idx[8:], torch.arange(8, 16))
     counts = torch.bincount(idx[:8], minlength=8).numpy()
     assert np.all(np.abs(counts - 8 * w.numpy()) < 1) and counts[3:].sum() == 0
+    _, lw, n = resample(torch.tensor([0.0, -math.inf, 0.0, 0.0], dtype=torch.float64), 4, g)  # ESS 3: kept
+    assert n == 0 and torch.isneginf(lw[1])  # a chain outside the box keeps weight exactly 0
 
 
 def test_label_mix_check_compares_sweep_and_weights_on_arrays():

@@ -139,7 +139,7 @@ def resample(logw, pop: int, generator):
     carries the population's log mean weight, so that logmeanexp over a population stays its running, unbiased
     estimate of Z (for fixed resampling times; ESS-triggered times keep it consistent).
     Returns (indices [N] of the chains to continue, log-weights [N], number of populations resampled)."""
-    lw = torch.nan_to_num(logw, nan=-math.inf).reshape(-1, pop)
+    lw = torch.nan_to_num(logw, nan=-math.inf, neginf=-math.inf).reshape(-1, pop)
     top = lw.max(-1, keepdim=True).values
     alive = torch.isfinite(top[:, 0])
     w = torch.exp(lw - torch.where(alive[:, None], top, torch.zeros_like(top)))
@@ -317,10 +317,10 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
     prev = 0.0
     for lam in progress_bar(lambdas, desc="tune bridge", enabled=progress):
         delta = torch.nan_to_num((ensemble.logp(state.logits, beta).double() - state.log_q).reshape(g, n_chains),
-                                 nan=-np.inf)
+                                 nan=-np.inf, neginf=-np.inf)
         logw += (lam - prev) * delta
         prev = lam
-        w = torch.softmax(torch.nan_to_num(logw, nan=-np.inf), 1)
+        w = torch.softmax(torch.nan_to_num(logw, nan=-np.inf, neginf=-np.inf), 1)
         finite = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         mean = (w * finite).sum(1, keepdim=True)
         var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
