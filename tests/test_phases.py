@@ -212,6 +212,16 @@ def test_label_mix_check_compares_sweep_and_weights_on_arrays():
     assert _label_mix_z(blocks, ip, np.zeros((1, 128)), other, 16)[0] > 20
 
 
+def test_scale_hint_when_every_temperature_is_flagged():
+    from types import SimpleNamespace
+    from thermo_ebm.measurement import scale_hint
+    p = SimpleNamespace(units="train", t_train=5e-5)
+    every = {"flag_low_ess": np.array([1, 1, 0], bool), "flag_poor_mixing": np.array([0, 1, 1], bool)}
+    some = {"flag_low_ess": np.array([1, 0, 0], bool), "flag_poor_mixing": np.array([0, 1, 0], bool)}
+    assert "--units raw" in scale_hint(p, every)
+    assert scale_hint(p, some) is None and scale_hint(SimpleNamespace(units="raw", t_train=5e-5), every) is None
+
+
 def test_training_temperature_units_against_exact_values():
     """units='train' with T_train = 0.5: temperature T is T_raw = 0.5 T; log Z, S, C, info are the raw-scale
     values at T_raw and U, F come in units of T_train."""

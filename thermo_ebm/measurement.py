@@ -559,6 +559,18 @@ def warning_line(p: Problem, name: str, flag, affects: str, remedy: str) -> str:
     return f"{name.replace('flag_', '').replace('_', ' ')} at T = {at} (affects {affects}): {remedy}"
 
 
+def scale_hint(p: Problem, flags: dict) -> str | None:
+    """A warning when every temperature is flagged in units of T_train: a sampler with negligible noise (JEM-style
+    SGLD: T_train = 5e-5) trains at a nominal temperature, and the model can be frozen at that scale."""
+    raised = np.any([np.asarray(f, bool) for f in flags.values()], axis=0)
+    if p.units != "train" or p.t_train == 1.0 or not np.all(raised):
+        return None
+    return (f"every temperature is flagged: the model may be frozen at these temperatures (T_train = {p.t_train:g} "
+            "from the sampler settings; noise-free SGLD trains at a nominal temperature). Measure on the logits' "
+            "scale over decades, e.g. --units raw --temps 0.001,0.003,0.01,0.03,0.1,0.3,1 (docs/estimators.md, "
+            "Trained models)")
+
+
 def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
     """The next attempt's budget for the flags raised (the schedules or the sweep doubled), or None."""
     raised = {LENGTHEN[name] for name, f in flags.items() if name in LENGTHEN and np.any(f)}
@@ -731,6 +743,9 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         note = f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
     for name, line in warnings.items():
         log.warning("%s%s", line, note if name in LENGTHEN else "")
+    hint = scale_hint(p, flags)
+    if hint:
+        log.warning("%s", hint)
     ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
     stages = {"pilot": round(t_plan, 1), **{k: round(float(v), 1) for k, v in zip(STAGES, pooled["seconds"].sum(0))}}
     ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]),
