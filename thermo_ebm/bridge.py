@@ -168,10 +168,6 @@ class BridgeState(NamedTuple):
     qgrad: torch.Tensor   # [N, D] float64
 
 
-def _take(state: BridgeState, idx) -> BridgeState:
-    return BridgeState(*(v[idx] for v in state))
-
-
 def bridge_init(model, ensemble, base: KernelBase, x) -> BridgeState:
     """BridgeState of states x [N, *shape] (logits, potential gradient, log q and its gradient)."""
     logits, g = evaluate(model, ensemble, x)
@@ -325,7 +321,7 @@ def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, populati
         mean = (w * finite).sum(1, keepdim=True)
         var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
         idx, lw, _ = resample(logw.reshape(-1), n_chains, generator)  # the pilot is an SMC sampler too
-        state, origin, logw = _take(state, idx), origin[idx], lw.reshape(g, n_chains)
+        state, origin, logw = take(state, idx), origin[idx], lw.reshape(g, n_chains)
         w = torch.softmax(logw, 1)
         lam_t = torch.full((g * n_chains,), float(lam), device=device)
         for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
@@ -385,7 +381,7 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
         logw += (lam_t[k] - lam_t[k - 1]) * (ensemble.logp(state.logits, beta).double() - state.log_q)
         idx, logw, n_res = resample(logw, pop, generator)
         if n_res:
-            state, resampled = _take(state, idx), resampled + n_res
+            state, resampled = take(state, idx), resampled + n_res
         state, info = bridge_step(state, model, ensemble, base, lam_t[k], beta, step_t[k], generator, kernel)
         acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
         bad += (~info.finite).float().reshape(g, n_chains).sum(1)

@@ -231,8 +231,8 @@ def plan(p: Problem, progress=False) -> Plan:
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
 SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
                   accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
-                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0, b_resampled=0,
-                  seconds=0)
+                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
+                  b_resampled=0, seconds=0)
 STAGES = ("forward", "data_seeded", "sweep", "reverse")  # `seconds` columns: wall time of each stage per shard
 
 
@@ -485,6 +485,8 @@ AFFECTS = {
     "flag_hysteresis": "all quantities (a phase one origin did not reach)",
     "flag_unconverged": "log_Z, F, S, info_bits (and with data H_Y_bits, I_XY_bits)",
 }
+# the flags whose AFFECTS include C (`peak_flagged`)
+C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
 
 
 def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict, dict]:
@@ -585,9 +587,6 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
     return new
 
 
-C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
-
-
 def peak_flagged(c, flags: dict, t_star: float) -> bool:
     """Whether a flag that affects C is raised at the largest C [T] or at a neighbour (the points the peak's
     parabola rests on)."""
@@ -683,8 +682,8 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
     swap_accept, tau_E, step_size; int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
     flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_hysteresis (with data; a phase one origin
-    missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and C_cov [temperature, temperature_b], the covariances
-    between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
+    missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and
+    C_cov [temperature, temperature_b], the covariances between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
     sample_labels). Units: nats (k_B = 1) except names ending in _bits; every variable carries `units`
     and `long_name`, the dataset its provenance. docs/estimators.md describes each estimator and flag.
 

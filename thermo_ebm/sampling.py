@@ -245,6 +245,6 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: 
     return new, MalaInfo(acc, finite)
 
 
-def take(state: MalaState, idx) -> MalaState:
-    """The chains at index `idx` of a MalaState."""
-    return MalaState(state.x[idx], state.logits[idx], state.ugrad[idx])
+def take(state, idx):
+    """The chains at index `idx` of a chain state (a MalaState or any NamedTuple of per-chain tensors)."""
+    return type(state)(*(v[idx] for v in state))
