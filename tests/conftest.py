@@ -7,6 +7,9 @@ import torch
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+HAVE_MNIST = (SHARED / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file()
+# MNIST lives beside the clone only in this workspace; elsewhere these tests skip (never download, never write there)
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test split not found under {SHARED}")
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +25,8 @@ def digits_ckpt(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _cwd_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder, with the feature-network cache inside it (nothing is written
+    outside the clone or the temporary folders)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("THERMO_EBM_CACHE", str(tmp_path / "cache"))
     os.environ.setdefault("MPLBACKEND", "Agg")

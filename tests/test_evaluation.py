@@ -9,6 +9,7 @@ from thermo_ebm.evaluation import (auroc, average_precision, calibration_tempera
                                    expected_calibration_error, frechet_distance, pca_frechet)
 from thermo_ebm.results import read_group
 
+from conftest import needs_mnist
 from test_cli_reliability import run_cli
 
 
@@ -95,6 +96,7 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     assert (tmp_path / "r_evaluation.png").stat().st_size > 10_000
 
 
+@needs_mnist
 def test_mnist_feature_frechet_and_eval_of_an_mnist_model(tmp_path, monkeypatch):
     """The feature network trains once on the offline MNIST split (cached: the second call loads it), separates
     digits from noise in Fréchet distance, and `evaluate` of a (barely trained) MNIST model reports it."""

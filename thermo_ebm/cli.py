@@ -220,6 +220,11 @@ def parse_temps(spec: str) -> np.ndarray:
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="Compute device.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every chain.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Also write the log lines to this file.")
+@budget_option("--engine", type=click.Choice(["ais", "smc"]),
+               help="The anneal from uniform: frozen-schedule AIS, or adaptive tempered SMC with HMC moves "
+                    "(docs/estimators.md).")
+@budget_option("--smc-chains", type=int, help="SMC chains (engine smc), split into --smc-populations.")
+@budget_option("--smc-populations", type=int, help="Independent SMC populations (the SE's replicas).")
 @budget_option("--ais-chains", type=int, help="Forward AIS chains.")
 @budget_option("--ais-steps", type=int, help="Least number of annealing betas; raised to --ais-steps-per-l2 x L^2.")
 @budget_option("--ais-steps-per-l2", type=float,

@@ -129,6 +129,16 @@ class MeasureConfig:
     bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
     crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
+    # the anneal from uniform: "ais" (one MALA step per frozen beta) or "smc" (adaptive tempered SMC: stages
+    # chosen at a conditional ESS, reflective HMC moves in a diagonal metric until decorrelated; smc.py)
+    engine: str = "ais"
+    smc_chains: int = 1024      # SMC chains, in smc_populations independent populations (the SE's replicas)
+    smc_populations: int = 8
+    smc_pilot_chains: int = 256
+    smc_cess: float = 0.5       # conditional ESS fraction at which the pilot places the next stage
+    smc_leapfrog: int = 8       # leapfrog steps per HMC move
+    smc_max_moves: int = 10     # most HMC moves per stage
+    smc_corr: float = 0.2       # moves continue until the population's lag correlation falls below this
     max_time: float | None = None  # seconds: while flags survive and a doubled budget fits, measure again longer
 
     def validate(self):
@@ -140,6 +150,17 @@ class MeasureConfig:
             raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
         if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
             raise ThermoEBMError(f"max_time must be a number of seconds > 0, got {self.max_time!r}")
+        if self.engine not in ("ais", "smc"):
+            raise ThermoEBMError(f"engine must be ais or smc, got {self.engine!r}")
+        if not (0.0 < self.smc_cess < 1.0 and 0.0 < self.smc_corr < 1.0):
+            raise ThermoEBMError("smc_cess and smc_corr must lie in (0, 1)")
+        if self.engine == "smc" and self.bridge_chains % self.smc_populations:
+            raise ThermoEBMError(f"bridge_chains ({self.bridge_chains}) must split into smc_populations "
+                                 f"({self.smc_populations}) equal populations")
+        if self.smc_chains % self.smc_populations or self.smc_populations % self.shards or self.smc_populations < 2:
+            raise ThermoEBMError(f"smc_chains ({self.smc_chains}) must split into smc_populations "
+                                 f"({self.smc_populations} >= 2) equal populations, a whole number per shard "
+                                 f"({self.shards})")
         if not 0.0 < self.bridge_uniform < 1.0:
             raise ThermoEBMError(f"bridge_uniform must lie in (0, 1), got {self.bridge_uniform!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:

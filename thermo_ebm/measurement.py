@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import ais, bridge
+from . import ais, bridge, smc
 from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .config import MeasureConfig
@@ -200,6 +200,7 @@ class Plan:
     steps: np.ndarray      # [S] MALA step sizes
     length: float          # thermodynamic length L of the path from uniform to the lowest temperature
     capped: bool           # with data: the schedule is shorter than the length rule asks (a one-sided cross-check)
+    smc: smc.Schedule | None = None  # engine "smc": the pilot's frozen stages
 
 
 def plan(p: Problem, progress=False) -> Plan:
@@ -225,6 +226,19 @@ def plan(p: Problem, progress=False) -> Plan:
     elif n_ais > cfg.ais_steps:
         log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
     schedule, steps = ais.make_schedule(tuning, p.betas, n_ais)
+    if cfg.engine == "smc":
+        sched = None
+        if dist.is_main():
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed(stream_seed(p.seed, 10_000))
+            sched = smc.tune(smc.Tempering(p.net, p.ens, p.shape), p.betas[:, None], 1,
+                             n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess, n_leap=cfg.smc_leapfrog,
+                             max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen, device=p.device,
+                             progress=progress)
+        sched = dist.broadcast(sched)
+        log.info("SMC from uniform: %d stages, %d HMC moves of %d leapfrog steps (pilot)", len(sched.lambdas),
+                 int(sched.moves.sum()), sched.n_leap)
+        return Plan(tuning, sched.lambdas[:, 0], steps, length, False, sched)
     return Plan(tuning, schedule, steps, length, n_ais < n_rule)
 
 
@@ -259,6 +273,8 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
         return bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, shares, BASE_FLOOR),
                                  refs.mean, refs.cov)
     base = make_base(first)
+    if cfg.engine == "smc":
+        return _smc_from_data(p, base, first, gen, progress)
     bt = bridge.tune_bridge(p.net, p.ens, p.shape, base, p.betas, refs.step, population,
                             n_chains=cfg.tune_chains // 2, n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt,
                             generator=gen, device=p.device, kernel=p.kernel, progress=progress)
@@ -279,6 +295,41 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     return res.states, out
 
 
+def _smc_forward(p: Problem, pl: Plan, n_keep: int, gen, progress) -> ais.ForwardResult:
+    """The counted SMC from uniform on the pilot's frozen stages (one shard's populations), as a ForwardResult."""
+    cfg = p.cfg
+    n = cfg.smc_chains // cfg.shards
+    res = smc.run(smc.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1, n_chains=n,
+                  pop=cfg.smc_chains // cfg.smc_populations, generator=gen, device=p.device, progress=progress)
+    states = [smc.resampled_states(p.net, p.ens, p.shape, q, lw, 1, n_keep, gen) for q, lw in zip(res.particles, res.logw)]
+    states = MalaState(*(torch.cat([getattr(s, f) for s in states]) for f in MalaState._fields))
+    return ais.ForwardResult(res.logw, res.energy, states, res.accept[:, 0], res.nonfinite[:, 0])
+
+
+def _smc_from_data(p: Problem, base, shares, gen, progress):
+    """Engine "smc" with data: every temperature's SMC from the data-informed base (the stage function of
+    smc.py, adaptive lambdas, HMC moves), bridge_chains per temperature in smc_populations populations."""
+    cfg = p.cfg
+    n_t = len(p.betas)
+    path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, cfg.smc_pilot_chains)
+    sched = smc.tune(path, np.ones((1, n_t)), n_t, n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess,
+                     n_leap=cfg.smc_leapfrog, max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen,
+                     device=p.device, progress=progress, desc="data-seeded SMC pilot")
+    n = cfg.bridge_chains // cfg.shards
+    path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, n)
+    res = smc.run(path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.bridge_chains // cfg.smc_populations,
+                  generator=gen, device=p.device, progress=progress, desc="data-seeded SMC")
+    q, lw = res.particles[0], res.logw[0]
+    beta = path.beta
+    out = dict(b_logw=lw.reshape(n_t, n).cpu().numpy(), b_energy=res.energy[0].reshape(n_t, n).cpu().numpy(),
+               b_p_y=torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
+               b_accept=res.accept[0].numpy()[None], b_nonfinite=res.nonfinite[0].numpy()[None],
+               b_steps=np.array([len(sched.lambdas)]), b_length=np.full((1, n_t), np.nan),
+               b_shares=np.asarray(shares)[None], b_resampled=np.array([res.resampled]))
+    states = smc.resampled_states(p.net, p.ens, p.shape, q, lw, n_t, cfg.chains // cfg.shards, gen)
+    return states, out
+
+
 def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
     """Forward AIS, (with data) the anneal from the data-informed base, sweep and reverse AIS for one shard of
     the chains (its own generator). Returns numpy arrays keyed as SHARD_AXES."""
@@ -291,9 +342,12 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
 
     def lap():
         clock.append(time.perf_counter())
-    fwd = ais.run_forward(p.net, p.ens, p.shape, pl.schedule, pl.steps, betas, n_chains=cfg.ais_chains // cfg.shards,
-                          n_keep=n_keep, mcmc_steps=cfg.ais_mcmc, generator=gen, device=p.device, progress=progress,
-                          kernel=p.kernel)
+    if pl.smc is not None:
+        fwd = _smc_forward(p, pl, n_keep, gen, progress)
+    else:
+        fwd = ais.run_forward(p.net, p.ens, p.shape, pl.schedule, pl.steps, betas,
+                              n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep, mcmc_steps=cfg.ais_mcmc,
+                              generator=gen, device=p.device, progress=progress, kernel=p.kernel)
     n_t = len(betas)
     out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
                ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
@@ -396,11 +450,13 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
     n_t = len(betas)
     log_omega = ens.log_omega(p.d)
     label_z = None
-    fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, cfg.replicas)
+    # SMC: one replica per population (chains of a population share ancestors and are not independent)
+    n_rep = cfg.smc_populations if cfg.engine == "smc" else cfg.replicas
+    fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, n_rep)
     seeded = None
     if "b_logw" in pooled:
         # weights relative to the normalised base: log Z = log mean w (no reference volume)
-        seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, cfg.replicas)
+        seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, n_rep)
     rep = seeded or fwd
     log_z, log_z_se = rep.value, rep.se
 
@@ -437,9 +493,9 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
             hy = jackknife(blocks, h_y)
             ixy = jackknife(blocks, lambda m: h_y(m) - m[..., ih] / LN2)
         else:  # p_T(y) from the data-seeded weights: phases the sweep chains rarely visit still count
-            hy = label_entropy(pooled["b_logw"], pooled["b_p_y"], cfg.replicas)
+            hy = label_entropy(pooled["b_logw"], pooled["b_p_y"], n_rep)
             ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
-            label_z = _label_mix_z(blocks, ip, pooled["b_logw"], pooled["b_p_y"], cfg.replicas)
+            label_z = _label_mix_z(blocks, ip, pooled["b_logw"], pooled["b_p_y"], n_rep)
         out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
 
     # ---- cross-checks: the reverse direction, MBAR, consistency residuals, the two origins
@@ -494,7 +550,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     raised flag, by flag name (its temperatures, what it affects, what to do)."""
     cfg = p.cfg
     rep = th.reported
-    n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else cfg.ais_chains
+    n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else pooled["logw"].shape[-1]
     acc = pooled["b_accept"].mean(0) if th.from_data is not None else pooled["ais_accept"].mean(0)
     bad = pooled["ais_nonfinite"].sum(0) + pooled["nonfinite"].sum(0)
     if th.from_data is not None:
@@ -580,6 +636,7 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
         return None
     new = MeasureConfig(**asdict(cfg))
     if "anneal" in raised:
+        new.smc_chains, new.smc_cess = 2 * cfg.smc_chains, 1.0 - (1.0 - cfg.smc_cess) / 2
         new.ais_steps_per_l2 = 2 * cfg.ais_steps_per_l2
         new.ais_steps, new.bridge_steps, new.crosscheck_steps = 2 * cfg.ais_steps, 2 * cfg.bridge_steps, 2 * cfg.crosscheck_steps
     if "sweep" in raised:
@@ -752,24 +809,37 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     return ds
 
 
-def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
-    """log Z at every sweep beta from MBAR on the sweep samples, anchored at the lowest beta's AIS value."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import pymbar
-    n_t, k = logits.shape[1], logits.shape[3]
-    stride = max(1, int(math.ceil(tau)))
-    lg = logits[::stride]  # roughly independent samples, at most MBAR_MAX per state
-    lg = lg[:, :, : max(1, MBAR_MAX // lg.shape[0])][: MBAR_MAX]
-    c = lg.shape[2]
-    n_per = lg.shape[0] * c
-    flat = lg.transpose(1, 0, 2, 3).reshape(-1, k)  # [T * n_per, K] grouped by state
-    lt = torch.as_tensor(flat)
+MBAR_GROUPS = 16 # independent chain groups whose MBAR estimates give the cross-check's SE
+
+
+def _mbar_delta_f(lg, betas, ensemble):
+    """MBAR f_k - f_0 (f = -log Z; state 0 = lowest beta) from logits lg [steps, T, chains, K]."""
+    import pymbar
+    n_t, k = lg.shape[1], lg.shape[3]
+    n_per = lg.shape[0] * lg.shape[2]
+    lt = torch.as_tensor(lg.transpose(1, 0, 2, 3).reshape(-1, k))  # [T * n_per, K] grouped by state
     u_kn = np.stack([-ensemble.logp(lt, torch.full((lt.shape[0],), float(b), dtype=lt.dtype)).numpy()
                      for b in betas])
     with contextlib.redirect_stdout(io.StringIO()):
-        mbar = pymbar.MBAR(u_kn, np.full(n_t, n_per))
-        res = mbar.compute_free_energy_differences()
-    f, df = res["Delta_f"][0], res["dDelta_f"][0]  # f_k - f_0, with f = -log Z; state 0 = lowest beta
+        return pymbar.MBAR(u_kn, np.full(n_t, n_per)).compute_free_energy_differences()["Delta_f"][0]
+
+
+def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
+    """log Z at every sweep beta from MBAR on the sweep samples, anchored at the lowest beta's AIS value. The SE
+    comes from MBAR_GROUPS independent groups of chain ladders (each chain slot keeps its own replica-exchange
+    ladder), not from MBAR's asymptotic covariance, which takes the thinned samples as independent and was
+    2-3x too small on the 2-d neural joint system."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import pymbar  # noqa: F401  (its import prints notices)
+    stride = max(1, int(math.ceil(tau)))
+    lg = logits[::stride]  # roughly independent samples, at most MBAR_MAX per state
+    lg = lg[:, :, : max(1, MBAR_MAX // lg.shape[0])][: MBAR_MAX]
+    f = _mbar_delta_f(lg, betas, ensemble)
+    b = min(MBAR_GROUPS, lg.shape[2])
+    if b < 2:
+        raise ValueError("MBAR's SE needs at least two chains per temperature")
+    parts = np.stack([_mbar_delta_f(g, betas, ensemble) for g in np.array_split(lg, b, axis=2)])
+    df = parts.std(0, ddof=1) / math.sqrt(b)
     return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
 
 

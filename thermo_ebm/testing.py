@@ -239,7 +239,53 @@ def _trunc_gauss_log_z(m, s):
     return (np.log(sd * math.sqrt(2 * math.pi)) + np.log(mass)).sum(-1)
 
 
-class ModeSwitch(_System):
+class _Modes(_System):
+    """Gaussian modes as classes. Subclasses give `_mode_log_z(T)` [K] and `_mode_moments(T)` -> per mode
+    (log Z_y, <E>_y, Var_y E) in closed form, `_draw(y, T, rng)` -> exact draws of p_T(x | y) [n, d] (float64)
+    and `logits64(x)` -> f(x) [n, K] (float64). Joint log Z, U, C and H(Y) are then exact; H(Y|X) and the
+    marginal ensemble come from `n_exact` exact draws of p_T(x, y) (importance ratio
+    (sum_y e^f_y)^beta / sum_y e^(beta f_y), close to 1 for separated modes)."""
+
+    def sample(self, temp, n, seed=0):
+        """n exact draws (x [n, d] float32 tensor, y [n] int64 tensor) of p_T(x, y)."""
+        rng = np.random.default_rng([seed, 7])
+        lz = self._mode_log_z(temp)
+        y = rng.choice(self.k, size=n, p=np.exp(lz - logsumexp(lz)))
+        return torch.tensor(self._draw(y, temp, rng), dtype=torch.float32), torch.tensor(y)
+
+    def exact(self, temps, ensemble="joint"):
+        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
+        for i, t in enumerate(temps):
+            beta = 1.0 / t
+            lz_y, u_y, v_y = self._mode_moments(t)
+            lz = logsumexp(lz_y)
+            p = np.exp(lz_y - lz)
+            u = (p * u_y).sum()
+            var = (p * (v_y + u_y ** 2)).sum() - u * u
+            rng = np.random.default_rng([self.seed, i, 11])
+            y = rng.choice(self.k, size=self.n_exact, p=p)
+            f = self.logits64(self._draw(y, t, rng))
+            if ensemble == "joint":
+                hy = float(-(p * np.log(p)).sum())
+                logpost = beta * f - logsumexp(beta * f, axis=1, keepdims=True)
+                hyx = float(-logpost[np.arange(len(y)), y].mean())
+                extra["H_Y_bits"].append(hy / LN2)
+                extra["H_Y_given_X_bits"].append(hyx / LN2)
+                extra["I_XY_bits"].append((hy - hyx) / LN2)
+                rows.append((lz, u, var))
+            else:
+                e = -logsumexp(f, axis=1)
+                lr = -beta * e - logsumexp(beta * f, axis=1)   # log importance ratio, marginal / joint
+                w = np.exp(lr - lr.max())
+                um = (w * e).sum() / w.sum()
+                vm = (w * e * e).sum() / w.sum() - um * um
+                rows.append((lz + logsumexp(lr) - math.log(len(lr)), um, vm))
+        r = np.array(rows)
+        return _assemble(temps, r[:, 0], r[:, 1], r[:, 2], self.log_omega(ensemble),
+                         extra if ensemble == "joint" else None)
+
+
+class ModeSwitch(_Modes):
     """Modes as classes: f_y(x) = b_y - |x - mu_y|^2 / (2 s_y^2) on the box. `n_wide` wide modes (std s_wide,
     b = 0) near the centre, `n_narrow` narrow deep modes (std s_narrow) near random corners at +-corner, their
     depth set so that the narrow modes hold exactly half of p_T(x, y)'s mass at T = t_switch: above it the wide
@@ -286,49 +332,10 @@ class ModeSwitch(_System):
         r = np.array(rows)
         return r[:, 0] + self.b / temp, r[:, 1] - self.b, r[:, 2]
 
-    def sample(self, temp, n, seed=0):
-        """n exact draws (x [n, d] float32 tensor, y [n] int64 tensor) of p_T(x, y)."""
-        rng = np.random.default_rng([seed, 7])
-        lz = self._mode_log_z(temp)
-        y = rng.choice(self.k, size=n, p=np.exp(lz - logsumexp(lz)))
-        return torch.tensor(self._draw(y, temp, rng), dtype=torch.float32), torch.tensor(y)
-
     def _draw(self, y, temp, rng):
         mu, sd = self.mu[y], self.sd[y][:, None] * math.sqrt(temp)
         lo, hi = ndtr((-1 - mu) / sd), ndtr((1 - mu) / sd)
         return np.clip(mu + sd * ndtri(lo + rng.random(mu.shape) * (hi - lo)), -1.0, 1.0)
-
-    def exact(self, temps, ensemble="joint"):
-        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
-        for i, t in enumerate(temps):
-            beta = 1.0 / t
-            lz_y, u_y, v_y = self._mode_moments(t)
-            lz = logsumexp(lz_y)
-            p = np.exp(lz_y - lz)
-            u = (p * u_y).sum()
-            var = (p * (v_y + u_y ** 2)).sum() - u * u
-            rng = np.random.default_rng([self.seed, i, 11])
-            y = rng.choice(self.k, size=self.n_exact, p=p)
-            f = self.logits64(self._draw(y, t, rng))
-            if ensemble == "joint":
-                hy = float(-(p * np.log(p)).sum())
-                logpost = beta * f - logsumexp(beta * f, axis=1, keepdims=True)
-                hyx = float(-logpost[np.arange(len(y)), y].mean())
-                extra["H_Y_bits"].append(hy / LN2)
-                extra["H_Y_given_X_bits"].append(hyx / LN2)
-                extra["I_XY_bits"].append((hy - hyx) / LN2)
-                rows.append((lz, u, var))
-            else:
-                e = -logsumexp(f, axis=1)
-                lr = -beta * e - logsumexp(beta * f, axis=1)   # log importance ratio, marginal / joint
-                w = np.exp(lr - lr.max())
-                um = (w * e).sum() / w.sum()
-                vm = (w * e * e).sum() / w.sum() - um * um
-                rows.append((lz + logsumexp(lr) - math.log(len(lr)), um, vm))
-        r = np.array(rows)
-        return _assemble(temps, r[:, 0], r[:, 1], r[:, 2], self.log_omega(ensemble),
-                         extra if ensemble == "joint" else None)
-
 
 class RotatedGaussian(_System):
     """E(x) = (x - mu)^T A (x - mu) / 2 with A = R diag(1 / sd^2) R^T, R a random rotation: non-separable and
@@ -362,3 +369,79 @@ class RotatedGaussian(_System):
             raise ValueError(f"exact only up to T = {self.t_max}")
         log_z = 0.5 * self.d * np.log(2 * math.pi * t) + np.log(self.sd).sum()
         return _assemble(t, log_z, 0.5 * self.d * t, 0.5 * self.d * t * t, self.log_omega(ensemble))
+
+
+def _digit_means(n_modes, seed):
+    """n_modes images [n_modes, 784] in [-1, 1]: class means of scikit-learn's 8x8 digits (offline), upsampled
+    to 28 x 28; beyond 10 modes, means of random halves of a class."""
+    from sklearn.datasets import load_digits
+    dig = load_digits()
+    rng = np.random.default_rng([seed, 5])
+    imgs = []
+    for j in range(n_modes):
+        rows = dig.images[dig.target == j % 10]
+        if j >= 10:
+            rows = rows[rng.permutation(len(rows))[: len(rows) // 2]]
+        imgs.append(rows.mean(0) / 8.0 - 1.0)
+    t = torch.tensor(np.stack(imgs), dtype=torch.float64)[:, None]
+    up = torch.nn.functional.interpolate(t, size=(28, 28), mode="bilinear", align_corners=False)
+    return up.reshape(n_modes, 784).numpy().clip(-1, 1)
+
+
+class DigitMixture(_Modes):
+    """d = 784 (28 x 28 images): `n_modes` Gaussian modes as classes, centred on `scale` x the upsampled class
+    means of scikit-learn's 8x8 digits, f_y(x) = log N(x; mu_y, Sigma_y) with
+    Sigma_y = s_y^2 (I + Q_y diag(stretch_yj) Q_y^T): `rank` random dense directions per mode (non-separable,
+    condition number 1 + max stretch), s_y = s exp(spread z_y), so the modes' entropies differ and their shares
+    of p_T(x, y) trade places with T (equal at T = 1). Exact: log Z_y(T) = log N's normaliser / T +
+    (d/2) log(2 pi T) + log det(Sigma_y) / 2 and <E>_y = a_y + d T / 2, Var_y E = d T^2 / 2 (the box truncation
+    is bounded below 1e-9 of Z up to t_max, checked); H(Y|X) and the marginal ensemble by exact draws."""
+
+    def __init__(self, n_modes=10, rank=16, s=0.05, spread=0.003, stretch=(5.0, 20.0), scale=0.4, t_max=2.0,
+                 seed=0, n_exact=4000):
+        d = 784
+        super().__init__(d, n_modes)
+        rng = np.random.default_rng([seed, 3])
+        self.mu = scale * _digit_means(n_modes, seed)
+        self.s = s * np.exp(spread * rng.normal(size=n_modes))
+        self.q = np.stack([np.linalg.qr(rng.normal(size=(d, rank)))[0] for _ in range(n_modes)])   # [K, d, r]
+        self.lam = rng.uniform(*stretch, size=(n_modes, rank))                                      # [K, r]
+        self.logdet = 2 * d * np.log(self.s) + np.log1p(self.lam).sum(-1)
+        self.c = -0.5 * d * math.log(2 * math.pi) - 0.5 * self.logdet   # log N's normaliser
+        self.n_exact, self.seed, self.t_max = n_exact, seed, t_max
+        marg = self.s[:, None] * np.sqrt(1.0 + (self.q ** 2 * self.lam[:, None, :]).sum(-1)) * math.sqrt(t_max)
+        out = (ndtr(-(1 - self.mu) / marg) + ndtr(-(1 + self.mu) / marg)).sum(-1)
+        if out.max() > 1e-9:
+            raise ValueError(f"box truncation {out.max():.1e} of Z at T = {t_max}: lower s or scale")
+        self.register_buffer("mut", torch.tensor(self.mu, dtype=torch.float32))
+        self.register_buffer("qt", torch.tensor(self.q, dtype=torch.float32))
+        self.register_buffer("shrink", torch.tensor(self.lam / (1 + self.lam), dtype=torch.float32))
+        self.register_buffer("inv_s2", torch.tensor(1.0 / self.s ** 2, dtype=torch.float32))
+        self.register_buffer("ct", torch.tensor(self.c, dtype=torch.float32))
+
+    def forward(self, x):
+        r = x[:, None, :] - self.mut                                  # [N, K, d]
+        proj = torch.einsum("nkd,kdr->nkr", r, self.qt)
+        quad = ((r * r).sum(-1) - (self.shrink * proj * proj).sum(-1)) * self.inv_s2
+        return self.ct - 0.5 * quad
+
+    def logits64(self, x):
+        out = np.empty((len(x), self.k))
+        for i in range(0, len(x), 2000):
+            r = x[i:i + 2000, None, :] - self.mu[None]
+            proj = np.einsum("nkd,kdr->nkr", r, self.q)
+            shrink = self.lam / (1 + self.lam)
+            out[i:i + 2000] = self.c - 0.5 * ((r * r).sum(-1) - (shrink * proj * proj).sum(-1)) / self.s ** 2
+        return out
+
+    def _mode_log_z(self, temp):
+        return self.c / temp + 0.5 * self.d * math.log(2 * math.pi * temp) + 0.5 * self.logdet
+
+    def _mode_moments(self, temp):
+        return self._mode_log_z(temp), -self.c + 0.5 * self.d * temp, np.full(self.k, 0.5 * self.d * temp * temp)
+
+    def _draw(self, y, temp, rng):
+        z = rng.normal(size=(len(y), self.d))
+        zr = rng.normal(size=(len(y), self.q.shape[-1])) * np.sqrt(self.lam[y])
+        x = self.mu[y] + math.sqrt(temp) * self.s[y][:, None] * (z + np.einsum("ndr,nr->nd", self.q[y], zr))
+        return np.clip(x, -1.0, 1.0)

@@ -1,0 +1,76 @@
+"""Calibration of `measure` over seeds on exactly solvable systems: for log Z, U and C, the z-scores
+(estimate - exact) / SE of every seed and temperature, their SD, the fraction with |z| > 3 and the number of
+unflagged |z| > 4 (a flag must name every quantity it affects). Prints a table and writes
+benchmarks/results/calibration.json.
+
+    python benchmarks/calibration.py [--seeds 30] [--systems gauss64,wells64,...] [--engine ais|smc]
+
+Targets (issue #25): SD of z in [0.8, 1.25], |z| > 3 below 2%, no unflagged |z| > 4.
+"""
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thermo_ebm import measure
+from thermo_ebm.measurement import AFFECTS
+from thermo_ebm.testing import (ClassGaussian, DigitMixture, DoubleWells, ModeSwitch, Neural2D, RotatedGaussian,
+                                TruncatedGaussian)
+
+SYSTEMS = {  # name: (system, ensemble, temperatures, data drawn exactly at this temperature or None)
+    "gauss64": (lambda: TruncatedGaussian(64), "marginal", [0.5, 1.0, 2.0], None),
+    "wells64": (lambda: DoubleWells(64), "marginal", [0.5, 1.0, 2.0], None),
+    "classgauss16": (lambda: ClassGaussian(16), "joint", [0.5, 1.0, 2.0], None),
+    "neural2d": (lambda: Neural2D(), "joint", [0.5, 1.0, 2.0], None),
+    "rotated64": (lambda: RotatedGaussian(64, cond=400.0), "marginal", [0.5, 1.0, 2.0], None),
+    "modeswitch16": (lambda: ModeSwitch(16), "joint", [0.6, 0.8, 1.25], 0.6),
+    "digits784": (lambda: DigitMixture(), "joint", [0.5, 1.0, 2.0], 1.0),
+}
+QUANTITIES = ("log_Z", "U", "C")
+
+p = argparse.ArgumentParser()
+p.add_argument("--seeds", type=int, default=30)
+p.add_argument("--systems", default="gauss64,wells64,classgauss16,neural2d,rotated64,modeswitch16")
+p.add_argument("--engine", default="ais", choices=["ais", "smc"])
+p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
+args = p.parse_args()
+torch.set_num_threads(2)
+
+rows, summary = [], []
+for name in args.systems.split(","):
+    make, kind, temps, t_data = SYSTEMS[name]
+    system = make()
+    exact = system.exact(temps, kind)
+    t0 = time.perf_counter()
+    for seed in range(args.seeds):
+        data = system.sample(t_data, 1000, seed=seed)[0] if t_data is not None else None
+        ds = measure(system, temps, ensemble=kind, data=data, device="cpu", seed=seed, engine=args.engine)
+        for q in QUANTITIES:
+            flagged = np.zeros(len(temps), bool)
+            for f, text in AFFECTS.items():
+                if f in ds and (q in text or text.startswith("all")):
+                    flagged |= ds[f].values.astype(bool)
+            z = (ds[q].values - exact[q]) / ds[q + "_err"].values
+            rows += [dict(system=name, seed=seed, T=t, quantity=q, z=float(zz), flagged=bool(fl))
+                     for t, zz, fl in zip(temps, z, flagged)]
+    sec = (time.perf_counter() - t0) / args.seeds
+    for q in QUANTITIES:
+        z = np.array([r["z"] for r in rows if r["system"] == name and r["quantity"] == q])
+        fl = np.array([r["flagged"] for r in rows if r["system"] == name and r["quantity"] == q])
+        s = dict(system=name, quantity=q, n=len(z), sd_z=float(z.std()), mean_z=float(z.mean()),
+                 frac_abs_z_gt_3=float(np.mean(np.abs(z) > 3)), unflagged_abs_z_gt_4=int(np.sum((np.abs(z) > 4) & ~fl)),
+                 frac_flagged=float(fl.mean()), seconds_per_run=sec)
+        summary.append(s)
+        print(f"{name:<14}{q:<7} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
+              f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
+              f"flagged {100 * s['frac_flagged']:.0f}%  {sec:.0f} s/run", flush=True)
+out = Path(args.out)
+out.parent.mkdir(exist_ok=True)
+out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                               engine=args.engine, seeds=args.seeds, summary=summary, rows=rows), indent=1))
+print("->", out)

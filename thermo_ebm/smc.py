@@ -1,0 +1,334 @@
+"""Sequential Monte Carlo along a path of densities on the box, with one stage function for every anneal.
+
+A path gives log gamma_lambda(x) for chains in G groups (each group its own lambda); two paths are built here:
+* `Tempering`: lambda is beta itself, gamma_beta = g_beta (the model at inverse temperature beta), from the
+  uniform distribution (beta = 0); log Z is measured at every requested beta the anneal passes.
+* `Bridge`: group t anneals gamma = q_t^(1 - lambda) g_beta_t^lambda from an exactly normalised base q_t
+  (bridge.KernelBase: data-seeded kernels, a fitted Gaussian, uniform) to g_beta_t, lambda: 0 -> 1.
+
+The stage (`stage`): reweight (incremental weights to the next lambda) -> resample (systematic, per population,
+when its ESS falls below half its size) -> move (reflective HMC in a diagonal metric: a coordinate leaving the
+box is reflected and its momentum flipped, a volume-preserving reversible map, then Metropolis-Hastings; so
+each move leaves gamma_lambda on the box exactly invariant). Two phases, in this order:
+1. `tune`: a pilot (one population per group) places each next lambda by bisection at a target conditional
+   ESS (Zhou, Johansen & Aston 2016), with requested stops inserted exactly; at each stage it sets the metric
+   (per coordinate, the smaller of the population's spread and the local scale 1 / sqrt(<g_i^2>), g the
+   gradient of log gamma: by the Fisher identity a within-mode scale that ignores the gaps between modes),
+   adapts the leapfrog step towards TARGET_ACCEPT and moves until the population has decorrelated from where
+   the stage began (measured, `decorrelation`), at most max_moves. The `Schedule` is then frozen.
+2. `run`: the counted anneal on the frozen schedule, in independent populations of `pop` consecutive chains
+   (the SE's replicas). A population's running log mean weight estimates log Z (unbiased in Z for fixed
+   resampling times; ESS-triggered times keep it consistent).
+Chains are flat [N, D], grouped [G, n] -> [G * n]; lambdas and betas are per chain [N].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .bridge import KernelBase, resample, start_states
+from .progress import progress_bar
+from .sampling import MalaState, fold, mala_init, uniform
+
+TARGET_ACCEPT = 0.75   # HMC acceptance the pilot adapts the leapfrog step towards
+MAX_SCALE = 1.0        # per-coordinate metric scale cap: the box's half-width
+MIN_MOVES = 2
+
+
+class Particles(NamedTuple):
+    """Chain state: x [N, D], logits [N, K], log g of the model part [N] (float64) and the gradient the
+    dynamics use [N, D], log q of the base [N] (float64) and its gradient [N, D] (zeros without a base)."""
+    x: torch.Tensor
+    logits: torch.Tensor
+    lp: torch.Tensor
+    gp: torch.Tensor
+    lq: torch.Tensor
+    gq: torch.Tensor
+
+
+class Tempering:
+    """gamma_beta(x) = g_beta(x) on the box, lambda = beta, from uniform. The dynamics use beta times the
+    gradient of the unit potential (exact for the marginal ensemble; for the joint a surrogate, which keeps HMC
+    exact: the leapfrog map stays volume-preserving and reversible, and the MH test uses the true density)."""
+
+    def __init__(self, model, ensemble, shape):
+        self.model, self.ens, self.shape = model, ensemble, tuple(shape)
+        self.d = int(np.prod(shape))
+
+    def start(self, n, generator, device):
+        """n uniform draws [n, D] and their initial log-weights (0)."""
+        x = uniform(n, (self.d,), generator, device)
+        return x, torch.zeros(n, dtype=torch.float64, device=device)
+
+    def evaluate(self, x) -> Particles:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits = self.model(x.reshape(len(x), *self.shape))
+            u = self.ens.unit_potential(logits)
+            (g,) = torch.autograd.grad(u.sum(), x)
+        z = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        return Particles(x.detach(), logits.detach(), u.detach().double(), g, z, torch.zeros_like(g))
+
+    def log_gamma(self, p: Particles, lam):
+        return self.ens.logp(p.logits, lam.to(p.logits.dtype)).double()
+
+    def grad(self, p: Particles, lam):
+        return lam[:, None].to(p.gp.dtype) * p.gp
+
+    def energy(self, p: Particles, lam):
+        """<E | x> at the chains' beta (lambda); [N] float64."""
+        return self.ens.energy_moments(p.logits, lam.to(p.logits.dtype))[0].double()
+
+
+class Bridge:
+    """gamma_lambda = q_t^(1 - lambda) g_beta_t^lambda for group t (betas [G], n chains per group), starting from
+    exact draws of the normalised base q_t (a draw outside the box starts with weight 0)."""
+
+    def __init__(self, model, ensemble, shape, base: KernelBase, betas, n):
+        self.model, self.ens, self.shape, self.base = model, ensemble, tuple(shape), base
+        self.d = int(np.prod(shape))
+        self.n = n
+        self.beta = torch.as_tensor(np.repeat(np.asarray(betas, dtype=np.float64), n), dtype=torch.float32,
+                                    device=base.centres.device)
+
+    def start(self, n, generator, device):
+        x, lw0, _ = start_states(self.base, n // self.base.groups, generator, (self.d,))
+        return x, lw0.to(device)
+
+    def evaluate(self, x) -> Particles:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits = self.model(x.reshape(len(x), *self.shape))
+            lp = self.ens.logp(logits, self.beta)
+            (g,) = torch.autograd.grad(lp.sum(), x)
+        lq, gq = self.base.log_prob(x.detach())
+        return Particles(x.detach(), logits.detach(), lp.detach().double(), g, lq, gq.to(g.dtype))
+
+    def log_gamma(self, p: Particles, lam):
+        lam = lam.double()
+        return (1.0 - lam) * p.lq + lam * p.lp
+
+    def grad(self, p: Particles, lam):
+        lam = lam[:, None].to(p.gp.dtype)
+        return (1.0 - lam) * p.gq + lam * p.gp
+
+    def energy(self, p: Particles, lam):
+        """<E | x> at the group's beta; [N] float64."""
+        return self.ens.energy_moments(p.logits, self.beta)[0].double()
+
+
+class MoveInfo(NamedTuple):
+    accepted: torch.Tensor  # [N] bool
+    finite: torch.Tensor    # [N] bool
+
+
+def hmc_move(path, p: Particles, lam, eps, scale, n_leap, generator):
+    """One reflective-HMC transition of every chain: n_leap leapfrog steps of size eps [N] in the metric
+    diag(scale^2) (scale [N, D]) on gamma_lambda (lam [N]); H = -log gamma + |rho|^2 / 2 with rho ~ N(0, I).
+    Returns (particles, MoveInfo)."""
+    rho = torch.randn(p.x.shape, generator=generator, device=p.x.device, dtype=p.x.dtype)
+    h0 = -path.log_gamma(p, lam) + 0.5 * (rho * rho).sum(-1).double()
+    es = eps[:, None] * scale
+    q = p
+    rho = rho + 0.5 * es * path.grad(q, lam)
+    for i in range(n_leap):
+        z = q.x + es * rho
+        a = z + 1.0
+        w = a - 4.0 * torch.floor(a * 0.25)  # fold's phase (sampling.fold): the momentum flips where w > 2
+        rho = torch.where(w > 2.0, -rho, rho)
+        q = path.evaluate(fold(z))
+        rho = rho + (0.5 if i == n_leap - 1 else 1.0) * es * path.grad(q, lam)
+    h1 = -path.log_gamma(q, lam) + 0.5 * (rho * rho).sum(-1).double()
+    finite = torch.isfinite(h1)
+    log_u = torch.rand(len(h0), generator=generator, device=h0.device, dtype=h0.dtype).log()
+    acc = (log_u < h0 - h1) & finite
+    new = Particles(*(torch.where(acc.reshape(-1, *[1] * (b.ndim - 1)), b, a) for a, b in zip(p, q)))
+    return new, MoveInfo(acc, finite)
+
+
+def take(p: Particles, idx) -> Particles:
+    return Particles(*(v[idx] for v in p))
+
+
+def metric_scale(path, p: Particles, lam, logw, groups) -> torch.Tensor:
+    """Per group and coordinate [G, D]: min(population std, 1 / sqrt(<g_i^2>)), weighted by logw [N], capped
+    at MAX_SCALE."""
+    w = torch.softmax(logw.reshape(groups, -1), -1).to(p.x.dtype)[..., None]     # [G, n, 1]
+    x = p.x.reshape(groups, -1, p.x.shape[-1])
+    g = path.grad(p, lam).reshape(groups, -1, p.x.shape[-1])
+    mean = (w * x).sum(1, keepdim=True)
+    sd = (w * (x - mean) ** 2).sum(1).sqrt()
+    fisher = (w * g * g).sum(1).clamp_min(1e-12).rsqrt()
+    return torch.minimum(sd, fisher).clamp(1e-4, MAX_SCALE)
+
+
+def decorrelation(x0, x, logw, groups) -> torch.Tensor:
+    """Per group [G]: the weighted correlation over chains between where the chains began the stage (x0) and
+    where they are (x), per coordinate, averaged over coordinates [N, D]. Variance-weighted, so the slow,
+    wide directions of an ill-conditioned phase dominate it (a jump measured at the local scale would be
+    dominated by the fast ones); between-mode spread keeps it high, so multi-modal stages spend max_moves."""
+    w = torch.softmax(logw.reshape(groups, -1), -1).to(x.dtype)[..., None]
+    a, b = x0.reshape(groups, -1, x.shape[-1]), x.reshape(groups, -1, x.shape[-1])
+    a = a - (w * a).sum(1, keepdim=True)
+    b = b - (w * b).sum(1, keepdim=True)
+    cov = (w * a * b).sum(1)
+    sd = ((w * a * a).sum(1) * (w * b * b).sum(1)).sqrt().clamp_min(1e-30)
+    return (cov / sd).mean(-1)
+
+
+def cess(logw, inc) -> torch.Tensor:
+    """Conditional ESS fraction per group of incremental log-weights inc [G, n] given log-weights logw [G, n]."""
+    w = torch.softmax(logw, -1)
+    inc = torch.nan_to_num(inc, nan=-math.inf)
+    m = inc.max(-1, keepdim=True).values
+    v = torch.exp(inc - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    return (w * v).sum(-1) ** 2 / (w * v * v).sum(-1).clamp_min(1e-300)
+
+
+def next_lambda(path, p: Particles, logw, lam, stop, target, groups) -> torch.Tensor:
+    """Per group [G]: the largest lambda' in (lam, stop] whose conditional ESS is at least `target` (bisection);
+    lam, stop: [G] float64."""
+    n = len(p.x) // groups
+    base = path.log_gamma(p, lam.repeat_interleave(n).to(p.x.device)).reshape(groups, -1)
+    lw = logw.reshape(groups, -1)
+
+    def ok(b):
+        inc = path.log_gamma(p, b.repeat_interleave(n).to(p.x.device)).reshape(groups, -1) - base
+        return cess(lw, inc) >= target
+    lo, hi = lam.clone(), stop.clone()
+    done = ok(hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        good = ok(mid)
+        lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
+    step = torch.where(done, stop, torch.maximum(lo, lam + 1e-9 * stop.clamp_min(1.0)))
+    return torch.minimum(step, stop)
+
+
+@dataclass
+class Schedule:
+    """The pilot's frozen stages: lambdas [S, G] (every requested stop included), leapfrog step eps [S, G],
+    HMC moves [S] (common to all groups), metric scale [S, G, D]; the pilot's acceptance [S, G]."""
+    lambdas: np.ndarray
+    eps: np.ndarray
+    moves: np.ndarray
+    scale: np.ndarray
+    n_leap: int
+    accept: np.ndarray
+
+
+def stage(path, p: Particles, logw, lam, lam_new, pop, eps, scale, n_moves, n_leap, generator):
+    """Reweight from lam to lam_new [N], resample populations of `pop` chains whose ESS fell below half, move
+    n_moves HMC transitions (eps [N], scale [N, D]). Returns (particles, log-weights, populations resampled,
+    accepted fraction per chain [N], non-finite proposals per chain [N])."""
+    logw = logw + path.log_gamma(p, lam_new) - path.log_gamma(p, lam)
+    idx, logw, n_res = resample(logw, pop, generator)
+    if n_res:
+        p = take(p, idx)
+    acc = torch.zeros(len(p.x), device=p.x.device)
+    bad = torch.zeros(len(p.x), device=p.x.device)
+    for _ in range(n_moves):
+        p, info = hmc_move(path, p, lam_new, eps, scale, n_leap, generator)
+        acc += info.accepted.float()
+        bad += (~info.finite).float()
+    return p, logw, n_res, acc / max(n_moves, 1), bad
+
+
+def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr, generator, device,
+         progress=False, desc="SMC pilot") -> Schedule:
+    """The pilot: one population per group of n_chains; stops [P, G] ascending lambdas every group must hit
+    (the last row is the end of the path)."""
+    stops = np.asarray(stops, dtype=np.float64).reshape(-1, groups)
+    n = n_chains
+    x, logw = path.start(n * groups, generator, device)
+    p = path.evaluate(x)
+    lam = torch.zeros(groups, dtype=torch.float64)
+    eps = torch.ones(groups, dtype=torch.float64)
+    rows = []
+    k = np.zeros(groups, dtype=int)
+    bar = progress_bar(total=len(stops), desc=desc, enabled=progress)
+    while (k < len(stops)).any():
+        stop = torch.as_tensor(stops[np.minimum(k, len(stops) - 1), np.arange(groups)])
+        stop = torch.where(torch.as_tensor(k < len(stops)), stop, lam)
+        new = next_lambda(path, p, logw, lam, stop, target_cess, groups)
+        lam_c = new.repeat_interleave(n).to(device)
+        logw = logw + path.log_gamma(p, lam_c) - path.log_gamma(p, lam.repeat_interleave(n).to(device))
+        idx, logw, _ = resample(logw, n, generator)
+        p = take(p, idx)
+        scale = metric_scale(path, p, lam_c, logw, groups)                       # [G, D]
+        sc = scale.repeat_interleave(n, 0)
+        x0, moves, acc = p.x, 0, []
+        while moves < max_moves:
+            p, info = hmc_move(path, p, lam_c, eps.repeat_interleave(n).to(device).float(), sc, n_leap, generator)
+            rate = info.accepted.float().reshape(groups, -1).mean(-1).double().cpu()
+            acc.append(rate)
+            eps = (eps * torch.exp(2.0 * (rate - TARGET_ACCEPT))).clamp(1e-3, 2.0)
+            moves += 1
+            if moves >= MIN_MOVES and bool((decorrelation(x0, p.x, logw, groups) < corr).all()):
+                break
+        rows.append((new.numpy(), eps.numpy().copy(), moves, scale.cpu().numpy(), torch.stack(acc).mean(0).numpy()))
+        hit = (new.numpy() >= stops[np.minimum(k, len(stops) - 1), np.arange(groups)]) & (k < len(stops))
+        before = int(k.min())
+        k = k + hit
+        bar.update(int(k.min()) - before)
+        lam = new
+    bar.close()
+    lam_s, eps_s, moves_s, scale_s, acc_s = zip(*rows)
+    return Schedule(np.stack(lam_s), np.stack(eps_s), np.array(moves_s, dtype=int), np.stack(scale_s), n_leap,
+                    np.stack(acc_s))
+
+
+@dataclass
+class Result:
+    """Counted SMC at every stop: per-chain log-weights whose logmeanexp over a population estimates
+    log Z of gamma at the stop (relative to the start's normaliser), <E | x>, resampled states, diagnostics."""
+    logw: torch.Tensor       # [P, N]
+    energy: torch.Tensor     # [P, N]
+    particles: list          # [P] Particles at each stop (all chains)
+    accept: torch.Tensor     # [P, G] mean acceptance over the stages ending at each stop
+    nonfinite: torch.Tensor  # [P, G]
+    resampled: int
+
+
+def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, device, progress=False,
+        desc="SMC") -> Result:
+    """The counted anneal on the frozen schedule: n_chains per group in populations of `pop` chains."""
+    stops = np.asarray(stops, dtype=np.float64).reshape(-1, groups)
+    n = n_chains
+    x, logw = path.start(n * groups, generator, device)
+    p = path.evaluate(x)
+    lam = torch.zeros(n * groups, dtype=torch.float64, device=device)
+    logws, energies, kept = [], [], []
+    acc_sum, acc_n, bad = torch.zeros(len(stops), groups), torch.zeros(len(stops), 1), torch.zeros(len(stops), groups)
+    k, n_res = 0, 0   # stops recorded so far
+    for s in progress_bar(range(len(schedule.lambdas)), desc=desc, enabled=progress):
+        lam_new = torch.as_tensor(schedule.lambdas[s]).repeat_interleave(n).to(device)
+        eps = torch.as_tensor(schedule.eps[s], dtype=torch.float32).repeat_interleave(n).to(device)
+        sc = torch.as_tensor(schedule.scale[s], dtype=p.x.dtype, device=device).repeat_interleave(n, 0)
+        p, logw, r, acc, nb = stage(path, p, logw, lam, lam_new, pop, eps, sc, int(schedule.moves[s]),
+                                    schedule.n_leap, generator)
+        lam = lam_new
+        n_res += r
+        acc_sum[k] += acc.reshape(groups, -1).mean(-1).cpu()
+        bad[k] += nb.reshape(groups, -1).sum(-1).cpu()
+        acc_n[k] += 1
+        if np.all(schedule.lambdas[s] >= stops[k]):
+            logws.append(torch.nan_to_num(logw, nan=-math.inf).clone())
+            energies.append(path.energy(p, lam))
+            kept.append(p)
+            k += 1
+            if k == len(stops):
+                break
+    return Result(torch.stack(logws), torch.stack(energies), kept, acc_sum / acc_n.clamp_min(1), bad, n_res)
+
+
+def resampled_states(model, ensemble, shape, p: Particles, logw, groups, n_keep, generator) -> MalaState:
+    """n_keep chains per group drawn by weight, as MALA states [G * n_keep, *shape] for the sweep."""
+    lw = logw.reshape(groups, -1)
+    pick = torch.multinomial(torch.softmax(lw, -1).float(), n_keep, replacement=True, generator=generator)
+    pick = pick + torch.arange(groups, device=pick.device)[:, None] * lw.shape[1]
+    return mala_init(model, ensemble, p.x[pick.reshape(-1)].reshape(-1, *shape))
