@@ -100,5 +100,5 @@ def test_max_time_under_torchrun_decides_once_for_every_rank(digits_ckpt):
     codes, outs = launch(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "0.5,1", "--device", "cpu",
                           "--out", "dist_mt.h5", "--max-time", "40", "--data", "none", *_flags(BUDGET)])
     assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    ds = read_group("dist_mt.h5", "measure_marginal")
+    ds = read_group("dist_mt.h5", "measure_joint")
     assert ds.attrs["attempts"] >= 2 and len(json.loads(ds.attrs["attempt_seconds"])) == ds.attrs["attempts"]

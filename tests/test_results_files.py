@@ -125,7 +125,7 @@ def test_provenance_and_a_changed_checkpoint_warning(digits_ckpt, tmp_path):
     code, err = run_cli(["measure", "--ckpt", str(ck), "--temps", "1", "--out", str(out), "--data", "none",
                          "--device", "cpu", *SMALL])
     assert code == 0, err
-    ds = read_group(out, "measure_marginal")
+    ds = read_group(out, "measure_joint")  # the default ensemble of a j_ebm
     import hashlib
     assert ds.attrs["checkpoint_sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
     assert ds.attrs["checkpoint_step"] == torch.load(ck, weights_only=True)["step"]
@@ -212,3 +212,38 @@ def test_import_and_locks_without_fcntl(tmp_path):
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_group_names_are_checked_before_any_work(tmp_path, digits_ckpt):
+    """The root, nested paths, '.', '..' and names starting with '-' or '.' are refused with exit 2 before
+    measuring; the API refuses them too."""
+    from thermo_ebm.errors import ThermoEBMError
+    for bad in ["", "a/b", ".", "..", "-x", ".hidden"]:
+        with pytest.raises(ThermoEBMError, match="invalid --group"):
+            write_group(tmp_path / "r.h5", bad, xr.Dataset({"a": ("t", np.zeros(2))}))
+        code, err = run_cli(["measure", "--ckpt", str(digits_ckpt["checkpoint"]), "--temps", "1",
+                             "--out", str(tmp_path / "r.h5"), "--group", bad])
+        assert code == 2 and "invalid --group" in err and "Traceback" not in err, (bad, err)
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_a_write_keeps_a_symlink_its_target_and_the_mode(tmp_path):
+    """Appending through a symlink writes the target and keeps the link; the file's mode survives the atomic
+    replace; no lock file appears beside the results."""
+    target = tmp_path / "store" / "run.h5"
+    write_group(target, "one", xr.Dataset({"a": ("t", np.zeros(3))}))
+    target.chmod(0o644)
+    link = tmp_path / "run.h5"
+    link.symlink_to(target)
+    write_group(link, "two", xr.Dataset({"a": ("t", np.ones(3))}))
+    assert link.is_symlink() and set(list_groups(target)) == {"one", "two"}
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5", "store"]
+
+
+def test_temps_with_an_empty_item_are_refused():
+    from thermo_ebm.errors import ThermoEBMError
+    with pytest.raises(ThermoEBMError, match="empty item"):
+        parse_temps("1,,2")
+    assert list(parse_temps("1, 2")) == [1.0, 2.0]

@@ -189,7 +189,10 @@ def parse_temps(spec: str) -> np.ndarray:
             n = int(math.floor(n_f + 1e-9)) + 1
             temps = np.round(start + step * np.arange(n), 12)
         else:
-            temps = np.array([float(p) for p in spec.split(",") if p.strip() != ""])
+            items = [p.strip() for p in spec.split(",")]
+            if "" in items:
+                raise ThermoEBMError(f"--temps {spec!r} has an empty item; list temperatures as 0.5,1,2")
+            temps = np.array([float(p) for p in items])
     except ValueError:
         raise ThermoEBMError(f"--temps {spec!r} is not start:stop:step or a comma list of numbers") from None
     if temps.size > 1000:
@@ -210,8 +213,9 @@ def parse_temps(spec: str) -> np.ndarray:
 @click.option("--data", "data", default="auto", show_default=True,
               help="Reference states of the low-temperature phase: auto (the checkpoint's training split and stored "
                    "chains), none (anneal from uniform only), or a .pt file of states [M, *shape].")
-@click.option("--ensemble", type=click.Choice(["marginal", "joint"]), default="marginal", show_default=True,
-              help="marginal: p(x) from logsumexp f(x); joint: p(x, y) from f(x)[y].")
+@click.option("--ensemble", type=click.Choice(["auto", "marginal", "joint"]), default="auto", show_default=True,
+              help="marginal: p(x) from logsumexp f(x); joint: p(x, y) from f(x)[y] (adds H(Y), I(X;Y)); auto: joint "
+                   "for a classifier's objective (j_ebm, gcl, hybrid, dcl), marginal for m_ebm.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Results file (.h5) [default: results/<checkpoint name>.h5].")
 @click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken]; an "

@@ -3,6 +3,8 @@ the locks come from the portable `filelock` package)."""
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
 import os
 import shutil
 import tempfile
@@ -30,10 +32,19 @@ def atomic_path(path, copy_existing: bool = False):
 
     With copy_existing=True the temporary file starts as a copy of `path` (for appending a group to an
     HDF5 file without ever exposing a half-written file). On error the temporary file is removed and
-    `path` is untouched.
+    `path` is untouched. A symlink is followed (its target is replaced, the link kept), and the file keeps its
+    permission bits (a new file gets 0o666 less the umask, as open() would give it).
     """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        mode = path.stat().st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -46,6 +57,7 @@ def atomic_path(path, copy_existing: bool = False):
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -75,10 +87,14 @@ def remove_stale_tmp(path) -> list:
 
 
 def lock_path(path) -> Path:
-    """The lock file guarding `path`: a hidden, empty `.NAME.lock` beside it. It stays on disk between runs
-    and is inert: the lock is the operating system's, held only while the process that took it is alive."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
+    """The lock file guarding `path`: an empty file named by a hash of path's resolved location (a symlink's
+    target) in a private folder of the system's temporary directory, so nothing appears beside the user's files.
+    It is inert between runs: the lock is the operating system's, held only while the process that took it is
+    alive."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    folder = Path(tempfile.gettempdir()) / f"thermo-ebm-locks-{getpass.getuser()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{key}.lock"
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ log = logging.getLogger("thermo_ebm")
 LN2 = math.log(2.0)
 MBAR_MAX = 1000
 BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
+MAX_BETAS = 2_000_000  # longest forward schedule a measurement may ask for (memory and time)
 HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
 logging.getLogger("pymbar").setLevel(logging.ERROR)
 
@@ -167,15 +168,35 @@ def resolve_data(data, shape, ckpt, path):
     return x, f"{len(x)} states ({src})"
 
 
+JOINT_OBJECTIVES = ("j_ebm", "gcl", "hybrid", "dcl")  # objectives whose labels mean something
+
+
+def resolve_ensemble(ensemble: str, ckpt: dict | None, n_classes: int) -> str:
+    """"auto": joint for a checkpoint trained as a classifier (JOINT_OBJECTIVES) or any other model with
+    K > 1 logits, marginal for m_ebm and single-logit models; logged, since it decides what is measured."""
+    if ensemble != "auto":
+        if ensemble not in ("marginal", "joint"):
+            raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose auto, marginal or joint")
+        if ensemble == "joint" and ckpt is not None and ckpt.get("config", {}).get("objective") == "m_ebm":
+            log.warning("ensemble joint on an m_ebm checkpoint: its labels were never trained, so H(Y) and I(X;Y) "
+                        "describe an arbitrary split of the logits")
+        return ensemble
+    objective = ckpt.get("config", {}).get("objective") if ckpt is not None else None
+    kind = "joint" if (objective in JOINT_OBJECTIVES or (objective is None and n_classes > 1)) else "marginal"
+    log.info("ensemble: %s (%s)", kind, f"objective {objective}" if objective else f"{n_classes} logits")
+    return kind
+
+
 def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed, cfg) -> Problem:
     """Check every input and put the model in the measurement's units (before any sampling)."""
     temps = check_temps(temps)
-    if ensemble not in ("marginal", "joint"):
-        raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose marginal or joint")
+    if ensemble not in ("auto", "marginal", "joint"):
+        raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose auto, marginal or joint")
     if units not in ("train", "raw"):
         raise ThermoEBMError(f"unknown temperature units {units!r}; choose train or raw")
     dev = dist.resolve_device(device)
     net, shape, k, desc, ckpt = resolve_model(model, shape)
+    ensemble = resolve_ensemble(ensemble, ckpt, k)
     if t_train is None:
         t_train = checkpoint_temperature(ckpt) if ckpt is not None else float(getattr(net, "training_temperature", 1.0))
     if not (isinstance(t_train, (int, float)) and 0 < t_train < math.inf):
@@ -220,6 +241,10 @@ def plan(p: Problem, progress=False) -> Plan:
     # with data the reported log Z comes from the data-informed base; the anneal from uniform is a cross-check
     # whose cost would otherwise grow with the information the model holds
     n_ais = min(n_rule, max(cfg.ais_steps, cfg.crosscheck_steps)) if p.data is not None else n_rule
+    if n_ais > MAX_BETAS and cfg.engine == "ais":
+        raise ThermoEBMError(f"the anneal down to T = {1.0 / p.betas[-1]:g} ({p.units} units) needs {n_ais:,} betas "
+                             f"(thermodynamic length {length:.3g}); at most {MAX_BETAS:,}: measure at higher "
+                             "temperatures, or on the logits' scale (--units raw)")
     if n_ais < n_rule:
         log.info("AIS from uniform: thermodynamic length %.1f asks for %d betas; capped at %d (crosscheck_steps): "
                  "a one-sided cross-check of the data-seeded log Z", length, n_rule, n_ais)
@@ -698,7 +723,7 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
 
 
 def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], temps: Sequence[float] | np.ndarray, *,
-            shape: Sequence[int] | None = None, ensemble: str = "marginal", units: str = "train",
+            shape: Sequence[int] | None = None, ensemble: str = "auto", units: str = "train",
             t_train: float | None = None, data: str | Path | torch.Tensor | np.ndarray | None = "auto",
             seed: int = 0, device: str = "auto", progress: bool = False, config: MeasureConfig | None = None,
             **budget) -> xr.Dataset:
@@ -712,7 +737,9 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         E(x, y) = -f(x)[y] (joint).
     temps : temperatures T > 0 (any order; duplicates are an error), in `units`.
     shape : input shape, needed only for a plain callable.
-    ensemble : "marginal" (p_T(x) on the box) or "joint" (p_T(x, y); adds H_Y, H_Y_given_X, I_XY in bits).
+    ensemble : "marginal" (p_T(x) on the box), "joint" (p_T(x, y); adds H_Y, H_Y_given_X, I_XY in bits) or
+        "auto" (default): joint for a classifier's objective (j_ebm, gcl, hybrid, dcl) and for other models with
+        K > 1 logits, marginal for m_ebm and single-logit models; the log names the choice.
     units : "train" (default): T in units of the training temperature T_train (a checkpoint's
         sgld_noise^2 / (2 sgld_step); else `t_train`, else a model's `training_temperature`, else 1), so T = 1 is
         the distribution the training chains targeted and U, F are in units of T_train; "raw": T and energies

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ def write_group(path, group: str | None, ds: xr.Dataset, *, replace: bool = Fals
     path = Path(path)
     if group is None and not base:
         raise ValueError("write_group needs a group or a base name")
+    check_group_name(group)
     with file_lock(path, lock_timeout):
         names = set(list_groups(path)) if path.exists() else set()
         if group is None:
@@ -53,9 +55,21 @@ def _group_taken(path, group):
     return ThermoEBMError(f"{path} already has a group {group!r}; choose another --group or pass --replace-group")
 
 
+GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_group_name(group: str | None) -> None:
+    """A group name is one HDF5 path component: letters, digits, '_', '.', '-', not starting with '.' or '-'
+    (so not the root '', a nested 'a/b', '.' or '..')."""
+    if group is not None and not GROUP_NAME.fullmatch(group):
+        raise ThermoEBMError(f"invalid --group {group!r}: use letters, digits, '_', '.' or '-' (at most 128, "
+                             "starting with a letter, digit or '_')")
+
+
 def check_group(path, group: str | None, replace: bool = False) -> None:
-    """Before any work starts: `path` is a usable results-file name (check_output_path), and an explicit group
-    that exists in it is an error unless replace."""
+    """Before any work starts: `path` is a usable results-file name (check_output_path), the group name is valid,
+    and an explicit group that exists in the file is an error unless replace."""
+    check_group_name(group)
     check_output_path(path)
     if group and not replace and Path(path).exists() and group in list_groups(path):
         raise _group_taken(path, group)
