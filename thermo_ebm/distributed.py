@@ -66,10 +66,15 @@ def resolve_device(device: str) -> torch.device:
     rank takes cuda:LOCAL_RANK."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ThermoEBMError("--device cuda requested but no CUDA device is available (use --device cpu)")
     elif device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ThermoEBMError(f"unknown device {device!r}; use auto, cpu or cuda")
+    elif device != "cpu":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.partition(":")[2]
+        if n == 0:
+            raise ThermoEBMError(f"--device {device} requested but no CUDA device is available (use --device cpu)")
+        if index and (not index.isdigit() or int(index) >= n):
+            raise ThermoEBMError(f"--device {device}: this machine has CUDA devices 0..{n - 1}")
     device = torch.device(device)
     if active() and device.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

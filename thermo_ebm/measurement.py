@@ -153,7 +153,7 @@ def resolve_data(data, shape, ckpt, path):
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ThermoEBMError(f"cannot read data file {p}: {type(e).__name__}") from None
+            raise ThermoEBMError(f"cannot read data file {p}: not a tensor file written by torch.save") from None
         data = obj.get("x") if isinstance(obj, dict) else obj
         src = str(p)
         if not isinstance(data, torch.Tensor):
@@ -173,7 +173,8 @@ JOINT_OBJECTIVES = ("j_ebm", "gcl", "hybrid", "dcl")  # objectives whose labels 
 
 def resolve_ensemble(ensemble: str, ckpt: dict | None, n_classes: int) -> str:
     """"auto": joint for a checkpoint trained as a classifier (JOINT_OBJECTIVES) or any other model with
-    K > 1 logits, marginal for m_ebm and single-logit models; logged, since it decides what is measured."""
+    K > 1 logits, marginal for m_ebm and single-logit models (`prepare` logs the choice once every input is
+    checked)."""
     if ensemble != "auto":
         if ensemble not in ("marginal", "joint"):
             raise ThermoEBMError(f"unknown ensemble {ensemble!r}; choose auto, marginal or joint")
@@ -182,9 +183,7 @@ def resolve_ensemble(ensemble: str, ckpt: dict | None, n_classes: int) -> str:
                         "describe an arbitrary split of the logits")
         return ensemble
     objective = ckpt.get("config", {}).get("objective") if ckpt is not None else None
-    kind = "joint" if (objective in JOINT_OBJECTIVES or (objective is None and n_classes > 1)) else "marginal"
-    log.info("ensemble: %s (%s)", kind, f"objective {objective}" if objective else f"{n_classes} logits")
-    return kind
+    return "joint" if (objective in JOINT_OBJECTIVES or (objective is None and n_classes > 1)) else "marginal"
 
 
 def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed, cfg) -> Problem:
@@ -196,12 +195,13 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         raise ThermoEBMError(f"unknown temperature units {units!r}; choose train or raw")
     dev = dist.resolve_device(device)
     net, shape, k, desc, ckpt = resolve_model(model, shape)
-    ensemble = resolve_ensemble(ensemble, ckpt, k)
+    ensemble_arg, ensemble = ensemble, resolve_ensemble(ensemble, ckpt, k)
     if t_train is None:
         t_train = checkpoint_temperature(ckpt) if ckpt is not None else float(getattr(net, "training_temperature", 1.0))
     if not (isinstance(t_train, (int, float)) and 0 < t_train < math.inf):
         raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
     states, source = resolve_data(data, shape, ckpt, model)
+    log.info("ensemble: %s%s", ensemble, " (auto)" if ensemble_arg == "auto" else "")
     if isinstance(net, torch.nn.Module):
         net = net.to(dev)
     t_ref = float(t_train) if units == "train" else 1.0
