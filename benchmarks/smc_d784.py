@@ -11,7 +11,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from thermo_ebm import measure

@@ -152,7 +152,7 @@ def resolve_data(data, shape, ckpt, path):
             raise ThermoEBMError(f"data file not found: {p} (use none, auto or a .pt file of states [M, *shape])")
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception:
             raise ThermoEBMError(f"cannot read data file {p}: not a tensor file written by torch.save") from None
         data = obj.get("x") if isinstance(obj, dict) else obj
         src = str(p)

@@ -6,10 +6,10 @@ A path gives log gamma_lambda(x) for chains in G groups (each group its own lamb
 * `Bridge`: group t anneals gamma = q_t^(1 - lambda) g_beta_t^lambda from an exactly normalised base q_t
   (bridge.KernelBase: data-seeded kernels, a fitted Gaussian, uniform) to g_beta_t, lambda: 0 -> 1.
 
-The stage (`stage`): reweight (incremental weights to the next lambda) -> resample (systematic, per population,
-when its ESS falls below half its size) -> move (reflective HMC in a diagonal metric: a coordinate leaving the
-box is reflected and its momentum flipped, a volume-preserving reversible map, then Metropolis-Hastings; so
-each move leaves gamma_lambda on the box exactly invariant). Two phases, in this order:
+The stage (`stage`, the pilot's and the counted run's): reweight (incremental weights to the next lambda) ->
+resample (systematic, per population, when its ESS falls below half its size) -> move (reflective HMC in a
+diagonal metric: a coordinate leaving the box is reflected and its momentum flipped, a volume-preserving
+reversible map, then Metropolis-Hastings; so each move leaves gamma_lambda on the box exactly invariant). Two phases, in this order:
 1. `tune`: a pilot (one population per group) places each next lambda by bisection at a target conditional
    ESS (Zhou, Johansen & Aston 2016), with requested stops inserted exactly; at each stage it sets the metric
    (per coordinate, the smaller of the population's spread and the local scale 1 / sqrt(<g_i^2>), g the
@@ -32,7 +32,7 @@ import torch
 
 from .bridge import KernelBase, resample, start_states
 from .progress import progress_bar
-from .sampling import MalaState, fold, mala_init, uniform
+from .sampling import MalaInfo, fold, mala_init, take, uniform
 
 TARGET_ACCEPT = 0.75   # HMC acceptance the pilot adapts the leapfrog step towards
 MAX_SCALE = 1.0        # per-coordinate metric scale cap: the box's half-width
@@ -121,15 +121,10 @@ class Bridge:
         return self.ens.energy_moments(p.logits, self.beta)[0].double()
 
 
-class MoveInfo(NamedTuple):
-    accepted: torch.Tensor  # [N] bool
-    finite: torch.Tensor    # [N] bool
-
-
 def hmc_move(path, p: Particles, lam, eps, scale, n_leap, generator):
     """One reflective-HMC transition of every chain: n_leap leapfrog steps of size eps [N] in the metric
     diag(scale^2) (scale [N, D]) on gamma_lambda (lam [N]); H = -log gamma + |rho|^2 / 2 with rho ~ N(0, I).
-    Returns (particles, MoveInfo)."""
+    Returns (particles, MalaInfo)."""
     rho = torch.randn(p.x.shape, generator=generator, device=p.x.device, dtype=p.x.dtype)
     h0 = -path.log_gamma(p, lam) + 0.5 * (rho * rho).sum(-1).double()
     es = eps[:, None] * scale
@@ -147,11 +142,7 @@ def hmc_move(path, p: Particles, lam, eps, scale, n_leap, generator):
     log_u = torch.rand(len(h0), generator=generator, device=h0.device, dtype=h0.dtype).log()
     acc = (log_u < h0 - h1) & finite
     new = Particles(*(torch.where(acc.reshape(-1, *[1] * (b.ndim - 1)), b, a) for a, b in zip(p, q)))
-    return new, MoveInfo(acc, finite)
-
-
-def take(p: Particles, idx) -> Particles:
-    return Particles(*(v[idx] for v in p))
+    return new, MalaInfo(acc, finite)
 
 
 def metric_scale(path, p: Particles, lam, logw, groups) -> torch.Tensor:
@@ -221,21 +212,29 @@ class Schedule:
     accept: np.ndarray
 
 
-def stage(path, p: Particles, logw, lam, lam_new, pop, eps, scale, n_moves, n_leap, generator):
-    """Reweight from lam to lam_new [N], resample populations of `pop` chains whose ESS fell below half, move
-    n_moves HMC transitions (eps [N], scale [N, D]). Returns (particles, log-weights, populations resampled,
-    accepted fraction per chain [N], non-finite proposals per chain [N])."""
+def stage(path, p: Particles, logw, lam, lam_new, pop, generator, move):
+    """The SMC stage: reweight from lam to lam_new [N], resample each population of `pop` chains whose ESS fell
+    below half, then move(p, logw) -> (particles, accepted fraction [N], non-finite proposals [N]). Returns
+    (particles, log-weights, populations resampled, accepted fraction, non-finite proposals)."""
     logw = logw + path.log_gamma(p, lam_new) - path.log_gamma(p, lam)
     idx, logw, n_res = resample(logw, pop, generator)
     if n_res:
         p = take(p, idx)
-    acc = torch.zeros(len(p.x), device=p.x.device)
-    bad = torch.zeros(len(p.x), device=p.x.device)
-    for _ in range(n_moves):
-        p, info = hmc_move(path, p, lam_new, eps, scale, n_leap, generator)
-        acc += info.accepted.float()
-        bad += (~info.finite).float()
-    return p, logw, n_res, acc / max(n_moves, 1), bad
+    p, acc, bad = move(p, logw)
+    return p, logw, n_res, acc, bad
+
+
+def fixed_moves(path, lam, eps, scale, n_moves, n_leap, generator):
+    """The counted run's move: n_moves HMC transitions at lam [N] with frozen eps [N] and scale [N, D]."""
+    def move(p, logw):
+        acc = torch.zeros(len(p.x), device=p.x.device)
+        bad = torch.zeros(len(p.x), device=p.x.device)
+        for _ in range(n_moves):
+            p, info = hmc_move(path, p, lam, eps, scale, n_leap, generator)
+            acc += info.accepted.float()
+            bad += (~info.finite).float()
+        return p, acc / max(n_moves, 1), bad
+    return move
 
 
 def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr, generator, device,
@@ -256,21 +255,24 @@ def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr,
         stop = torch.where(torch.as_tensor(k < len(stops)), stop, lam)
         new = next_lambda(path, p, logw, lam, stop, target_cess, groups)
         lam_c = new.repeat_interleave(n).to(device)
-        logw = logw + path.log_gamma(p, lam_c) - path.log_gamma(p, lam.repeat_interleave(n).to(device))
-        idx, logw, _ = resample(logw, n, generator)
-        p = take(p, idx)
-        scale = metric_scale(path, p, lam_c, logw, groups)                       # [G, D]
-        sc = scale.repeat_interleave(n, 0)
-        x0, moves, acc = p.x, 0, []
-        while moves < max_moves:
-            p, info = hmc_move(path, p, lam_c, eps.repeat_interleave(n).to(device).float(), sc, n_leap, generator)
-            rate = info.accepted.float().reshape(groups, -1).mean(-1).double().cpu()
-            acc.append(rate)
-            eps = (eps * torch.exp(2.0 * (rate - TARGET_ACCEPT))).clamp(1e-3, 2.0)
-            moves += 1
-            if moves >= MIN_MOVES and bool((decorrelation(x0, p.x, logw, groups) < corr).all()):
-                break
-        rows.append((new.numpy(), eps.numpy().copy(), moves, scale.cpu().numpy(), torch.stack(acc).mean(0).numpy()))
+        record = {}
+
+        def move(p, logw):  # the pilot's: set the metric, adapt the step, move until decorrelated
+            nonlocal eps
+            scale = metric_scale(path, p, lam_c, logw, groups)                    # [G, D]
+            sc = scale.repeat_interleave(n, 0)
+            x0, acc = p.x, []
+            while len(acc) < max_moves:
+                p, info = hmc_move(path, p, lam_c, eps.repeat_interleave(n).to(device).float(), sc, n_leap, generator)
+                acc.append(info.accepted.float().reshape(groups, -1).mean(-1).double().cpu())
+                eps = (eps * torch.exp(2.0 * (acc[-1] - TARGET_ACCEPT))).clamp(1e-3, 2.0)
+                if len(acc) >= MIN_MOVES and bool((decorrelation(x0, p.x, logw, groups) < corr).all()):
+                    break
+            record.update(scale=scale, moves=len(acc), accept=torch.stack(acc).mean(0))
+            return p, None, None
+        p, logw, _, _, _ = stage(path, p, logw, lam.repeat_interleave(n).to(device), lam_c, n, generator, move)
+        rows.append((new.numpy(), eps.numpy().copy(), record["moves"], record["scale"].cpu().numpy(),
+                     record["accept"].numpy()))
         hit = (new.numpy() >= stops[np.minimum(k, len(stops) - 1), np.arange(groups)]) & (k < len(stops))
         before = int(k.min())
         k = k + hit
@@ -309,8 +311,8 @@ def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, de
         lam_new = torch.as_tensor(schedule.lambdas[s]).repeat_interleave(n).to(device)
         eps = torch.as_tensor(schedule.eps[s], dtype=torch.float32).repeat_interleave(n).to(device)
         sc = torch.as_tensor(schedule.scale[s], dtype=p.x.dtype, device=device).repeat_interleave(n, 0)
-        p, logw, r, acc, nb = stage(path, p, logw, lam, lam_new, pop, eps, sc, int(schedule.moves[s]),
-                                    schedule.n_leap, generator)
+        move = fixed_moves(path, lam_new, eps, sc, int(schedule.moves[s]), schedule.n_leap, generator)
+        p, logw, r, acc, nb = stage(path, p, logw, lam, lam_new, pop, generator, move)
         lam = lam_new
         n_res += r
         acc_sum[k] += acc.reshape(groups, -1).mean(-1).cpu()
@@ -326,7 +328,7 @@ def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, de
     return Result(torch.stack(logws), torch.stack(energies), kept, acc_sum / acc_n.clamp_min(1), bad, n_res)
 
 
-def resampled_states(model, ensemble, shape, p: Particles, logw, groups, n_keep, generator) -> MalaState:
+def resampled_states(model, ensemble, shape, p: Particles, logw, groups, n_keep, generator):
     """n_keep chains per group drawn by weight, as MALA states [G * n_keep, *shape] for the sweep."""
     lw = logw.reshape(groups, -1)
     pick = torch.multinomial(torch.softmax(lw, -1).float(), n_keep, replacement=True, generator=generator)
