@@ -220,6 +220,8 @@ def test_scale_hint_when_every_temperature_is_flagged():
     some = {"flag_low_ess": np.array([1, 0, 0], bool), "flag_poor_mixing": np.array([0, 1, 0], bool)}
     assert "--units raw" in scale_hint(p, every)
     assert scale_hint(p, some) is None and scale_hint(SimpleNamespace(units="raw", t_train=5e-5), every) is None
+    one = {"flag_low_ess": np.array([1], bool)}  # one flagged temperature: the budget, not the scale
+    assert scale_hint(p, one) is None
 
 
 def test_training_temperature_units_against_exact_values():

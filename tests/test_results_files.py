@@ -247,3 +247,23 @@ def test_temps_with_an_empty_item_are_refused():
     with pytest.raises(ThermoEBMError, match="empty item"):
         parse_temps("1,,2")
     assert list(parse_temps("1, 2")) == [1.0, 2.0]
+
+
+def test_m_ebm_labels_are_flagged_and_auto_measures_its_marginal(tmp_path, caplog):
+    """An m_ebm never trained its labels: `auto` measures the marginal ensemble, and joint measurement and
+    conditional sampling say so (a j_ebm gets joint and no warning)."""
+    from thermo_ebm import train
+    from thermo_ebm.checkpoint import load_checkpoint
+    from thermo_ebm.measurement import resolve_ensemble
+    from thermo_ebm.sample import sample_to_png
+    out = train(name="m", objective="m_ebm", dataset="digits", epochs=1, max_steps=2, batch_size=32, buffer_size=64,
+                mc_steps=2, model_size=16, checkpoint_dir=str(tmp_path / "c"), results_dir=str(tmp_path / "r"),
+                progress=False)
+    ck = load_checkpoint(out["checkpoint"])
+    assert resolve_ensemble("auto", ck, 10) == "marginal"
+    assert resolve_ensemble("auto", dict(ck, config=dict(ck["config"], objective="j_ebm")), 10) == "joint"
+    assert resolve_ensemble("auto", None, 1) == "marginal" and resolve_ensemble("auto", None, 4) == "joint"
+    with caplog.at_level("WARNING", logger="thermo_ebm"):
+        assert resolve_ensemble("joint", ck, 10) == "joint"
+        sample_to_png(out["checkpoint"], 1.0, label=3, n=4, steps=2, out=str(tmp_path / "g.png"), device="cpu")
+    assert caplog.text.count("labels were never trained") == 2

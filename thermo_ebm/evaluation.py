@@ -302,6 +302,9 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
     dev = dist.resolve_device(device)
     model = model.to(dev)
     conf_ = st.get("config", {})
+    if conf_.get("objective") == "m_ebm":
+        log.warning("evaluating an m_ebm checkpoint: its labels were never trained, so accuracy, calibration and "
+                    "max-softmax scores describe an arbitrary split of the logits (log p(x) scores are meaningful)")
     data_dir = data_dir or conf_.get("data_dir", "data")
     data = load_data(conf_["dataset"], data_dir, conf_.get("labels"))
     n = min(cfg.n_ood, len(data.x_test))

@@ -642,11 +642,15 @@ def warning_line(p: Problem, name: str, flag, affects: str, remedy: str) -> str:
     return f"{name.replace('flag_', '').replace('_', ' ')} at T = {at} (affects {affects}): {remedy}"
 
 
+SCALE_HINT_MIN = 3
+
+
 def scale_hint(p: Problem, flags: dict) -> str | None:
     """A warning when every temperature is flagged in units of T_train: a sampler with negligible noise (JEM-style
     SGLD: T_train = 5e-5) trains at a nominal temperature, and the model can be frozen at that scale."""
     raised = np.any([np.asarray(f, bool) for f in flags.values()], axis=0)
-    if p.units != "train" or p.t_train == 1.0 or not np.all(raised):
+    # fewer than SCALE_HINT_MIN temperatures say nothing about the scale (a short budget flags them just as well)
+    if p.units != "train" or p.t_train == 1.0 or raised.size < SCALE_HINT_MIN or not np.all(raised):
         return None
     return (f"every temperature is flagged: the model may be frozen at these temperatures (T_train = {p.t_train:g} "
             "from the sampler settings; noise-free SGLD trains at a nominal temperature). Measure on the logits' "

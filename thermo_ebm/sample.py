@@ -2,6 +2,7 @@
 step-size adaptation, then run at T with the step frozen."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -75,4 +76,7 @@ def sample_to_png(ckpt, temp, *, units="train", label=None, n=64, out="samples.p
         temp = temp * checkpoint_temperature(st)
     if label is not None and not 0 <= label < model.n_classes:
         raise ThermoEBMError(f"--label must be in 0..{model.n_classes - 1}")
+    if label is not None and st.get("config", {}).get("objective") == "m_ebm":
+        logging.getLogger("thermo_ebm").warning("--label on an m_ebm checkpoint: its labels were never trained, so "
+                                                "p(x | y) is an arbitrary split of the logits")
     return save_grid(draw(model, temp, label=label, n=n, steps=steps, seed=seed, device=device), out, model.shape)
