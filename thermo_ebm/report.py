@@ -91,6 +91,10 @@ def report(path, as_json=False, diff=None) -> str:
             for r in rows:
                 cells = " ".join(f"{r[c]:>11.4g} ±{r[c + '_err']:<7.2g}" for c in cols)
                 lines.append(f"{r['T']:>6.3g} {cells}  {r['flags']}")
+            neg = [r["T"] for r in rows if "I_XY_bits" in r and r["I_XY_bits"] < 0]
+            if neg:
+                lines.append("I_XY_bits below 0 at T = " + ", ".join(f"{t:g}" for t in neg) + ": H(Y) - H(Y|X) from two "
+                             "estimators; I(X;Y) >= 0, so read these as 0 within their SEs")
             note = checkpoint_note(ds)
             if note:
                 lines.append(note)
