@@ -267,3 +267,16 @@ def test_m_ebm_labels_are_flagged_and_auto_measures_its_marginal(tmp_path, caplo
         assert resolve_ensemble("joint", ck, 10) == "joint"
         sample_to_png(out["checkpoint"], 1.0, label=3, n=4, steps=2, out=str(tmp_path / "g.png"), device="cpu")
     assert caplog.text.count("labels were never trained") == 2
+
+
+def test_show_explains_a_negative_mutual_information(tmp_path):
+    """I(X;Y) = H(Y) - H(Y|X) from two estimators can come out slightly below 0; `show` says how to read it."""
+    from thermo_ebm.report import report
+    t = [0.5, 1.0]
+    v = {k: ("temperature", np.array([1.0, 2.0])) for k in ("F", "U", "S", "C", "info_bits", "log_Z")}
+    v.update({k + "_err": ("temperature", np.array([0.1, 0.1])) for k in list(v)})
+    v["I_XY_bits"], v["I_XY_bits_err"] = ("temperature", np.array([-5.8e-5, 0.3])), ("temperature", np.full(2, 2.5e-5))
+    write_group(tmp_path / "r.h5", "measure_joint", xr.Dataset(v, coords={"temperature": t},
+                                                                attrs={"kind": "measurement", "ensemble": "joint"}))
+    text = report(tmp_path / "r.h5")
+    assert "I_XY_bits below 0 at T = 0.5:" in text and "1:" not in text.split("below 0")[1].split("\n")[0]
