@@ -312,3 +312,9 @@ def test_non_separable_784_dimensional_system_with_data():
         z = _z(ds, key, value)
         assert np.all((np.abs(z) < 4) | flagged), (key, z, flagged)
     assert np.all(np.abs(ds.log_Z.values - exact["log_Z"]) < 1.0), ds.log_Z.values - exact["log_Z"]
+
+
+def test_a_schedule_that_cannot_run_is_refused_with_its_length():
+    """T = 1e-12 would need ~1e15 annealing betas: refused after the pilot (seconds), naming the length."""
+    with pytest.raises(ThermoEBMError, match="needs .* betas .*at most 2,000,000"):
+        measure(TruncatedGaussian(4), [1e-12], device="cpu", chains=8, samples=50, burn_in=10)
