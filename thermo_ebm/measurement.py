@@ -250,7 +250,6 @@ def plan(p: Problem, progress=False) -> Plan:
                  "a one-sided cross-check of the data-seeded log Z", length, n_rule, n_ais)
     elif n_ais > cfg.ais_steps:
         log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
-    schedule, steps = ais.make_schedule(tuning, p.betas, n_ais)
     if cfg.engine == "smc":
         sched = None
         if dist.is_main():
@@ -263,7 +262,8 @@ def plan(p: Problem, progress=False) -> Plan:
         sched = dist.broadcast(sched)
         log.info("SMC from uniform: %d stages, %d HMC moves of %d leapfrog steps (pilot)", len(sched.lambdas),
                  int(sched.moves.sum()), sched.n_leap)
-        return Plan(tuning, sched.lambdas[:, 0], steps, length, False, sched)
+        return Plan(tuning, sched.lambdas[:, 0], tuning.step_at(sched.lambdas[:, 0]), length, False, sched)
+    schedule, steps = ais.make_schedule(tuning, p.betas, n_ais)
     return Plan(tuning, schedule, steps, length, n_ais < n_rule)
 
 
