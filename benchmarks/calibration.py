@@ -37,9 +37,12 @@ p = argparse.ArgumentParser()
 p.add_argument("--seeds", type=int, default=30)
 p.add_argument("--systems", default="gauss64,wells64,classgauss16,neural2d,rotated64,modeswitch16")
 p.add_argument("--engine", default="ais", choices=["ais", "smc"])
+p.add_argument("--populations", type=int, default=None, help="smc_populations (default: MeasureConfig's)")
+p.add_argument("--threads", type=int, default=2)
 p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
 args = p.parse_args()
-torch.set_num_threads(2)
+torch.set_num_threads(args.threads)
+extra = {} if args.populations is None else {"smc_populations": args.populations}
 
 rows, summary = [], []
 for name in args.systems.split(","):
@@ -49,7 +52,8 @@ for name in args.systems.split(","):
     t0 = time.perf_counter()
     for seed in range(args.seeds):
         data = system.sample(t_data, 1000, seed=seed)[0] if t_data is not None else None
-        ds = measure(system, temps, ensemble=kind, data=data, device="cpu", seed=seed, engine=args.engine)
+        ds = measure(system, temps, ensemble=kind, data=data, device="cpu", seed=seed, engine=args.engine,
+                     **extra)
         for q in QUANTITIES:
             flagged = np.zeros(len(temps), bool)
             for f, text in AFFECTS.items():
@@ -72,5 +76,5 @@ for name in args.systems.split(","):
 out = Path(args.out)
 out.parent.mkdir(exist_ok=True)
 out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
-                               engine=args.engine, seeds=args.seeds, summary=summary, rows=rows), indent=1))
+                               engine=args.engine, seeds=args.seeds, **extra, summary=summary, rows=rows), indent=1))
 print("->", out)

@@ -56,6 +56,13 @@ def test_measure_writes_groups_without_touching_others(measured):
         assert v in ds and v + "_err" in ds
     assert ds.C_peak_T.shape == ()
     assert ds.samples.shape[:2] == (4, 8)
+    # the checkpoint's held-out split (auto): joint likelihood with labels, 17 grey levels of sklearn's digits
+    for v in ("log_lik_heldout", "log_lik_xy_heldout", "log_lik_y_given_x_heldout", "info_heldout_bits",
+              "bits_per_dim_heldout", "log_lik_train", "generalisation_gap", "T_ML"):
+        assert v in ds and v + "_err" in ds, v
+    assert ds.attrs["heldout_levels"] == 17 and ds.attrs["T_ML_side"] in ("inside", "below", "above")
+    assert ds.log_lik_heldout_cov.shape == (4, 4)
+    assert np.all(ds.log_lik_y_given_x_heldout.values <= 0)
     assert "versions" in ds.attrs and ds.attrs["seed"] == 0
     assert json.loads(ds.attrs["settings"])["ais_steps_per_l2"] == 4
     assert {"ess", "pareto_k", "flag_low_ess", "flag_heavy_tails"} <= set(ds.data_vars)
@@ -89,13 +96,14 @@ def test_thermo_figure_axes(measured):
     finally:
         plt.Figure.savefig = orig
     labels = [ax.get_ylabel() for ax in captured["fig"].axes]
-    for want in ("free energy", "internal energy", "entropy", "heat capacity", "information", "$I(X;Y)$"):
+    for want in ("free energy", "internal energy", "entropy", "heat capacity", "information", "$I(X;Y)$",
+                 "held-out $\\log p_T(x)$"):
         assert any(want in lab for lab in labels), (want, labels)
     first = captured["fig"].axes[0]
     assert len([ln for ln in first.lines if ln.get_gid() not in ("T_train", "flagged")]) == 2  # two groups overlaid
     from thermo_ebm.plot import flagged  # flagged temperatures carry a red x, the others none
     marked = np.concatenate([ln.get_xdata() for ln in first.lines if ln.get_gid() == "flagged"] or [[]])
-    want = np.concatenate([ds.temperature.values[flagged(ds)] for _, ds in runs])
+    want = np.concatenate([ds.temperature.values[flagged(ds)] for _, ds, _ in runs])
     np.testing.assert_allclose(np.sort(marked), np.sort(want))
     assert [ln for ln in first.lines if ln.get_gid() == "T_train"]  # T = 1 (the training temperature) marked
     res = next(ax for ax in captured["fig"].axes if ax.get_ylabel() == "residual / SE")
@@ -117,6 +125,10 @@ def test_show_table_and_json(measured):
     doc = json.loads(report(measured, as_json=True))
     assert len(doc["groups"]["measure_marginal"]["rows"]) == 4
     assert "C_peak_T" in doc["groups"]["measure_marginal"] and "heat-capacity peak" in text
+    assert "held-out likelihood (" in text and "temperatures (in units of T_train): T_train = 1" in text
+    refs = doc["groups"]["measure_joint"]["reference_temperatures"]
+    assert refs["T_train"]["value"] == 1.0 and "T_ML" in refs
+    assert "log_lik_heldout" in doc["groups"]["measure_joint"]["rows"][0]
 
 
 def test_sample_command(digits_ckpt):

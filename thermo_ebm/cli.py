@@ -216,6 +216,9 @@ def parse_temps(spec: str) -> np.ndarray:
 @click.option("--ensemble", type=click.Choice(["auto", "marginal", "joint"]), default="auto", show_default=True,
               help="marginal: p(x) from logsumexp f(x); joint: p(x, y) from f(x)[y] (adds H(Y), I(X;Y)); auto: joint "
                    "for a classifier's objective (j_ebm, gcl, hybrid, dcl), marginal for m_ebm.")
+@click.option("--heldout", default="auto", show_default=True,
+              help="Images for the held-out likelihood and T_ML: auto (the checkpoint's held-out split, when "
+                   "readable), none, or a .pt file of states [M, *shape] (or a dict with 'x' and 'y').")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Results file (.h5) [default: results/<checkpoint name>.h5].")
 @click.option("--group", default=None, help="Group name [default: measure_<ensemble>, numbered if taken]; an "
@@ -248,7 +251,7 @@ def parse_temps(spec: str) -> np.ndarray:
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "
                    "[default: when the input has >= 256 dimensions].")
-def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, device, seed, log_file, compile_,
+def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_group, device, seed, log_file, compile_,
             **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
@@ -263,6 +266,7 @@ def measure(ckpt, temps, units, data, ensemble, out, group, replace_group, devic
     try:
         with _log_file(log_file if dist.is_main() else None):
             ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
+                     heldout=None if heldout == "none" else heldout,
                      device=device, progress=dist.is_main(), compile=compile_, **budget)
         dist.synchronize()
     finally:

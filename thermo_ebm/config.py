@@ -133,7 +133,7 @@ class MeasureConfig:
     # chosen at a conditional ESS, reflective HMC moves in a diagonal metric until decorrelated; smc.py)
     engine: str = "ais"
     smc_chains: int = 1024      # SMC chains, in smc_populations independent populations (the SE's replicas)
-    smc_populations: int = 8
+    smc_populations: int = 16
     smc_pilot_chains: int = 256
     smc_cess: float = 0.5       # conditional ESS fraction at which the pilot places the next stage
     smc_leapfrog: int = 8       # leapfrog steps per HMC move

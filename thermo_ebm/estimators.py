@@ -107,6 +107,22 @@ def _pareto_k_row(logw):
     return float((m * k_hat + 10 * 0.5) / (m + 10))
 
 
+def population_weights(logw, n_populations: int):
+    """SMC weights [..., N] in `n_populations` populations of consecutive chains (each population's chains carry
+    its running log Z since its last resampling). Returns (effective chains: the sum of within-population ESS
+    [...], the Pareto k of the weights relative to their population's mean, pooled over populations [...], the
+    population ESS (sum Z_p)^2 / sum Z_p^2 [...]). A population ESS below half the populations means the
+    populations' Z estimates spread by more than their mean (relative SD > 1): their sample SD then says little
+    about the error of log mean Z."""
+    logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
+    lw = logw.reshape(*logw.shape[:-1], n_populations, -1)
+    lz = logmeanexp(lw, axis=-1)
+    ess = weight_ess(lw).sum(-1)
+    rel = np.where(np.isfinite(lz)[..., None], lw - np.where(np.isfinite(lz), lz, 0.0)[..., None], -np.inf)
+    k = pareto_k(rel.reshape(logw.shape))
+    return ess, k, weight_ess(lz)
+
+
 def heavy_tail_limit(n: int) -> float:
     """Largest Pareto k of n importance weights for which their sample SE is trusted (PSIS: min(0.7, 1 - 1/log10 n))."""
     return min(0.7, 1.0 - 1.0 / math.log10(n))

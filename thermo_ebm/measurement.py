@@ -30,7 +30,8 @@ from .ensembles import Ensemble
 from .errors import ThermoEBMError
 from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
                          jackknife_cov, label_entropy, log_mean_weight, logmeanexp, pareto_k, peak_position,
-                         replica_split, weighted_mean)
+                         population_weights, replica_split, weighted_mean)
+from .likelihood import HeldOut, heldout_likelihood, resolve_heldout
 from .models import EBM, ScaledLogits
 from .results import annotate, file_sha256, provenance
 from .rng import stream_seed
@@ -63,6 +64,8 @@ class Problem:
     kernel: MalaKernel
     cfg: MeasureConfig
     seed: int
+    heldout: HeldOut | None = None  # held-out images for the likelihood (and a training-split set of the same size)
+    train_split: HeldOut | None = None
 
     @property
     def d(self) -> int:
@@ -186,7 +189,7 @@ def resolve_ensemble(ensemble: str, ckpt: dict | None, n_classes: int) -> str:
     return "joint" if (objective in JOINT_OBJECTIVES or (objective is None and n_classes > 1)) else "marginal"
 
 
-def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed, cfg) -> Problem:
+def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed, cfg, heldout=None) -> Problem:
     """Check every input and put the model in the measurement's units (before any sampling)."""
     temps = check_temps(temps)
     if ensemble not in ("auto", "marginal", "joint"):
@@ -201,6 +204,7 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
     if not (isinstance(t_train, (int, float)) and 0 < t_train < math.inf):
         raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
     states, source = resolve_data(data, shape, ckpt, model)
+    held, train_split = resolve_heldout(heldout, shape, ckpt, model, k, seed)
     log.info("ensemble: %s%s", ensemble, " (auto)" if ensemble_arg == "auto" else "")
     if isinstance(net, torch.nn.Module):
         net = net.to(dev)
@@ -210,7 +214,7 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
     d = int(np.prod(shape))
     kernel = mala_kernel(cfg.compile if cfg.compile is not None else d >= 256)
     return Problem(net, Ensemble(ensemble, k), tuple(shape), temps, 1.0 / temps[::-1], float(t_train), units,
-                   states, source, desc, dev, kernel, cfg, int(seed))
+                   states, source, desc, dev, kernel, cfg, int(seed), held, train_split)
 
 
 @dataclass
@@ -426,18 +430,23 @@ class LogZ:
     u: np.ndarray          # weighted <E> (= -d log Z / d beta of the estimator) and its SE
     u_se: np.ndarray
     cov: np.ndarray        # [T, T] covariance of `value` between temperatures (from the replicas)
+    pop_ess: np.ndarray | None = None  # SMC: ESS of the populations' Z estimates (`population_weights`)
 
 
-def log_z_estimate(logw, energy, log_omega, n_replicas) -> LogZ:
-    """log Z = log Omega + log mean w with replica SEs, and U from the same weights (arrays [T, N])."""
+def log_z_estimate(logw, energy, log_omega, n_replicas, populations=False) -> LogZ:
+    """log Z = log Omega + log mean w with replica SEs, and U from the same weights (arrays [T, N]). With
+    `populations` (SMC) the replicas are the populations, and ESS and Pareto k are those within them."""
     lmw, se, reps, ess = log_mean_weight(logw, n_replicas)
+    k_hat, pop_ess = pareto_k(logw), None
+    if populations:
+        ess, k_hat, pop_ess = population_weights(logw, n_replicas)
     u, u_se = weighted_mean(logw, energy, n_replicas)
     finite = np.isfinite(reps).all(-1)
     cov = np.full((len(lmw), len(lmw)), np.nan)
     if finite.any():
         sub = np.atleast_2d(np.cov(reps[finite], ddof=1)) / reps.shape[-1]
         cov[np.ix_(finite, finite)] = sub
-    return LogZ(log_omega + lmw, se, ess, pareto_k(logw), u, u_se, cov)
+    return LogZ(log_omega + lmw, se, ess, k_hat, u, u_se, cov, pop_ess)
 
 
 @dataclass
@@ -476,12 +485,13 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
     log_omega = ens.log_omega(p.d)
     label_z = None
     # SMC: one replica per population (chains of a population share ancestors and are not independent)
-    n_rep = cfg.smc_populations if cfg.engine == "smc" else cfg.replicas
-    fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, n_rep)
+    smc_run = cfg.engine == "smc"
+    n_rep = cfg.smc_populations if smc_run else cfg.replicas
+    fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, n_rep, smc_run)
     seeded = None
     if "b_logw" in pooled:
         # weights relative to the normalised base: log Z = log mean w (no reference volume)
-        seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, n_rep)
+        seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, n_rep, smc_run)
     rep = seeded or fwd
     log_z, log_z_se = rep.value, rep.se
 
@@ -559,12 +569,12 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
 AFFECTS = {
     "flag_nonfinite": "all quantities",
     "flag_low_acceptance": "all quantities",
-    "flag_low_ess": "log_Z, F, S, info_bits",
-    "flag_heavy_tails": "log_Z, F, S, info_bits",
-    "flag_poor_mixing": "U, C, S, info_bits and the joint information quantities",
-    "flag_inconsistent": "U, C, S, info_bits and the joint information quantities",
+    "flag_low_ess": "log_Z, F, S, info_bits, log_lik",
+    "flag_heavy_tails": "log_Z, F, S, info_bits, log_lik",
+    "flag_poor_mixing": "U, C, S, info_bits, T_ML and the joint information quantities",
+    "flag_inconsistent": "U, C, S, info_bits, T_ML and the joint information quantities",
     "flag_hysteresis": "all quantities (a phase one origin did not reach)",
-    "flag_unconverged": "log_Z, F, S, info_bits (and with data H_Y_bits, I_XY_bits)",
+    "flag_unconverged": "log_Z, F, S, info_bits, log_lik (and with data H_Y_bits, I_XY_bits)",
 }
 # the flags whose AFFECTS include C (`peak_flagged`)
 C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
@@ -583,7 +593,12 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     sw_acc = pooled["accept"].mean(0)
     # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
     low_ess = rep.ess < max(10.0, 0.05 * n_chains)
-    heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
+    if rep.pop_ess is not None:  # SMC: within populations, and the populations' Z estimates must agree
+        n_pop = cfg.smc_populations
+        low_ess = low_ess | (rep.pop_ess < 0.5 * n_pop)
+        heavy = rep.k_hat > heavy_tail_limit(n_chains)
+    else:
+        heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
     poor_mix = (cfg.samples < 10 * th.tau) | (cfg.burn_in < 5 * th.tau)
     flags = {"flag_nonfinite": bad > 0, "flag_low_acceptance": (sw_acc < 0.05) | (acc < 0.05),
              "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
@@ -608,6 +623,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
         longer = (f"anneal longer (schedule {len(pl.schedule)} betas = max(ais_steps {cfg.ais_steps}, ais_steps_per_l2 "
                   f"{cfg.ais_steps_per_l2:g} x L^2 {pl.length ** 2:.0f}) + sweep betas; 4x the betas fixed the "
                   "784-d benchmark, docs/estimators.md)")
+    if cfg.engine == "smc":
+        longer = (f"larger SMC populations: raise --smc-chains ({cfg.smc_chains} from uniform) and --bridge-chains "
+                  f"({cfg.bridge_chains} from data), each split into {cfg.smc_populations} populations")
     remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
               "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
@@ -622,6 +640,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
             affects[name] += ", H_Y_bits, I_XY_bits"
     warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
+             **({"population_ess": rep.pop_ess} if rep.pop_ess is not None else {}),
              "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
     if th.label_z is not None:
         extra["label_mix_z"] = th.label_z
@@ -726,11 +745,44 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     return annotate(xr.Dataset(data_vars, coords=coords, attrs=attrs), p.units, energy_units)
 
 
+def add_likelihood(ds: xr.Dataset, p: Problem, th: Thermo, flags: dict) -> xr.Dataset:
+    """The held-out likelihood per temperature, T_ML and its side, into the dataset (`likelihood.py`)."""
+    lik = heldout_likelihood(p.net, p.shape, p.ens, p.betas, p.temps, p.d, p.heldout, p.train_split,
+                             th.reported.value, th.cov["log_Z"], *th.out["U"], p.device)
+    rev = slice(None, None, -1)
+    new = {}
+    for name, (v, e) in lik.out.items():
+        new[name] = ("temperature", np.asarray(v, dtype=np.float64)[rev])
+        new[name + "_err"] = ("temperature", np.asarray(e, dtype=np.float64)[rev])
+    new["log_lik_heldout_cov"] = (["temperature", "temperature_b"], lik.cov[rev, rev])
+    new["T_ML"], new["T_ML_err"] = ((), lik.t_ml[0]), ((), lik.t_ml[1])
+    ds = ds.assign(new)
+    # T_ML rests on U at the two temperatures that bracket it (outside the range: the nearest edge)
+    t_asc = p.temps
+    if lik.t_ml_side == "inside":
+        i = int(np.searchsorted(t_asc, lik.t_ml[0]))
+        near = [max(i - 1, 0), min(i, len(t_asc) - 1)]
+    else:
+        near = [0] if lik.t_ml_side == "below" else [len(t_asc) - 1]
+    u_flags = [n for n in AFFECTS if "T_ML" in AFFECTS[n] or AFFECTS[n].startswith("all")]
+    flagged = any(bool(np.asarray(flags[n])[rev][near].any()) for n in u_flags if n in flags)
+    ds.attrs.update(heldout=p.heldout.source, T_ML_side=lik.t_ml_side,
+                    T_ML_flagged=int(flagged), heldout_levels=int(p.heldout.levels or 0),
+                    heldout_dequantisation="x = -1 + (2 / L)(k + u), u ~ U(0, 1), L grey levels" if p.heldout.levels
+                    else "none (continuous states)")
+    if p.train_split is not None:
+        ds.attrs["train_split"] = p.train_split.source
+    msg = {"inside": f"T_ML = {lik.t_ml[0]:.4g} +- {lik.t_ml[1]:.2g}", "below": "T_ML lies below the lowest temperature",
+           "above": "T_ML lies above the highest temperature"}.get(lik.t_ml_side, "T_ML undetermined")
+    log.info("held-out likelihood (%s): %s (%s units)", p.heldout.source, msg, p.units)
+    return annotate(ds, p.units, ds.attrs["energy_units"])
+
+
 def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], temps: Sequence[float] | np.ndarray, *,
             shape: Sequence[int] | None = None, ensemble: str = "auto", units: str = "train",
             t_train: float | None = None, data: str | Path | torch.Tensor | np.ndarray | None = "auto",
             seed: int = 0, device: str = "auto", progress: bool = False, config: MeasureConfig | None = None,
-            **budget) -> xr.Dataset:
+            heldout: str | Path | torch.Tensor | np.ndarray | tuple | None = "auto", **budget) -> xr.Dataset:
     """Estimate log Z, F, U, S, C, information (and the joint information quantities) at temperatures `temps`,
     every value with its standard error.
 
@@ -753,6 +805,11 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         "auto": a checkpoint's training split and stored chains (none for other models); None: none. With data,
         log Z comes from annealing a data-informed base at every temperature and the estimate from uniform is
         kept as log_Z_forward (flag_hysteresis where the two disagree).
+    heldout : held-out images for the normalised likelihood: [M, *shape] in the box, a tuple (x, y), a .pt file
+        of either (or a dict with 'x' and 'y'), or "auto": a checkpoint's held-out split (with as many
+        training-split images for the generalisation gap; none for other models, or when the dataset is not
+        readable here). Images on the 8-bit grid are dequantised (one grey
+        level of uniform noise); docs/estimators.md gives the convention. None: no likelihood.
     seed : seed of every chain (shards and ranks derive theirs from it).
     device : "auto", "cpu", "cuda" or "cuda:N".
     progress : progress bars (a terminal) or periodic log lines (elsewhere).
@@ -791,7 +848,7 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         cfg.shards = dist.world()
     cfg.validate()
     p = prepare(model, temps, shape=shape, ensemble=ensemble, units=units, t_train=t_train, data=data,
-                device=device, seed=seed, cfg=cfg)
+                device=device, seed=seed, cfg=cfg, heldout=heldout)
     t0 = time.perf_counter()
     attempts = []  # seconds per attempt; with max_time, runs are repeated with longer budgets (see `lengthen`)
     previous = None
@@ -834,6 +891,8 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     if hint:
         log.warning("%s", hint)
     ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
+    if p.heldout is not None:
+        ds = add_likelihood(ds, p, th, flags)
     stages = {"pilot": round(t_plan, 1), **{k: round(float(v), 1) for k, v in zip(STAGES, pooled["seconds"].sum(0))}}
     ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]),
                     stage_seconds=json.dumps(stages))

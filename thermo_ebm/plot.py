@@ -43,12 +43,37 @@ def _label(path, group, multi_groups):
 
 
 def _measurements(files):
+    """[(label, dataset, T_cal of the file's evaluation on the logits' scale or None)]."""
     out = []
     for f in files:
         gs = groups_of_kind(f, "measurement")
+        ev = groups_of_kind(f, "evaluation")
+        t_cal = float(read_group(f, ev[0]).t_cal) if ev else None
         for g in gs:
-            out.append((_label(f, g, len(gs) > 1), read_group(f, g)))
+            out.append((_label(f, g, len(gs) > 1), read_group(f, g), t_cal))
     return out
+
+
+MARKS = {"T_ML": "-", "T*": "--", "T_cal": "-.", "T_train": ":"}
+
+
+def likelihood_panel(ax, ds, label, col, t_cal, first):
+    """Held-out log p_T(x) per image (training split dashed) with 1-SE bands, and the reference temperatures
+    T_ML, T*, T_cal (T_train: every panel's dotted line) as vertical lines (report.reference_temperatures)."""
+    from .report import reference_temperatures
+    _band(ax, ds, "log_lik_heldout", f"{label}: held-out", col)
+    if "log_lik_train" in ds:
+        ax.plot(ds.temperature.values, ds.log_lik_train.values, "--", lw=1, color=col, label=f"{label}: training split")
+    for name, (v, se, note) in reference_temperatures(ds, t_cal).items():
+        if name == "T_train" and not first:
+            continue
+        if np.isfinite(v) and ds.temperature.values.min() / 3 <= v <= 3 * ds.temperature.values.max():
+            txt = f"{name} = {v:.3g}" + (f"±{se:.1g}" if np.isfinite(se) and se > 0 else "") + note
+            ax.axvline(v, color=col if name != "T_train" else "0.6", ls=MARKS[name], lw=0.9, label=txt, gid=name)
+        elif name == "T_ML" and note:
+            ax.text(0.03, 0.05 if first else 0.12, f"$T_{{ML}}$ {note}", transform=ax.transAxes, fontsize=7, color=col)
+    ax.set_ylabel("held-out $\\log p_T(x)$ (nats / image)")
+    ax.set_title("held-out likelihood; $T_{ML}$ maximises it")
 
 
 def flagged(ds) -> np.ndarray:
@@ -89,17 +114,21 @@ def _diagnostics(ax_gap, ax_res, ds, col, first):
 def thermo_figure(runs, out):
     """F, U, S, C, info (+ H(Y), H(Y|X), I(X;Y) for joint) vs T with 1-SE bands, the C peak, and two
     diagnostics panels (log Z cross-checks; consistency residuals in SE units)."""
-    joint = any(ds.attrs.get("ensemble") == "joint" for _, ds in runs)
+    joint = any(ds.attrs.get("ensemble") == "joint" for _, ds, _ in runs)
     n_rows = 3 if joint else 2
     fig, axes = plt.subplots(n_rows, 4, figsize=(12.5, 2.9 * n_rows), constrained_layout=True)
     axes = axes.ravel()
     ax_gap, ax_res = axes[5], axes[6]
-    axes[7].set_visible(False)
+    has_lik = any("log_lik_heldout" in ds for _, ds, _ in runs)
+    if not has_lik:
+        axes[7].set_visible(False)
     if joint:
         axes[11].set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for r, (label, ds) in enumerate(runs):
+    for r, (label, ds, t_cal) in enumerate(runs):
         col = colors[r % len(colors)]
+        if "log_lik_heldout" in ds:
+            likelihood_panel(axes[7], ds, label, col, t_cal, r == 0)
         for ax, (var, ylab) in zip(axes, PANELS):
             _band(ax, ds, var, label, col)
             ax.set_ylabel(ylab)
@@ -126,7 +155,7 @@ def thermo_figure(runs, out):
     ax_res.axhline(0, color="k", lw=0.8)
     ax_res.set_ylabel("residual / SE")
     ax_res.set_title("diagnostics: consistency (band = ±2 SE)")
-    for ax in (ax_gap, ax_res):
+    for ax in (ax_gap, ax_res) + ((axes[7],) if has_lik else ()):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=7, framealpha=0.9)
     axes[3].set_title("heat capacity $C = \\mathrm{Var}(E)/T^2$")
@@ -134,7 +163,7 @@ def thermo_figure(runs, out):
     xlabel = temperature_label(runs[0][1])
     for ax in axes:
         ax.set_xlabel(xlabel)
-        if any(_train_units(ds) for _, ds in runs):
+        if any(_train_units(ds) for _, ds, _ in runs) and not (has_lik and ax is axes[7]):
             ax.axvline(1.0, color="0.6", lw=0.8, ls=":", gid="T_train")
     axes[0].legend(loc="best")
     units = "; $U, F$ in units of $T_{train}$" if _train_units(runs[0][1]) else ""
@@ -165,7 +194,7 @@ def _image_shape(shape):
 
 def samples_figure(runs, out):
     """Figure of stored samples at the lowest, middle and highest temperature of a measurement."""
-    label, ds = runs[0]
+    label, ds, _ = runs[0]
     t = ds.temperature.values
     idx = sorted({0, len(t) // 2, len(t) - 1})
     shape = json.loads(ds.attrs.get("shape", "[]")) or list(ds.samples.shape[2:])

@@ -57,6 +57,65 @@ def checkpoint_note(ds) -> str | None:
     return None
 
 
+def _on_scale(ds, t_raw: float) -> float:
+    """A temperature on the logits' scale, on this measurement's temperature scale."""
+    return t_raw / float(ds.attrs.get("T_train", 1.0)) if ds.attrs.get("temperature_units") == "train" else t_raw
+
+
+def reference_temperatures(ds, t_cal_raw: float | None = None) -> dict:
+    """T_train, T_ML, T* (the C peak) and T_cal (from an evaluation, given on the logits' scale), each as
+    (value, SE or nan, note) on the measurement's temperature scale; absent ones are left out."""
+    out = {"T_train": (_on_scale(ds, float(ds.attrs.get("T_train", 1.0))), 0.0, "")}
+    side = ds.attrs.get("T_ML_side")
+    if side is not None:
+        flag = " (flagged)" if int(ds.attrs.get("T_ML_flagged", 0)) else ""
+        if side == "inside":
+            out["T_ML"] = (float(ds.T_ML), float(ds.T_ML_err), flag)
+        else:
+            out["T_ML"] = (np.nan, np.nan, {"below": "below the range", "above": "above the range"}.get(side, side))
+    if "C_peak_T" in ds and np.isfinite(float(ds.C_peak_T)):
+        out["T*"] = (float(ds.C_peak_T), float(ds.C_peak_T_err), " (flagged)" if bool(ds.get("C_peak_flag", 0)) else "")
+    if t_cal_raw is not None and np.isfinite(t_cal_raw):
+        out["T_cal"] = (_on_scale(ds, t_cal_raw), np.nan, "")
+    return out
+
+
+def reference_line(ds, t_cal_raw: float | None = None) -> str:
+    """The reference temperatures in one line, on the measurement's scale (named)."""
+    unit = "T_train" if ds.attrs.get("temperature_units") == "train" else "the logits' scale"
+    parts = []
+    for name, (v, se, note) in reference_temperatures(ds, t_cal_raw).items():
+        if not np.isfinite(v):
+            parts.append(f"{name} {note}")
+        else:
+            parts.append(f"{name} = {v:.4g}" + (f" ±{se:.2g}" if np.isfinite(se) and se > 0 else "") + note)
+    return f"temperatures (in units of {unit}): " + ", ".join(parts)
+
+
+def _t_cal(path, groups) -> float | None:
+    """T_cal (logits' scale) of the file's evaluation group, if any."""
+    for name, kind in groups.items():
+        if kind == "evaluation":
+            ds = read_group(path, name)
+            if "t_cal" in ds:
+                return float(ds.t_cal)
+    return None
+
+
+def _likelihood_lines(ds, rows) -> list:
+    """The held-out likelihood table (primary log-likelihood, bits saved, bits/dim, generalisation gap)."""
+    cols = ["log_lik_heldout", "info_heldout_bits"] + [c for c in ("bits_per_dim_heldout", "generalisation_gap") if c in ds]
+    lines = [f"held-out likelihood ({ds.attrs.get('heldout')}; nats per image, bits saved over uniform coding"
+             + (f", bits/dim of the images dequantised at their {int(ds.attrs.get('heldout_levels', 0))} grey levels"
+                if "bits_per_dim_heldout" in ds else "") + ")",
+             f"{'T':>6} " + " ".join(f"{c:>24}" for c in cols)]
+    for i, r in enumerate(rows):
+        for c in cols:
+            r[c], r[c + "_err"] = float(ds[c].values[i]), float(ds[c + "_err"].values[i])
+        lines.append(f"{r['T']:>6.3g} " + " ".join(f"{r[c]:>15.5g} ±{r[c + '_err']:<7.2g}" for c in cols))
+    return lines
+
+
 def _flags(ds, i):
     return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
 
@@ -68,6 +127,7 @@ def report(path, as_json=False, diff=None) -> str:
     lines = [f"{path}"]
     if not groups:
         lines.append("no groups yet (a results file gets one per `train`, `measure` or `eval`)")
+    t_cal = _t_cal(path, groups)
     for name, kind in groups.items():
         if kind == "measurement":
             ds = read_group(path, name)
@@ -91,6 +151,8 @@ def report(path, as_json=False, diff=None) -> str:
             for r in rows:
                 cells = " ".join(f"{r[c]:>11.4g} ±{r[c + '_err']:<7.2g}" for c in cols)
                 lines.append(f"{r['T']:>6.3g} {cells}  {r['flags']}")
+            if "log_lik_heldout" in ds:
+                lines += _likelihood_lines(ds, rows)
             neg = [r["T"] for r in rows if "I_XY_bits" in r and r["I_XY_bits"] < 0]
             if neg:
                 lines.append("I_XY_bits below 0 at T = " + ", ".join(f"{t:g}" for t in neg) + ": H(Y) - H(Y|X) from two "
@@ -113,6 +175,10 @@ def report(path, as_json=False, diff=None) -> str:
                 lines.append((f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}"
                               + (" (flagged: C is flagged at or next to its maximum)" if bad else ""))
                              if np.isfinite(t_star) else "heat-capacity peak: none inside the temperature range")
+            refs = reference_temperatures(ds, t_cal)
+            doc["groups"][name]["reference_temperatures"] = {k: {"value": v, "se": e, "note": n.strip()}
+                                                             for k, (v, e, n) in refs.items()}
+            lines.append(reference_line(ds, t_cal))
         elif kind == "evaluation":
             from .evaluation import table
             ds = read_group(path, name)

@@ -1,0 +1,98 @@
+"""Held-out likelihood and T_ML against exact answers (likelihood.py)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from thermo_ebm import measure
+from thermo_ebm.errors import ThermoEBMError
+from thermo_ebm.likelihood import dequantise, grid_levels, t_ml_root
+from thermo_ebm.testing import ModeSwitch, RotatedGaussian
+
+FAST = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300, reverse_steps=100, mbar=False)
+
+
+def _flagged(ds, what):
+    from thermo_ebm.measurement import AFFECTS
+    out = np.zeros(ds.sizes["temperature"], bool)
+    for f, text in AFFECTS.items():
+        if f in ds and (what in text or text.startswith("all")):
+            out |= ds[f].values.astype(bool)
+    return out
+
+
+def test_t_ml_root_interpolates_and_names_the_side():
+    t = np.array([0.5, 1.0, 2.0])
+    u = 10 * t                      # U rises with T; E_heldout = 12 -> root at 1.2
+    t_ml, se, side = t_ml_root(t, u, np.full(3, 0.1), np.full(3, 12.0), np.zeros(3))
+    assert side == "inside" and t_ml == pytest.approx(1.2) and se == pytest.approx(0.1 / 10, rel=0.3)
+    assert t_ml_root(t, u, np.ones(3), np.full(3, 1.0), np.zeros(3))[2] == "below"
+    assert t_ml_root(t, u, np.ones(3), np.full(3, 50.0), np.zeros(3))[2] == "above"
+
+
+def test_dequantisation_keeps_each_grey_level_in_its_bin():
+    k = torch.arange(256).float()
+    x = k / 255 * 2 - 1
+    assert grid_levels(x[None]) == 256 and grid_levels(x[None] + 1e-3) is None
+    xd = dequantise(x[None].repeat(50, 1), 256, torch.Generator().manual_seed(0))
+    assert xd.abs().max() <= 1.0
+    assert torch.equal(torch.floor((xd + 1) * 128).long(), k.long()[None].repeat(50, 1))
+
+
+def test_heldout_likelihood_and_t_ml_of_a_rotated_gaussian_are_exact_within_their_errors():
+    """Marginal, non-separable: log p_T(x) of exact held-out draws at T = 1 against -E(x)/T - log Z_exact(T),
+    within 4 SE of log Z (the exact value is for this held-out set, so only log Z's error counts); T_ML within
+    4 SE of the exact root 2 <E>_heldout / d."""
+    s = RotatedGaussian(16, cond=50.0)
+    temps = [0.5, 0.8, 1.0, 1.3, 2.0]
+    ho = s.sample(1.0, 400, seed=3)
+    ds = measure(s, temps, ensemble="marginal", heldout=ho, data=None, device="cpu", seed=2, **FAST)
+    ex = s.exact(temps)
+    with torch.no_grad():
+        e = -s(ho)[:, 0].double().numpy()
+    exact = np.array([(-e / t).mean() for t in temps]) - ex["log_Z"]
+    z = (ds.log_lik_heldout.values - exact) / ds.log_Z_err.values
+    assert np.all(np.abs(z[~_flagged(ds, "log_lik")]) < 4), z
+    assert np.all(ds.log_lik_heldout_err.values >= ds.log_Z_err.values)  # + the held-out sampling SE
+    info = (ds.log_lik_heldout.values + 16 * math.log(2)) / math.log(2)
+    assert np.allclose(ds.info_heldout_bits.values, info)
+    assert "bits_per_dim_heldout" not in ds and ds.attrs["heldout_levels"] == 0  # continuous states
+    assert ds.attrs["T_ML_side"] == "inside"
+    # the model part of T_ML's SE: SE(U) / (dU/dT), dU/dT = C
+    i = int(np.searchsorted(temps, float(ds.T_ML)))
+    se_model = max(ds.U_err.values[i - 1:i + 1]) / min(ds.C.values[i - 1:i + 1])
+    assert abs(float(ds.T_ML) - 2 * e.mean() / 16) < 4 * se_model
+    assert float(ds.T_ML_err) >= se_model * 0.5
+
+
+def test_joint_heldout_likelihood_with_labels():
+    """Joint: log p_T(x, y) against exact, log p_T(y | x) exactly (no log Z in it), and the x-marginal."""
+    s = ModeSwitch(16)
+    temps = [0.6, 0.8, 1.25]
+    x, y = s.sample(0.8, 300, seed=5)
+    ds = measure(s, temps, ensemble="joint", heldout=(x, y), data=s.sample(0.6, 500, seed=1)[0], device="cpu",
+                 seed=1, **FAST)
+    ex = s.exact(temps, "joint")
+    f = s.logits64(x.double().numpy())
+    b = 1.0 / np.asarray(temps)[:, None]
+    fy = f[np.arange(len(y)), y.numpy()]
+    from scipy.special import logsumexp
+    lxy = (b * fy[None]).mean(-1) - ex["log_Z"]
+    lyx = (b * fy[None] - logsumexp(b[..., None] * f[None], -1)).mean(-1)
+    lx = logsumexp(b[..., None] * f[None], -1).mean(-1) - ex["log_Z"]
+    ok = ~_flagged(ds, "log_lik")
+    assert np.all(np.abs((ds.log_lik_xy_heldout.values - lxy) / ds.log_Z_err.values)[ok] < 4)
+    assert np.all(np.abs((ds.log_lik_heldout.values - lx) / ds.log_Z_err.values)[ok] < 4)
+    assert np.allclose(ds.log_lik_y_given_x_heldout.values, lyx, atol=1e-4)
+
+
+
+def test_heldout_inputs_are_checked_before_any_work(tmp_path):
+    s = RotatedGaussian(4, cond=4.0)
+    with pytest.raises(ThermoEBMError, match="held-out states must have shape"):
+        measure(s, [1.0], heldout=torch.zeros(5, 3), data=None, device="cpu")
+    with pytest.raises(ThermoEBMError, match="held-out file not found"):
+        measure(s, [1.0], heldout=str(tmp_path / "nope.pt"), data=None, device="cpu")
+    with pytest.raises(ThermoEBMError, match="held-out labels"):
+        measure(s, [1.0], heldout=(torch.zeros(5, 4), torch.tensor([0, 1, 0, 0, 0])), data=None, device="cpu")
