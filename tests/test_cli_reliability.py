@@ -129,6 +129,9 @@ def test_show_table_and_json(measured):
     refs = doc["groups"]["measure_joint"]["reference_temperatures"]
     assert refs["T_train"]["value"] == 1.0 and "T_ML" in refs
     assert "log_lik_heldout" in doc["groups"]["measure_joint"]["rows"][0]
+    prov = doc["groups"]["measure_joint"]["provenance"]
+    assert prov["command_line"].startswith("thermo-ebm measure") and prov["checkpoint_sha256"]
+    assert doc["groups"]["training"]["provenance"]["created_utc"]
 
 
 def test_sample_command(digits_ckpt):

@@ -91,6 +91,13 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     from thermo_ebm.report import report
     text = report(out)
     assert "[evaluation] evaluation" in text and "OOD AUROC" in text and math.isfinite(float(ds.nll))
+    assert "on the logits' scale (= " in text  # t_cal named with its scale, and on T_train's
+    if (ds.auroc.values < 0.5 - 2 * np.maximum(ds.auroc_err.values, 1e-3)).any():
+        assert "opposite direction" in text
+    import json
+    doc = json.loads(report(out, as_json=True))["groups"]["evaluation"]
+    assert set(doc["auroc"]) == set(ds.ood_set.values) and "mala_60" in doc["samples"]
+    assert doc["provenance"]["checkpoint_sha256"] == ds.attrs["checkpoint_sha256"]
     code, err = run_cli(["plot", str(out)])
     assert code == 0, err
     assert (tmp_path / "r_evaluation.png").stat().st_size > 10_000

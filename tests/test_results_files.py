@@ -1,4 +1,5 @@
 """Results files that never lose data and explain themselves; the command line's manners (issue #18)."""
+import os
 import multiprocessing as mp
 import subprocess
 import sys
@@ -86,6 +87,19 @@ def test_temperatures_are_stored_as_given_and_variables_explain_themselves(small
     assert back.F_err.attrs["long_name"] == "standard error of F"
     assert list(back.flag_low_ess.attrs["flag_values"]) == [0, 1]
     assert back.flag_low_ess.attrs["flag_meanings"] == "ok flagged"
+    # UDUNITS strings only: scales UDUNITS lacks are "1" with units_metadata naming them
+    from thermo_ebm.results import NON_UDUNITS
+    assert not {v.attrs["units"] for v in back.variables.values() if "units" in v.attrs} & set(NON_UDUNITS)
+    assert back.log_Z.attrs["units"] == "1" and back.log_Z.attrs["units_metadata"].startswith("nats")
+    assert "T_train" in back.temperature.attrs["units_metadata"]
+
+
+def test_training_group_variables_explain_themselves(digits_ckpt):
+    ds = read_group(digits_ckpt["results"], "training")
+    for name, var in ds.variables.items():
+        if name != "event_message":
+            assert var.attrs.get("long_name") and var.attrs.get("units"), name
+    assert ds.joint_e_data.attrs["units_metadata"] == "the logits' scale"
 
 
 def test_covariances_give_free_energy_differences_that_hold_against_exact(small_measurement, tmp_path):
@@ -134,6 +148,13 @@ def test_provenance_and_a_changed_checkpoint_warning(digits_ckpt, tmp_path):
     assert {"thermo_ebm", "python", "torch", "numpy", "pymbar", "h5netcdf", "xarray"} <= set(versions)
     from thermo_ebm.report import report
     assert "has changed" not in report(out)
+    assert ds.attrs["checkpoint_abs"] == str(ck.resolve()) and ds.attrs["working_directory"]
+    assert ds.attrs.get("git_commit", "x" * 40)[:40].isalnum()  # recorded in a git checkout
+    sub = tmp_path / "elsewhere"
+    sub.mkdir()
+    os.chdir(sub)  # show from another folder: the checkpoint is still found (absolute path recorded)
+    assert "no longer on disk" not in report(out) and "has changed" not in report(out)
+    os.chdir(tmp_path)
     st = torch.load(ck, weights_only=True)
     torch.save(dict(st, step=st["step"] + 1), ck)
     assert "has changed since it was measured" in report(out)

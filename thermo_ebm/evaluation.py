@@ -381,15 +381,44 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
     return annotate(xr.Dataset(dv, coords=coords, attrs=attrs), "train", "T_train")
 
 
+def summary(ds: xr.Dataset) -> dict:
+    """The evaluation as plain numbers (show --json): classifier metrics, AUROC and AUPR per shift and score,
+    sample statistics per chain kind; each value as [value, SE]."""
+    out = {k: [float(ds[k]), float(ds[k + "_err"])] for k in ("accuracy", "nll", "brier", "ece", "t_cal")}
+    out["t_cal_scale"] = "logits' scale"
+    for name in ("auroc", "aupr"):
+        out[name] = {str(shift): {str(sc): [float(ds[name][i, j]), float(ds[name + "_err"][i, j])]
+                                  for j, sc in enumerate(ds.score.values)} for i, shift in enumerate(ds.ood_set.values)}
+    out["samples"] = {}
+    for i, kind in enumerate(ds.chain_kind.values):
+        row = {"saturated_fraction": float(ds.saturated_fraction[i])}
+        for k in ("confidence", "pca_frechet", "mnist_feature_frechet"):
+            if k in ds:
+                row[k] = [float(ds[k][i]), float(ds[k + "_err"][i])]
+        out["samples"][str(kind)] = row
+    return out
+
+
 def table(ds: xr.Dataset) -> str:
     """The evaluation as text: classifier metrics, AUROC per shift and score, sample statistics."""
+    t_train = float(ds.attrs.get("T_train", 1.0))
     lines = ["classifier (held-out, {} images): ".format(ds.attrs.get("n_heldout"))
-             + ", ".join(f"{k} {float(ds[k]):.4g} ±{float(ds[k + '_err']):.2g}"
-                         for k in ("accuracy", "nll", "brier", "ece", "t_cal"))]
+             + ", ".join(f"{k} {float(ds[k]):.4g} ±{float(ds[k + '_err']):.2g}" for k in ("accuracy", "nll", "brier", "ece"))
+             + f", t_cal {float(ds.t_cal):.4g} ±{float(ds.t_cal_err):.2g} on the logits' scale"
+             + (f" (= {float(ds.t_cal) / t_train:.4g} T_train)" if t_train != 1.0 else "")]
     lines.append(f"{'OOD AUROC':<12}" + "".join(f"{s:>22}" for s in ds.score.values))
+    reversed_ = False
     for i, shift in enumerate(ds.ood_set.values):
-        lines.append(f"{shift:<12}" + "".join(f"{float(ds.auroc[i, j]):>14.3f} ±{float(ds.auroc_err[i, j]):<6.3f}"
-                                              for j in range(ds.sizes["score"])))
+        cells = []
+        for j in range(ds.sizes["score"]):
+            a, e = float(ds.auroc[i, j]), float(ds.auroc_err[i, j])
+            low = a < 0.5 - 2 * max(e, 1e-3)
+            reversed_ |= low
+            cells.append(f"{a:>13.3f}{'*' if low else ' '}±{e:<6.3f}")
+        lines.append(f"{shift:<12}" + "".join(cells))
+    if reversed_:
+        lines.append("* below 0.5: the score ranks these shifted inputs as more in-distribution than held-out ones "
+                     "(it separates them in the opposite direction; 1 - AUROC reads the reversed score)")
     for i, kind in enumerate(ds.chain_kind.values):
         fid = (f", MNIST-feature Fréchet {float(ds.mnist_feature_frechet[i]):.3g} "
                f"±{float(ds.mnist_feature_frechet_err[i]):.2g}" if "mnist_feature_frechet" in ds else "")

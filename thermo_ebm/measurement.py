@@ -81,7 +81,7 @@ def resolve_model(model, shape):
     if isinstance(model, (str, Path)):
         ckpt = load_checkpoint(model)
         m = model_from_checkpoint(ckpt, model)
-        desc = {"checkpoint": str(model), "checkpoint_sha256": file_sha256(model),
+        desc = {"checkpoint": str(model), "checkpoint_abs": str(Path(model).resolve()), "checkpoint_sha256": file_sha256(model),
                 "checkpoint_step": int(ckpt.get("step", -1)), "checkpoint_epoch": int(ckpt.get("epoch", -1)),
                 "model_spec": json.dumps(m.spec)}
         return m.eval(), m.shape, m.n_classes, desc, ckpt
@@ -205,6 +205,9 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
     states, source = resolve_data(data, shape, ckpt, model)
     held, train_split = resolve_heldout(heldout, shape, ckpt, model, k, seed)
+    for key, f in (("data_sha256", data), ("heldout_sha256", heldout)):  # files given by path: their content
+        if isinstance(f, (str, Path)) and f not in ("auto", "none") and Path(f).is_file():
+            desc[key] = file_sha256(f)
     log.info("ensemble: %s%s", ensemble, " (auto)" if ensemble_arg == "auto" else "")
     if isinstance(net, torch.nn.Module):
         net = net.to(dev)
@@ -731,7 +734,8 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
         "device": str(p.device), "settings": json.dumps(asdict(cfg)), **provenance(),
         "ais_schedule_length": len(pl.schedule), "thermodynamic_length": pl.length, "mbar_ok": int(th.mbar_ok),
         "ais_schedule_capped": int(pl.capped),
-        "seconds": seconds, "units": "nats (k_B = 1) unless the name ends in _bits",
+        "seconds": seconds, "units": "log_Z, S, C and likelihoods in nats (k_B = 1), names ending in _bits in bits, F and U in "
+                 "energy_units, temperatures in temperature_units (each variable's units and units_metadata say which)",
         "T_train": p.t_train, "temperature_units": p.units, "energy_units": energy_units,
         "data": p.data_source, "log_Z_source": "data-seeded anneal" if th.from_data is not None else "forward AIS from uniform",
         **p.desc,
@@ -825,12 +829,18 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     log_Z, F, U, S, C, info_bits (joint: H_Y_bits, H_Y_given_X_bits, I_XY_bits), each with `<name>_err`;
     cross-checks log_Z_forward, log_Z_reverse, log_Z_gap, log_Z_mbar, U_resid, C_resid (with data also
     origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
-    swap_accept, tau_E, step_size; int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
+    swap_accept, tau_E, step_size (engine smc: population_ess; joint with data: label_mix_z, the largest
+    disagreement in p_T(y) between the sweep chains and the data-seeded weights, in SEs); int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
     flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_hysteresis (with data; a phase one origin
     missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and
     C_cov [temperature, temperature_b], the covariances between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
-    sample_labels). Units: nats (k_B = 1) except names ending in _bits; every variable carries `units`
-    and `long_name`, the dataset its provenance. docs/estimators.md describes each estimator and flag.
+    sample_labels); with held-out images: log_lik_heldout (log p_T(x), nats per image; joint with labels also
+    log_lik_xy_heldout, log_lik_y_given_x_heldout), info_heldout_bits, bits_per_dim_heldout (quantised
+    images), log_lik_train and generalisation_gap (auto), E_heldout, log_lik_heldout_cov, and T_ML with
+    T_ML_err (attributes T_ML_side, T_ML_flagged). Units: log Z, S, C and likelihoods in nats (k_B = 1), names
+    ending in _bits in bits; F and U in units of T_train (units "train") or the logits' scale (attribute
+    energy_units); every variable carries `units` (UDUNITS; "1" with `units_metadata` for nats, bits and
+    temperature scales) and `long_name`, the dataset its provenance. docs/estimators.md describes each estimator and flag.
 
     Example
     -------

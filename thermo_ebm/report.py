@@ -14,6 +14,20 @@ FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_ta
          "flag_inconsistent", "flag_hysteresis", "flag_unconverged"]
 
 
+# the attributes `show --json` carries for every group: how and from what it was made
+PROVENANCE = ("command_line", "created_utc", "working_directory", "git_commit", "versions", "platform", "checkpoint",
+              "checkpoint_abs", "checkpoint_sha256", "checkpoint_step", "data", "data_sha256", "heldout",
+              "heldout_sha256", "seed", "device", "settings", "config", "seconds")
+
+
+def read_attrs(path, group) -> dict:
+    """A group's attributes, read without its variables."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        return {k: (v.item() if isinstance(v, np.generic) else v.decode() if isinstance(v, bytes) else v)
+                for k, v in f[group].attrs.items() if not k.startswith("_")}
+
+
 def scale_line(ds) -> str:
     """Which temperature scale a measurement is on (and where the training distribution sits)."""
     t_train = float(ds.attrs.get("T_train", 1.0))
@@ -44,13 +58,29 @@ def free_energy_difference(ds, t1: float, t2: float) -> dict:
             "dF": float(-t2 * lz[j] + t1 * lz[i]), "dF_err": float(np.sqrt(max(var_f, 0.0)))}
 
 
-def checkpoint_note(ds) -> str | None:
-    """A warning when the checkpoint a measurement names is gone or no longer the one measured."""
-    path, digest = ds.attrs.get("checkpoint"), ds.attrs.get("checkpoint_sha256")
-    if not path or not digest:
+def checkpoint_path(ds, results_file=None) -> Path | None:
+    """Where the measured checkpoint is now: its absolute path as recorded, else its recorded (relative) path
+    from the folder the measurement ran in, beside the results file, or from here; None if none exists."""
+    rel = ds.attrs.get("checkpoint")
+    if not rel:
         return None
-    if not Path(path).is_file():
-        return f"warning: the measured checkpoint {path} is no longer on disk"
+    tries = [ds.attrs.get("checkpoint_abs")]
+    if not Path(rel).is_absolute():
+        tries += [Path(ds.attrs["working_directory"]) / rel if ds.attrs.get("working_directory") else None,
+                  Path(results_file).parent / rel if results_file else None,
+                  Path(results_file).parent / Path(rel).name if results_file else None]
+    tries.append(rel)
+    return next((Path(t) for t in tries if t and Path(t).is_file()), None)
+
+
+def checkpoint_note(ds, results_file=None) -> str | None:
+    """A warning when the checkpoint a measurement names is gone or no longer the one measured."""
+    name, digest = ds.attrs.get("checkpoint"), ds.attrs.get("checkpoint_sha256")
+    if not name or not digest:
+        return None
+    path = checkpoint_path(ds, results_file)
+    if path is None:
+        return f"warning: the measured checkpoint {ds.attrs.get('checkpoint_abs', name)} is no longer on disk"
     if file_sha256(path) != digest:
         return (f"warning: {path} has changed since it was measured (sha256 {digest[:12]}... measured); "
                 "these numbers describe the earlier model")
@@ -157,7 +187,7 @@ def report(path, as_json=False, diff=None) -> str:
             if neg:
                 lines.append("I_XY_bits below 0 at T = " + ", ".join(f"{t:g}" for t in neg) + ": H(Y) - H(Y|X) from two "
                              "estimators; I(X;Y) >= 0, so read these as 0 within their SEs")
-            note = checkpoint_note(ds)
+            note = checkpoint_note(ds, path)
             if note:
                 lines.append(note)
                 doc["groups"][name]["warning"] = note
@@ -180,10 +210,9 @@ def report(path, as_json=False, diff=None) -> str:
                                                              for k, (v, e, n) in refs.items()}
             lines.append(reference_line(ds, t_cal))
         elif kind == "evaluation":
-            from .evaluation import table
+            from .evaluation import summary, table
             ds = read_group(path, name)
-            doc["groups"][name] = {"kind": kind, **{k: [float(ds[k]), float(ds[k + "_err"])]
-                                                    for k in ("accuracy", "nll", "brier", "ece", "t_cal")}}
+            doc["groups"][name] = {"kind": kind, **summary(ds)}
             lines.append(f"\n[{name}] evaluation")
             lines.append(table(ds))
         elif kind == "training":
@@ -197,6 +226,9 @@ def report(path, as_json=False, diff=None) -> str:
         else:
             doc["groups"][name] = {"kind": kind}
             lines.append(f"\n[{name}] ({kind})")
+    for name in doc["groups"]:
+        attrs = read_attrs(path, name)
+        doc["groups"][name]["provenance"] = {k: attrs[k] for k in PROVENANCE if k in attrs}
     if as_json:
         return json.dumps(doc, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def read_group(path, group: str) -> xr.Dataset:
     groups = list_groups(path)
     if group not in groups:
         raise ThermoEBMError(f"{path} has no group {group!r} (groups: {', '.join(groups) or 'none'})")
-    with xr.open_dataset(path, group=group, engine="h5netcdf") as ds:
+    with xr.open_dataset(path, group=group, engine="h5netcdf", phony_dims="sort") as ds:
         return ds.load()
 
 
@@ -177,9 +177,32 @@ def provenance() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
-    return {"Conventions": "CF-1.10", "command_line": shlex.join(_COMMAND_LINE[-1] if _COMMAND_LINE else sys.argv),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "platform": platform.platform(), "versions": json.dumps(versions)}
+    out = {"Conventions": "CF-1.10", "command_line": shlex.join(_COMMAND_LINE[-1] if _COMMAND_LINE else sys.argv),
+           "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "working_directory": os.getcwd(),
+           "platform": platform.platform(), "versions": json.dumps(versions)}
+    commit = git_commit()
+    if commit:
+        out["git_commit"] = commit
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the thermo-ebm checkout this package runs from ("+dirty" with uncommitted changes), or
+    None when it is not a git checkout (an installed wheel) or git is absent."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    if not (here.parent / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here.parent), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # name -> (long_name, units); units "E" means the energy units of the measurement, "T" the temperature units
@@ -243,8 +266,62 @@ VARIABLES = {
 }
 
 
+# units that UDUNITS (CF) does not know: stored as units "1" with the scale in `units_metadata`
+NON_UDUNITS = {"nats": "nats (natural-log information units, k_B = 1)", "bits": "bits",
+               "nats^2": "nats^2", "T_train": "units of the training temperature T_train",
+               "logits' units": "the logits' scale", "sweeps": "sweeps of the sampler"}
+
+# the training group: population-free names, then <population>_<name> for the joint and marginal chains
+TRAINING = {
+    "loss": ("training loss", "nats"), "ce": ("cross-entropy of the batch's labels", "nats"),
+    "reg": ("energy-magnitude penalty", "nats"), "train_acc": ("batch accuracy", "1"),
+    "lr": ("learning rate", "1"), "heldout_acc": ("held-out accuracy at the end of the epoch", "1"),
+    "heldout_ce": ("held-out cross-entropy at the end of the epoch", "nats"),
+    "epoch_end_step": ("optimizer step at the end of the epoch", "1"), "seconds": ("wall time since the start", "s"),
+    "step": ("optimizer step (1-based)", "1"), "epoch": ("epoch (1-based)", "1"),
+    "event_step": ("optimizer step of a training event (rollback, stop)", "1"),
+    "event_message": ("what happened at event_step", None),
+}
+TRAINING_POPULATION = {
+    "e_data": ("mean energy of the batch's data", "logits' units"),
+    "e_model": ("mean energy of the sampler chains", "logits' units"),
+    "ml": ("maximum-likelihood term e_data - e_model", "logits' units"),
+    "W": ("mean cumulative work per walker (energy change from parameter updates)", "logits' units"),
+    "Q": ("mean cumulative heat per walker (energy change from the moves)", "logits' units"),
+    "dW": ("work of this step per walker", "logits' units"), "dQ": ("heat of this step per walker", "logits' units"),
+    "jarzynski": ("Jarzynski estimate -log <exp(-W)> of the free-energy change since the start", "logits' units"),
+    "dF": ("free-energy change since the start (Jarzynski)", "logits' units"),
+}
+
+
+def _set_units(var, units):
+    if units is None:
+        return
+    if units in NON_UDUNITS:
+        var.attrs.update(units="1", units_metadata=NON_UDUNITS[units])
+    else:
+        var.attrs["units"] = units
+
+
+def annotate_training(ds: xr.Dataset) -> xr.Dataset:
+    """long_name and units (CF) on every variable of a training group."""
+    for name in list(ds.variables):
+        pop, _, rest = name.partition("_")
+        if name in TRAINING:
+            long_name, units = TRAINING[name]
+        elif pop in ("joint", "marginal") and rest in TRAINING_POPULATION:
+            long_name, units = TRAINING_POPULATION[rest]
+            long_name = f"{pop} chains: {long_name}"
+        else:
+            continue
+        ds[name].attrs["long_name"] = long_name
+        _set_units(ds[name], units)
+    return ds
+
+
 def annotate(ds: xr.Dataset, temperature_units: str, energy_units: str) -> xr.Dataset:
-    """CF-style metadata: long_name and units on every variable, ancillary_variables from a value to its
+    """CF-style metadata: long_name and units on every variable (UDUNITS strings; a scale UDUNITS lacks, such as
+    nats or T_train, is units "1" with `units_metadata` naming it), ancillary_variables from a value to its
     `_err`, flag_values/flag_meanings on the flags."""
     t_units = "T_train" if temperature_units == "train" else "logits' units"
     e_units = "T_train" if energy_units.startswith("T_train") else "logits' units"
@@ -260,9 +337,10 @@ def annotate(ds: xr.Dataset, temperature_units: str, energy_units: str) -> xr.Da
         long_name, units = VARIABLES[base]
         units = {"E": e_units, "T": t_units}.get(units, units)
         if name.endswith("_err"):
-            var.attrs.update(long_name=f"standard error of {base}", units=units)
+            var.attrs["long_name"] = f"standard error of {base}"
         else:
-            var.attrs.update(long_name=long_name, units=units)
+            var.attrs["long_name"] = long_name
             if name + "_err" in ds:
                 var.attrs["ancillary_variables"] = name + "_err"
+        _set_units(var, units)
     return ds

@@ -28,7 +28,7 @@ from .fileio import file_lock, lock_path, remove_stale_tmp
 from .models import build_model
 from .objectives import NEEDS, loss_terms
 from .progress import progress_bar
-from .results import provenance, write_group
+from .results import annotate_training, provenance, write_group
 from .rng import stream_seed
 
 log = logging.getLogger("thermo_ebm")
@@ -201,11 +201,11 @@ class Trainer:
 
     def history_dataset(self) -> xr.Dataset:
         """The results file's `training` group."""
-        return self.history.to_dataset({
+        return annotate_training(self.history.to_dataset({
             "kind": "training", "config": json.dumps(asdict(self.cfg)), "split_note": self.data.note,
             "classes": json.dumps(self.data.classes), "rollbacks": self.rollbacks,
-            "units": "energies in nats (k_B T = 1 at T = 1)",
-            "training_temperature": training_temperature(asdict(self.cfg)), **provenance()})
+            "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
+            "training_temperature": training_temperature(asdict(self.cfg)), **provenance()}))
 
     def save(self):
         """History first, then checkpoint: the results file always holds every step of the checkpoint.
