@@ -82,7 +82,7 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     ds = read_group(out, "evaluation")
     assert ds.attrs["kind"] == "evaluation" and read_group(out, "training").attrs["kind"] == "training"
     assert set(ds.ood_set.values) == {"uniform", "gaussian", "constant", "inverted", "permuted"}
-    assert list(ds.chain_kind.values) == ["buffer_joint", "mala_20", "mala_60"]
+    assert list(ds.chain_kind.values) == ["buffer_marginal", "mala_20", "mala_60"]
     assert 0 <= float(ds.ece) <= 1 and float(ds.ece_err) > 0 and float(ds.t_cal) > 0
     assert np.all((ds.auroc.values >= 0) & (ds.auroc.values <= 1)) and np.all(ds.auroc_err.values >= 0)
     assert ds.accuracy.attrs["units"] == "1" and ds.auroc.attrs["ancillary_variables"] == "auroc_err"

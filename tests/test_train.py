@@ -7,7 +7,7 @@ import xarray as xr
 
 from thermo_ebm.checkpoint import load_checkpoint, load_model
 from thermo_ebm.errors import TrainingDiverged
-from thermo_ebm.objectives import NEEDS
+from thermo_ebm.objectives import needs
 from thermo_ebm.training import train
 
 TINY = dict(dataset="digits", batch_size=32, buffer_size=256, mc_steps=5, model_size=32, progress=False)
@@ -20,27 +20,30 @@ def test_outputs_history_and_checkpoint(digits_ckpt):
     model = load_model(digits_ckpt["checkpoint"])
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     ds = xr.open_dataset(digits_ckpt["results"], group="training", engine="h5netcdf")
-    for var in ("loss", "joint_e_data", "joint_e_model", "joint_W", "joint_Q", "joint_jarzynski", "joint_dF"):
+    # j_ebm's default estimator: cross-entropy exactly, log p(x) from marginal chains
+    for var in ("loss", "ce", "marginal_e_data", "marginal_e_model", "marginal_W", "marginal_Q",
+                "marginal_jarzynski", "marginal_dF"):
         assert var in ds and ds[var].sizes["step"] == 6
-    assert np.all(np.isfinite(ds.joint_W.values))
+    assert np.all(np.isfinite(ds.marginal_W.values))
     # the first step's walkers all start from the uniform reference: dF starts at 0
-    assert ds.joint_dF.values[0] == 0.0
+    assert ds.marginal_dF.values[0] == 0.0
     with h5py.File(digits_ckpt["results"]) as f:
         assert "training" in f
 
 
-@pytest.mark.parametrize("objective", ["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"])
-def test_every_objective_learns(objective):
+@pytest.mark.parametrize("objective,estimator", [("dcl", "exact"), ("m_ebm", "exact"), ("j_ebm", "exact"),
+                                                 ("j_ebm", "chains"), ("gcl", "exact"), ("hybrid", "exact")])
+def test_every_objective_learns(objective, estimator):
     """A few seconds on digits: the classifier objectives beat chance on held-out data, the generative ones
     give data a lower energy than their chains' samples."""
     out = train(name=objective, objective=objective, epochs=3, checkpoint_dir="c", results_dir="r",
-                **dict(TINY, lr=3e-3))
+                joint_estimator=estimator, **dict(TINY, lr=3e-3))
     assert out["epochs"] == 3
     ds = xr.open_dataset(out["results"], group="training", engine="h5netcdf")
     assert np.all(np.isfinite(ds.loss.values))
     if objective != "m_ebm":
         assert ds.heldout_acc.values[-1] > 0.3, ds.heldout_acc.values  # chance: 0.1
-    for pop in [p for p in NEEDS[objective] if not (objective == "gcl" and p == "marginal")]:  # gcl: - m_ebm
+    for pop in [p for p in needs(objective, estimator) if not (objective == "gcl" and p == "marginal")]:  # gcl: - m_ebm
         gap = ds[f"{pop}_e_model"].values[-20:].mean() - ds[f"{pop}_e_data"].values[-20:].mean()
         assert gap > 0, (pop, gap)
     assert not [k for k in ds.data_vars if k.startswith("marg_")]  # one name per population: marginal_*
@@ -165,7 +168,7 @@ def test_training_jarzynski_matches_exact_free_energy(labels, c0):
     from scipy.special import erf
 
     step = 1e-3
-    tr = _trainer_with(_Quadratic(c0), objective="j_ebm", batch_size=512, buffer_size=512, from_scratch=0.0,
+    tr = _trainer_with(_Quadratic(c0), objective="j_ebm", joint_estimator="chains", batch_size=512, buffer_size=512, from_scratch=0.0,
                        mc_steps=5, sgld_step=step, sgld_noise=(2 * step) ** 0.5, lr=2e-3, reg=0.0,
                        joint_labels=labels)
     xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
@@ -213,7 +216,7 @@ def test_gibbs_joint_labels_follow_the_model_conditional():
     from scipy.stats import chisquare
 
     p = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01, 0.01, 0.005, 0.005])
-    tr = _trainer_with(_FixedLogits(np.log(p)), objective="j_ebm", batch_size=512, buffer_size=512,
+    tr = _trainer_with(_FixedLogits(np.log(p)), objective="j_ebm", joint_estimator="chains", batch_size=512, buffer_size=512,
                        from_scratch=0.0, mc_steps=2, joint_labels="gibbs", reg=0.0, lr=1e-3)
     xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
     counts = np.zeros(10)

@@ -168,6 +168,28 @@ def test_gcl_gradient_equals_cross_entropy_gradient_in_expectation():
         assert torch.allclose(a, b, atol=1e-10)
 
 
+def test_j_ebm_estimators_have_the_same_gradient_in_expectation():
+    """j_ebm's exact estimator (CE + marginal ML) and its chains estimator (joint ML) are two estimators of the
+    gradient of log p(x, y): with exact model expectations (quadrature weights) their gradients agree."""
+    m = Tiny()
+    x_data = torch.tensor([[-0.5], [0.2], [0.9]], dtype=torch.float64)
+    y_data = torch.tensor([0, 2, 1])
+    xs = torch.linspace(-1, 1, 4001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        lg = m(xs)
+        pj = torch.softmax(lg.reshape(-1), 0).reshape(lg.shape)
+        pm = pj.sum(1)
+    k = lg.shape[1]
+    chains, _ = loss_terms("j_ebm", m(x_data), y_data, logits_joint=m(xs.repeat_interleave(k, 0)),
+                           y_joint=torch.arange(k).repeat(len(xs)), reg=0.0, w_joint=pj.reshape(-1),
+                           joint_estimator="chains")
+    exact, terms = loss_terms("j_ebm", m(x_data), y_data, logits_marginal=m(xs), reg=0.0, w_marginal=pm,
+                              joint_estimator="exact")
+    assert "ce" in terms and "marginal_ml" in terms and "joint_ml" not in terms
+    for a, b in zip(_grad(m, chains), _grad(m, exact)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 @pytest.mark.parametrize("objective", ["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"])
 def test_every_objective_loss(objective):
     m = Tiny()
@@ -175,7 +197,8 @@ def test_every_objective_loss(objective):
     yd = torch.tensor([0, 1])
     xj, yj = torch.tensor([[0.1], [0.7]], dtype=torch.float64), torch.tensor([2, 0])
     xm = torch.tensor([[-0.9], [0.4]], dtype=torch.float64)
-    loss, t = loss_terms(objective, m(xd), yd, logits_joint=m(xj), y_joint=yj, logits_marginal=m(xm), gamma=0.5, reg=0.1)
+    loss, t = loss_terms(objective, m(xd), yd, logits_joint=m(xj), y_joint=yj, logits_marginal=m(xm), gamma=0.5, reg=0.1,
+                         joint_estimator="chains")
     with torch.no_grad():
         lse = lambda z: torch.logsumexp(m(z), 1)  # noqa: E731
         ce = torch.nn.functional.cross_entropy(m(xd), yd)

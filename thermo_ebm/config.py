@@ -51,6 +51,7 @@ class TrainConfig:
     sgld_noise: float = 0.1
     mc_steps: int = 40
     joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
+    joint_estimator: str = "exact"    # j_ebm: "exact" (CE + marginal chains) or "chains" (class-conditional chains)
     buffer_size: int = 10000
     from_scratch: float = 0.05
     short_run: bool = False
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ThermoEBMError("--lr-schedule must be constant or cosine")
         if self.joint_labels not in ("fixed", "gibbs"):
             raise ThermoEBMError("--joint-labels must be fixed or gibbs")
+        if self.joint_estimator not in ("exact", "chains"):
+            raise ThermoEBMError("--joint-estimator must be exact or chains")
         if self.on_divergence not in ("rollback", "stop"):
             raise ThermoEBMError("--on-divergence must be rollback or stop")
         for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):

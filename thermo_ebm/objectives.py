@@ -3,7 +3,10 @@
 Energies (nats): marginal E(x) = -logsumexp f(x); joint E(x, y) = -f(x)[y].
   dcl    : CE(f(x_data), y_data)
   m_ebm  : <E(x_data)> - <E(x_m)>,                       x_m ~ marginal chains
-  j_ebm  : <E(x_data, y_data)> - <E(x_j, y_j)>,          (x_j, y_j) ~ class-conditional chains
+  j_ebm  : maximum likelihood of p(x, y), by one of two estimators of the same gradient (joint_estimator):
+           "exact":  CE + m_ebm, since log p(x, y) = log p(y | x) + log p(x): the p(y | x) part exactly, the
+                     p(x) part from marginal chains (no class-conditional sampling noise in the classifier);
+           "chains": <E(x_data, y_data)> - <E(x_j, y_j)>,  (x_j, y_j) ~ class-conditional chains (JEM-style)
   gcl    : j_ebm - gamma * m_ebm (gamma = 1: expected gradient of CE, i.e. of -log p(y|x))
   hybrid : CE + m_ebm
 plus reg * (mean of squared data and model energies of every EBM term), always added as a penalty.
@@ -20,6 +23,14 @@ from .models import joint_energy, marginal_energy
 # the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
 NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
          "hybrid": ("marginal",)}
+JOINT_ESTIMATORS = ("exact", "chains")
+
+
+def needs(objective: str, joint_estimator: str = "chains") -> tuple:
+    """The chain populations an objective samples under a joint estimator."""
+    if objective == "j_ebm" and joint_estimator == "exact":
+        return ("marginal",)
+    return NEEDS[objective]
 
 
 def _mean(e, w):
@@ -27,23 +38,26 @@ def _mean(e, w):
 
 
 def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
-               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None):
+               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains"):
     """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors."""
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if joint_estimator not in JOINT_ESTIMATORS:
+        raise ThermoEBMError(f"unknown joint estimator {joint_estimator!r}; choose exact or chains")
     terms = {}
     loss = logits_data.new_zeros(())
     penalty = logits_data.new_zeros(())
-    if objective in ("dcl", "hybrid"):
+    pops = needs(objective, joint_estimator)
+    if objective in ("dcl", "hybrid") or (objective == "j_ebm" and joint_estimator == "exact"):
         terms["ce"] = F.cross_entropy(logits_data, y_data)
         loss = loss + terms["ce"]
-    if "joint" in NEEDS[objective]:
+    if "joint" in pops:
         ed, em = joint_energy(logits_data, y_data), joint_energy(logits_joint, y_joint)
         terms["joint_e_data"], terms["joint_e_model"] = ed.mean(), _mean(em, w_joint)
         terms["joint_ml"] = terms["joint_e_data"] - terms["joint_e_model"]
         loss = loss + terms["joint_ml"]
         penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_joint)
-    if "marginal" in NEEDS[objective]:
+    if "marginal" in pops:
         ed, em = marginal_energy(logits_data), marginal_energy(logits_marginal)
         terms["marginal_e_data"], terms["marginal_e_model"] = ed.mean(), _mean(em, w_marginal)
         terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]

@@ -26,7 +26,7 @@ from .data import load_data
 from .errors import ThermoEBMError, TrainingDiverged
 from .fileio import file_lock, lock_path, remove_stale_tmp
 from .models import build_model
-from .objectives import NEEDS, loss_terms
+from .objectives import loss_terms, needs
 from .progress import progress_bar
 from .results import annotate_training, provenance, write_group
 from .rng import stream_seed
@@ -73,7 +73,7 @@ class Trainer:
         self.g_data = torch.Generator().manual_seed(data_seed)
         g_mc = torch.Generator(device=self.dev).manual_seed(mc_seed)
         n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
-        self.chains = PersistentChains(NEEDS[cfg.objective], n, self.data.shape, self.data.n_classes, cfg, self.dev,
+        self.chains = PersistentChains(needs(cfg.objective, cfg.joint_estimator), n, self.data.shape, self.data.n_classes, cfg, self.dev,
                                        g_mc)
         self.history = History()
         self.guard = DivergenceGuard(cfg.max_energy_gap)
@@ -151,7 +151,7 @@ class Trainer:
         loss, terms = loss_terms(
             cfg.objective, split["data"], yb,
             logits_joint=split.get("joint"), y_joint=moved["joint"].y if "joint" in moved else None,
-            logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg)
+            logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg, joint_estimator=cfg.joint_estimator)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -367,7 +367,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
             if resume:
                 path = cfg.paths()[0]
                 st = load_checkpoint(path)
-                saved = st["config"]
+                saved = {"joint_estimator": "chains", **st["config"]}  # written before the exact estimator existed
                 conflicts = [k for k in options if k not in RESUMABLE and k in saved and options[k] != saved[k]
                              and not (k == "labels" and parse_labels(options[k]) == saved[k])]
                 if conflicts:
