@@ -99,7 +99,7 @@ def test_training_group_variables_explain_themselves(digits_ckpt):
     for name, var in ds.variables.items():
         if name != "event_message":
             assert var.attrs.get("long_name") and var.attrs.get("units"), name
-    assert ds.joint_e_data.attrs["units_metadata"] == "the logits' scale"
+    assert ds.marginal_e_data.attrs["units_metadata"] == "the logits' scale"
 
 
 def test_covariances_give_free_energy_differences_that_hold_against_exact(small_measurement, tmp_path):
@@ -301,3 +301,54 @@ def test_show_explains_a_negative_mutual_information(tmp_path):
                                                                 attrs={"kind": "measurement", "ensemble": "joint"}))
     text = report(tmp_path / "r.h5")
     assert "I_XY_bits below 0 at T = 0.5:" in text and "1:" not in text.split("below 0")[1].split("\n")[0]
+
+
+def test_global_flags_groups_interrupts_and_permissions(tmp_path, small_measurement, monkeypatch):
+    """-q/-v/--debug after the subcommand; show/plot --group; Ctrl-C exits 130; a folder the user cannot write
+    gets exit 2 and one line."""
+    _, _, ds = small_measurement
+    path = tmp_path / "two.h5"
+    save_measurement(ds, path)
+    save_measurement(ds, path)  # measure_marginal and measure_marginal_2
+    code, err = run_cli(["show", str(path), "-q", "--group", "measure_marginal_2"])
+    assert code == 0, err
+    from thermo_ebm.report import report
+    text = report(path, groups=["measure_marginal_2"])
+    assert "[measure_marginal_2]" in text and "[measure_marginal]" not in text
+    code, err = run_cli(["show", str(path), "--group", "nope"])
+    assert code == 2 and "no group 'nope'" in err and len(err.strip().splitlines()) == 1
+    code, err = run_cli(["plot", str(path), "--group", "measure_marginal", "--out", str(tmp_path / "f.png")])
+    assert code == 0, err
+    from thermo_ebm.plot import _measurements
+    assert [r[0] for r in _measurements([path], ["measure_marginal"])] == ["two"]
+    import thermo_ebm.report as rep
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rep, "report", interrupted)
+    code, err = run_cli(["show", str(path)])
+    assert code == 130 and "interrupted" in err
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "/read-only/run.h5")
+    monkeypatch.setattr(rep, "report", denied)
+    code, err = run_cli(["show", str(path)])
+    assert code == 2 and "permission denied: /read-only/run.h5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_writer_of_a_group_is_refused_before_any_work(tmp_path, digits_ckpt):
+    from thermo_ebm.results import reserve_group
+    out = tmp_path / "r.h5"
+    with reserve_group(out, "mine"):  # what a running `measure --group mine` holds
+        code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(out),
+                             "--group", "mine", "--device", "cpu", *SMALL])
+    assert code == 2 and "another process is writing group 'mine'" in err
+    assert not out.exists()
+
+
+def test_messages_name_command_line_options():
+    from thermo_ebm import measure
+    with pytest.raises(thermo_ebm.ThermoEBMError, match=r"--max-time \(max_time\)"):
+        measure(TruncatedGaussian(2), [1.0], max_time=-1, data=None)
+    with pytest.raises(thermo_ebm.ThermoEBMError, match=r"--ais-chains \(ais_chains\) must be a positive integer"):
+        measure(TruncatedGaussian(2), [1.0], ais_chains=0, data=None)

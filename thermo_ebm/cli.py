@@ -98,12 +98,14 @@ def budget_option(decl, help, **kw):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="thermo-ebm")
-@click.option("--debug", is_flag=True, help="Show full tracebacks (also accepted after the subcommand).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug-level log lines.")
 @click.pass_context
 def cli(ctx, debug, quiet, verbose):
-    """Thermodynamics of energy-based models: train, measure, eval, show, plot, sample."""
+    """Thermodynamics of energy-based models: train, measure, eval, show, plot, sample.
+
+    The options --debug, -q and -v may also follow the subcommand."""
     ctx.obj = {"debug": debug}
     _setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
@@ -260,23 +262,25 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
     from . import distributed as dist
     from .checkpoint import check_checkpoint_file
     from .measurement import measure as run, save_measurement
-    from .results import check_group
+    from .results import check_group, reserve_group
     t = parse_temps(temps)
     check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
     check_group(path, group, replace_group)  # before any work
     dist.setup(device)  # under torchrun: each process runs one shard of the chains
-    try:
-        with _log_file(log_file if dist.is_main() else None):
-            ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
-                     heldout=None if heldout == "none" else heldout,
-                     device=device, progress=dist.is_main(), compile=compile_, **budget)
-        dist.synchronize()
-    finally:
-        main_rank = dist.is_main()
-        dist.teardown()
-    if main_rank:  # rank 0 alone writes the results file
-        g = save_measurement(ds, path, group, replace_group)
+    with reserve_group(path, group) if dist.is_main() else contextlib.nullcontext():
+        try:
+            with _log_file(log_file if dist.is_main() else None):
+                ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
+                         heldout=None if heldout == "none" else heldout,
+                         device=device, progress=dist.is_main(), compile=compile_, **budget)
+            dist.synchronize()
+        finally:
+            main_rank = dist.is_main()
+            dist.teardown()
+        if main_rank:  # rank 0 alone writes the results file
+            g = save_measurement(ds, path, group, replace_group)
+    if main_rank:
         scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
         click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures in {scale}, {ds.attrs['seconds']:.0f} s)")
 
@@ -303,7 +307,7 @@ def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, data_dir,
     """Calibration, OOD detection and long-run samples of a checkpoint; writes group 'evaluation', prints a table."""
     from .checkpoint import check_checkpoint_file
     from .evaluation import evaluate, table
-    from .results import check_group, write_group
+    from .results import check_group, reserve_group, write_group
     try:
         steps = tuple(int(v) for v in chain_steps.split(",") if v.strip())
     except ValueError:
@@ -311,23 +315,27 @@ def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, data_dir,
     check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
     check_group(path, group, replace_group)
-    with _log_file(log_file):
-        ds = evaluate(ckpt, seed=seed, device=device, data_dir=data_dir, n_ood=n_ood, chains=chains,
-                      chain_steps=steps)
-    g = write_group(path, group, ds, replace=replace_group)
+    with reserve_group(path, group):
+        with _log_file(log_file):
+            ds = evaluate(ckpt, seed=seed, device=device, data_dir=data_dir, n_ood=n_ood, chains=chains,
+                          chain_steps=steps)
+        g = write_group(path, group, ds, replace=replace_group)
     click.echo(table(ds))
     click.echo(f"wrote group '{g}' of {path}")
 
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-@click.option("--out", default=None, help="Output file stem or path [default: beside the first file].")
+@click.option("--out", default=None, help="The thermodynamics figure's file (e.g. fig.png); the other figures go "
+              "beside it as fig_samples.png, fig_training.png, ... [default: beside the first results file].")
 @click.option("--format", "fmt", type=click.Choice(["png", "pdf"]), default="png", show_default=True,
               help="Figure format.")
-def plot(files, out, fmt):
+@click.option("--group", "groups", multiple=True, help="Measurement group(s) to draw (repeatable) [default: every "
+              "measurement group of each file, overlaid].")
+def plot(files, out, fmt, groups):
     """Figures (thermodynamics, information, samples, training) from one or more results files."""
     from .plot import plot_files
-    for p in plot_files(files, out=out, fmt=fmt):
+    for p in plot_files(files, out=out, fmt=fmt, groups=groups or None):
         click.echo(str(p))
 
 
@@ -336,19 +344,21 @@ def plot(files, out, fmt):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--diff", nargs=2, type=float, default=None, metavar="T1 T2",
               help="Also print F(T2) - F(T1) and log Z(T2) - log Z(T1) with SEs from the stored covariances.")
-def show(file, as_json, diff):
+@click.option("--group", "groups", multiple=True, help="Group(s) to print (repeatable) [default: every group].")
+def show(file, as_json, diff, groups):
     """Print the groups of a results file and a table per measurement."""
     from .report import report
-    click.echo(report(file, as_json=as_json, diff=diff))
+    click.echo(report(file, as_json=as_json, diff=diff, groups=groups or None))
 
 
 @cli.command()
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (.pt).")
-@click.option("--temp", type=float, required=True, help="Temperature T > 0 (units of T_train unless --units raw).")
+@click.option("--temp", "--temps", "temp", type=float, required=True,
+              help="Temperature T > 0, one (units of T_train unless --units raw).")
 @click.option("--units", type=click.Choice(["train", "raw"]), default="train", show_default=True,
               help="train: --temp in units of the checkpoint's training temperature; raw: the logits' scale.")
 @click.option("--label", type=int, default=None, help="Class for conditional sampling (joint models).")
-@click.option("-n", "n", type=int, default=64, show_default=True, help="Number of samples.")
+@click.option("-n", "--n-samples", "n", type=int, default=64, show_default=True, help="Number of samples.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="Image grid (.png, .jpg, .pdf, ...).")
 @click.option("--steps", type=int, default=500, show_default=True, help="MALA steps (step size adapted, then frozen).")
@@ -360,18 +370,23 @@ def sample(ckpt, temp, units, label, n, out, steps, seed, device):
     click.echo(str(sample_to_png(ckpt, temp, units=units, label=label, n=n, out=out, steps=steps, seed=seed, device=device)))
 
 
+GLOBAL_FLAGS = ("--debug", "-q", "--quiet", "-v", "--verbose")
+
+
 def main(argv=None):
     """Entry point: run the CLI on argv; user mistakes exit 2, runtime failures 1, one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    if debug:  # accepted after the subcommand too
-        argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    # the global flags are accepted after the subcommand too (up to a "--")
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    argv = flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
     try:
         with invoked_as(["thermo-ebm", *argv]):
             cli.main(args=argv, prog_name="thermo-ebm", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
+    except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+        click.echo("interrupted", err=True)
+        sys.exit(130)
     except click.exceptions.ClickException as e:  # one line, like every other error
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -387,6 +402,12 @@ def main(argv=None):
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except PermissionError as e:  # a folder or file the user cannot write: their setup, one line
+        if debug:
+            raise
+        click.echo(f"error: permission denied: {e.filename or e} (choose a writable --out / --checkpoint-dir / "
+                   "--results-dir, or change the folder's permissions)", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

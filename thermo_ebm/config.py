@@ -12,6 +12,11 @@ OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 
 
+def option_name(name: str) -> str:
+    """How a message names a setting: its command-line option, then its Python keyword."""
+    return f"--{name.replace('_', '-')} ({name})"
+
+
 def parse_labels(labels) -> list | None:
     """A class subset from '0,1,2', a list or None (all classes); sorted unique ints."""
     if labels is None or labels == "" or labels == []:
@@ -145,31 +150,33 @@ class MeasureConfig:
     max_time: float | None = None  # seconds: while flags survive and a doubled budget fits, measure again longer
 
     def validate(self):
+        o = option_name
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v < 1):
-                raise ThermoEBMError(f"budget option {f.name} must be a positive integer, got {v!r}")
+                raise ThermoEBMError(f"{o(f.name)} must be a positive integer, got {v!r}")
         if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
-            raise ThermoEBMError(f"ais_steps_per_l2 must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
+            raise ThermoEBMError(f"{o('ais_steps_per_l2')} must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
         if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
-            raise ThermoEBMError(f"max_time must be a number of seconds > 0, got {self.max_time!r}")
+            raise ThermoEBMError(f"{o('max_time')} must be a number of seconds > 0, got {self.max_time!r}")
         if self.engine not in ("ais", "smc"):
-            raise ThermoEBMError(f"engine must be ais or smc, got {self.engine!r}")
+            raise ThermoEBMError(f"{o('engine')} must be ais or smc, got {self.engine!r}")
         if not (0.0 < self.smc_cess < 1.0 and 0.0 < self.smc_corr < 1.0):
-            raise ThermoEBMError("smc_cess and smc_corr must lie in (0, 1)")
+            raise ThermoEBMError(f"{o('smc_cess')} and {o('smc_corr')} must lie in (0, 1)")
         if self.engine == "smc" and self.bridge_chains % self.smc_populations:
-            raise ThermoEBMError(f"bridge_chains ({self.bridge_chains}) must split into smc_populations "
+            raise ThermoEBMError(f"{o('bridge_chains')} ({self.bridge_chains}) must split into {o('smc_populations')} "
                                  f"({self.smc_populations}) equal populations")
         if self.smc_chains % self.smc_populations or self.smc_populations % self.shards or self.smc_populations < 2:
-            raise ThermoEBMError(f"smc_chains ({self.smc_chains}) must split into smc_populations "
+            raise ThermoEBMError(f"{o('smc_chains')} ({self.smc_chains}) must split into {o('smc_populations')} "
                                  f"({self.smc_populations} >= 2) equal populations, a whole number per shard "
                                  f"({self.shards})")
         if not 0.0 < self.bridge_uniform < 1.0:
-            raise ThermoEBMError(f"bridge_uniform must lie in (0, 1), got {self.bridge_uniform!r}")
+            raise ThermoEBMError(f"{o('bridge_uniform')} must lie in (0, 1), got {self.bridge_uniform!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
-            raise ThermoEBMError("need chains >= 2, replicas >= 2 and ais_chains >= 2 * replicas")
+            raise ThermoEBMError(f"need {o('chains')} >= 2, {o('replicas')} >= 2 and {o('ais_chains')} >= 2 x replicas")
         if self.ais_chains % self.shards or self.chains % self.shards or self.bridge_chains % self.shards:
-            raise ThermoEBMError(f"ais_chains ({self.ais_chains}), bridge_chains ({self.bridge_chains}) and chains "
-                                 f"({self.chains}) must be divisible by the number of shards/processes ({self.shards})")
+            raise ThermoEBMError(f"{o('ais_chains')} ({self.ais_chains}), {o('bridge_chains')} ({self.bridge_chains}) "
+                                 f"and {o('chains')} ({self.chains}) must be divisible by the number of "
+                                 f"shards/processes ({self.shards})")
         if self.chains // self.shards < 2:
-            raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise chains above {self.chains}")
+            raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise {o('chains')} above {self.chains}")

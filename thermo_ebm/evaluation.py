@@ -296,7 +296,8 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
         raise ThermoEBMError(f"unknown evaluation option(s): {', '.join(sorted(unknown))}")
     cfg = EvalConfig(**{**cfg.__dict__, **budget})
     if cfg.n_ood < 10 or cfg.n_boot < 10 or cfg.chains < 2 or any(int(s) < 1 for s in cfg.chain_steps):
-        raise ThermoEBMError("evaluation needs n_ood >= 10, n_boot >= 10, chains >= 2 and chain steps >= 1")
+        raise ThermoEBMError("eval needs --n-ood (n_ood) >= 10, n_boot >= 10, --chains (chains) >= 2 and "
+                             "--chain-steps (chain_steps) >= 1")
     st = load_checkpoint(ckpt)
     model = model_from_checkpoint(st, ckpt).eval()
     dev = dist.resolve_device(device)

@@ -42,11 +42,11 @@ def _label(path, group, multi_groups):
     return f"{Path(path).stem}:{group}" if multi_groups else Path(path).stem
 
 
-def _measurements(files):
-    """[(label, dataset, T_cal of the file's evaluation on the logits' scale or None)]."""
+def _measurements(files, groups=None):
+    """[(label, dataset, T_cal of the file's evaluation on the logits' scale or None)]; groups: names to keep."""
     out = []
     for f in files:
-        gs = groups_of_kind(f, "measurement")
+        gs = [g for g in groups_of_kind(f, "measurement") if groups is None or g in groups]
         ev = groups_of_kind(f, "evaluation")
         t_cal = float(read_group(f, ev[0]).t_cal) if ev else None
         for g in gs:
@@ -335,17 +335,24 @@ def evaluation_figure(ds, out):
     return _save(fig, out)
 
 
-def plot_files(files, out=None, fmt="png"):
-    """Render every figure the files support; returns the written paths."""
+def plot_files(files, out=None, fmt="png", groups=None):
+    """Render every figure the files support (measurements: only `groups`, when given); returns the written
+    paths."""
     files = [Path(f) for f in files]
     kinds = {f: set(list_groups(f).values()) for f in files}
+    if groups:
+        have = {g for f in files for g in groups_of_kind(f, "measurement")}
+        missing = [g for g in groups if g not in have]
+        if missing:
+            raise ThermoEBMError(f"no measurement group {missing[0]!r} in {', '.join(map(str, files))} "
+                                 f"(measurement groups: {', '.join(sorted(have)) or 'none'})")
     for f, k in kinds.items():
         if not k & {"measurement", "training", "evaluation"}:
             raise ThermoEBMError(f"{f} has no measurement or training group (run `thermo-ebm measure` or `train`)")
     stem = Path(out) if out else files[0].with_suffix("")
     stem = stem.with_suffix("") if stem.suffix in (".png", ".pdf") else stem
     written = []
-    runs = _measurements([f for f in files if "measurement" in kinds[f]])
+    runs = _measurements([f for f in files if "measurement" in kinds[f]], groups)
     if runs:
         written.append(thermo_figure(runs, stem.with_suffix(f".{fmt}")))
         written.append(samples_figure(runs, Path(f"{stem}_samples.{fmt}")))

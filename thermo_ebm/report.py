@@ -150,9 +150,14 @@ def _flags(ds, i):
     return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
 
 
-def report(path, as_json=False, diff=None) -> str:
-    """The text (or JSON) `show` prints; diff=(T1, T2) adds F(T2) - F(T1) with its SE per measurement."""
-    groups = list_groups(path)
+def report(path, as_json=False, diff=None, groups=None) -> str:
+    """The text (or JSON) `show` prints; diff=(T1, T2) adds F(T2) - F(T1) with its SE per measurement; groups:
+    the names to print (default all)."""
+    every = list_groups(path)
+    missing = [g for g in groups or () if g not in every]
+    if missing:
+        raise ThermoEBMError(f"{path} has no group {missing[0]!r} (groups: {', '.join(every) or 'none'})")
+    groups = {g: k for g, k in every.items() if groups is None or g in groups}
     doc = {"file": str(path), "groups": {}}
     lines = [f"{path}"]
     if not groups:

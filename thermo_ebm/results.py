@@ -75,6 +75,19 @@ def check_group(path, group: str | None, replace: bool = False) -> None:
         raise _group_taken(path, group)
 
 
+@contextlib.contextmanager
+def reserve_group(path, group: str | None):
+    """Hold the name `group` of results file `path` for the length of a run, so that a second writer of the same
+    group is refused before its work starts (an automatic name, None, is chosen at write time instead)."""
+    if not group:
+        yield
+        return
+    key = Path(f"{Path(path).resolve()}::group::{group}")
+    with file_lock(key, timeout=0.0, busy=f"another process is writing group {group!r} of {path}; wait for it or "
+                   "choose another --group"):
+        yield
+
+
 def free_name(names, base: str) -> str:
     """`base`, or `base_2`, `base_3`, ... : the first name not in `names`."""
     if base not in names:
