@@ -176,6 +176,8 @@ def train(ctx, resume, overwrite, **opts):
 def parse_temps(spec: str) -> np.ndarray:
     """'start:stop:step' (stop included when on the grid) or a comma list; one-line errors otherwise."""
     spec = (spec or "").strip()
+    if spec == "auto":
+        return "auto"
     if not spec:
         raise ThermoEBMError("--temps is empty; use start:stop:step (e.g. 0.5:2:0.1) or a list (0.5,1,2)")
     try:
@@ -210,8 +212,10 @@ def parse_temps(spec: str) -> np.ndarray:
 @cli.command()
 @click.option("--ckpt", required=True, type=click.Path(),
               help="Checkpoint (.pt) written by `thermo-ebm train`.")
-@click.option("--temps", required=True, help="start:stop:step (stop included on the grid) or a list 0.5,1,2; "
-              "in units of the training temperature unless --units raw.")
+@click.option("--temps", default="auto", show_default=True,
+              help="start:stop:step (stop included on the grid), a list 0.5,1,2, or auto (a quick scan finds the "
+                   "freezing point, heat-capacity peak, T_ML and melting, then places --auto-temps temperatures "
+                   "between them); in units of the training temperature unless --units raw.")
 @click.option("--units", type=click.Choice(["train", "raw"]), default="train", show_default=True,
               help="train: T in units of T_train = sgld_noise^2 / (2 sgld_step) (T = 1 is what the training chains "
                    "sampled); raw: T on the logits' scale.")
@@ -249,6 +253,7 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--reverse-steps", type=int, help="Reverse-AIS betas.")
 @budget_option("--data-refs", type=int, help="Data-seeded kernel centres per temperature.")
 @budget_option("--bridge-chains", type=int, help="Chains per temperature annealed from the data-informed base.")
+@budget_option("--auto-temps", type=int, help="Temperatures placed by --temps auto.")
 @budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")
 @budget_option("--exchange/--no-exchange", help="Replica-exchange swaps between neighbouring temperatures.")
@@ -282,7 +287,8 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
             g = save_measurement(ds, path, group, replace_group)
     if main_rank:
         scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
-        click.echo(f"wrote group '{g}' of {path} ({len(t)} temperatures in {scale}, {ds.attrs['seconds']:.0f} s)")
+        click.echo(f"wrote group '{g}' of {path} ({ds.sizes['temperature']} temperatures in {scale}, "
+                   f"{ds.attrs['seconds']:.0f} s)")
 
 
 @cli.command("eval")

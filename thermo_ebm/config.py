@@ -147,6 +147,7 @@ class MeasureConfig:
     smc_leapfrog: int = 8       # leapfrog steps per HMC move
     smc_max_moves: int = 10     # most HMC moves per stage
     smc_corr: float = 0.2       # moves continue until the population's lag correlation falls below this
+    auto_temps: int = 16        # temperatures placed by --temps auto (temperatures.py)
     max_time: float | None = None  # seconds: while flags survive and a doubled budget fits, measure again longer
 
     def validate(self):

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import ais, bridge, smc
+from . import ais, bridge, smc, temperatures
 from . import distributed as dist
 from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from .config import MeasureConfig
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .estimators import (delta_log_mean_se, derivative, heavy_tail_limit, integrated_autocorr_time, jackknife,
-                         jackknife_cov, label_entropy, log_mean_weight, logmeanexp, pareto_k, peak_position,
+from .estimators import (delta_log_mean_se, derivative, has_interior_max, heavy_tail_limit, integrated_autocorr_time, jackknife,
+                         jackknife_cov, label_entropy, log_mean_weight, logmeanexp, parabola_peak, pareto_k, peak_position,
                          population_weights, replica_split, weighted_mean)
 from .likelihood import HeldOut, heldout_likelihood, resolve_heldout
 from .models import EBM, ScaledLogits
@@ -782,7 +782,46 @@ def add_likelihood(ds: xr.Dataset, p: Problem, th: Thermo, flags: dict) -> xr.Da
     return annotate(ds, p.units, ds.attrs["energy_units"])
 
 
-def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], temps: Sequence[float] | np.ndarray, *,
+def auto_temperatures(model, cfg: MeasureConfig, **kw) -> tuple[np.ndarray, str, dict]:
+    """`--temps auto` (temperatures.py): scan quickly, extend the scan until it brackets the structure, then
+    place cfg.auto_temps temperatures. Returns (temperatures, explanation, the scan's figures)."""
+    scan_cfg = MeasureConfig(**{**asdict(cfg), **temperatures.SCAN, "max_time": None})
+    grid = temperatures.initial_grid()
+    parts = []
+    t_ml = None
+    for block in range(2 * temperatures.SCAN_EXTEND + 1):
+        t_block = time.perf_counter()
+        quiet = log.level
+        log.setLevel(logging.ERROR)  # the scan's own flags and notes are not the measurement's
+        try:
+            ds = measure(model, grid, config=scan_cfg, **kw)
+        finally:
+            log.setLevel(quiet)
+        log.info("--temps auto: scan of T = %s (%.0f s)", ", ".join(f"{v:.3g}" for v in ds.temperature.values),
+                 time.perf_counter() - t_block)
+        parts.append(ds)
+        if ds.attrs.get("T_ML_side") == "inside":
+            t_ml = float(ds.T_ML)
+        t = np.concatenate([q.temperature.values for q in parts])
+        order = np.argsort(t)
+        flagged = np.concatenate([np.any([q[v].values.astype(bool) for v in q.data_vars if v.startswith("flag_")],
+                                         axis=0) for q in parts])
+        scan = xr.Dataset({"info_bits": ("temperature", np.concatenate([q.info_bits.values for q in parts])[order]),
+                           "C": ("temperature", np.concatenate([q.C.values for q in parts])[order]),
+                           "flag_any": ("temperature", flagged[order].astype(np.int8))},
+                          coords={"temperature": t[order]})
+        if has_interior_max(scan.C.values):
+            scan["C_peak_T"] = ((), float(parabola_peak(scan.temperature.values, scan.C.values)))
+        more = temperatures.extend(scan)
+        if more is None or block == 2 * temperatures.SCAN_EXTEND:
+            break
+        grid = np.setdiff1d(more, t)
+    temps, expl = temperatures.choose(scan, cfg.auto_temps, t_ml)
+    return temps, expl, {"temperature": scan.temperature.values.tolist(), "C": scan.C.values.tolist(),
+                         "info_bits": scan.info_bits.values.tolist(), "flagged": scan.flag_any.values.tolist()}
+
+
+def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], temps: Sequence[float] | np.ndarray | str = "auto", *,
             shape: Sequence[int] | None = None, ensemble: str = "auto", units: str = "train",
             t_train: float | None = None, data: str | Path | torch.Tensor | np.ndarray | None = "auto",
             seed: int = 0, device: str = "auto", progress: bool = False, config: MeasureConfig | None = None,
@@ -795,7 +834,10 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     model : checkpoint path (.pt from `train`), thermo-ebm EBM, or a callable / nn.Module mapping float
         x [N, *shape] in the box [-1, 1]^d to logits f(x) [N, K]; E(x) = -logsumexp_y f(x)[y] (marginal) or
         E(x, y) = -f(x)[y] (joint).
-    temps : temperatures T > 0 (any order; duplicates are an error), in `units`.
+    temps : temperatures T > 0 (any order; duplicates are an error), in `units`; or "auto" (the default): a quick
+        scan locates the freezing point, the heat-capacity peak, T_ML and melting, and `auto_temps` temperatures
+        are placed between them at equal thermodynamic length (temperatures.py; attributes temperatures_chosen,
+        temperature_scan).
     shape : input shape, needed only for a plain callable.
     ensemble : "marginal" (p_T(x) on the box), "joint" (p_T(x, y); adds H_Y, H_Y_given_X, I_XY in bits) or
         "auto" (default): joint for a classifier's objective (j_ebm, gcl, hybrid, dcl) and for other models with
@@ -857,9 +899,14 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
             raise ThermoEBMError(f"shards={cfg.shards} conflicts with the {dist.world()} processes")
         cfg.shards = dist.world()
     cfg.validate()
-    p = prepare(model, temps, shape=shape, ensemble=ensemble, units=units, t_train=t_train, data=data,
-                device=device, seed=seed, cfg=cfg, heldout=heldout)
+    kw = dict(shape=shape, ensemble=ensemble, units=units, t_train=t_train, data=data, device=device, seed=seed,
+              heldout=heldout)
+    auto = temps is None or (isinstance(temps, str) and temps == "auto")
     t0 = time.perf_counter()
+    if auto:  # the scan's first step checks every input, before any sampling
+        temps, why, scan = auto_temperatures(model, cfg, **kw)
+        log.info("%s", why)
+    p = prepare(model, temps, cfg=cfg, **kw)
     attempts = []  # seconds per attempt; with max_time, runs are repeated with longer budgets (see `lengthen`)
     previous = None
     while True:
@@ -901,6 +948,8 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     if hint:
         log.warning("%s", hint)
     ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
+    if auto:
+        ds.attrs.update(temperatures_chosen=why, temperature_scan=json.dumps(scan))
     if p.heldout is not None:
         ds = add_likelihood(ds, p, th, flags)
     stages = {"pilot": round(t_plan, 1), **{k: round(float(v), 1) for k, v in zip(STAGES, pooled["seconds"].sum(0))}}

@@ -1,0 +1,81 @@
+"""The search behind `train`'s MNIST defaults: settings tried, held-out accuracy, ECE, wall time, and the sample
+figures of issue #26 (MNIST-feature Fréchet distance of the replay buffer and of 10,000-step chains at T_train
+started from it; their ratio is the long-run check). Writes benchmarks/results/train_defaults.json.
+
+    python benchmarks/train_defaults.py --data-dir ../shared/data                 # train + eval every trial
+    python benchmarks/train_defaults.py --collect results/ --data-dir ../shared/data  # tabulate runs already made
+
+A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` followed by
+`thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads results/NAME.h5 of runs made
+that way (group 'training' and 'evaluation'). Run it alone: two heavy jobs on 2 cores distort the times.
+"""
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from thermo_ebm import evaluate, train
+from thermo_ebm.results import list_groups, read_group, write_group
+
+# name: settings beyond the defaults (the defaults are TrainConfig's: reg 0.1, lr 1e-3, constant, 10 epochs)
+TRIALS = {
+    "hyb": {},                                               # the defaults (j_ebm, exact estimator)
+    "je_reg0.01": {"reg": 0.01},
+    "je_reg0.003": {"reg": 0.003},
+    "hyb_reg0": {"reg": 0.001},
+    "je_r001_lr3": {"reg": 0.001, "lr": 3e-4, "lr_schedule": "cosine"},
+    "je_r003_cos": {"reg": 0.003, "lr_schedule": "cosine"},
+}
+
+
+def row(name, settings, res):
+    """One trial's figures from its results file (training and evaluation groups)."""
+    tr = read_group(res, "training")
+    ev = read_group(res, "evaluation")
+    kinds = list(ev.chain_kind.values)
+    fid = {k: float(ev.mnist_feature_frechet[i]) for i, k in enumerate(kinds)} if "mnist_feature_frechet" in ev else {}
+    buf = next((v for k, v in fid.items() if k.startswith("buffer")), float("nan"))
+    long = fid.get("mala_10000", float("nan"))
+    cfg = json.loads(tr.attrs["config"])
+    return dict(name=name, settings=settings, objective=cfg["objective"], joint_estimator=cfg.get("joint_estimator"),
+                epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),
+                ece=float(ev.ece), ece_err=float(ev.ece_err), t_cal_raw=float(ev.t_cal),
+                T_train=float(tr.attrs["training_temperature"]), train_seconds=float(tr.seconds.values[-1]),
+                buffer_frechet=buf, long_run_frechet=long, long_run_ratio=long / buf if buf else float("nan"))
+
+
+p = argparse.ArgumentParser()
+p.add_argument("--data-dir", default="../shared/data")
+p.add_argument("--collect", default=None, help="tabulate results/NAME.h5 of trials already run (folder)")
+p.add_argument("--only", default=None, help="comma list of trial names")
+p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_defaults.json"))
+args = p.parse_args()
+names = args.only.split(",") if args.only else list(TRIALS)
+rows = []
+for name in names:
+    settings = TRIALS[name]
+    if args.collect:
+        res = Path(args.collect) / f"{name}.h5"
+        if not res.is_file() or "evaluation" not in list_groups(res):
+            print(f"{name}: no trained and evaluated run at {res}; skipped")
+            continue
+    else:
+        t0 = time.perf_counter()
+        out = train(name=name, objective="j_ebm", data_dir=args.data_dir, overwrite=True, **settings)
+        res = out["results"]
+        ds = evaluate(out["checkpoint"], data_dir=args.data_dir, chain_steps=(10000,))
+        write_group(res, "evaluation", ds, replace=True)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s train + eval")
+    r = row(name, settings, res)
+    rows.append(r)
+    print(f"{name:<14} acc {r['heldout_acc']:.4f}  ECE {r['ece']:.3f}  T_train {r['T_train']:.3g}  "
+          f"train {r['train_seconds']:.0f} s  Fréchet buffer {r['buffer_frechet']:.0f} long-run {r['long_run_frechet']:.0f} "
+          f"(x{r['long_run_ratio']:.2f})  {settings}", flush=True)
+Path(args.out).parent.mkdir(exist_ok=True)
+Path(args.out).write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, "
+                                          f"{torch.get_num_threads()} threads", rows=rows), indent=1))
+print("->", args.out)

@@ -1,0 +1,38 @@
+"""--temps auto: the scan brackets the structure and the placement resolves the heat-capacity peak."""
+import json
+
+import numpy as np
+import xarray as xr
+
+from thermo_ebm import measure
+from thermo_ebm.cli import parse_temps
+from thermo_ebm.temperatures import choose, thermodynamic_positions
+from thermo_ebm.testing import DoubleWells
+
+T_PEAK = 0.2945  # DoubleWells' exact C(T) maximum (any d: a product of identical wells)
+
+
+def test_auto_temperatures_resolve_the_heat_capacity_peak_of_double_wells():
+    ds = measure(DoubleWells(8), "auto", ensemble="marginal", data=None, device="cpu", seed=0, auto_temps=10,
+                 ais_chains=128, replicas=8, chains=32, samples=400)
+    t = ds.temperature.values
+    assert len(t) >= 10 and t[0] < T_PEAK < t[-1]
+    assert abs(float(ds.C_peak_T) - T_PEAK) < 4 * float(ds.C_peak_T_err), (float(ds.C_peak_T), float(ds.C_peak_T_err))
+    assert np.sum((t > T_PEAK / 2) & (t < 2 * T_PEAK)) >= 3  # crowded around the peak
+    assert "--temps auto" in ds.attrs["temperatures_chosen"]
+    scan = json.loads(ds.attrs["temperature_scan"])
+    assert len(scan["temperature"]) >= 5 and parse_temps("auto") == "auto"
+
+
+def test_placement_follows_the_thermodynamic_length():
+    t = np.geomspace(0.1, 10, 9)
+    c = np.exp(-np.log(t / 1.0) ** 2 / 0.1) * 100 + 0.01  # a sharp peak at T = 1
+    scan = xr.Dataset({"info_bits": ("temperature", 10 / t), "C": ("temperature", c),
+                       "flag_x": ("temperature", np.zeros(9, np.int8))}, coords={"temperature": t})
+    temps, why = choose(scan, 12)
+    s = thermodynamic_positions(t, c)
+    assert np.all(np.diff(s) >= 0)
+    assert np.sum((temps > 0.5) & (temps < 2)) > np.sum(temps <= 0.5) and "equal thermodynamic length" in why
+    scan["flag_x"] = ("temperature", (t < 0.3).astype(np.int8))  # frozen below 0.3: the range starts above
+    temps, why = choose(scan, 12)
+    assert temps[0] > 0.3 and "freezing point" in why
