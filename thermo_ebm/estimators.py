@@ -62,7 +62,8 @@ def label_entropy(logw, p_y, n_replicas):
 def weight_ess(logw):
     """Effective sample size (sum w)^2 / sum w^2 of importance weights given as logs; [...]."""
     logw = np.asarray(logw, dtype=np.float64)
-    return np.exp(2 * logsumexp(logw, axis=-1) - logsumexp(2 * logw, axis=-1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(2 * logsumexp(logw, axis=-1) - logsumexp(2 * logw, axis=-1))
 
 
 def pareto_k(logw):
