@@ -96,3 +96,16 @@ def test_heldout_inputs_are_checked_before_any_work(tmp_path):
         measure(s, [1.0], heldout=str(tmp_path / "nope.pt"), data=None, device="cpu")
     with pytest.raises(ThermoEBMError, match="held-out labels"):
         measure(s, [1.0], heldout=(torch.zeros(5, 4), torch.tensor([0, 1, 0, 0, 0])), data=None, device="cpu")
+
+
+def test_quick_t_ml_of_held_out_seeded_chains():
+    """Training's screening estimate: on a Gaussian whose held-out draws are exact at T = 1 (T_train = 1 here),
+    T_ML / T_train within 4 of its SEs of the exact root 2 <E>_heldout / d (the chains equilibrate quickly)."""
+    from thermo_ebm.ensembles import Ensemble
+    from thermo_ebm.likelihood import quick_t_ml
+    s = RotatedGaussian(16, cond=4.0)
+    x = s.sample(1.0, 64, seed=4)
+    with torch.no_grad():
+        exact = 2 * float((-s(x)[:, 0]).double().mean()) / 16
+    t, se, side = quick_t_ml(s, Ensemble("marginal", 1), x, 1.0, torch.Generator().manual_seed(0), "cpu")
+    assert side == "inside" and abs(t - exact) < 4 * se, (t, se, exact)

@@ -29,6 +29,9 @@ def test_outputs_history_and_checkpoint(digits_ckpt):
     assert ds.marginal_dF.values[0] == 0.0
     with h5py.File(digits_ckpt["results"]) as f:
         assert "training" in f
+    # the quick T_ML / T_train from held-out-seeded chains, with its side of 0.25-4 T_train
+    assert ds.attrs["T_ML_quick_side"] in ("inside", "below", "above", "undetermined")
+    assert (ds.attrs["T_ML_quick_side"] == "inside") == np.isfinite(ds.attrs["T_ML_quick"])
 
 
 @pytest.mark.parametrize("objective,estimator", [("dcl", "exact"), ("m_ebm", "exact"), ("j_ebm", "exact"),

@@ -26,6 +26,7 @@ from .data import load_data
 from .errors import ThermoEBMError, TrainingDiverged
 from .fileio import file_lock, lock_path, remove_stale_tmp
 from .models import build_model
+from .likelihood import quick_t_ml
 from .objectives import loss_terms, needs
 from .progress import progress_bar
 from .results import annotate_training, provenance, write_group
@@ -79,6 +80,7 @@ class Trainer:
         self.guard = DivergenceGuard(cfg.max_energy_gap)
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
         self.lr = cfg.lr
+        self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
 
     # ---------------------------------------------------------------- state capture / restore
     def capture(self) -> dict:
@@ -205,7 +207,9 @@ class Trainer:
             "kind": "training", "config": json.dumps(asdict(self.cfg)), "split_note": self.data.note,
             "classes": json.dumps(self.data.classes), "rollbacks": self.rollbacks,
             "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
-            "training_temperature": training_temperature(asdict(self.cfg)), **provenance()}))
+            "training_temperature": training_temperature(asdict(self.cfg)),
+            "T_ML_quick": self.t_ml[0], "T_ML_quick_err": self.t_ml[1], "T_ML_quick_side": self.t_ml[2],
+            **provenance()}))
 
     def save(self):
         """History first, then checkpoint: the results file always holds every step of the checkpoint.
@@ -275,12 +279,26 @@ class Trainer:
                              self.step, acc, ce, f", samples {grid}" if grid else "")
                 self.save()
                 snapshot = self.capture()
+        if dist.is_main() and self.cfg.objective != "dcl":
+            self.t_ml = self.quick_t_ml()
         self.save()
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
                 "heldout_acc": self.history.last("heldout_acc"),
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0]}
+
+    def quick_t_ml(self):
+        """T_ML / T_train from held-out-seeded chains (likelihood.quick_t_ml), logged; (value, SE, side)."""
+        from .ensembles import Ensemble
+        ens = Ensemble("marginal" if self.cfg.objective == "m_ebm" else "joint", self.data.n_classes)
+        g = torch.Generator(device=self.dev).manual_seed(self.cfg.seed + 104729)
+        t = quick_t_ml(self.model.eval(), ens, self.data.x_test, training_temperature(asdict(self.cfg)), g, self.dev)
+        self.model.train()
+        where = {"inside": f"T_ML = {t[0]:.3g} ± {t[1]:.2g} T_train", "below": "T_ML below 0.25 T_train",
+                 "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
+        log.info("%s (quick: held-out-seeded chains at 0.25-4 T_train; `measure` gives it with its error bar)", where)
+        return t
 
     def _reseed(self):
         """Data order (shared by all ranks) and chain noise (one stream per rank), both fresh after a
