@@ -4,7 +4,12 @@ Public API: `train` (thermo_ebm.training), `measure` and `MeasureConfig` (thermo
 `evaluate` and `EvalConfig` (thermo_ebm.evaluation), `open_results` (thermo_ebm.results), `ThermoEBMError`
 (every user mistake).
 """
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("thermo-ebm")  # pyproject.toml's, as installed
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from .errors import ThermoEBMError  # noqa: E402
 from .evaluation import EvalConfig, evaluate  # noqa: E402

@@ -183,13 +183,12 @@ def invoked_as(argv):
 
 def provenance() -> dict:
     """Attributes saying how a group was made: command line, UTC time, package versions."""
-    from . import __version__
-    versions = {"thermo_ebm": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "numpy", "scipy", "pymbar", "h5netcdf", "h5py", "xarray"):
+    versions = {"python": platform.python_version()}
+    for pkg in ("thermo-ebm", "torch", "numpy", "scipy", "pymbar", "h5netcdf", "h5py", "xarray"):
         try:
-            versions[pkg] = metadata.version(pkg)
+            versions[pkg.replace("-", "_")] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
+            versions[pkg.replace("-", "_")] = "not installed"
     out = {"Conventions": "CF-1.10", "command_line": shlex.join(_COMMAND_LINE[-1] if _COMMAND_LINE else sys.argv),
            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "working_directory": os.getcwd(),
            "platform": platform.platform(), "versions": json.dumps(versions)}
