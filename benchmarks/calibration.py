@@ -39,10 +39,14 @@ p.add_argument("--systems", default="gauss64,wells64,classgauss16,neural2d,rotat
 p.add_argument("--engine", default="ais", choices=["ais", "smc"])
 p.add_argument("--populations", type=int, default=None, help="smc_populations (default: MeasureConfig's)")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--budget", default="", help="extra MeasureConfig fields, e.g. bridge_chains=512,smc_chains=2048")
 p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 extra = {} if args.populations is None else {"smc_populations": args.populations}
+for item in filter(None, args.budget.split(",")):
+    k, v = item.split("=")
+    extra[k] = int(v) if v.isdigit() else float(v)
 
 rows, summary = [], []
 for name in args.systems.split(","):

@@ -72,6 +72,7 @@ class ForwardResult:
     """Forward AIS from uniform: log-weights and energies per sweep beta, resampled states, diagnostics."""
     logw: torch.Tensor           # [T, N] log-weights at each sweep beta (ascending beta order)
     energy: torch.Tensor         # [T, N] <E | x> of each chain at each sweep beta
+    energy2: torch.Tensor        # [T, N] <E^2 | x>
     states: MalaState            # resampled states, [T * n_keep, ...], grouped by sweep beta
     accept: torch.Tensor         # [T] mean acceptance over the annealing segment ending at each sweep beta
     nonfinite: torch.Tensor      # [T] number of non-finite proposal densities in that segment
@@ -103,12 +104,13 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
         if is_sweep[k]:
             lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw)
             logws.append(lw.clone())
-            energies.append(ensemble.energy_moments(state.logits, b)[0].double())
+            energies.append(torch.stack(ensemble.energy_moments(state.logits, b)).double())
             idx = torch.multinomial(torch.softmax(lw, 0).float(), n_keep, replacement=True, generator=generator)
             kept.append(take(state, idx))
             seg += 1
     states = MalaState(*(torch.cat([getattr(s, f) for s in kept]) for f in MalaState._fields))
-    return ForwardResult(torch.stack(logws), torch.stack(energies), states, acc_sum / acc_n.clamp_min(1), bad)
+    en = torch.stack(energies)
+    return ForwardResult(torch.stack(logws), en[:, 0], en[:, 1], states, acc_sum / acc_n.clamp_min(1), bad)
 
 
 def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning, *, n_steps, generator,

@@ -355,6 +355,7 @@ class BridgeResult:
     """The counted data-seeded anneal: log-weights, energies, p_T(y|x), resampled states, diagnostics."""
     logw: torch.Tensor       # [G, n] log-weights: log Z(beta_t) estimates relative to the normalised q_t
     energy: torch.Tensor     # [G, n] <E | x> at beta_t of each chain at the end
+    energy2: torch.Tensor    # [G, n] <E^2 | x>
     p_y: torch.Tensor        # [G, n, K] p_T(y | x) (joint ensemble; K = 1 column of ones otherwise)
     states: MalaState        # [G * n_keep] states resampled by weight, grouped by beta
     accept: torch.Tensor     # [G] mean acceptance
@@ -386,12 +387,12 @@ def run_bridge(model, ensemble, shape, base: KernelBase, betas, lam, step, *, n_
         acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
         bad += (~info.finite).float().reshape(g, n_chains).sum(1)
     lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
-    e = ensemble.energy_moments(state.logits, beta)[0]
+    e, e2 = ensemble.energy_moments(state.logits, beta)
     p_y = (torch.softmax(beta[:, None] * state.logits, -1) if ensemble.kind == "joint"
            else torch.ones_like(state.logits[:, :1]))
     idx = torch.multinomial(torch.softmax(lw, 1).float(), n_keep, replacement=True, generator=generator)
     idx = (idx + n_chains * torch.arange(g, device=device)[:, None]).reshape(-1)
     kept = take(MalaState(state.x, state.logits, state.ugrad), idx)
-    return BridgeResult(lw, e.double().reshape(g, -1),
+    return BridgeResult(lw, e.double().reshape(g, -1), e2.double().reshape(g, -1),
                         p_y.double().reshape(g, n_chains, -1), kept,
                         acc_sum / max(lam.shape[0] - 1, 1), bad, resampled / (g * n_chains // pop))

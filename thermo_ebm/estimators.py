@@ -46,6 +46,54 @@ def weighted_mean(logw, values, n_replicas: int):
     return est, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
 
 
+def weighted_heat(logw, u, m2, betas, n_replicas: int):
+    """C = beta^2 (E_w[<E^2 | x>] - E_w[<E | x>]^2) from importance weights logw [T, N] and per-chain moments
+    u, m2 [T, N] at betas [T]; SE from independent replicas (the spread of their C over sqrt(R))."""
+    logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
+    b2 = np.asarray(betas, dtype=np.float64)[:, None] ** 2
+
+    def heat(lw, a, a2):
+        w = np.exp(lw - lw.max(-1, keepdims=True))
+        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+        mu = (w * a).sum(-1)
+        return b2[..., 0] * ((w * a2).sum(-1) - mu * mu)
+    c = heat(logw, u, m2)
+    r, k = replica_split(logw.shape[-1], n_replicas)
+    reps = np.stack([heat(logw[:, i * (k // r):(i + 1) * (k // r)], u[:, i * (k // r):(i + 1) * (k // r)],
+                          m2[:, i * (k // r):(i + 1) * (k // r)]) for i in range(r)], -1)
+    return c, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+
+
+def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
+    """What the sweep chains miss: the annealing weights' share of U and C at energies outside the range
+    [lo, hi] [T] the sweep chains visited. A phase holding a fraction m of the mass at an energy gap dE adds
+    about m dE to U and m dE^2 beta^2 to C; below m ~ 1 / chains no sweep chain sits there and the jackknife SE
+    cannot see it. dU = U_w - U_w(inside), dC = C_w - C_w(inside), weighted by logw [T, N] over particles with
+    <E | x> = u and <E^2 | x> = m2 [T, N]; zero when every particle lies inside. SEs from independent replicas.
+    Returns (dU, dU_se, dC, dC_se, mass outside), each [T]."""
+    logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
+    b2 = np.asarray(betas, dtype=np.float64) ** 2
+    lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]
+
+    def parts(lw, a, a2):
+        w = np.exp(lw - lw.max(-1, keepdims=True))
+        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+        inside = (a >= lo) & (a <= hi)
+        wi = w * inside
+        wi = wi / np.maximum(wi.sum(-1, keepdims=True), 1e-300)
+        u_all, u_in = (w * a).sum(-1), (wi * a).sum(-1)
+        c_all = b2 * ((w * a2).sum(-1) - u_all ** 2)
+        c_in = b2 * ((wi * a2).sum(-1) - u_in ** 2)
+        return np.stack([u_all - u_in, c_all - c_in, (w * ~inside).sum(-1)])
+    est = parts(logw, u, m2)
+    r, k = replica_split(logw.shape[-1], n_replicas)
+    m = k // r
+    reps = np.stack([parts(logw[:, i * m:(i + 1) * m], u[:, i * m:(i + 1) * m], m2[:, i * m:(i + 1) * m])
+                     for i in range(r)], -1)
+    se = np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+    return est[0], se[0], est[1], se[1], est[2]
+
+
 def label_entropy(logw, p_y, n_replicas):
     """H(Y) in bits of p_T(y) = E_w[p_T(y | x)] from importance weights logw [T, N] and p_y [T, N, K]; SE from
     independent replicas, as `weighted_mean`."""

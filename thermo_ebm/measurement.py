@@ -28,7 +28,7 @@ from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_chec
 from .config import MeasureConfig
 from .ensembles import Ensemble
 from .errors import ThermoEBMError
-from .estimators import (delta_log_mean_se, derivative, has_interior_max, heavy_tail_limit, integrated_autocorr_time, jackknife,
+from .estimators import (missed_phase, weighted_heat, delta_log_mean_se, derivative, has_interior_max, heavy_tail_limit, integrated_autocorr_time, jackknife,
                          jackknife_cov, label_entropy, log_mean_weight, logmeanexp, parabola_peak, pareto_k, peak_position,
                          population_weights, replica_split, weighted_mean)
 from .likelihood import HeldOut, heldout_likelihood, resolve_heldout
@@ -275,9 +275,9 @@ def plan(p: Problem, progress=False) -> Plan:
 
 
 # axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
-SHARD_AXES = dict(logw=1, energy=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
+SHARD_AXES = dict(logw=1, energy=1, energy2=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
                   accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
-                  b_logw=1, b_energy=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
+                  b_logw=1, b_energy=1, b_energy2=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
                   b_resampled=0, seconds=0)
 STAGES = ("forward", "data_seeded", "sweep", "reverse")  # `seconds` columns: wall time of each stage per shard
 
@@ -320,7 +320,8 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     res = bridge.run_bridge(p.net, p.ens, p.shape, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
                             n_keep=cfg.chains // cfg.shards, pop=pop, generator=gen, device=p.device, kernel=p.kernel,
                             progress=progress)
-    out = dict(b_logw=res.logw.cpu().numpy(), b_energy=res.energy.cpu().numpy(), b_p_y=res.p_y.cpu().numpy(),
+    out = dict(b_logw=res.logw.cpu().numpy(), b_energy=res.energy.cpu().numpy(), b_energy2=res.energy2.cpu().numpy(),
+               b_p_y=res.p_y.cpu().numpy(),
                b_accept=res.accept.cpu().numpy()[None], b_nonfinite=res.nonfinite.cpu().numpy()[None],
                b_steps=np.array([n_steps]), b_length=length[None], b_shares=bt.shares[None],
                b_resampled=np.array([res.resampled]))
@@ -335,7 +336,7 @@ def _smc_forward(p: Problem, pl: Plan, n_keep: int, gen, progress) -> ais.Forwar
                   pop=cfg.smc_chains // cfg.smc_populations, generator=gen, device=p.device, progress=progress)
     states = [smc.resampled_states(p.net, p.ens, p.shape, q, lw, 1, n_keep, gen) for q, lw in zip(res.particles, res.logw)]
     states = MalaState(*(torch.cat([getattr(s, f) for s in states]) for f in MalaState._fields))
-    return ais.ForwardResult(res.logw, res.energy, states, res.accept[:, 0], res.nonfinite[:, 0])
+    return ais.ForwardResult(res.logw, res.energy, res.energy2, states, res.accept[:, 0], res.nonfinite[:, 0])
 
 
 def _smc_from_data(p: Problem, base, shares, gen, progress):
@@ -354,6 +355,7 @@ def _smc_from_data(p: Problem, base, shares, gen, progress):
     q, lw = res.particles[0], res.logw[0]
     beta = path.beta
     out = dict(b_logw=lw.reshape(n_t, n).cpu().numpy(), b_energy=res.energy[0].reshape(n_t, n).cpu().numpy(),
+               b_energy2=res.energy2[0].reshape(n_t, n).cpu().numpy(),
                b_p_y=torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
                b_accept=res.accept[0].numpy()[None], b_nonfinite=res.nonfinite[0].numpy()[None],
                b_steps=np.array([len(sched.lambdas)]), b_length=np.full((1, n_t), np.nan),
@@ -381,7 +383,7 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
                               n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep, mcmc_steps=cfg.ais_mcmc,
                               generator=gen, device=p.device, progress=progress, kernel=p.kernel)
     n_t = len(betas)
-    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(),
+    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(), energy2=fwd.energy2.cpu().numpy(),
                ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
     init = fwd.states  # [T * c] without data
     lap()
@@ -497,20 +499,28 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
         seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, n_rep, smc_run)
     rep = seeded or fwd
     log_z, log_z_se = rep.value, rep.se
+    # C from the annealing weights (which carry a rare phase's mass that a few sweep chains cannot hold)
+    w_src = ((pooled["b_logw"], pooled["b_energy"], pooled["b_energy2"]) if seeded
+             else (pooled["logw"], pooled["energy"], pooled["energy2"]))
+    c_w, c_w_se = weighted_heat(*w_src, betas, n_rep)
+    # ... and their share at energies the sweep chains never visited (a phase too rare for them to hold)
+    lo, hi = pooled["u_trace"].min(axis=(0, 2)), pooled["u_trace"].max(axis=(0, 2))
+    du, du_se, dc, dc_se, m_out = missed_phase(*w_src, lo, hi, betas, n_rep)
 
     # ---- sweep estimators: jackknife over chains (independent blocks)
     names = stat_names(ens)
     blocks = pooled["chain_means"]
     iu, im2 = names.index("u"), names.index("m2")
     U, U_se = jackknife(blocks, lambda m: m[..., iu])
+    U, U_se = U + du, np.sqrt(U_se ** 2 + du_se ** 2)  # plus what the chains miss (zero when they miss nothing)
 
     def heat(m):
         b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
         return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
     # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
     # all of it, since C at neighbouring T is positively correlated through the swaps
-    C_cov = jackknife_cov(blocks, heat)
-    C, C_se = heat(blocks.mean(axis=1)), np.sqrt(np.diag(C_cov))
+    C_cov = jackknife_cov(blocks, heat) + np.diag(dc_se ** 2)
+    C, C_se = heat(blocks.mean(axis=1)) + dc, np.sqrt(np.diag(C_cov))
     t_asc = 1.0 / betas[::-1]
     peak = peak_position(t_asc, C[::-1], C_cov[::-1, ::-1], seed=p.seed)
     S = betas * U + log_z
@@ -551,6 +561,8 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
         "log_Z_gap": (log_z_rev - log_z, np.sqrt(log_z_rev_se ** 2 + log_z_se ** 2)),
         "log_Z_forward": (fwd.value, fwd.se),
         "U_resid": (U - rep.u, np.sqrt(U_se ** 2 + rep.u_se ** 2)),
+        "C_anneal_resid": (C - c_w, np.sqrt(C_se ** 2 + c_w_se ** 2)),
+        "U_missed": (du, du_se), "C_missed": (dc, dc_se),
         "C_resid": (C - dU, np.sqrt(C_se ** 2 + dU_se ** 2)),
     }
     if seeded is not None:
@@ -607,7 +619,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
              "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
     # the sweep chains disagree with the annealing weights on U: the chains hold the wrong mix of phases
     ur, ur_se = th.diag["U_resid"]
-    flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
+    cr, cr_se = th.diag["C_anneal_resid"]  # ... or hold a different energy spread (a rare phase missed)
+    flags["flag_inconsistent"] = (np.abs(ur) > HYSTERESIS_Z * ur_se) | (np.abs(cr) > HYSTERESIS_Z * cr_se)
     if th.label_z is not None:  # ... or split the mass between the classes differently
         flags["flag_inconsistent"] |= th.label_z > HYSTERESIS_Z
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
@@ -632,8 +645,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
               "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
-              "flag_inconsistent": "U (U_resid) or, joint with data, p_T(y) (label_mix_z) of the sweep chains and of "
-                                   "the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
+              "flag_inconsistent": "U (U_resid), C (C_anneal_resid) or, joint with data, p_T(y) (label_mix_z) of the "
+                                   "sweep chains and of the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
                                    "a longer sweep (--burn-in) or more chains",
               "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
                                  "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}

@@ -141,7 +141,9 @@ def thermo_figure(runs, out):
                              xy=(peak[0], float(np.nanmax(ds.C.values))), xytext=(4, -22),
                              textcoords="offset points", fontsize=7, color=col)
         elif r == 0:
-            axes[3].text(0.97, 0.95, "no interior peak in this range", transform=axes[3].transAxes, ha="right",
+            from .report import peak_outside
+            where = peak_outside(ds).split(": ", 1)[1].split(" (")[0]
+            axes[3].text(0.97, 0.95, f"peak: {where}", transform=axes[3].transAxes, ha="right",
                          va="top", fontsize=7, color="0.35")
         _diagnostics(ax_gap, ax_res, ds, col, r == 0)
         if ds.attrs.get("ensemble") == "joint":

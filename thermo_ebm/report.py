@@ -146,6 +146,21 @@ def _likelihood_lines(ds, rows) -> list:
     return lines
 
 
+def peak_outside(ds) -> str:
+    """Where the heat-capacity maximum lies when it is not inside the measured range."""
+    t, c = ds.temperature.values, ds.C.values
+    if len(t) < 2 or not np.all(np.isfinite(c)):
+        return "heat-capacity peak: none inside the temperature range"
+    i = int(np.argmax(c))
+    if i == 0:
+        return (f"heat-capacity peak: below the range (C rises towards the lowest temperature, {c[0]:.4g} at "
+                f"T = {t[0]:g}); measure lower, or let --temps auto find it")
+    if i == len(t) - 1:
+        return (f"heat-capacity peak: above the range (C rises towards the highest temperature, {c[-1]:.4g} at "
+                f"T = {t[-1]:g}); measure higher, or let --temps auto find it")
+    return "heat-capacity peak: none inside the temperature range"
+
+
 def _flags(ds, i):
     return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
 
@@ -209,7 +224,7 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
                 doc["groups"][name]["C_peak_flag"] = bad
                 lines.append((f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}"
                               + (" (flagged: C is flagged at or next to its maximum)" if bad else ""))
-                             if np.isfinite(t_star) else "heat-capacity peak: none inside the temperature range")
+                             if np.isfinite(t_star) else peak_outside(ds))
             refs = reference_temperatures(ds, t_cal)
             doc["groups"][name]["reference_temperatures"] = {k: {"value": v, "se": e, "note": n.strip()}
                                                              for k, (v, e, n) in refs.items()}

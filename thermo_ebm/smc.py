@@ -80,8 +80,8 @@ class Tempering:
         return lam[:, None].to(p.gp.dtype) * p.gp
 
     def energy(self, p: Particles, lam):
-        """<E | x> at the chains' beta (lambda); [N] float64."""
-        return self.ens.energy_moments(p.logits, lam.to(p.logits.dtype))[0].double()
+        """(<E | x>, <E^2 | x>) at the chains' beta (lambda); [2, N] float64."""
+        return torch.stack(self.ens.energy_moments(p.logits, lam.to(p.logits.dtype))).double()
 
 
 class Bridge:
@@ -117,8 +117,8 @@ class Bridge:
         return (1.0 - lam) * p.gq + lam * p.gp
 
     def energy(self, p: Particles, lam):
-        """<E | x> at the group's beta; [N] float64."""
-        return self.ens.energy_moments(p.logits, self.beta)[0].double()
+        """(<E | x>, <E^2 | x>) at the group's beta; [2, N] float64."""
+        return torch.stack(self.ens.energy_moments(p.logits, self.beta)).double()
 
 
 def hmc_move(path, p: Particles, lam, eps, scale, n_leap, generator):
@@ -287,9 +287,11 @@ def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr,
 @dataclass
 class Result:
     """Counted SMC at every stop: per-chain log-weights whose logmeanexp over a population estimates
-    log Z of gamma at the stop (relative to the start's normaliser), <E | x>, resampled states, diagnostics."""
+    log Z of gamma at the stop (relative to the start's normaliser), <E | x> and <E^2 | x>, resampled states,
+    diagnostics."""
     logw: torch.Tensor       # [P, N]
     energy: torch.Tensor     # [P, N]
+    energy2: torch.Tensor    # [P, N] <E^2 | x>
     particles: list          # [P] Particles at each stop (all chains)
     accept: torch.Tensor     # [P, G] mean acceptance over the stages ending at each stop
     nonfinite: torch.Tensor  # [P, G]
@@ -325,7 +327,8 @@ def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, de
             k += 1
             if k == len(stops):
                 break
-    return Result(torch.stack(logws), torch.stack(energies), kept, acc_sum / acc_n.clamp_min(1), bad, n_res)
+    en = torch.stack(energies)
+    return Result(torch.stack(logws), en[:, 0], en[:, 1], kept, acc_sum / acc_n.clamp_min(1), bad, n_res)
 
 
 def resampled_states(model, ensemble, shape, p: Particles, logw, groups, n_keep, generator):
