@@ -84,7 +84,7 @@ def test_ddp_ebm_training_and_resume(tmp_path):
     assert codes == [0, 0], outs[0][1][-2000:]
     st = load_checkpoint("checkpoints/j.pt")
     assert st["world"] == 2 and len(st["ranks"]) == 2
-    b0, b1 = (r["buffers"]["joint/x"] for r in st["ranks"])
+    b0, b1 = (r["buffers"]["marginal/x"] for r in st["ranks"])  # j_ebm exact: marginal chains
     assert b0.shape[0] == b1.shape[0] == 64 and not torch.equal(b0, b1)  # each rank keeps its own shard
     codes, outs = launch(["train", "--name", "j", "--resume", "--max-steps", "16"])
     assert codes == [0, 0], outs[0][1][-2000:]
