@@ -352,3 +352,15 @@ def test_messages_name_command_line_options():
         measure(TruncatedGaussian(2), [1.0], max_time=-1, data=None)
     with pytest.raises(thermo_ebm.ThermoEBMError, match=r"--ais-chains \(ais_chains\) must be a positive integer"):
         measure(TruncatedGaussian(2), [1.0], ais_chains=0, data=None)
+
+
+def test_unwritable_folders_are_refused_before_any_work(tmp_path, small_measurement):
+    """train and plot check their output folders first (a file where a folder should be: refused even as root)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, err = run_cli(["train", "--dataset", "digits", "--checkpoint-dir", str(blocker / "ck"), "--epochs", "1"])
+    assert code == 2 and "not a writable folder" in err and len(err.strip().splitlines()) == 1
+    _, _, ds = small_measurement
+    save_measurement(ds, tmp_path / "r.h5")
+    code, err = run_cli(["plot", str(tmp_path / "r.h5"), "--out", str(blocker / "fig.png")])
+    assert code == 2 and "not a writable folder" in err

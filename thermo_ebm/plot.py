@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import ThermoEBMError  # noqa: E402
+from .fileio import check_writable_folder  # noqa: E402
 from .estimators import has_interior_max, parabola_peak  # noqa: E402
 from .results import groups_of_kind, list_groups, read_group  # noqa: E402
 
@@ -353,6 +354,7 @@ def plot_files(files, out=None, fmt="png", groups=None):
             raise ThermoEBMError(f"{f} has no measurement or training group (run `thermo-ebm measure` or `train`)")
     stem = Path(out) if out else files[0].with_suffix("")
     stem = stem.with_suffix("") if stem.suffix in (".png", ".pdf") else stem
+    check_writable_folder(stem.with_suffix(f".{fmt}"), "figure")  # before any figure is drawn
     written = []
     runs = _measurements([f for f in files if "measurement" in kinds[f]], groups)
     if runs:

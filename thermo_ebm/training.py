@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint,
 from .config import TrainConfig, parse_labels
 from .data import load_data
 from .errors import ThermoEBMError, TrainingDiverged
-from .fileio import file_lock, lock_path, remove_stale_tmp
+from .fileio import check_writable_folder, file_lock, lock_path, remove_stale_tmp
 from .models import build_model
 from .likelihood import quick_t_ml
 from .objectives import loss_terms, needs
@@ -374,6 +374,8 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     cfg.check_name()  # before the lock file is named after it
+    for path, what in zip(cfg.paths(), ("checkpoint", "results file")):  # a read-only folder: refused now
+        check_writable_folder(path, what)
     # one process at a time per run name: a second `train` of the same run would clobber the first's files
     run = Path(cfg.checkpoint_dir) / f"{cfg.name}.run"
     lock = file_lock(run, timeout=0.0, busy=f"another process is training run {cfg.name!r} "
