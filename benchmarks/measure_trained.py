@@ -40,8 +40,9 @@ ckpt = a.ckpt
 if ckpt is None:
     ckpt = "checkpoints/demo.pt"
     if not Path(ckpt).exists():  # the `make demo` training run
+        # the model docs/estimators.md and README record: j_ebm with class-conditional chains
         train(name="demo", objective="j_ebm", dataset="digits", epochs=15, buffer_size=1000, lr_schedule="cosine",
-              progress=False)
+              joint_estimator="chains", progress=False)
 units = "train"
 temps = np.round(np.arange(0.5, 2.0001, 0.1), 3)
 if a.raw_temps:

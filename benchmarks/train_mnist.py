@@ -16,7 +16,8 @@ from thermo_ebm.training import train
 # m_ebm sampler usable (0.867 after 20 epochs, 0.906 after 40; fixed labels 0.52); trials in docs/training.md.
 SETTINGS = {
     "dcl": dict(arch="cnn", epochs=10),
-    "j_ebm": dict(lr=3e-4, joint_labels="gibbs", sgld_step=1.0, sgld_noise=0.01, lr_schedule="cosine", epochs=70),
+    "j_ebm": dict(lr=3e-4, joint_labels="gibbs", sgld_step=1.0, sgld_noise=0.01, lr_schedule="cosine", epochs=70,
+                  joint_estimator="chains"),
     "gcl": dict(lr=1e-3, lr_schedule="cosine", epochs=20),
     "m_ebm": dict(lr=1e-4, sgld_step=1.0, sgld_noise=0.01, lr_schedule="cosine", epochs=20),
 }

@@ -41,7 +41,7 @@ def test_hmc_move_keeps_a_box_truncated_target():
     for _ in range(60):
         p, info = smc.hmc_move(path, p, lam, torch.full((n,), 0.6), torch.full((n, 4), 0.7), 6, g)
         acc.append(info.accepted.float().mean().item())
-    e = path.energy(p, lam).numpy()
+    e = path.energy(p, lam)[0].numpy()
     exact = system.exact([0.5])["U"][0]
     assert 0.3 < np.mean(acc) < 0.99
     assert abs(e.mean() - exact) < 4 * e.std() / np.sqrt(n), (e.mean(), exact)
