@@ -619,8 +619,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
              "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
     # the sweep chains disagree with the annealing weights on U: the chains hold the wrong mix of phases
     ur, ur_se = th.diag["U_resid"]
-    cr, cr_se = th.diag["C_anneal_resid"]  # ... or hold a different energy spread (a rare phase missed)
-    flags["flag_inconsistent"] = (np.abs(ur) > HYSTERESIS_Z * ur_se) | (np.abs(cr) > HYSTERESIS_Z * cr_se)
+    flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
     if th.label_z is not None:  # ... or split the mass between the classes differently
         flags["flag_inconsistent"] |= th.label_z > HYSTERESIS_Z
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
@@ -645,7 +644,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
               "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
-              "flag_inconsistent": "U (U_resid), C (C_anneal_resid) or, joint with data, p_T(y) (label_mix_z) of the "
+              "flag_inconsistent": "U (U_resid) or, joint with data, p_T(y) (label_mix_z) of the "
                                    "sweep chains and of the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
                                    "a longer sweep (--burn-in) or more chains",
               "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
