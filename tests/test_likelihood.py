@@ -10,7 +10,8 @@ from thermo_ebm.errors import ThermoEBMError
 from thermo_ebm.likelihood import dequantise, grid_levels, t_ml_root
 from thermo_ebm.testing import ModeSwitch, RotatedGaussian
 
-FAST = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300, reverse_steps=100, mbar=False)
+FAST = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300,
+            reverse_steps=100, mbar=False, reference_steps=200, gauss_refs=128, crosscheck_steps=3000)
 
 
 def _flagged(ds, what):
