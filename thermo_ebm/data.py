@@ -161,3 +161,27 @@ def load_data(name: str, data_dir="data", labels=None, noise: float = 0.0) -> Da
                  "noise": float(noise)})
     log.info("data: %s; %d train / %d held out, classes %s", note, len(data.y_train), len(data.y_test), keep)
     return data
+
+
+def load_states_file(path, what: str, choices: str):
+    """The object a .pt file of states holds (torch.load, weights only); one-line errors naming `what`
+    ("data", "held-out") and the accepted `choices`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ThermoEBMError(f"{what} file not found: {p} (use {choices} or a .pt file of states [M, *shape])")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ThermoEBMError(f"cannot read {what} file {p}: not a tensor file written by torch.save") from None
+
+
+def check_states(states, shape, what: str) -> torch.Tensor:
+    """States [M, *shape] or [M, D] (tensor or array) as float32 [M, D], finite and in the box [-1, 1]."""
+    x = torch.as_tensor(np.asarray(states) if not isinstance(states, torch.Tensor) else states).float()
+    d = int(np.prod(shape))
+    if x.ndim < 2 or len(x) == 0 or (tuple(x.shape[1:]) != tuple(shape) and tuple(x.shape[1:]) != (d,)):
+        raise ThermoEBMError(f"{what} states must have shape [M, {', '.join(map(str, shape))}], got {list(x.shape)}")
+    x = x.reshape(-1, d)
+    if not torch.isfinite(x).all() or x.abs().max() > 1.0:
+        raise ThermoEBMError(f"{what} states must be finite and lie in the box [-1, 1]")
+    return x

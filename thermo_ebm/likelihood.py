@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .data import check_states, load_states_file
 from .errors import ThermoEBMError
 
 log = logging.getLogger("thermo_ebm")
@@ -85,15 +86,8 @@ def resolve_heldout(heldout, shape, ckpt, path, n_classes, seed, n_max=None) -> 
         return sets[0], sets[1]
     src = "array"
     if isinstance(heldout, (str, bytes)) or hasattr(heldout, "__fspath__"):
-        from pathlib import Path
-        p = Path(heldout)
-        if not p.is_file():
-            raise ThermoEBMError(f"held-out file not found: {p} (use auto, none or a .pt file of states [M, *shape])")
-        try:
-            heldout = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:
-            raise ThermoEBMError(f"cannot read held-out file {p}: not a tensor file written by torch.save") from None
-        src = str(p)
+        src = str(heldout)
+        heldout = load_states_file(heldout, "held-out", "auto, none")
     y = None
     if isinstance(heldout, dict):
         heldout, y = heldout.get("x"), heldout.get("y")
@@ -101,12 +95,7 @@ def resolve_heldout(heldout, shape, ckpt, path, n_classes, seed, n_max=None) -> 
         heldout, y = heldout
     if heldout is None:
         raise ThermoEBMError(f"{src} holds no held-out states (a tensor [M, *shape] or a dict with key 'x')")
-    x = torch.as_tensor(np.asarray(heldout) if not isinstance(heldout, torch.Tensor) else heldout).float()
-    if x.ndim < 2 or len(x) == 0 or (tuple(x.shape[1:]) != tuple(shape) and tuple(x.shape[1:]) != (d,)):
-        raise ThermoEBMError(f"held-out states must have shape [M, {', '.join(map(str, shape))}], got {list(x.shape)}")
-    x = x.reshape(-1, d)
-    if not torch.isfinite(x).all() or x.abs().max() > 1.0:
-        raise ThermoEBMError("held-out states must be finite and lie in the box [-1, 1]")
+    x = check_states(heldout, shape, "held-out")
     if y is not None:
         y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().reshape(-1)
         if len(y) != len(x) or (y < 0).any() or (y >= n_classes).any():

@@ -32,6 +32,7 @@ from .estimators import (missed_phase, weighted_heat, delta_log_mean_se, derivat
                          jackknife_cov, label_entropy, log_mean_weight, logmeanexp, parabola_peak, pareto_k, peak_position,
                          population_weights, replica_split, weighted_mean)
 from .likelihood import HeldOut, heldout_likelihood, resolve_heldout
+from .data import check_states, load_states_file
 from .models import EBM, ScaledLogits
 from .results import annotate, file_sha256, provenance
 from .rng import stream_seed
@@ -150,24 +151,12 @@ def resolve_data(data, shape, ckpt, path):
         return _checkpoint_data(ckpt, path)
     src = "array"
     if isinstance(data, (str, Path)):
-        p = Path(data)
-        if not p.is_file():
-            raise ThermoEBMError(f"data file not found: {p} (use none, auto or a .pt file of states [M, *shape])")
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:
-            raise ThermoEBMError(f"cannot read data file {p}: not a tensor file written by torch.save") from None
+        src = str(data)
+        obj = load_states_file(data, "data", "none, auto")
         data = obj.get("x") if isinstance(obj, dict) else obj
-        src = str(p)
         if not isinstance(data, torch.Tensor):
-            raise ThermoEBMError(f"{p} holds no tensor of states (a tensor [M, *shape] or a dict with key 'x')")
-    x = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).float()
-    d = int(np.prod(shape))
-    if x.ndim < 2 or len(x) == 0 or (tuple(x.shape[1:]) != tuple(shape) and tuple(x.shape[1:]) != (d,)):
-        raise ThermoEBMError(f"data states must have shape [M, {', '.join(map(str, shape))}], got {list(x.shape)}")
-    x = x.reshape(-1, d)
-    if not torch.isfinite(x).all() or x.abs().max() > 1.0:
-        raise ThermoEBMError("data states must be finite and lie in the box [-1, 1]")
+            raise ThermoEBMError(f"{src} holds no tensor of states (a tensor [M, *shape] or a dict with key 'x')")
+    x = check_states(data, shape, "data")
     return x, f"{len(x)} states ({src})"
 
 
