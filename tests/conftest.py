@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# one thread per pytest-xdist worker (make test runs one worker per core), two when run alone
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 HAVE_MNIST = (SHARED / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file()
