@@ -24,7 +24,7 @@ p.add_argument("--data-temp", default="1.0")
 p.add_argument("--out", default=str(Path(__file__).parent / "results" / "smc_d784.json"))
 args = p.parse_args()
 torch.set_num_threads(2)
-temps = [float(t) for t in args.temps.split(",")]
+temps = sorted(float(t) for t in args.temps.split(","))  # measure reports ascending temperatures
 system = DigitMixture()
 exact = system.exact(temps, "joint")
 data = None if args.data_temp == "none" else system.sample(float(args.data_temp), 2000, seed=args.seed)[0]

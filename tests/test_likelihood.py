@@ -15,7 +15,7 @@ FAST = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300,
 
 
 def _flagged(ds, what):
-    from thermo_ebm.measurement import AFFECTS
+    from thermo_ebm.analysis.flags import AFFECTS
     out = np.zeros(ds.sizes["temperature"], bool)
     for f, text in AFFECTS.items():
         if f in ds and (what in text or text.startswith("all")):

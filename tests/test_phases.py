@@ -196,7 +196,7 @@ def test_smc_resampling_keeps_each_population_estimate():
 def test_label_mix_check_compares_sweep_and_weights_on_arrays():
     """_label_mix_z: sweep chains and data-seeded weights that split the mass between classes alike give
     |z| < 4; weights that put it on another class give z >> 4."""
-    from thermo_ebm.measurement import _label_mix_z
+    from thermo_ebm.analysis.thermo import _label_mix_z
     rng = np.random.default_rng(0)
     k, n = 4, 64
     p = np.array([0.5, 0.3, 0.2, 0.0])
@@ -214,7 +214,7 @@ def test_label_mix_check_compares_sweep_and_weights_on_arrays():
 
 def test_scale_hint_when_every_temperature_is_flagged():
     from types import SimpleNamespace
-    from thermo_ebm.measurement import scale_hint
+    from thermo_ebm.analysis.flags import scale_hint
     p = SimpleNamespace(units="train", t_train=5e-5)
     every = {"flag_low_ess": np.array([1, 1, 0], bool), "flag_poor_mixing": np.array([0, 1, 1], bool)}
     some = {"flag_low_ess": np.array([1, 0, 0], bool), "flag_poor_mixing": np.array([0, 1, 0], bool)}

@@ -16,7 +16,7 @@ import xarray as xr
 import thermo_ebm
 from thermo_ebm.cli import cli, parse_temps
 from thermo_ebm.config import MeasureConfig, TrainConfig
-from thermo_ebm.measurement import save_measurement
+from thermo_ebm.analysis.dataset import save_measurement
 from thermo_ebm.results import list_groups, open_results, read_group, write_group
 from thermo_ebm.testing import TruncatedGaussian
 
@@ -275,7 +275,7 @@ def test_m_ebm_labels_are_flagged_and_auto_measures_its_marginal(tmp_path, caplo
     conditional sampling say so (a j_ebm gets joint and no warning)."""
     from thermo_ebm import train
     from thermo_ebm.checkpoint import load_checkpoint
-    from thermo_ebm.measurement import resolve_ensemble
+    from thermo_ebm.analysis.inputs import resolve_ensemble
     from thermo_ebm.sample import sample_to_png
     out = train(name="m", objective="m_ebm", dataset="digits", epochs=1, max_steps=2, batch_size=32, buffer_size=64,
                 mc_steps=2, model_size=16, checkpoint_dir=str(tmp_path / "c"), results_dir=str(tmp_path / "r"),

@@ -66,6 +66,7 @@ def test_divergence_signals_are_explicit():
 def test_rollback_reseeds_each_rank_differently():
     """After a rollback the chain noise still differs between ranks (it is seeded from (seed, rank,
     rollbacks)); the data order stays shared."""
+    from thermo_ebm import train_state
     from thermo_ebm.training import Trainer, TrainConfig, training_seeds
     for rollbacks in range(4):
         (d0, m0), (d1, m1) = training_seeds(0, 0, rollbacks), training_seeds(0, 1, rollbacks)
@@ -76,7 +77,8 @@ def test_rollback_reseeds_each_rank_differently():
         tr = Trainer(TrainConfig(dataset="digits", device="cpu", model_size=16, buffer_size=64, batch_size=16,
                                  on_divergence="rollback").validate(), progress=False)
         tr.rank = rank  # as under torchrun
-        tr._on_divergence("test", tr.capture())
+        tr.snapshot = train_state.capture(tr)
+        tr._on_divergence("test")
         draws.append(torch.randn(4, generator=tr.chains.generator))
     assert not torch.equal(draws[0], draws[1])
 

@@ -297,7 +297,7 @@ def test_peak_se_is_calibrated_under_correlated_errors():
 
 
 def test_heat_capacity_peak_is_flagged_where_c_is():
-    from thermo_ebm.measurement import peak_flagged
+    from thermo_ebm.analysis.flags import peak_flagged
     c = np.array([1.0, 2.0, 5.0, 2.0, 1.0, 0.5])
     none = {"flag_poor_mixing": np.zeros(6, bool), "flag_low_ess": np.ones(6, bool)}  # low ESS does not touch C
     assert not peak_flagged(c, none, 2.0)
@@ -384,3 +384,15 @@ def test_sweep_loop_makes_no_host_synchronising_call(kind):
         out = sweep_loop(model, ens, init, betas, step0, n_burn=4, n_prod=6, exchange=True, thin=2,
                          generator=torch.Generator().manual_seed(1), device="cpu")
     assert out["u_trace"].shape == (6, 32)
+
+
+def test_mbar_is_skipped_only_without_overlap():
+    """Neighbouring temperatures whose samples carry < 2 effective samples of each other (d = 784 at T = 0.5, 1)
+    are named; a 1-d Gaussian at the same temperatures overlaps and is not."""
+    from thermo_ebm.analysis.thermo import _no_overlap
+    rng = np.random.default_rng(0)
+    betas = np.array([0.5, 1.0, 2.0])
+    for d, expect in ((1, None), (784, (2.0, 1.0))):
+        e = np.concatenate([0.5 * (rng.normal(size=(400, d)) ** 2).sum(1) / b for b in betas])  # E ~ chi2_d T / 2
+        u_kn = betas[:, None] * e[None, :]
+        assert _no_overlap(u_kn, 400, betas) == expect, d

@@ -266,7 +266,8 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
     from .checkpoint import check_checkpoint_file
-    from .measurement import measure as run, save_measurement
+    from .analysis.dataset import save_measurement
+    from .measurement import measure as run
     from .results import check_group, reserve_group
     t = parse_temps(temps)
     check_checkpoint_file(ckpt)

@@ -43,6 +43,12 @@ class LogProgress:
     def close(self):
         pass
 
+    def __enter__(self):  # `with progress_bar(...) as bar:` closes it as tqdm does
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 class _Off(LogProgress):
     def update(self, n=1):
@@ -51,7 +57,7 @@ class _Off(LogProgress):
 
 def progress_bar(iterable=None, *, enabled=True, total=None, desc="", initial=0, leave=False):
     """A tqdm bar on a terminal, LogProgress elsewhere, a silent stand-in when disabled; iterate it or
-    call update/set_postfix/close."""
+    call update/set_postfix/close (or use it in a `with` block)."""
     quiet = not enabled or _env_disabled() or log.getEffectiveLevel() > logging.INFO
     if quiet:
         return _Off(iterable, total=total, desc=desc, initial=initial)

@@ -320,17 +320,18 @@ def _set_units(var, units):
 
 def annotate_training(ds: xr.Dataset) -> xr.Dataset:
     """long_name and units (CF) on every variable of a training group."""
-    for name in list(ds.variables):
+    def describe(name):
         pop, _, rest = name.partition("_")
         if name in TRAINING:
-            long_name, units = TRAINING[name]
-        elif pop in ("joint", "marginal") and rest in TRAINING_POPULATION:
+            return TRAINING[name]
+        if pop in ("joint", "marginal") and rest in TRAINING_POPULATION:
             long_name, units = TRAINING_POPULATION[rest]
-            long_name = f"{pop} chains: {long_name}"
-        else:
-            continue
-        ds[name].attrs["long_name"] = long_name
-        _set_units(ds[name], units)
+            return f"{pop} chains: {long_name}", units
+        return None
+    for name in list(ds.variables):
+        if (found := describe(name)) is not None:
+            ds[name].attrs["long_name"] = found[0]
+            _set_units(ds[name], found[1])
     return ds
 
 

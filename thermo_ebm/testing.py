@@ -413,8 +413,7 @@ class DigitMixture(_Modes):
         out = (ndtr(-(1 - self.mu) / marg) + ndtr(-(1 + self.mu) / marg)).sum(-1)
         if out.max() > 1e-9:
             raise ValueError(f"box truncation {out.max():.1e} of Z at T = {t_max}: lower s or scale")
-        # forward as matmuls: |x - mu_y|^2 = |x|^2 - 2 x.mu_y + |mu_y|^2 in float64 (the terms are ~100 times
-        # the result) and Q_y^T (x - mu_y) = Q_y^T x - Q_y^T mu_y in float32 (within 1e-5 nats of logits64)
+        # forward as matmuls, |x - mu_y|^2 in float64 (its terms are ~100x the result): float32 rounding of logits64
         self.register_buffer("mu64", torch.tensor(self.mu, dtype=torch.float64))                      # [K, d]
         self.register_buffer("mu_sq", torch.tensor((self.mu ** 2).sum(-1), dtype=torch.float64))      # [K]
         self.register_buffer("q_flat", torch.tensor(self.q.transpose(1, 0, 2).reshape(d, -1), dtype=torch.float32))
@@ -427,8 +426,7 @@ class DigitMixture(_Modes):
         xd = x.double()
         sq = (xd * xd).sum(-1, keepdim=True) - 2.0 * xd @ self.mu64.T + self.mu_sq          # [N, K]
         proj = (x @ self.q_flat).reshape(len(x), *self.mu_q.shape) - self.mu_q             # [N, K, r]
-        quad = sq - (self.shrink * proj * proj).sum(-1).double()
-        return (self.ct - 0.5 * quad * self.inv_s2).float()
+        return (self.ct - 0.5 * (sq - (self.shrink * proj * proj).sum(-1).double()) * self.inv_s2).float()
 
     def logits64(self, x):
         out = np.empty((len(x), self.k))

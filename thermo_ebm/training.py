@@ -1,11 +1,11 @@
-"""`train`: one readable training loop for GEBM/JEBM objectives. The loop (Trainer.run) composes small parts:
-the persistent Langevin chains with their work/heat bookkeeping (chains.PersistentChains), the history
-(chains.History), divergence detection (chains.DivergenceGuard) and rollback, atomic checkpoints assembled
-from the parts' state dicts (layout: checkpoint.py) with exact resume.
+"""`train`: one readable training loop for GEBM/JEBM objectives. The loop (Trainer.run: epochs of
+Trainer.run_epoch, each "done", "stopped" or "rolled_back") composes small parts: the persistent Langevin
+chains with their work/heat bookkeeping (chains.PersistentChains), the history (chains.History), divergence
+detection (chains.DivergenceGuard) and rollback to the last snapshot, atomic checkpoints of the resumable state
+(train_state.py; layout: checkpoint.py) with exact resume.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -19,10 +19,12 @@ import torch
 import xarray as xr
 
 from . import distributed as dist
+from . import train_state
 from .chains import DivergenceGuard, History, PersistentChains
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
 from .config import TrainConfig, parse_labels
 from .data import load_data
+from .ensembles import Ensemble
 from .errors import ThermoEBMError, TrainingDiverged
 from .fileio import check_writable_folder, file_lock, lock_path, remove_stale_tmp
 from .models import build_model
@@ -81,55 +83,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
         self.lr = cfg.lr
         self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
-
-    # ---------------------------------------------------------------- state capture / restore
-    def capture(self) -> dict:
-        return {
-            "config": asdict(self.cfg),
-            "model_spec": self.model.spec,
-            "training_temperature": training_temperature(asdict(self.cfg)),
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": copy.deepcopy(self.opt.state_dict()),
-            "buffers": self.chains.state_dict(),
-            "rng": {"data": self.g_data.get_state(), "mc": self.chains.generator.get_state().cpu(),
-                    "torch": torch.get_rng_state()},
-            "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-            "perm": self.perm.clone() if self.perm is not None else torch.zeros(0, dtype=torch.long),
-            "lr": self.lr, "rollbacks": self.rollbacks,
-            **self.history.state_dict(),
-            "meta": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in self.data.meta.items()}
-            | {"classes": [int(c) for c in self.data.classes]},
-        }
-
-    def gathered(self, st: dict) -> dict:
-        """A checkpoint of every rank: the state of rank 0 plus each rank's buffers, RNG and data order."""
-        if not dist.active():
-            return st
-        mine = {"buffers": st["buffers"], "rng": st["rng"], "perm": st["perm"]}
-        return dict(st, world=self.world, ranks=dist.gather_objects(mine))
-
-    def restore(self, st: dict, from_checkpoint: bool = False):
-        """Restore a capture() (this rank's snapshot) or, with from_checkpoint, this rank's part of a checkpoint."""
-        if from_checkpoint:
-            world = int(st.get("world", 1))
-            if world != self.world:
-                raise ThermoEBMError(f"the checkpoint was written by {world} process(es); resume with the same number "
-                                     f"(torchrun --nproc-per-node {world})")
-            if world > 1:
-                st = dict(st, **st["ranks"][self.rank])
-        self.model.load_state_dict(st["model"])
-        self.opt.load_state_dict(copy.deepcopy(st["optimizer"]))
-        self.chains.load_state_dict(st["buffers"])
-        self.g_data.set_state(st["rng"]["data"])
-        g_mc = self.chains.generator
-        g_mc.set_state(st["rng"]["mc"].to(g_mc.device) if self.dev.type == "cpu" else st["rng"]["mc"])
-        torch.set_rng_state(st["rng"]["torch"])
-        self.epoch, self.step, self.batch_in_epoch = st["epoch"], st["step"], st["batch_in_epoch"]
-        self.perm = st["perm"].clone() if st["perm"].numel() else None
-        self.lr, self.rollbacks = st["lr"], st["rollbacks"]
-        self.history.load_state_dict(st)
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr
+        self.snapshot = None  # the last good state (train_state.capture), which a divergence restores
 
     # ---------------------------------------------------------------- pieces of a step
     def _set_lr(self, total_steps):
@@ -161,63 +115,18 @@ class Trainer:
         rec["train_acc"] = float((split["data"].argmax(1) == yb).float().mean())
         # logits at the chains' final x under the parameters they sampled with
         rec.update(self.chains.book(moved, {p: split[p].detach() for p in pops}))
-        rec = self._pool(rec)
+        rec = pooled_over_ranks(rec, self.world)
         self.history.add_free_energy_change(rec, pops)
         return rec
 
-    def _pool(self, rec):
-        """Global-batch values across ranks (equal shards): means, and for the Jarzynski estimate
-        -log mean_r exp(-J_r), which equals -log mean exp(-W) over all ranks' walkers."""
-        if not dist.active():
-            return rec
-        keys = sorted(rec)
-        per_rank = dist.gather_cat(np.array([[rec[k] for k in keys]], dtype=np.float64), axis=0)
-        out = dict(zip(keys, per_rank.mean(0).tolist()))
-        for i, k in enumerate(keys):
-            if k.endswith("_jarzynski"):
-                out[k] = float(-torch.logsumexp(torch.as_tensor(-per_rank[:, i]), 0) + math.log(self.world))
-        return out
-
-    # ---------------------------------------------------------------- evaluation and outputs
-    @torch.no_grad()
-    def evaluate(self):
-        x, y = self.data.x_test, self.data.y_test
-        correct, ce = 0, 0.0
-        for i in range(0, len(x), 1000):
-            lg = self.model(x[i:i + 1000].to(self.dev))
-            yy = y[i:i + 1000].to(self.dev)
-            correct += int((lg.argmax(1) == yy).sum())
-            ce += float(torch.nn.functional.cross_entropy(lg, yy, reduction="sum"))
-        return correct / len(x), ce / len(x)
-
-    def save_grid(self):
-        """An image grid of the chains after this epoch (results/NAME_samples/epoch_NNN.png), or None."""
-        import torchvision.utils as vu
-        grid = self.chains.grid_images()
-        if grid is None:
-            return None
-        out = Path(self.cfg.results_dir) / f"{self.cfg.name}_samples" / f"epoch_{self.epoch:03d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        vu.save_image(grid[0].cpu(), out, nrow=grid[1], normalize=True, value_range=(-1, 1), pad_value=1.0)
-        return out
-
-    def history_dataset(self) -> xr.Dataset:
-        """The results file's `training` group."""
-        return annotate_training(self.history.to_dataset({
-            "kind": "training", "config": json.dumps(asdict(self.cfg)), "split_note": self.data.note,
-            "classes": json.dumps(self.data.classes), "rollbacks": self.rollbacks,
-            "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
-            "training_temperature": training_temperature(asdict(self.cfg)),
-            "T_ML_quick": self.t_ml[0], "T_ML_quick_err": self.t_ml[1], "T_ML_quick_side": self.t_ml[2],
-            **provenance()}))
-
+    # ---------------------------------------------------------------- outputs
     def save(self):
         """History first, then checkpoint: the results file always holds every step of the checkpoint.
         Every rank takes part (its buffers go into the checkpoint); rank 0 alone writes."""
-        st = self.gathered(self.capture())
+        st = train_state.gather(self, train_state.capture(self))
         if dist.is_main():
             ckpt, res = self.cfg.paths()
-            write_group(res, "training", self.history_dataset(), replace=True)
+            write_group(res, "training", history_dataset(self), replace=True)
             save_checkpoint(ckpt, st)
 
     def _epoch_order(self, n):
@@ -231,20 +140,37 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def run(self):
         cfg = self.cfg
-        n = len(self.data.y_train)
-        n_batches = n // cfg.batch_size  # global batches per epoch; each rank takes self.batch of each
+        n_batches = len(self.data.y_train) // cfg.batch_size  # global batches per epoch; each rank takes self.batch
         if n_batches == 0:
-            raise ThermoEBMError(f"--batch-size {cfg.batch_size} exceeds the {n} training examples")
+            raise ThermoEBMError(f"--batch-size {cfg.batch_size} exceeds the {len(self.data.y_train)} training examples")
         total = cfg.epochs * n_batches if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * n_batches)
-        snapshot = self.capture()
-        t0 = time.perf_counter()
-        while self.epoch < cfg.epochs and (cfg.max_steps is None or self.step < cfg.max_steps):
-            if self.perm is None:
-                self.perm, self.batch_in_epoch = self._epoch_order(n), 0
-            bar = progress_bar(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                               enabled=self.progress)
-            rolled_back = False
-            while self.batch_in_epoch < n_batches and (cfg.max_steps is None or self.step < cfg.max_steps):
+        self.snapshot, t0 = train_state.capture(self), time.perf_counter()
+        while self.epoch < cfg.epochs and not self._at_max_steps():
+            if self.run_epoch(n_batches, total) == "done":
+                self._end_epoch(time.perf_counter() - t0)
+        if dist.is_main() and self.cfg.objective != "dcl":
+            self.t_ml = quick_t_ml_of(self)
+        self.save()
+        ckpt, res = self.cfg.paths()
+        log.info("wrote %s and %s (group 'training')", ckpt, res)
+        return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
+                "heldout_acc": self.history.last("heldout_acc"),
+                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0]}
+
+    def _at_max_steps(self):
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def run_epoch(self, n_batches, total) -> str:
+        """The rest of the current epoch: "done" (every batch), "stopped" (at --max-steps) or "rolled_back" (a
+        divergence restored the last snapshot)."""
+        cfg = self.cfg
+        if self.perm is None:
+            self.perm, self.batch_in_epoch = self._epoch_order(len(self.data.y_train)), 0
+        with progress_bar(total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                          enabled=self.progress) as bar:
+            while self.batch_in_epoch < n_batches:
+                if self._at_max_steps():
+                    return "stopped"
                 sel = self.perm[self.batch_in_epoch * self.batch:(self.batch_in_epoch + 1) * self.batch]
                 xb = self.data.x_train[sel]
                 if cfg.noise > 0:
@@ -255,50 +181,29 @@ class Trainer:
                 self.batch_in_epoch += 1
                 why = self.guard.check(rec, self.model)
                 if why:
-                    self._on_divergence(why, snapshot)
-                    rolled_back = True
-                    break
+                    self._on_divergence(why)
+                    return "rolled_back"
                 rec["lr"] = lr
                 self.history.record_step(self.step, rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3g}", acc=f"{rec['train_acc']:.2f}")
                 if self.step % cfg.snapshot_every == 0:
-                    snapshot = self.capture()
-            bar.close()
-            if rolled_back:
-                continue
-            if self.batch_in_epoch == n_batches:
-                acc, ce = self.evaluate()
-                self.epoch += 1
-                self.perm = None
-                self.history.record_epoch({"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
-                                           "seconds": time.perf_counter() - t0})
-                grid = self.save_grid() if dist.is_main() else None
-                if dist.is_main():
-                    log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch,
-                             self.step, acc, ce, f", samples {grid}" if grid else "")
-                self.save()
-                snapshot = self.capture()
-        if dist.is_main() and self.cfg.objective != "dcl":
-            self.t_ml = self.quick_t_ml()
-        self.save()
-        ckpt, res = self.cfg.paths()
-        log.info("wrote %s and %s (group 'training')", ckpt, res)
-        return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
-                "heldout_acc": self.history.last("heldout_acc"),
-                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0]}
+                    self.snapshot = train_state.capture(self)
+        return "done"
 
-    def quick_t_ml(self):
-        """T_ML / T_train from held-out-seeded chains (likelihood.quick_t_ml), logged; (value, SE, side)."""
-        from .ensembles import Ensemble
-        ens = Ensemble("marginal" if self.cfg.objective == "m_ebm" else "joint", self.data.n_classes)
-        g = torch.Generator(device=self.dev).manual_seed(self.cfg.seed + 104729)
-        t = quick_t_ml(self.model.eval(), ens, self.data.x_test, training_temperature(asdict(self.cfg)), g, self.dev)
-        self.model.train()
-        where = {"inside": f"T_ML = {t[0]:.3g} ± {t[1]:.2g} T_train", "below": "T_ML below 0.25 T_train",
-                 "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
-        log.info("%s (quick: held-out-seeded chains at 0.25-4 T_train; `measure` gives it with its error bar)", where)
-        return t
+    def _end_epoch(self, seconds):
+        """Held-out accuracy, the history's epoch row, the sample grid, a checkpoint and a new snapshot."""
+        acc, ce = heldout_accuracy(self.model, self.data, self.dev)
+        self.epoch += 1
+        self.perm = None
+        self.history.record_epoch({"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
+                                   "seconds": seconds})
+        grid = save_grid(self.chains, self.cfg, self.epoch) if dist.is_main() else None
+        if dist.is_main():
+            log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch,
+                     self.step, acc, ce, f", samples {grid}" if grid else "")
+        self.save()
+        self.snapshot = train_state.capture(self)
 
     def _reseed(self):
         """Data order (shared by all ranks) and chain noise (one stream per rank), both fresh after a
@@ -307,7 +212,7 @@ class Trainer:
         self.g_data.manual_seed(data_seed)
         self.chains.generator.manual_seed(mc_seed)
 
-    def _on_divergence(self, why, snapshot):
+    def _on_divergence(self, why):
         cfg = self.cfg
         msg = f"divergence at step {self.step}: {why}"
         if cfg.on_divergence == "stop" or self.rollbacks >= cfg.max_rollbacks:
@@ -315,12 +220,75 @@ class Trainer:
             ckpt = self.cfg.paths()[0]
             raise TrainingDiverged(f"{msg}{extra}; last good checkpoint: {ckpt if ckpt.exists() else 'none yet'}")
         lr, rollbacks, events = self.lr, self.rollbacks, list(self.history.events)
-        self.restore(snapshot)  # parameters, optimizer, chains, RNG, history back to the last good state
+        train_state.restore(self, self.snapshot)  # parameters, optimizer, chains, RNG, history: the last good state
         self.history.events, self.rollbacks, self.lr = events, rollbacks + 1, lr * 0.5  # applied by _set_lr
         self._reseed()
         self.perm = None if self.perm is None else self._epoch_order(len(self.data.y_train))
         self.history.events.append((self.step, f"{msg}; rolled back to step {self.step}, reseeded, lr -> {self.lr:g}"))
         log.warning("%s; rolled back to step %d, reseeded, learning rate halved to %g", msg, self.step, self.lr)
+
+
+def pooled_over_ranks(rec: dict, world: int) -> dict:
+    """Global-batch values across ranks (equal shards): means, and for the Jarzynski estimate
+    -log mean_r exp(-J_r), which equals -log mean exp(-W) over all ranks' walkers."""
+    if not dist.active():
+        return rec
+    keys = sorted(rec)
+    per_rank = dist.gather_cat(np.array([[rec[k] for k in keys]], dtype=np.float64), axis=0)
+    out = dict(zip(keys, per_rank.mean(0).tolist()))
+    for i, k in enumerate(keys):
+        if k.endswith("_jarzynski"):
+            out[k] = float(-torch.logsumexp(torch.as_tensor(-per_rank[:, i]), 0) + math.log(world))
+    return out
+
+
+@torch.no_grad()
+def heldout_accuracy(model, data, dev):
+    """(accuracy, mean cross-entropy in nats) of the model on the held-out split."""
+    x, y = data.x_test, data.y_test
+    correct, ce = 0, 0.0
+    for i in range(0, len(x), 1000):
+        lg = model(x[i:i + 1000].to(dev))
+        yy = y[i:i + 1000].to(dev)
+        correct += int((lg.argmax(1) == yy).sum())
+        ce += float(torch.nn.functional.cross_entropy(lg, yy, reduction="sum"))
+    return correct / len(x), ce / len(x)
+
+
+def save_grid(chains, cfg: TrainConfig, epoch: int):
+    """An image grid of the chains after an epoch (results/NAME_samples/epoch_NNN.png), or None."""
+    import torchvision.utils as vu
+    grid = chains.grid_images()
+    if grid is None:
+        return None
+    out = Path(cfg.results_dir) / f"{cfg.name}_samples" / f"epoch_{epoch:03d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vu.save_image(grid[0].cpu(), out, nrow=grid[1], normalize=True, value_range=(-1, 1), pad_value=1.0)
+    return out
+
+
+def history_dataset(tr) -> xr.Dataset:
+    """The results file's `training` group of a Trainer."""
+    return annotate_training(tr.history.to_dataset({
+        "kind": "training", "config": json.dumps(asdict(tr.cfg)), "split_note": tr.data.note,
+        "classes": json.dumps(tr.data.classes), "rollbacks": tr.rollbacks,
+        "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
+        "training_temperature": training_temperature(asdict(tr.cfg)),
+        "T_ML_quick": tr.t_ml[0], "T_ML_quick_err": tr.t_ml[1], "T_ML_quick_side": tr.t_ml[2],
+        **provenance()}))
+
+
+def quick_t_ml_of(tr):
+    """T_ML / T_train of a Trainer's model from held-out-seeded chains (likelihood.quick_t_ml), logged;
+    (value, SE, side)."""
+    ens = Ensemble("marginal" if tr.cfg.objective == "m_ebm" else "joint", tr.data.n_classes)
+    g = torch.Generator(device=tr.dev).manual_seed(tr.cfg.seed + 104729)
+    t = quick_t_ml(tr.model.eval(), ens, tr.data.x_test, training_temperature(asdict(tr.cfg)), g, tr.dev)
+    tr.model.train()
+    where = {"inside": f"T_ML = {t[0]:.3g} ± {t[1]:.2g} T_train", "below": "T_ML below 0.25 T_train",
+             "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
+    log.info("%s (quick: held-out-seeded chains at 0.25-4 T_train; `measure` gives it with its error bar)", where)
+    return t
 
 
 def training_seeds(seed: int, rank: int, rollbacks: int) -> tuple[int, int]:
@@ -397,7 +365,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
                 cfg.validate()
                 trainer = Trainer(cfg, progress)
                 model_from_checkpoint(st, path)  # architecture check with a one-line error
-                trainer.restore(st, from_checkpoint=True)
+                train_state.restore(trainer, st, from_checkpoint=True)
                 log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
             else:
                 cfg.validate()

@@ -1,0 +1,233 @@
+"""The anneals of a measurement: `plan` (pilot from uniform, frozen schedule) and, per shard, `anneal` (counted
+forward AIS or SMC from uniform; with data, the anneal from a data-informed base at every temperature; sweep
+chains; reverse AIS), pooled over shards (`pool`)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import ais, bridge, smc
+from .. import distributed as dist
+from ..errors import ThermoEBMError
+from ..estimators import replica_split
+from ..rng import stream_seed
+from ..sampling import MalaState
+from ..sweep import run_sweep
+from .inputs import Problem
+
+log = logging.getLogger("thermo_ebm")
+BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
+MAX_BETAS = 2_000_000  # longest forward schedule a measurement may ask for (memory and time)
+
+
+@dataclass
+class Plan:
+    """The frozen forward schedule from the pilot anneal (shared by every shard)."""
+    tuning: ais.Tuning
+    schedule: np.ndarray   # [S] ascending betas from 0
+    steps: np.ndarray      # [S] MALA step sizes
+    length: float          # thermodynamic length L of the path from uniform to the lowest temperature
+    capped: bool           # with data: the schedule is shorter than the length rule asks (a one-sided cross-check)
+    smc: smc.Schedule | None = None  # engine "smc": the pilot's frozen stages
+
+
+def plan(p: Problem, progress=False) -> Plan:
+    """The pilot anneal from uniform (rank 0) and the frozen forward schedule sized by its length."""
+    cfg = p.cfg
+    tuning = None
+    if dist.is_main():  # one pilot, shared by every shard
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(p.seed)
+        tuning = ais.tune(p.net, p.ens, p.shape, p.betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
+                          n_adapt=cfg.tune_adapt, generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    tuning = dist.broadcast(tuning)
+    # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
+    # while the replica SE stays small (docs/estimators.md)
+    length = float(ais.thermodynamic_length(tuning)[-1])
+    n_rule = max(cfg.ais_steps, int(math.ceil(cfg.ais_steps_per_l2 * length ** 2)))
+    # with data the reported log Z comes from the data-informed base; the anneal from uniform is a cross-check
+    # whose cost would otherwise grow with the information the model holds
+    n_ais = min(n_rule, max(cfg.ais_steps, cfg.crosscheck_steps)) if p.data is not None else n_rule
+    if n_ais > MAX_BETAS and cfg.engine == "ais":
+        raise ThermoEBMError(f"the anneal down to T = {1.0 / p.betas[-1]:g} ({p.units} units) needs {n_ais:,} betas "
+                             f"(thermodynamic length {length:.3g}); at most {MAX_BETAS:,}: measure at higher "
+                             "temperatures, or on the logits' scale (--units raw)")
+    if n_ais < n_rule:
+        log.info("AIS from uniform: thermodynamic length %.1f asks for %d betas; capped at %d (crosscheck_steps): "
+                 "a one-sided cross-check of the data-seeded log Z", length, n_rule, n_ais)
+    elif n_ais > cfg.ais_steps:
+        log.info("AIS: thermodynamic length %.1f -> %d annealing steps (ais_steps %d)", length, n_ais, cfg.ais_steps)
+    if cfg.engine == "smc":
+        sched = None
+        if dist.is_main():
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed(stream_seed(p.seed, 10_000))
+            sched = smc.tune(smc.Tempering(p.net, p.ens, p.shape), p.betas[:, None], 1,
+                             n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess, n_leap=cfg.smc_leapfrog,
+                             max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen, device=p.device,
+                             progress=progress)
+        sched = dist.broadcast(sched)
+        log.info("SMC from uniform: %d stages, %d HMC moves of %d leapfrog steps (pilot)", len(sched.lambdas),
+                 int(sched.moves.sum()), sched.n_leap)
+        return Plan(tuning, sched.lambdas[:, 0], tuning.step_at(sched.lambdas[:, 0]), length, False, sched)
+    schedule, steps = ais.make_schedule(tuning, p.betas, n_ais)
+    return Plan(tuning, schedule, steps, length, n_ais < n_rule)
+
+
+# axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
+SHARD_AXES = dict(logw=1, energy=1, energy2=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
+                  accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
+                  b_logw=1, b_energy=1, b_energy2=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
+                  b_resampled=0, seconds=0)
+STAGES = ("forward", "data_seeded", "sweep", "reverse")  # `seconds` columns: wall time of each stage per shard
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The seed of one shard's chains (one rank under torchrun)."""
+    return stream_seed(seed, shard)
+
+
+def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
+    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
+    mixes four populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian fitted to
+    the data-seeded chains, uniform; the pilot
+    sets each population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
+    cfg = p.cfg
+    refs = bridge.references(p.net, p.ens, p.shape, p.data, fwd, p.betas, step0, n_data=cfg.data_refs,
+                             n_gauss=cfg.gauss_refs, n_steps=cfg.reference_steps, generator=gen, device=p.device, kernel=p.kernel,
+                             progress=progress)
+    n_t, n_f = len(p.betas), refs.centres.shape[1] - cfg.data_refs
+    sizes = (cfg.data_refs, n_f, 1, 1)  # kernels on data-seeded states, on forward states; fitted Gaussian; uniform
+    population = np.repeat(np.arange(4), sizes)
+    first = np.tile([(1 - cfg.bridge_uniform) / 3] * 3 + [cfg.bridge_uniform], (n_t, 1))
+
+    def make_base(shares):
+        return bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, shares, BASE_FLOOR),
+                                 refs.mean, refs.cov)
+    base = make_base(first)
+    if cfg.engine == "smc":
+        return _smc_from_data(p, base, first, gen, progress)
+    bt = bridge.tune_bridge(p.net, p.ens, p.shape, base, p.betas, refs.step, population,
+                            n_chains=cfg.tune_chains // 2, n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt,
+                            generator=gen, device=p.device, kernel=p.kernel, progress=progress)
+    base = make_base(bt.shares)
+    length = bt.length()[-1]
+    n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
+    lam, steps = bridge.bridge_schedule(bt, n_steps)
+    # SMC populations never straddle a replica (the SE's independent groups) or a shard
+    n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
+    pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
+    res = bridge.run_bridge(p.net, p.ens, p.shape, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
+                            n_keep=cfg.chains // cfg.shards, pop=pop, generator=gen, device=p.device, kernel=p.kernel,
+                            progress=progress)
+    out = dict(b_logw=res.logw.cpu().numpy(), b_energy=res.energy.cpu().numpy(), b_energy2=res.energy2.cpu().numpy(),
+               b_p_y=res.p_y.cpu().numpy(),
+               b_accept=res.accept.cpu().numpy()[None], b_nonfinite=res.nonfinite.cpu().numpy()[None],
+               b_steps=np.array([n_steps]), b_length=length[None], b_shares=bt.shares[None],
+               b_resampled=np.array([res.resampled]))
+    return res.states, out
+
+
+def _smc_forward(p: Problem, pl: Plan, n_keep: int, gen, progress) -> ais.ForwardResult:
+    """The counted SMC from uniform on the pilot's frozen stages (one shard's populations), as a ForwardResult."""
+    cfg = p.cfg
+    n = cfg.smc_chains // cfg.shards
+    res = smc.run(smc.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1, n_chains=n,
+                  pop=cfg.smc_chains // cfg.smc_populations, generator=gen, device=p.device, progress=progress)
+    states = [smc.resampled_states(p.net, p.ens, p.shape, q, lw, 1, n_keep, gen) for q, lw in zip(res.particles, res.logw)]
+    states = MalaState(*(torch.cat([getattr(s, f) for s in states]) for f in MalaState._fields))
+    return ais.ForwardResult(res.logw, res.energy, res.energy2, states, res.accept[:, 0], res.nonfinite[:, 0])
+
+
+def _smc_from_data(p: Problem, base, shares, gen, progress):
+    """Engine "smc" with data: every temperature's SMC from the data-informed base (the stage function of
+    smc.py, adaptive lambdas, HMC moves), bridge_chains per temperature in smc_populations populations."""
+    cfg = p.cfg
+    n_t = len(p.betas)
+    path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, cfg.smc_pilot_chains)
+    sched = smc.tune(path, np.ones((1, n_t)), n_t, n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess,
+                     n_leap=cfg.smc_leapfrog, max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen,
+                     device=p.device, progress=progress, desc="data-seeded SMC pilot")
+    log.info("SMC from data: %d stages, %d HMC moves of %d leapfrog steps (pilot), %d chains per temperature in %d "
+             "populations", len(sched.lambdas), int(sched.moves.sum()), sched.n_leap, cfg.bridge_chains,
+             cfg.smc_populations)
+    n = cfg.bridge_chains // cfg.shards
+    path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, n)
+    res = smc.run(path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.bridge_chains // cfg.smc_populations,
+                  generator=gen, device=p.device, progress=progress, desc="data-seeded SMC")
+    q, lw = res.particles[0], res.logw[0]
+    beta = path.beta
+    out = dict(b_logw=lw.reshape(n_t, n).cpu().numpy(), b_energy=res.energy[0].reshape(n_t, n).cpu().numpy(),
+               b_energy2=res.energy2[0].reshape(n_t, n).cpu().numpy(),
+               b_p_y=torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
+               b_accept=res.accept[0].numpy()[None], b_nonfinite=res.nonfinite[0].numpy()[None],
+               b_steps=np.array([len(sched.lambdas)]), b_length=np.full((1, n_t), np.nan),
+               b_shares=np.asarray(shares)[None], b_resampled=np.array([res.resampled]))
+    states = smc.resampled_states(p.net, p.ens, p.shape, q, lw, n_t, cfg.chains // cfg.shards, gen)
+    return states, out
+
+
+def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
+    """Forward AIS, (with data) the anneal from the data-informed base, sweep and reverse AIS for one shard of
+    the chains (its own generator). Returns numpy arrays keyed as SHARD_AXES."""
+    cfg, betas = p.cfg, p.betas
+    gen = torch.Generator(device=p.device)
+    gen.manual_seed(shard_seed(p.seed, shard))
+    c = cfg.chains // cfg.shards
+    n_keep = max(c, cfg.data_refs) if p.data is not None else c
+    clock = [time.perf_counter()]
+
+    def lap():
+        clock.append(time.perf_counter())
+    if pl.smc is not None:
+        fwd = _smc_forward(p, pl, n_keep, gen, progress)
+    else:
+        fwd = ais.run_forward(p.net, p.ens, p.shape, pl.schedule, pl.steps, betas,
+                              n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep, mcmc_steps=cfg.ais_mcmc,
+                              generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    n_t = len(betas)
+    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(), energy2=fwd.energy2.cpu().numpy(),
+               ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
+    init = fwd.states  # [T * c] without data
+    lap()
+    if p.data is not None:
+        init, extra = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
+                                        gen, progress)
+        out.update(extra)
+    lap()
+    sw = run_sweep(p.net, p.ens, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in,
+                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=p.device,
+                   progress=progress, kernel=p.kernel)
+    lap()
+    rev_lw = ais.run_reverse(p.net, p.ens, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps,
+                             generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    lap()
+    out["seconds"] = np.diff(clock)[None]
+    keep = min(cfg.keep_samples, c)
+    out.update(chain_means=sw.chain_means, u_trace=sw.u_trace, logits=sw.logits, accept=sw.accept[None],
+               swap_accept=sw.swap_accept[None], nonfinite=sw.nonfinite[None], step=sw.step[None], rev_lw=rev_lw,
+               samples=sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy())
+    if p.ens.kind == "joint":
+        lg = sw.final.logits.reshape(n_t, c, -1)[:, :keep]
+        pr = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
+        out["labels"] = torch.multinomial(pr.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
+    return out
+
+
+def _keep_first(states: MalaState, n_t: int, n: int) -> MalaState:
+    """The first n of each temperature's resampled states ([T * n_keep] grouped) -> [T * n]."""
+    k = states.x.shape[0] // n_t
+    return MalaState(*(v.reshape(n_t, k, *v.shape[1:])[:, :n].reshape(n_t * n, *v.shape[1:]) for v in states))
+
+
+def pool(p: Problem, pl: Plan, progress) -> dict:
+    if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
+        part = anneal(p, pl, dist.rank(), progress)
+        return {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}
+    parts = [anneal(p, pl, s, progress) for s in range(p.cfg.shards)]
+    return {k: np.concatenate([q[k] for q in parts], axis=SHARD_AXES[k]) for k in parts[0]}

@@ -1,0 +1,153 @@
+"""Diagnosis of a measurement: cross-checks, the two origins compared, and the flags, each naming what it affects
+(`diagnose`); the remedies `max_time` applies (`lengthen`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import numpy as np
+
+from ..config import MeasureConfig
+from ..estimators import heavy_tail_limit
+from .anneal import Plan
+from .inputs import Problem
+from .thermo import Thermo
+
+HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
+
+
+# what each flag makes unreliable (named in the warning and in docs/estimators.md)
+AFFECTS = {
+    "flag_nonfinite": "all quantities",
+    "flag_low_acceptance": "all quantities",
+    "flag_low_ess": "log_Z, F, S, info_bits, log_lik",
+    "flag_heavy_tails": "log_Z, F, S, info_bits, log_lik",
+    "flag_poor_mixing": "U, C, S, info_bits, T_ML and the joint information quantities",
+    "flag_inconsistent": "U, C, S, info_bits, T_ML and the joint information quantities",
+    "flag_hysteresis": "all quantities (a phase one origin did not reach)",
+    "flag_unconverged": "log_Z, F, S, info_bits, log_lik (and with data H_Y_bits, I_XY_bits)",
+}
+# the flags whose AFFECTS include C (`peak_flagged`)
+C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
+
+
+def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict, dict]:
+    """Per-temperature flags (ascending beta), the diagnostics stored beside them, and one warning line per
+    raised flag, by flag name (its temperatures, what it affects, what to do)."""
+    cfg = p.cfg
+    rep = th.reported
+    n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else pooled["logw"].shape[-1]
+    acc = pooled["b_accept"].mean(0) if th.from_data is not None else pooled["ais_accept"].mean(0)
+    bad = pooled["ais_nonfinite"].sum(0) + pooled["nonfinite"].sum(0)
+    if th.from_data is not None:
+        bad = bad + pooled["b_nonfinite"].sum(0)
+    sw_acc = pooled["accept"].mean(0)
+    # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
+    low_ess = rep.ess < max(10.0, 0.05 * n_chains)
+    if rep.pop_ess is not None:  # SMC: within populations, and the populations' Z estimates must agree
+        n_pop = cfg.smc_populations
+        low_ess = low_ess | (rep.pop_ess < 0.5 * n_pop)
+        heavy = rep.k_hat > heavy_tail_limit(n_chains)
+    else:
+        heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
+    poor_mix = (cfg.samples < 10 * th.tau) | (cfg.burn_in < 5 * th.tau)
+    flags = {"flag_nonfinite": bad > 0, "flag_low_acceptance": (sw_acc < 0.05) | (acc < 0.05),
+             "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
+    # the sweep chains disagree with the annealing weights on U: the chains hold the wrong mix of phases
+    ur, ur_se = th.diag["U_resid"]
+    flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
+    if th.label_z is not None:  # ... or split the mass between the classes differently
+        flags["flag_inconsistent"] |= th.label_z > HYSTERESIS_Z
+    if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
+        g, gs = th.diag["origin_gap"]
+        ug, ugs = th.diag["origin_U_gap"]
+        if pl.capped:  # an under-annealed forward estimate is low by design: only more mass from uniform counts
+            flags["flag_hysteresis"] = -g > HYSTERESIS_Z * gs
+        else:
+            flags["flag_hysteresis"] = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
+    if th.from_data is not None:
+        n_sched = int(pooled["b_steps"].max())
+        longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
+                  f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {float(pooled['b_length'].max()) ** 2:.0f}); "
+                  "raise --ais-steps-per-l2 or --bridge-chains)")
+    else:
+        longer = (f"anneal longer (schedule {len(pl.schedule)} betas = max(ais_steps {cfg.ais_steps}, ais_steps_per_l2 "
+                  f"{cfg.ais_steps_per_l2:g} x L^2 {pl.length ** 2:.0f}) + sweep betas; 4x the betas fixed the "
+                  "784-d benchmark, docs/estimators.md)")
+    if cfg.engine == "smc":
+        longer = (f"larger SMC populations: raise --smc-chains ({cfg.smc_chains} from uniform) and --bridge-chains "
+                  f"({cfg.bridge_chains} from data), each split into {cfg.smc_populations} populations")
+    remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
+              "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
+              "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
+              "flag_inconsistent": "U (U_resid) or, joint with data, p_T(y) (label_mix_z) of the "
+                                   "sweep chains and of the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
+                                   "a longer sweep (--burn-in) or more chains",
+              "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
+                                 "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
+    affects = dict(AFFECTS)
+    if th.from_data is not None and p.ens.kind == "joint":  # p_T(y) comes from the same weights as log Z
+        for name in ("flag_low_ess", "flag_heavy_tails"):
+            affects[name] += ", H_Y_bits, I_XY_bits"
+    warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
+    extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
+             **({"population_ess": rep.pop_ess} if rep.pop_ess is not None else {}),
+             "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
+    if th.label_z is not None:
+        extra["label_mix_z"] = th.label_z
+    n_t = len(p.betas)
+    sw = pooled["swap_accept"].mean(0)
+    extra["swap_accept"] = np.concatenate([sw, [np.nan]]) if n_t > 1 else np.array([np.nan])
+    return flags, extra, warnings
+
+
+# what `max_time` lengthens when a flag survives: the anneals (both origins) or the sweep
+LENGTHEN = {"flag_low_ess": "anneal", "flag_heavy_tails": "anneal", "flag_hysteresis": "anneal",
+            "flag_unconverged": "anneal", "flag_poor_mixing": "sweep", "flag_inconsistent": "sweep"}
+
+
+def warning_line(p: Problem, name: str, flag, affects: str, remedy: str) -> str:
+    """One warning for a raised flag: its temperatures, what it affects, what to do."""
+    at = ", ".join(f"{v:g}" for v in np.sort(1.0 / p.betas[np.asarray(flag, bool)]))
+    return f"{name.replace('flag_', '').replace('_', ' ')} at T = {at} (affects {affects}): {remedy}"
+
+
+SCALE_HINT_MIN = 3
+
+
+def scale_hint(p: Problem, flags: dict) -> str | None:
+    """A warning when every temperature is flagged in units of T_train: a sampler with negligible noise (JEM-style
+    SGLD: T_train = 5e-5) trains at a nominal temperature, and the model can be frozen at that scale."""
+    raised = np.any([np.asarray(f, bool) for f in flags.values()], axis=0)
+    # fewer than SCALE_HINT_MIN temperatures say nothing about the scale (a short budget flags them just as well)
+    if p.units != "train" or p.t_train == 1.0 or raised.size < SCALE_HINT_MIN or not np.all(raised):
+        return None
+    return (f"every temperature is flagged: the model may be frozen at these temperatures (T_train = {p.t_train:g} "
+            "from the sampler settings; noise-free SGLD trains at a nominal temperature). Measure on the logits' "
+            "scale over decades, e.g. --units raw --temps 0.001,0.003,0.01,0.03,0.1,0.3,1 (docs/estimators.md, "
+            "Trained models)")
+
+
+def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
+    """The next attempt's budget for the flags raised (the schedules or the sweep doubled), or None."""
+    raised = {LENGTHEN[name] for name, f in flags.items() if name in LENGTHEN and np.any(f)}
+    if not raised:
+        return None
+    new = MeasureConfig(**asdict(cfg))
+    if "anneal" in raised:
+        new.smc_chains, new.smc_cess = 2 * cfg.smc_chains, 1.0 - (1.0 - cfg.smc_cess) / 2
+        new.ais_steps_per_l2 = 2 * cfg.ais_steps_per_l2
+        new.ais_steps, new.bridge_steps, new.crosscheck_steps = 2 * cfg.ais_steps, 2 * cfg.bridge_steps, 2 * cfg.crosscheck_steps
+    if "sweep" in raised:
+        new.samples, new.burn_in = 2 * cfg.samples, 2 * cfg.burn_in
+    return new
+
+
+def peak_flagged(c, flags: dict, t_star: float) -> bool:
+    """Whether a flag that affects C is raised at the largest C [T] or at a neighbour (the points the peak's
+    parabola rests on)."""
+    if not math.isfinite(t_star):
+        return False
+    i = int(np.argmax(c))
+    near = slice(max(i - 1, 0), i + 2)
+    return bool(any(np.any(np.asarray(flags[n])[near]) for n in C_FLAGS if n in flags))
