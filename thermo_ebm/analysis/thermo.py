@@ -14,7 +14,7 @@ import torch
 
 from ..estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
                           label_entropy, log_mean_weight, logmeanexp, missed_phase, pareto_k, peak_position,
-                          population_weights, weighted_heat, weighted_mean)
+                          population_weights, weight_ess, weighted_heat, weighted_mean)
 from ..sweep import stat_names
 from .inputs import Problem
 
@@ -213,13 +213,10 @@ def _reduced_potentials(lg, betas, ensemble):
 
 def _no_overlap(u_kn, n_per, betas):
     """The first pair of neighbouring temperatures between which MBAR has nothing to work with (fewer than
-    MBAR_MIN_OVERLAP effective samples when either state's samples are reweighted to the other), or None."""
+    MBAR_MIN_OVERLAP effective samples in both directions, each state's samples reweighted to the other), or None."""
     for i in range(len(betas) - 1):
-        ess = []
-        for a, b in ((i, i + 1), (i + 1, i)):
-            lw = u_kn[a, a * n_per:(a + 1) * n_per] - u_kn[b, a * n_per:(a + 1) * n_per]
-            lw = lw - lw.max()
-            ess.append(np.exp(lw).sum() ** 2 / np.exp(2 * lw).sum())
+        ess = [weight_ess(u_kn[a, a * n_per:(a + 1) * n_per] - u_kn[b, a * n_per:(a + 1) * n_per])
+               for a, b in ((i, i + 1), (i + 1, i))]
         if max(ess) < MBAR_MIN_OVERLAP:
             return 1.0 / betas[i], 1.0 / betas[i + 1]
     return None
