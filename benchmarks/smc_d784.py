@@ -1,6 +1,6 @@
 """Both engines on the d = 784 exact system (`testing.DigitMixture`, joint ensemble) at three temperatures, with
 exact draws at T = 1 as data: log Z, U, C against the exact values (z-scores), flags, wall time per stage.
-Run it alone (two heavy jobs on 2 cores distort timings). Writes benchmarks/results/smc_d784.json.
+Run it alone (two heavy jobs on 2 cores distort timings). Writes benchmarks/results/smc_d784_seed<seed>.json.
 
     python benchmarks/smc_d784.py [--engines ais,smc] [--temps 0.5,1,2] [--seed 0] [--data-temp 1.0|none]
 """
@@ -21,7 +21,7 @@ p.add_argument("--engines", default="ais,smc")
 p.add_argument("--temps", default="0.5,1,2")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--data-temp", default="1.0")
-p.add_argument("--out", default=str(Path(__file__).parent / "results" / "smc_d784.json"))
+p.add_argument("--out", default=None)
 args = p.parse_args()
 torch.set_num_threads(2)
 temps = sorted(float(t) for t in args.temps.split(","))  # measure reports ascending temperatures
@@ -45,7 +45,7 @@ for engine in args.engines.split(","):
     print(f"{engine:<4} {sec:.0f} s, stages {row['stage_seconds']}, flags raised: "
           + ", ".join(k for k, v in row["flags"].items() if any(v)), flush=True)
     runs.append(row)
-out = Path(args.out)
+out = Path(args.out or Path(__file__).parent / "results" / f"smc_d784_seed{args.seed}.json")
 out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, 2 threads",
                                system="DigitMixture()", data_temp=args.data_temp, seed=args.seed, runs=runs), indent=1))
 print("->", out)

@@ -9,6 +9,7 @@ from scipy.stats import truncnorm
 
 from thermo_ebm import ThermoEBMError, measure
 from thermo_ebm.bridge import KernelBase, resample, run_bridge
+from thermo_ebm.gaussians import GaussMixture
 from thermo_ebm.checkpoint import training_temperature
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.testing import ModeSwitch, RotatedGaussian, TruncatedGaussian
@@ -107,34 +108,72 @@ def test_rotated_gaussian_exact_values_and_sampler():
     assert exact["log_Z"][0] == pytest.approx(direct, abs=1e-6)
 
 
-def test_kernel_base_with_a_fitted_gaussian_is_normalised():
-    """Kernels + a full-covariance Gaussian (normalised on R^2) + uniform: q integrates to w_kernels + w_u +
-    w_g P(box) on the box, its gradient matches finite differences, and Gaussian draws have its moments."""
+def test_kernel_base_with_a_fitted_mixture_is_normalised():
+    """Kernels + a two-component low-rank-plus-diagonal Gaussian mixture (normalised on R^2) + uniform: q
+    integrates to w_kernels + w_u + w_g sum_c pi_c P_c(box) on the box, its gradient matches finite differences,
+    and draws of each component have its moments."""
     from scipy.stats import multivariate_normal
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[[0.5, -0.2]]], dtype=torch.float64)
     sigma = torch.tensor([[[0.3, 0.2]]], dtype=torch.float64)
-    mean = torch.tensor([[0.1, 0.2]], dtype=torch.float64)
-    cov = torch.tensor([[[0.09, 0.06], [0.06, 0.16]]], dtype=torch.float64)
-    w = torch.tensor([[0.3, 0.5, 0.2]])
-    base = KernelBase(centres, sigma, w, mean, cov)
+    mean = torch.tensor([[[0.1, 0.2], [-0.4, -0.3]]], dtype=torch.float64)
+    diag = torch.tensor([[[0.05, 0.02], [0.01, 0.04]]], dtype=torch.float64)
+    factor = torch.tensor([[[[0.2], [0.25]], [[-0.15], [0.1]]]], dtype=torch.float64)
+    mix = GaussMixture(torch.tensor([[0.7, 0.3]], dtype=torch.float64), mean, diag, factor)
+    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), mix)
     n = 801
     h = 2.0 / n
     c = torch.linspace(-1 + h / 2, 1 - h / 2, n, dtype=torch.float64)
     grid = torch.cartesian_prod(c, c)
     lq, grad = base.log_prob(grid)
-    mvn = multivariate_normal(mean[0].numpy(), cov[0].numpy())
-    p_box = mvn.cdf([1, 1]) - mvn.cdf([-1, 1]) - mvn.cdf([1, -1]) + mvn.cdf([-1, -1])
+    covs = [torch.diag(diag[0, k]) + factor[0, k] @ factor[0, k].T for k in range(2)]
+    p_box = 0.0
+    for k, pi in enumerate((0.7, 0.3)):
+        mvn = multivariate_normal(mean[0, k].numpy(), covs[k].numpy())
+        p_box += pi * (mvn.cdf([1, 1]) - mvn.cdf([-1, 1]) - mvn.cdf([1, -1]) + mvn.cdf([-1, -1]))
     assert abs(float(lq.exp().sum() * h * h) - (0.5 + 0.5 * p_box)) < 2e-4
     x0 = torch.tensor([[0.3, -0.4]], dtype=torch.float64)
     eps = 1e-6
     fd = [(base.log_prob(x0 + eps * e)[0] - base.log_prob(x0 - eps * e)[0]) / (2 * eps) for e in torch.eye(2, dtype=torch.float64)]
     np.testing.assert_allclose(base.log_prob(x0)[1][0].numpy(), torch.cat(fd).numpy(), rtol=1e-6)
-    xs, comp = base.sample(100_000, g)
-    xg = xs[comp[0] == 1]
-    se = xg.std(0) / math.sqrt(len(xg))
-    assert torch.all((xg.mean(0) - mean[0]).abs() < 4 * se)
-    assert torch.allclose(torch.cov(xg.T), cov[0], atol=0.01)
+    which = torch.tensor([[0] * 50_000 + [1] * 50_000])
+    xs = mix.sample(which, g)[0]
+    for k in range(2):
+        xk = xs[which[0] == k]
+        se = xk.std(0) / math.sqrt(len(xk))
+        assert torch.all((xk.mean(0) - mean[0, k]).abs() < 4 * se)
+        assert torch.allclose(torch.cov(xk.T), covs[k], atol=0.004)
+
+
+def test_fitted_mixture_recovers_low_rank_classes_and_its_density_is_exact():
+    """`gaussians.fit` on exact draws of two 40-d classes with covariance s^2 (I + rank-3 stretch): weights,
+    means and covariances come back within sampling error, and log_components equals scipy's log density."""
+    from scipy.stats import multivariate_normal
+    from thermo_ebm.gaussians import fit
+    rng = np.random.default_rng(1)
+    d, n = 40, 3000
+    truth = []
+    xs, ys = [], []
+    for k, (frac, s) in enumerate(((0.6, 0.1), (0.4, 0.2))):
+        q = np.linalg.qr(rng.normal(size=(d, 3)))[0]
+        cov = s * s * (np.eye(d) + q @ np.diag([9.0, 4.0, 2.0]) @ q.T)
+        mu = rng.normal(size=d) * 0.3
+        m = int(frac * n)
+        xs.append(rng.multivariate_normal(mu, cov, size=m))
+        ys.append(np.full(m, k))
+        truth.append((frac, mu, cov))
+    x = torch.tensor(np.concatenate(xs))[None]
+    mix = fit(x, torch.tensor(np.concatenate(ys))[None], 3, rank=8)
+    np.testing.assert_allclose(mix.weights[0].numpy(), [0.6, 0.4, 0.0])
+    for k, (frac, mu, cov) in enumerate(truth):
+        sd = np.sqrt(np.diag(cov) / (frac * n))
+        assert np.all(np.abs(mix.mean[0, k].numpy() - mu) < 4.5 * sd)
+        fitted = torch.diag(mix.diag[0, k]) + mix.factor[0, k] @ mix.factor[0, k].T
+        assert np.linalg.norm(fitted.numpy() - cov) / np.linalg.norm(cov) < 0.15
+        probe = torch.tensor(rng.multivariate_normal(mu, cov, size=5))[None]
+        logs, _ = mix.log_components(probe)
+        ref = np.log(mix.weights[0, k].item()) + multivariate_normal(mix.mean[0, k].numpy(), fitted.numpy()).logpdf(probe[0].numpy())
+        np.testing.assert_allclose(logs[0, :, k].numpy(), ref, rtol=1e-9)
 
 
 def test_kernel_base_is_an_exact_normalised_density():

@@ -27,24 +27,24 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .gaussians import GaussMixture, fit
 from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaInfo, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
 SIGMA_FLOOR = 1e-3
 RESAMPLE_ESS = 0.5  # a population is resampled when its ESS falls below this fraction of its size
-COV_SNAPSHOTS = 25  # states per data-seeded pilot chain that enter the fitted Gaussian
+COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
 
 
 @dataclass
 class KernelBase:
-    """q_t per group t: kernel centres and widths [G, M, D], optionally a fitted Gaussian (mean [G, D],
-    covariance [G, D, D]), and mixture weights [G, M + 1] or, with the Gaussian, [G, M + 2] (kernels, Gaussian,
-    uniform last)."""
+    """q_t per group t: kernel centres and widths [G, M, D], optionally a fitted Gaussian mixture
+    (gaussians.GaussMixture, normalised on R^D), and mixture weights [G, M + 1] or, with the mixture, [G, M + 2]
+    (kernels, the fitted mixture as one column, uniform last)."""
     centres: torch.Tensor
     sigma: torch.Tensor
     weights: torch.Tensor
-    gauss_mean: torch.Tensor | None = None
-    gauss_cov: torch.Tensor | None = None
+    gauss: GaussMixture | None = None
 
     def __post_init__(self):
         mu, sig = self.centres.double(), self.sigma.double().clamp_min(SIGMA_FLOOR)
@@ -52,7 +52,7 @@ class KernelBase:
         g, m, d = mu.shape
         w = self.weights.double().to(mu.device)
         self.weights = w / w.sum(-1, keepdim=True)
-        self.has_gauss = self.gauss_mean is not None
+        self.has_gauss = self.gauss is not None
         if w.shape[-1] != m + 1 + self.has_gauss:
             raise ValueError(f"weights need {m + 1 + self.has_gauss} columns, got {w.shape[-1]}")
         inv = 1.0 / (sig * sig)
@@ -63,12 +63,6 @@ class KernelBase:
         log_norm = (-(torch.log(sig) + 0.5 * math.log(2 * math.pi)) - torch.log(mass)).sum(-1)
         self._log_k = torch.log(self.weights[:, :m]) + log_norm            # [G, M]
         self._log_u = torch.log(self.weights[:, -1]) - d * math.log(2.0)   # [G]
-        if self.has_gauss:
-            self.gauss_mean = self.gauss_mean.double().to(mu.device)
-            self._chol = torch.linalg.cholesky(self.gauss_cov.double().to(mu.device))      # [G, D, D]
-            self._prec = torch.cholesky_inverse(self._chol)
-            self._log_g = (torch.log(self.weights[:, m]) - torch.log(torch.diagonal(self._chol, dim1=1, dim2=2)).sum(-1)
-                           - 0.5 * d * math.log(2 * math.pi))               # [G]
 
     @property
     def groups(self):
@@ -82,21 +76,20 @@ class KernelBase:
                 + self._c[:, None, :])                                    # [G, n, M]
         comps = [self._log_k[:, None, :] - 0.5 * quad, self._log_u[:, None, None].expand(g, xg.shape[1], 1)]
         if self.has_gauss:
-            diff = xg - self.gauss_mean[:, None, :]
-            pd = torch.bmm(diff, self._prec)                              # Sigma^-1 (x - m)  [G, n, D]
-            comps.append(self._log_g[:, None, None] - 0.5 * (diff * pd).sum(-1, keepdim=True))
+            log_g, t = self.gauss.log_components(xg)                       # [G, n, C]
+            comps.append(torch.log(self.weights[:, m])[:, None, None] + log_g)
         logc = torch.cat(comps, -1)
         logq = torch.logsumexp(logc, -1)                                  # [G, n]
         r = torch.exp(logc - logq[..., None])                             # responsibilities
         rk = r[..., :m]
         grad = torch.bmm(rk, self._b) - xg * torch.bmm(rk, self._a)
         if self.has_gauss:
-            grad = grad - r[..., -1:] * pd
+            grad = grad + self.gauss.gradient(xg, r[..., m + 1:], t)
         return logq.reshape(-1), grad.reshape(-1, d)
 
     def sample(self, n: int, generator):
-        """n exact draws from each q_t: x [G * n, D] float64, grouped, and their component [G, n] (M: the fitted
-        Gaussian when there is one, the last: uniform). Gaussian draws may lie outside the box."""
+        """n exact draws from each q_t: x [G * n, D] float64, grouped, and their population [G, n] (M: the
+        fitted mixture when there is one, the last: uniform). Draws of the fitted mixture may lie outside the box."""
         g, m, d = self.centres.shape
         dev = self.centres.device
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -109,9 +102,8 @@ class KernelBase:
         xu = uniform(g * n, (d,), generator, dev).double().reshape(g, n, d)
         x = torch.where((comp == self.weights.shape[-1] - 1)[..., None], xu, x)
         if self.has_gauss:
-            z = torch.randn((g, n, d), generator=generator, device=dev, dtype=torch.float64)
-            xg = self.gauss_mean[:, None, :] + torch.bmm(z, self._chol.transpose(1, 2))
-            x = torch.where((comp == m)[..., None], xg, x)
+            which = torch.multinomial(self.gauss.weights, n, replacement=True, generator=generator)
+            x = torch.where((comp == m)[..., None], self.gauss.sample(which, generator), x)
         return x.reshape(g * n, d), comp
 
 
@@ -217,8 +209,7 @@ class References:
     centres: torch.Tensor   # [G, M, D] pilot chains' time averages (data-seeded first, then forward states)
     sigma: torch.Tensor     # [G, M, D] per-population, per-coordinate within-chain standard deviations
     step: np.ndarray        # [G] tuned MALA step sizes at beta_t
-    mean: torch.Tensor      # [G, D] mean and covariance [G, D, D] of the data-seeded chains' states
-    cov: torch.Tensor
+    gauss: GaussMixture     # fitted to the data-seeded chains' states, a component per predicted class
 
 
 def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *, n_data, n_gauss, n_steps,
@@ -229,8 +220,10 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     centre = the chain's time average, width = the within-chain standard deviation pooled over its population,
     per coordinate. A kernel centred on the local mean rather than on one sample keeps the mixture from being
     over-dispersed by a factor 2 in variance (a KL that grows linearly with the dimension). The states of all
-    data-seeded chains (second half, COV_SNAPSHOTS per chain) give the fitted Gaussian's mean and covariance:
-    its error in KL shrinks with the number of chains, since a chain's states are strongly correlated."""
+    data-seeded chains (second half, COV_SNAPSHOTS per chain) give the fitted mixture (`gaussians.fit`): a
+    low-rank-plus-diagonal Gaussian per class the model predicts (argmax of its logits), so each mode of a
+    classifier's density gets its own; its error in KL shrinks with the number of chains, since a chain's states
+    are strongly correlated."""
     g = len(betas)
     d = int(np.prod(shape))
     n_f = forward.x.shape[0] // g
@@ -244,10 +237,9 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
     s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
     s2 = torch.zeros_like(s1)
-    c1 = torch.zeros(g, d, dtype=torch.float64, device=device)
-    c2 = torch.zeros(g, d, d, dtype=torch.float64, device=device)
+    snaps, labels = [], []
     half = n_steps // 2
-    stride, n_snap = max(1, (n_steps - half) // COV_SNAPSHOTS), 0
+    stride = max(1, (n_steps - half) // COV_SNAPSHOTS)
     for i in progress_bar(range(n_steps), desc="references", enabled=progress):
         state, info = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
         if i < half:
@@ -256,28 +248,17 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
         xs = state.x.reshape(g, m, d).double()
         s1 += xs
         s2 += xs * xs
-        if (i - half) % stride == 0:
-            xg = xs[:, :n_seed]
-            c1 += xg.sum(1)
-            c2 += torch.bmm(xg.transpose(1, 2), xg)
-            n_snap += n_seed
+        if (i - half) % stride == 0 and len(snaps) < COV_SNAPSHOTS:
+            snaps.append(state.x.reshape(g, m, d)[:, :n_seed].clone())
+            labels.append(state.logits.reshape(g, m, -1)[:, :n_seed].argmax(-1))
     n = n_steps - half
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0.0) * n / max(n - 1, 1)
     keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(device)
     sig = torch.cat([var[:, :n_seed].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
                      var[:, n_seed:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
-    return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), *_moments(c1, c2, n_snap))
-
-
-def _moments(c1, c2, n):
-    """Mean [G, D] and covariance [G, D, D] from sums over n states, plus SIGMA_FLOOR^2 on the diagonal
-    (positive definite however few the states)."""
-    mean = c1 / n
-    cov = (c2 / n - mean[:, :, None] * mean[:, None, :]) * n / max(n - 1, 1)
-    cov = 0.5 * (cov + cov.transpose(1, 2)) + SIGMA_FLOOR ** 2 * torch.eye(c1.shape[-1], dtype=c1.dtype,
-                                                                           device=c1.device)
-    return mean, cov
+    gauss = fit(torch.cat(snaps, 1), torch.cat(labels, 1), state.logits.shape[-1], per_chain=len(snaps))
+    return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), gauss)
 
 
 @dataclass

@@ -239,7 +239,9 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--engine", type=click.Choice(["ais", "smc"]),
                help="The anneal from uniform: frozen-schedule AIS, or adaptive tempered SMC with HMC moves "
                     "(docs/estimators.md).")
-@budget_option("--smc-chains", type=int, help="SMC chains (engine smc), split into --smc-populations.")
+@budget_option("--smc-chains", type=int, help="SMC chains from uniform (engine smc), split into --smc-populations.")
+@budget_option("--smc-data-chains", type=int, help="With data: SMC chains per temperature from the data-informed "
+               "base (engine smc; the reported log Z).")
 @budget_option("--smc-populations", type=int, help="Independent SMC populations (the SE's replicas).")
 @budget_option("--ais-chains", type=int, help="Forward AIS chains.")
 @budget_option("--ais-steps", type=int, help="Least number of annealing betas; raised to --ais-steps-per-l2 x L^2.")
@@ -252,7 +254,8 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--replicas", type=int, help="Independent replica groups of chains for the SEs.")
 @budget_option("--reverse-steps", type=int, help="Reverse-AIS betas.")
 @budget_option("--data-refs", type=int, help="Data-seeded kernel centres per temperature.")
-@budget_option("--bridge-chains", type=int, help="Chains per temperature annealed from the data-informed base.")
+@budget_option("--bridge-chains", type=int, help="Chains per temperature annealed from the data-informed base "
+               "(engine ais).")
 @budget_option("--auto-temps", type=int, help="Temperatures placed by --temps auto.")
 @budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")

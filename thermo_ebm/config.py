@@ -140,10 +140,12 @@ class MeasureConfig:
     # the anneal from uniform: "ais" (one MALA step per frozen beta) or "smc" (adaptive tempered SMC: stages
     # chosen at a conditional ESS, reflective HMC moves in a diagonal metric until decorrelated; smc.py)
     engine: str = "ais"
-    smc_chains: int = 1024      # SMC chains, in smc_populations independent populations (the SE's replicas)
+    smc_chains: int = 1024      # SMC chains from uniform, in smc_populations independent populations (the SE's replicas)
+    smc_data_chains: int = 512  # with data: SMC chains per temperature from the data-informed base (the reported log Z)
+    smc_crosscheck_chains: int = 256  # with data: SMC chains from uniform (then a cross-check, at CESS 0.5)
     smc_populations: int = 16
-    smc_pilot_chains: int = 256
-    smc_cess: float = 0.5       # conditional ESS fraction at which the pilot places the next stage
+    smc_pilot_chains: int = 128
+    smc_cess: float = 0.8       # conditional ESS fraction at which the pilot places the next stage of the reported anneal
     smc_leapfrog: int = 8       # leapfrog steps per HMC move
     smc_max_moves: int = 10     # most HMC moves per stage
     smc_corr: float = 0.2       # moves continue until the population's lag correlation falls below this
@@ -164,13 +166,11 @@ class MeasureConfig:
             raise ThermoEBMError(f"{o('engine')} must be ais or smc, got {self.engine!r}")
         if not (0.0 < self.smc_cess < 1.0 and 0.0 < self.smc_corr < 1.0):
             raise ThermoEBMError(f"{o('smc_cess')} and {o('smc_corr')} must lie in (0, 1)")
-        if self.engine == "smc" and self.bridge_chains % self.smc_populations:
-            raise ThermoEBMError(f"{o('bridge_chains')} ({self.bridge_chains}) must split into {o('smc_populations')} "
-                                 f"({self.smc_populations}) equal populations")
-        if self.smc_chains % self.smc_populations or self.smc_populations % self.shards or self.smc_populations < 2:
-            raise ThermoEBMError(f"{o('smc_chains')} ({self.smc_chains}) must split into {o('smc_populations')} "
-                                 f"({self.smc_populations} >= 2) equal populations, a whole number per shard "
-                                 f"({self.shards})")
+        for name in ("smc_chains", "smc_data_chains", "smc_crosscheck_chains"):
+            if getattr(self, name) % self.smc_populations or self.smc_populations % self.shards or self.smc_populations < 2:
+                raise ThermoEBMError(f"{o(name)} ({getattr(self, name)}) must split into {o('smc_populations')} "
+                                     f"({self.smc_populations} >= 2) equal populations, a whole number per shard "
+                                     f"({self.shards})")
         if not 0.0 < self.bridge_uniform < 1.0:
             raise ThermoEBMError(f"{o('bridge_uniform')} must lie in (0, 1), got {self.bridge_uniform!r}")
         if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:

@@ -60,9 +60,9 @@ class Tempering:
         self.d = int(np.prod(shape))
 
     def start(self, n, generator, device):
-        """n uniform draws [n, D] and their initial log-weights (0)."""
+        """n uniform draws [n, D], their initial log-weights (0) and base components (0) [n]."""
         x = uniform(n, (self.d,), generator, device)
-        return x, torch.zeros(n, dtype=torch.float64, device=device)
+        return x, torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.long, device=device)
 
     def evaluate(self, x) -> Particles:
         with torch.enable_grad():
@@ -96,8 +96,9 @@ class Bridge:
                                     device=base.centres.device)
 
     def start(self, n, generator, device):
-        x, lw0, _ = start_states(self.base, n // self.base.groups, generator, (self.d,))
-        return x, lw0.to(device)
+        """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n]."""
+        x, lw0, comp = start_states(self.base, n // self.base.groups, generator, (self.d,))
+        return x, lw0.to(device), comp.reshape(-1).to(device)
 
     def evaluate(self, x) -> Particles:
         with torch.enable_grad():
@@ -210,18 +211,29 @@ class Schedule:
     scale: np.ndarray
     n_leap: int
     accept: np.ndarray
+    shares: np.ndarray     # [G, C] share of the pilot's final weight descending from each base population
 
 
-def stage(path, p: Particles, logw, lam, lam_new, pop, generator, move):
+class Stage(NamedTuple):
+    """What a stage leaves: particles, log-weights [N], the resampling ancestors [N] (identity where a population
+    was not resampled), populations resampled, accepted fraction [N], non-finite proposals [N]."""
+    particles: Particles
+    logw: torch.Tensor
+    ancestors: torch.Tensor
+    resampled: int
+    accept: torch.Tensor | None
+    nonfinite: torch.Tensor | None
+
+
+def stage(path, p: Particles, logw, lam, lam_new, pop, generator, move) -> Stage:
     """The SMC stage: reweight from lam to lam_new [N], resample each population of `pop` chains whose ESS fell
-    below half, then move(p, logw) -> (particles, accepted fraction [N], non-finite proposals [N]). Returns
-    (particles, log-weights, populations resampled, accepted fraction, non-finite proposals)."""
+    below half, then move(p, logw) -> (particles, accepted fraction [N], non-finite proposals [N])."""
     logw = logw + path.log_gamma(p, lam_new) - path.log_gamma(p, lam)
     idx, logw, n_res = resample(logw, pop, generator)
     if n_res:
         p = take(p, idx)
     p, acc, bad = move(p, logw)
-    return p, logw, n_res, acc, bad
+    return Stage(p, logw, idx, n_res, acc, bad)
 
 
 def fixed_moves(path, lam, eps, scale, n_moves, n_leap, generator):
@@ -238,12 +250,12 @@ def fixed_moves(path, lam, eps, scale, n_moves, n_leap, generator):
 
 
 def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr, generator, device,
-         progress=False, desc="SMC pilot") -> Schedule:
+         population=(0,), progress=False, desc="SMC pilot") -> Schedule:
     """The pilot: one population per group of n_chains; stops [P, G] ascending lambdas every group must hit
-    (the last row is the end of the path)."""
+    (the last row is the end of the path); population [components]: the population of each base component."""
     stops = np.asarray(stops, dtype=np.float64).reshape(-1, groups)
     n = n_chains
-    x, logw = path.start(n * groups, generator, device)
+    x, logw, origin = path.start(n * groups, generator, device)
     p = path.evaluate(x)
     lam = torch.zeros(groups, dtype=torch.float64)
     eps = torch.ones(groups, dtype=torch.float64)
@@ -270,7 +282,8 @@ def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr,
                     break
             record.update(scale=scale, moves=len(acc), accept=torch.stack(acc).mean(0))
             return p, None, None
-        p, logw, _, _, _ = stage(path, p, logw, lam.repeat_interleave(n).to(device), lam_c, n, generator, move)
+        out = stage(path, p, logw, lam.repeat_interleave(n).to(device), lam_c, n, generator, move)
+        p, logw, origin = out.particles, out.logw, origin[out.ancestors]
         rows.append((new.numpy(), eps.numpy().copy(), record["moves"], record["scale"].cpu().numpy(),
                      record["accept"].numpy()))
         hit = (new.numpy() >= stops[np.minimum(k, len(stops) - 1), np.arange(groups)]) & (k < len(stops))
@@ -280,8 +293,11 @@ def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr,
         lam = new
     bar.close()
     lam_s, eps_s, moves_s, scale_s, acc_s = zip(*rows)
+    w = torch.softmax(torch.nan_to_num(logw, nan=-math.inf).reshape(groups, n), -1)
+    pops = torch.as_tensor(np.asarray(population), device=device)[origin].reshape(groups, n)
+    shares = torch.stack([(w * (pops == j)).sum(-1) for j in range(int(max(population)) + 1)], -1)
     return Schedule(np.stack(lam_s), np.stack(eps_s), np.array(moves_s, dtype=int), np.stack(scale_s), n_leap,
-                    np.stack(acc_s))
+                    np.stack(acc_s), shares.cpu().numpy())
 
 
 @dataclass
@@ -303,7 +319,7 @@ def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, de
     """The counted anneal on the frozen schedule: n_chains per group in populations of `pop` chains."""
     stops = np.asarray(stops, dtype=np.float64).reshape(-1, groups)
     n = n_chains
-    x, logw = path.start(n * groups, generator, device)
+    x, logw, _ = path.start(n * groups, generator, device)
     p = path.evaluate(x)
     lam = torch.zeros(n * groups, dtype=torch.float64, device=device)
     logws, energies, kept = [], [], []
@@ -314,7 +330,7 @@ def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, de
         eps = torch.as_tensor(schedule.eps[s], dtype=torch.float32).repeat_interleave(n).to(device)
         sc = torch.as_tensor(schedule.scale[s], dtype=p.x.dtype, device=device).repeat_interleave(n, 0)
         move = fixed_moves(path, lam_new, eps, sc, int(schedule.moves[s]), schedule.n_leap, generator)
-        p, logw, r, acc, nb = stage(path, p, logw, lam, lam_new, pop, generator, move)
+        p, logw, _, r, acc, nb = stage(path, p, logw, lam, lam_new, pop, generator, move)
         lam = lam_new
         n_res += r
         acc_sum[k] += acc.reshape(groups, -1).mean(-1).cpu()

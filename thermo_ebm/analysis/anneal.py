@@ -22,6 +22,7 @@ from .inputs import Problem
 
 log = logging.getLogger("thermo_ebm")
 BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
+CROSSCHECK_CESS = 0.5  # with data, the SMC from uniform is a cross-check: stages placed at this conditional ESS
 MAX_BETAS = 2_000_000  # longest forward schedule a measurement may ask for (memory and time)
 
 
@@ -67,8 +68,9 @@ def plan(p: Problem, progress=False) -> Plan:
         if dist.is_main():
             gen = torch.Generator(device=p.device)
             gen.manual_seed(stream_seed(p.seed, 10_000))
+            cess = min(cfg.smc_cess, CROSSCHECK_CESS) if p.data is not None else cfg.smc_cess
             sched = smc.tune(smc.Tempering(p.net, p.ens, p.shape), p.betas[:, None], 1,
-                             n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess, n_leap=cfg.smc_leapfrog,
+                             n_chains=cfg.smc_pilot_chains, target_cess=cess, n_leap=cfg.smc_leapfrog,
                              max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen, device=p.device,
                              progress=progress)
         sched = dist.broadcast(sched)
@@ -108,10 +110,10 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
 
     def make_base(shares):
         return bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, shares, BASE_FLOOR),
-                                 refs.mean, refs.cov)
+                                 refs.gauss)
     base = make_base(first)
     if cfg.engine == "smc":
-        return _smc_from_data(p, base, first, gen, progress)
+        return _smc_from_data(p, base, make_base, population, gen, progress)
     bt = bridge.tune_bridge(p.net, p.ens, p.shape, base, p.betas, refs.step, population,
                             n_chains=cfg.tune_chains // 2, n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt,
                             generator=gen, device=p.device, kernel=p.kernel, progress=progress)
@@ -134,31 +136,35 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
 
 
 def _smc_forward(p: Problem, pl: Plan, n_keep: int, gen, progress) -> ais.ForwardResult:
-    """The counted SMC from uniform on the pilot's frozen stages (one shard's populations), as a ForwardResult."""
+    """The counted SMC from uniform on the pilot's frozen stages (one shard's populations), as a ForwardResult;
+    with data a cross-check of smc_crosscheck_chains."""
     cfg = p.cfg
-    n = cfg.smc_chains // cfg.shards
-    res = smc.run(smc.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1, n_chains=n,
-                  pop=cfg.smc_chains // cfg.smc_populations, generator=gen, device=p.device, progress=progress)
+    total = cfg.smc_crosscheck_chains if p.data is not None else cfg.smc_chains
+    res = smc.run(smc.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1, n_chains=total // cfg.shards,
+                  pop=total // cfg.smc_populations, generator=gen, device=p.device, progress=progress)
     states = [smc.resampled_states(p.net, p.ens, p.shape, q, lw, 1, n_keep, gen) for q, lw in zip(res.particles, res.logw)]
     states = MalaState(*(torch.cat([getattr(s, f) for s in states]) for f in MalaState._fields))
     return ais.ForwardResult(res.logw, res.energy, res.energy2, states, res.accept[:, 0], res.nonfinite[:, 0])
 
 
-def _smc_from_data(p: Problem, base, shares, gen, progress):
+def _smc_from_data(p: Problem, base, make_base, population, gen, progress):
     """Engine "smc" with data: every temperature's SMC from the data-informed base (the stage function of
-    smc.py, adaptive lambdas, HMC moves), bridge_chains per temperature in smc_populations populations."""
+    smc.py, adaptive lambdas, HMC moves), smc_data_chains per temperature in smc_populations populations. The
+    counted run's base gives each population the share of the pilot's final weight it delivered."""
     cfg = p.cfg
     n_t = len(p.betas)
     path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, cfg.smc_pilot_chains)
     sched = smc.tune(path, np.ones((1, n_t)), n_t, n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess,
                      n_leap=cfg.smc_leapfrog, max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen,
-                     device=p.device, progress=progress, desc="data-seeded SMC pilot")
+                     device=p.device, population=population, progress=progress, desc="data-seeded SMC pilot")
+    shares = sched.shares
+    base = make_base(shares)
     log.info("SMC from data: %d stages, %d HMC moves of %d leapfrog steps (pilot), %d chains per temperature in %d "
-             "populations", len(sched.lambdas), int(sched.moves.sum()), sched.n_leap, cfg.bridge_chains,
+             "populations", len(sched.lambdas), int(sched.moves.sum()), sched.n_leap, cfg.smc_data_chains,
              cfg.smc_populations)
-    n = cfg.bridge_chains // cfg.shards
+    n = cfg.smc_data_chains // cfg.shards
     path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, n)
-    res = smc.run(path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.bridge_chains // cfg.smc_populations,
+    res = smc.run(path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.smc_data_chains // cfg.smc_populations,
                   generator=gen, device=p.device, progress=progress, desc="data-seeded SMC")
     q, lw = res.particles[0], res.logw[0]
     beta = path.beta

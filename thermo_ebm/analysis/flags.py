@@ -61,10 +61,14 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
-        if pl.capped:  # an under-annealed forward estimate is low by design: only more mass from uniform counts
-            flags["flag_hysteresis"] = -g > HYSTERESIS_Z * gs
-        else:
-            flags["flag_hysteresis"] = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
+        fwd = th.forward
+        weak = (fwd.pop_ess < 0.5 * cfg.smc_populations if fwd.pop_ess is not None
+                else fwd.ess < max(10.0, 0.05 * pooled["logw"].shape[-1]))
+        # an under-annealed forward estimate (capped schedule, or weights its own ESS check rejects) is low by
+        # design, its SE too small and its U from the wrong mix: only more mass from uniform counts there
+        one_sided = pl.capped | weak
+        two = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
+        flags["flag_hysteresis"] = np.where(one_sided, -g > HYSTERESIS_Z * gs, two)
     if th.from_data is not None:
         n_sched = int(pooled["b_steps"].max())
         longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
@@ -75,8 +79,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
                   f"{cfg.ais_steps_per_l2:g} x L^2 {pl.length ** 2:.0f}) + sweep betas; 4x the betas fixed the "
                   "784-d benchmark, docs/estimators.md)")
     if cfg.engine == "smc":
-        longer = (f"larger SMC populations: raise --smc-chains ({cfg.smc_chains} from uniform) and --bridge-chains "
-                  f"({cfg.bridge_chains} from data), each split into {cfg.smc_populations} populations")
+        longer = (f"larger SMC populations: raise --smc-data-chains ({cfg.smc_data_chains} per temperature from data) "
+                  f"and --smc-chains ({cfg.smc_chains} from uniform without data), each split into "
+                  f"{cfg.smc_populations} populations")
     remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
               "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
@@ -135,7 +140,8 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
         return None
     new = MeasureConfig(**asdict(cfg))
     if "anneal" in raised:
-        new.smc_chains, new.smc_cess = 2 * cfg.smc_chains, 1.0 - (1.0 - cfg.smc_cess) / 2
+        new.smc_chains, new.smc_data_chains = 2 * cfg.smc_chains, 2 * cfg.smc_data_chains
+        new.smc_cess = 1.0 - (1.0 - cfg.smc_cess) / 2
         new.ais_steps_per_l2 = 2 * cfg.ais_steps_per_l2
         new.ais_steps, new.bridge_steps, new.crosscheck_steps = 2 * cfg.ais_steps, 2 * cfg.bridge_steps, 2 * cfg.crosscheck_steps
     if "sweep" in raised:

@@ -1,0 +1,117 @@
+"""Mixtures of low-rank-plus-diagonal Gaussians on R^D, one mixture per temperature group: fit, exact log density
+with its gradient, exact draws. The data-informed base of the data-seeded anneal uses one as its fitted
+population: a component per cluster of reference states, covariance diag(v) + W W^T (W: [D, r], the leading
+principal directions the states resolve). Full covariances would need far more states than a pilot has at
+D = 784 (the fit's KL grows as D^2 / n); low rank plus diagonal grows as D r / n.
+Shapes: G groups, C components, D coordinates, r directions; x grouped [G, n, D]; float64 throughout."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+RANK = 32          # most principal directions per component
+MIN_STATES = 32    # a cluster with fewer states joins no component (its states fall to the others' tails)
+VAR_FLOOR = 0.1    # a coordinate's diagonal variance is at least this fraction of its total variance
+
+
+@dataclass
+class GaussMixture:
+    """weights [G, C] (a row sums to 1; 0 for an empty component), mean [G, C, D], diag [G, C, D] > 0,
+    factor [G, C, D, r]: component c of group g is N(mean, diag(diag) + factor factor^T)."""
+    weights: torch.Tensor
+    mean: torch.Tensor
+    diag: torch.Tensor
+    factor: torch.Tensor
+
+    def __post_init__(self):
+        g, c, d = self.mean.shape
+        r = self.factor.shape[-1]
+        self._a = 1.0 / self.diag                                                        # D^-1  [G, C, D]
+        self._b = self.mean * self._a                                                    # D^-1 m
+        self._c = (self.mean * self._b).sum(-1)                                          # m^T D^-1 m  [G, C]
+        dw = self._a[..., None] * self.factor                                            # D^-1 W  [G, C, D, r]
+        cap = torch.eye(r, dtype=self.factor.dtype, device=self.factor.device)
+        cap = cap + self.factor.transpose(-1, -2) @ dw                                   # I + W^T D^-1 W
+        self._cap_chol = torch.linalg.cholesky(cap)                                      # [G, C, r, r]
+        self._dw = dw.permute(0, 2, 1, 3).reshape(g, d, c * r)                           # [G, D, C r]
+        self._mdw = (self.mean[..., None] * dw).sum(2)                                   # m^T D^-1 W  [G, C, r]
+        logdet = torch.log(self.diag).sum(-1) + 2.0 * torch.log(torch.diagonal(self._cap_chol, dim1=-2, dim2=-1)).sum(-1)
+        self._log_norm = torch.log(self.weights) - 0.5 * (logdet + d * math.log(2.0 * math.pi))   # [G, C]
+
+    @property
+    def components(self):
+        return self.mean.shape[1]
+
+    def log_components(self, x):
+        """log(w_c N_c(x)) [G, n, C] for x [G, n, D], and t = (I + W^T D^-1 W)^-1 W^T D^-1 (x - m_c) [G, n, C, r]
+        for `gradient`. Written as matrix products over all components (the Woodbury identity for Sigma_c^-1)."""
+        g, n, d = x.shape
+        c, r = self.components, self.factor.shape[-1]
+        quad = (torch.bmm(x * x, self._a.transpose(1, 2)) - 2.0 * torch.bmm(x, self._b.transpose(1, 2))
+                + self._c[:, None, :])                                                    # (x-m)^T D^-1 (x-m)
+        proj = torch.bmm(x, self._dw).reshape(g, n, c, r) - self._mdw[:, None]            # W^T D^-1 (x - m)
+        t = torch.cholesky_solve(proj.permute(0, 2, 3, 1), self._cap_chol).permute(0, 3, 1, 2)
+        quad = quad - (proj * t).sum(-1)
+        return self._log_norm[:, None, :] - 0.5 * quad, t
+
+    def gradient(self, x, resp, t):
+        """sum_c resp_c grad log N_c(x) = -sum_c resp_c Sigma_c^-1 (x - m_c) [G, n, D]; resp [G, n, C], t from
+        `log_components`."""
+        g, n, _ = x.shape
+        low = torch.bmm((resp[..., None] * t).reshape(g, n, -1), self._dw.transpose(1, 2))
+        return torch.bmm(resp, self._b) - x * torch.bmm(resp, self._a) + low
+
+    def sample(self, comp, generator):
+        """Draws [G, n, D] of the components comp [G, n] (long)."""
+        g, n = comp.shape
+        d, r = self.mean.shape[-1], self.factor.shape[-1]
+        idx = comp[..., None].expand(g, n, d)
+        z = torch.randn((g, n, d), generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        zr = torch.randn((g, n, r), generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        w = torch.gather(self.factor, 1, comp[..., None, None].expand(g, n, d, r))
+        return (torch.gather(self.mean, 1, idx) + torch.gather(self.diag, 1, idx).sqrt() * z
+                + (w @ zr[..., None])[..., 0])
+
+
+def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK) -> GaussMixture:
+    """A component per label with at least MIN_STATES states (all states in one component when none has): the
+    mean, per-coordinate variances on the diagonal, and the principal directions the states resolve. A direction
+    is kept (at most `rank`) when its variance lambda exceeds the detection edge of pure noise,
+    rest * (1 + sqrt(D / n))^2 (Marchenko-Pastur; n = states / per_chain, counting a chain's correlated states
+    once), and enters W with the excess lambda - rest (rest: the mean variance the kept directions leave), so
+    that noise does not widen the base in directions the target does not have; the diagonal keeps what W does
+    not explain (at least VAR_FLOOR of each coordinate's variance, and 1e-6). states: [G, S, D]; labels: [G, S]
+    in [0, n_labels)."""
+    states = states.double()
+    g, _, d = states.shape
+    counts = torch.stack([(labels == c).sum(1) for c in range(n_labels)], 1)            # [G, C]
+    if not bool((counts >= MIN_STATES).any(1).all()):
+        labels, n_labels = torch.zeros_like(labels), 1
+    mean = torch.zeros(g, n_labels, d, dtype=states.dtype, device=states.device)
+    diag = torch.ones_like(mean)
+    factor = torch.zeros(g, n_labels, d, rank, dtype=states.dtype, device=states.device)
+    kept = 1
+    weights = torch.zeros(g, n_labels, dtype=states.dtype, device=states.device)
+    for t in range(g):
+        for c in range(n_labels):
+            xs = states[t][labels[t] == c]
+            if len(xs) < MIN_STATES:
+                continue
+            m = xs.mean(0)
+            u = xs - m
+            var = (u * u).sum(0) / (len(xs) - 1)
+            _, sv, vt = torch.linalg.svd(u, full_matrices=False)
+            lam = sv[:rank] ** 2 / (len(xs) - 1)
+            edge = (1.0 + math.sqrt(d * per_chain / len(xs))) ** 2
+            k = 0
+            while k < len(lam) and lam[k] > edge * (var.sum() - lam[:k + 1].sum()) / (d - k - 1):
+                k += 1
+            rest = (var.sum() - lam[:k].sum()) / (d - k)
+            w = vt[:k].T * (lam[:k] - rest).clamp_min(0.0).sqrt()                         # [D, k]
+            mean[t, c], weights[t, c] = m, float(len(xs))
+            factor[t, c, :, :k] = w
+            kept = max(kept, k)
+            diag[t, c] = torch.maximum(var - (w * w).sum(1), VAR_FLOOR * var).clamp_min(1e-6)
+    return GaussMixture(weights / weights.sum(1, keepdim=True), mean, diag, factor[..., :kept].contiguous())
