@@ -120,7 +120,7 @@ def test_kernel_base_with_a_fitted_mixture_is_normalised():
     diag = torch.tensor([[[0.05, 0.02], [0.01, 0.04]]], dtype=torch.float64)
     factor = torch.tensor([[[[0.2], [0.25]], [[-0.15], [0.1]]]], dtype=torch.float64)
     mix = GaussMixture(torch.tensor([[0.7, 0.3]], dtype=torch.float64), mean, diag, factor)
-    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), mix)
+    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), (mix,))
     n = 801
     h = 2.0 / n
     c = torch.linspace(-1 + h / 2, 1 - h / 2, n, dtype=torch.float64)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .gaussians import GaussMixture, fit
+from .gaussians import fit
 from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaInfo, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
 
@@ -38,13 +38,13 @@ COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted m
 
 @dataclass
 class KernelBase:
-    """q_t per group t: kernel centres and widths [G, M, D], optionally a fitted Gaussian mixture
-    (gaussians.GaussMixture, normalised on R^D), and mixture weights [G, M + 1] or, with the mixture, [G, M + 2]
-    (kernels, the fitted mixture as one column, uniform last)."""
+    """q_t per group t: kernel centres and widths [G, M, D], fitted Gaussian mixtures (gaussians.GaussMixture,
+    normalised on R^D; none or several) and mixture weights [G, M + F + 1] (kernels, one column per fitted
+    mixture, uniform last)."""
     centres: torch.Tensor
     sigma: torch.Tensor
     weights: torch.Tensor
-    gauss: GaussMixture | None = None
+    gauss: tuple = ()
 
     def __post_init__(self):
         mu, sig = self.centres.double(), self.sigma.double().clamp_min(SIGMA_FLOOR)
@@ -52,9 +52,9 @@ class KernelBase:
         g, m, d = mu.shape
         w = self.weights.double().to(mu.device)
         self.weights = w / w.sum(-1, keepdim=True)
-        self.has_gauss = self.gauss is not None
-        if w.shape[-1] != m + 1 + self.has_gauss:
-            raise ValueError(f"weights need {m + 1 + self.has_gauss} columns, got {w.shape[-1]}")
+        self.gauss = tuple(self.gauss)
+        if w.shape[-1] != m + 1 + len(self.gauss):
+            raise ValueError(f"weights need {m + 1 + len(self.gauss)} columns, got {w.shape[-1]}")
         inv = 1.0 / (sig * sig)
         self._a, self._b = inv, mu * inv                                  # [G, M, D]
         self._c = (mu * mu * inv).sum(-1)                                 # [G, M]
@@ -75,16 +75,20 @@ class KernelBase:
         quad = (torch.bmm(xg * xg, self._a.transpose(1, 2)) - 2.0 * torch.bmm(xg, self._b.transpose(1, 2))
                 + self._c[:, None, :])                                    # [G, n, M]
         comps = [self._log_k[:, None, :] - 0.5 * quad, self._log_u[:, None, None].expand(g, xg.shape[1], 1)]
-        if self.has_gauss:
-            log_g, t = self.gauss.log_components(xg)                       # [G, n, C]
-            comps.append(torch.log(self.weights[:, m])[:, None, None] + log_g)
+        solved = []
+        for f, mix in enumerate(self.gauss):
+            log_g, t = mix.log_components(xg)                             # [G, n, C_f]
+            comps.append(torch.log(self.weights[:, m + f])[:, None, None] + log_g)
+            solved.append(t)
         logc = torch.cat(comps, -1)
         logq = torch.logsumexp(logc, -1)                                  # [G, n]
         r = torch.exp(logc - logq[..., None])                             # responsibilities
         rk = r[..., :m]
         grad = torch.bmm(rk, self._b) - xg * torch.bmm(rk, self._a)
-        if self.has_gauss:
-            grad = grad + self.gauss.gradient(xg, r[..., m + 1:], t)
+        col = m + 1
+        for mix, t in zip(self.gauss, solved):
+            grad = grad + mix.gradient(xg, r[..., col:col + mix.components], t)
+            col += mix.components
         return logq.reshape(-1), grad.reshape(-1, d)
 
     def sample(self, n: int, generator):
@@ -101,9 +105,9 @@ class KernelBase:
         x = (mu + sig * torch.special.ndtri(lo + u * (hi - lo))).clamp(-1.0, 1.0)
         xu = uniform(g * n, (d,), generator, dev).double().reshape(g, n, d)
         x = torch.where((comp == self.weights.shape[-1] - 1)[..., None], xu, x)
-        if self.has_gauss:
-            which = torch.multinomial(self.gauss.weights, n, replacement=True, generator=generator)
-            x = torch.where((comp == m)[..., None], self.gauss.sample(which, generator), x)
+        for f, mix in enumerate(self.gauss):
+            which = torch.multinomial(mix.weights, n, replacement=True, generator=generator)
+            x = torch.where((comp == m + f)[..., None], mix.sample(which, generator), x)
         return x.reshape(g * n, d), comp
 
 
@@ -209,7 +213,7 @@ class References:
     centres: torch.Tensor   # [G, M, D] pilot chains' time averages (data-seeded first, then forward states)
     sigma: torch.Tensor     # [G, M, D] per-population, per-coordinate within-chain standard deviations
     step: np.ndarray        # [G] tuned MALA step sizes at beta_t
-    gauss: GaussMixture     # fitted to the data-seeded chains' states, a component per predicted class
+    gauss: tuple            # GaussMixtures fitted to the data-seeded chains' states: per predicted class, pooled
 
 
 def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *, n_data, n_gauss, n_steps,
@@ -223,7 +227,8 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     data-seeded chains (second half, COV_SNAPSHOTS per chain) give the fitted mixture (`gaussians.fit`): a
     low-rank-plus-diagonal Gaussian per class the model predicts (argmax of its logits), so each mode of a
     classifier's density gets its own; its error in KL shrinks with the number of chains, since a chain's states
-    are strongly correlated."""
+    are strongly correlated. A second fit pools all states in one component: with its full sample covariance
+    when the chains outnumber the coordinates, otherwise as above (more states resolve more directions)."""
     g = len(betas)
     d = int(np.prod(shape))
     n_f = forward.x.shape[0] // g
@@ -257,7 +262,9 @@ def references(model, ensemble, shape, data, forward: MalaState, betas, step0, *
     keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(device)
     sig = torch.cat([var[:, :n_seed].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
                      var[:, n_seed:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
-    gauss = fit(torch.cat(snaps, 1), torch.cat(labels, 1), state.logits.shape[-1], per_chain=len(snaps))
+    per_chain, snaps, labels = len(snaps), torch.cat(snaps, 1), torch.cat(labels, 1)
+    gauss = (fit(snaps, labels, state.logits.shape[-1], per_chain=per_chain),
+             fit(snaps, torch.zeros_like(labels), 1, per_chain=per_chain, full=n_seed >= d))
     return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), gauss)
 
 

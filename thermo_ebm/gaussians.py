@@ -75,15 +75,18 @@ class GaussMixture:
                 + (w @ zr[..., None])[..., 0])
 
 
-def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK) -> GaussMixture:
+def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, full: bool = False) -> GaussMixture:
     """A component per label with at least MIN_STATES states (all states in one component when none has): the
     mean, per-coordinate variances on the diagonal, and the principal directions the states resolve. A direction
     is kept (at most `rank`) when its variance lambda exceeds the detection edge of pure noise,
     rest * (1 + sqrt(D / n))^2 (Marchenko-Pastur; n = states / per_chain, counting a chain's correlated states
     once), and enters W with the excess lambda - rest (rest: the mean variance the kept directions leave), so
     that noise does not widen the base in directions the target does not have; the diagonal keeps what W does
-    not explain (at least VAR_FLOOR of each coordinate's variance, and 1e-6). states: [G, S, D]; labels: [G, S]
-    in [0, n_labels)."""
+    not explain (at least VAR_FLOOR of each coordinate's variance, and 1e-6). full: the sample covariance itself
+    (every direction, 1e-6 on the diagonal), for when the chains outnumber the coordinates. states: [G, S, D];
+    labels: [G, S] in [0, n_labels)."""
+    if full:
+        rank = states.shape[-1]
     states = states.double()
     g, _, d = states.shape
     counts = torch.stack([(labels == c).sum(1) for c in range(n_labels)], 1)            # [G, C]
@@ -105,13 +108,14 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK) -> 
             _, sv, vt = torch.linalg.svd(u, full_matrices=False)
             lam = sv[:rank] ** 2 / (len(xs) - 1)
             edge = (1.0 + math.sqrt(d * per_chain / len(xs))) ** 2
-            k = 0
+            k = len(lam) if full else 0
             while k < len(lam) and lam[k] > edge * (var.sum() - lam[:k + 1].sum()) / (d - k - 1):
                 k += 1
-            rest = (var.sum() - lam[:k].sum()) / (d - k)
+            rest = 0.0 if full else (var.sum() - lam[:k].sum()) / (d - k)
             w = vt[:k].T * (lam[:k] - rest).clamp_min(0.0).sqrt()                         # [D, k]
             mean[t, c], weights[t, c] = m, float(len(xs))
             factor[t, c, :, :k] = w
             kept = max(kept, k)
-            diag[t, c] = torch.maximum(var - (w * w).sum(1), VAR_FLOOR * var).clamp_min(1e-6)
+            diag[t, c] = (torch.full_like(var, 1e-6) if full
+                          else torch.maximum(var - (w * w).sum(1), VAR_FLOOR * var).clamp_min(1e-6))
     return GaussMixture(weights / weights.sum(1, keepdim=True), mean, diag, factor[..., :kept].contiguous())

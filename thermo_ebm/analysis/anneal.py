@@ -96,17 +96,18 @@ def shard_seed(seed: int, shard: int) -> int:
 
 def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
-    mixes four populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian fitted to
-    the data-seeded chains, uniform; the pilot
-    sets each population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
+    mixes five populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian per
+    predicted class and one pooled Gaussian fitted to the data-seeded chains, uniform; the pilot sets each
+    population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
     cfg = p.cfg
     refs = bridge.references(p.net, p.ens, p.shape, p.data, fwd, p.betas, step0, n_data=cfg.data_refs,
                              n_gauss=cfg.gauss_refs, n_steps=cfg.reference_steps, generator=gen, device=p.device, kernel=p.kernel,
                              progress=progress)
     n_t, n_f = len(p.betas), refs.centres.shape[1] - cfg.data_refs
-    sizes = (cfg.data_refs, n_f, 1, 1)  # kernels on data-seeded states, on forward states; fitted Gaussian; uniform
-    population = np.repeat(np.arange(4), sizes)
-    first = np.tile([(1 - cfg.bridge_uniform) / 3] * 3 + [cfg.bridge_uniform], (n_t, 1))
+    # kernels on data-seeded states, on forward states; the fitted mixtures (per class, pooled); uniform
+    sizes = (cfg.data_refs, n_f) + (1,) * len(refs.gauss) + (1,)
+    population = np.repeat(np.arange(len(sizes)), sizes)
+    first = np.tile([(1 - cfg.bridge_uniform) / (len(sizes) - 1)] * (len(sizes) - 1) + [cfg.bridge_uniform], (n_t, 1))
 
     def make_base(shares):
         return bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, shares, BASE_FLOOR),
