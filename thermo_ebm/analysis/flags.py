@@ -64,11 +64,11 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
         fwd = th.forward
         weak = (fwd.pop_ess < 0.5 * cfg.smc_populations if fwd.pop_ess is not None
                 else fwd.ess < max(10.0, 0.05 * pooled["logw"].shape[-1]))
-        # an under-annealed forward estimate (capped schedule, or weights its own ESS check rejects) is low by
-        # design, its SE too small and its U from the wrong mix: only more mass from uniform counts there
-        one_sided = pl.capped | weak
-        two = (np.abs(g) > HYSTERESIS_Z * gs) | (np.abs(ug) > HYSTERESIS_Z * ugs)
-        flags["flag_hysteresis"] = np.where(one_sided, -g > HYSTERESIS_Z * gs, two)
+        # an under-annealed forward log Z (capped schedule, or weights its own ESS check rejects) is low by
+        # design: only more mass from uniform counts there; the two origins' U must still agree (unless capped)
+        lz_gap = np.where(pl.capped | weak, -g > HYSTERESIS_Z * gs, np.abs(g) > HYSTERESIS_Z * gs)
+        u_gap = np.abs(ug) > HYSTERESIS_Z * ugs
+        flags["flag_hysteresis"] = lz_gap | (u_gap & ~np.asarray(pl.capped))
     if th.from_data is not None:
         n_sched = int(pooled["b_steps"].max())
         longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
