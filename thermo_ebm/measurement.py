@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,11 +21,11 @@ import xarray as xr
 
 from . import distributed as dist
 from . import temperatures
-from .analysis.anneal import STAGES, plan, pool
+from .analysis.anneal import STAGES, Plan, plan, pool
 from .analysis.dataset import add_likelihood, to_dataset
-from .analysis.flags import AFFECTS, HYSTERESIS_Z, LENGTHEN, diagnose, lengthen, scale_hint, warning_line
-from .analysis.inputs import prepare
-from .analysis.thermo import thermodynamics
+from .analysis.flags import LENGTHEN, Diagnosis, diagnose, lengthen, scale_hint
+from .analysis.inputs import Problem, prepare
+from .analysis.thermo import Thermo, thermodynamics
 from .config import MeasureConfig
 from .errors import ThermoEBMError
 from .estimators import has_interior_max, parabola_peak
@@ -71,6 +71,49 @@ def auto_temperatures(model, cfg: MeasureConfig, **kw) -> tuple[np.ndarray, str,
     temps, expl = temperatures.choose(scan, cfg.auto_temps, t_ml)
     return temps, expl, {"temperature": scan.temperature.values.tolist(), "C": scan.C.values.tolist(),
                          "info_bits": scan.info_bits.values.tolist(), "flagged": scan.flag_any.values.tolist()}
+
+
+@dataclass
+class Attempts:
+    """The last attempt of a measurement (its problem, plan, pooled chains, thermodynamics, diagnosis), the
+    seconds of every attempt, the pilot's seconds of the last, and a note when `max_time` stopped a doubling."""
+    problem: Problem
+    plan: Plan
+    pooled: dict
+    thermo: Thermo
+    diagnosis: Diagnosis
+    seconds: list
+    plan_seconds: float
+    note: str
+
+
+def attempts(p: Problem, t0: float, progress) -> Attempts:
+    """Measure once; with `max_time`, measure again with doubled schedules (`lengthen`) while a flag that more
+    sampling can clear is raised, a first run being always checked by one doubling, and the next attempt
+    (about 2.2x the last) fits within max_time counted from t0."""
+    cfg, seconds, previous = p.cfg, [], None
+    while True:
+        t_run = time.perf_counter()
+        pl = plan(p, progress)
+        t_plan = time.perf_counter() - t_run
+        pooled = pool(p, pl, progress)
+        th = thermodynamics(p, pooled)
+        dg = diagnose(p, pl, th, pooled, previous)
+        seconds.append(time.perf_counter() - t_run)
+        if cfg.max_time is None:
+            return Attempts(p, pl, pooled, th, dg, seconds, t_plan, "")
+        longer = lengthen(p.cfg, dg.flags if previous is not None else {**dg.flags, "flag_unconverged": True})
+        need = 2.2 * seconds[-1]
+        # under torchrun rank 0 decides for every rank (their clocks differ; their pooled flags do not)
+        again = dist.broadcast(longer is not None and time.perf_counter() - t0 + need <= cfg.max_time)
+        if not again:
+            note = (f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
+                    if longer is not None else "")
+            return Attempts(p, pl, pooled, th, dg, seconds, t_plan, note)
+        log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (--max-time %.0f s)",
+                 len(seconds), seconds[-1], ", ".join(n for n, f in dg.flags.items() if n in LENGTHEN and np.any(f))
+                 or "checking convergence", cfg.max_time)
+        previous, p = th.reported, replace(p, cfg=longer)
 
 
 def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], temps: Sequence[float] | np.ndarray | str = "auto", *,
@@ -159,52 +202,20 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         temps, why, scan = auto_temperatures(model, cfg, **kw)
         log.info("%s", why)
     p = prepare(model, temps, cfg=cfg, **kw)
-    attempts = []  # seconds per attempt; with max_time, runs are repeated with longer budgets (see `lengthen`)
-    previous = None
-    while True:
-        t_run = time.perf_counter()
-        pl = plan(p, progress)
-        t_plan = time.perf_counter() - t_run
-        pooled = pool(p, pl, progress)
-        th = thermodynamics(p, pooled)
-        flags, extra, warnings = diagnose(p, pl, th, pooled)
-        if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
-            moved = np.abs(th.reported.value - previous.value)
-            flags["flag_unconverged"] = moved > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)
-            extra["log_Z_shift"] = th.reported.value - previous.value
-            if np.any(flags["flag_unconverged"]):
-                warnings["flag_unconverged"] = warning_line(
-                    p, "flag_unconverged", flags["flag_unconverged"], AFFECTS["flag_unconverged"],
-                    "doubling the schedules moved log Z beyond 4 SE (log_Z_shift); the estimate is still moving")
-        attempts.append(time.perf_counter() - t_run)
-        if cfg.max_time is None:
-            longer = None
-            break
-        # a first run is always checked by one doubling of its schedules, if the time allows
-        longer = lengthen(p.cfg, flags if previous is not None else {**flags, "flag_unconverged": True})
-        need = 2.2 * attempts[-1]  # a doubled budget costs about twice the last attempt
-        # under torchrun rank 0 decides for every rank (their clocks differ; their pooled flags do not)
-        again = dist.broadcast(longer is not None and time.perf_counter() - t0 + need <= cfg.max_time)
-        if not again:
-            break
-        log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (--max-time %.0f s)",
-                 len(attempts), attempts[-1], ", ".join(n for n, f in flags.items() if n in LENGTHEN and np.any(f))
-                 or "checking convergence", cfg.max_time)
-        previous, p = th.reported, replace(p, cfg=longer)
-    note = ""
-    if longer is not None:
-        note = f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
-    for name, line in warnings.items():
-        log.warning("%s%s", line, note if name in LENGTHEN else "")
-    hint = scale_hint(p, flags)
+    run = attempts(p, t0, progress)
+    p, th, dg = run.problem, run.thermo, run.diagnosis
+    for name, line in dg.warnings.items():
+        log.warning("%s%s", line, run.note if name in LENGTHEN else "")
+    hint = scale_hint(p, dg.flags)
     if hint:
         log.warning("%s", hint)
-    ds = to_dataset(p, pl, th, flags, extra, pooled, time.perf_counter() - t0)
+    ds = to_dataset(p, run.plan, th, dg.flags, dg.extra, run.pooled, time.perf_counter() - t0)
     if auto:
         ds.attrs.update(temperatures_chosen=why, temperature_scan=json.dumps(scan))
     if p.heldout is not None:
-        ds = add_likelihood(ds, p, th, flags)
-    stages = {"pilot": round(t_plan, 1), **{k: round(float(v), 1) for k, v in zip(STAGES, pooled["seconds"].sum(0))}}
-    ds.attrs.update(attempts=len(attempts), attempt_seconds=json.dumps([round(a, 1) for a in attempts]),
+        ds = add_likelihood(ds, p, th, dg.flags)
+    stages = {"pilot": round(run.plan_seconds, 1),
+              **{k: round(float(v), 1) for k, v in zip(STAGES, run.pooled["seconds"].sum(0))}}
+    ds.attrs.update(attempts=len(run.seconds), attempt_seconds=json.dumps([round(a, 1) for a in run.seconds]),
                     stage_seconds=json.dumps(stages))
     return ds

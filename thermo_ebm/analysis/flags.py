@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -11,7 +11,7 @@ from ..config import MeasureConfig
 from ..estimators import heavy_tail_limit
 from .anneal import Plan
 from .inputs import Problem
-from .thermo import Thermo
+from .thermo import LogZ, Thermo
 
 HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
 
@@ -31,9 +31,25 @@ AFFECTS = {
 C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
 
 
-def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict, dict]:
-    """Per-temperature flags (ascending beta), the diagnostics stored beside them, and one warning line per
-    raised flag, by flag name (its temperatures, what it affects, what to do)."""
+def too_few_effective(est: LogZ, n_chains: int, n_populations: int) -> np.ndarray:
+    """Whether an anneal's weights [T] fail the ESS test its log Z SE needs: fewer than max(10, 5%) effective
+    chains, or (SMC) populations whose Z estimates spread by more than their mean (population ESS below half)."""
+    low = est.ess < max(10.0, 0.05 * n_chains)
+    return low | (est.pop_ess < 0.5 * n_populations) if est.pop_ess is not None else low
+
+
+@dataclass
+class Diagnosis:
+    """Per-temperature flags [T] (ascending beta) by name, the diagnostics stored beside them [T], and one
+    warning line per raised flag (its temperatures, what it affects, what to do)."""
+    flags: dict
+    extra: dict
+    warnings: dict
+
+
+def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, previous: LogZ | None = None) -> Diagnosis:
+    """The flags of one attempt. `previous`: the reported log Z of the attempt before (with `max_time`), whose
+    doubled schedule must not have moved it beyond 4 SE (flag_unconverged)."""
     cfg = p.cfg
     rep = th.reported
     n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else pooled["logw"].shape[-1]
@@ -43,13 +59,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
         bad = bad + pooled["b_nonfinite"].sum(0)
     sw_acc = pooled["accept"].mean(0)
     # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
-    low_ess = rep.ess < max(10.0, 0.05 * n_chains)
-    if rep.pop_ess is not None:  # SMC: within populations, and the populations' Z estimates must agree
-        n_pop = cfg.smc_populations
-        low_ess = low_ess | (rep.pop_ess < 0.5 * n_pop)
-        heavy = rep.k_hat > heavy_tail_limit(n_chains)
-    else:
-        heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
+    low_ess = too_few_effective(rep, n_chains, cfg.smc_populations)
+    heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
     poor_mix = (cfg.samples < 10 * th.tau) | (cfg.burn_in < 5 * th.tau)
     flags = {"flag_nonfinite": bad > 0, "flag_low_acceptance": (sw_acc < 0.05) | (acc < 0.05),
              "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
@@ -61,9 +72,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
-        fwd = th.forward
-        weak = (fwd.pop_ess < 0.5 * cfg.smc_populations if fwd.pop_ess is not None
-                else fwd.ess < max(10.0, 0.05 * pooled["logw"].shape[-1]))
+        weak = too_few_effective(th.forward, pooled["logw"].shape[-1], cfg.smc_populations)
         # an under-annealed forward log Z (capped schedule, or weights its own ESS check rejects) is low by
         # design: only more mass from uniform counts there; the two origins' U must still agree (unless capped)
         lz_gap = np.where(pl.capped | weak, -g > HYSTERESIS_Z * gs, np.abs(g) > HYSTERESIS_Z * gs)
@@ -94,6 +103,10 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     if th.from_data is not None and p.ens.kind == "joint":  # p_T(y) comes from the same weights as log Z
         for name in ("flag_low_ess", "flag_heavy_tails"):
             affects[name] += ", H_Y_bits, I_XY_bits"
+    if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
+        shift = th.reported.value - previous.value
+        flags["flag_unconverged"] = np.abs(shift) > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)
+        remedy["flag_unconverged"] = "doubling the schedules moved log Z beyond 4 SE (log_Z_shift); the estimate is still moving"
     warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              **({"population_ess": rep.pop_ess} if rep.pop_ess is not None else {}),
@@ -103,7 +116,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict) -> tuple[dict, dict
     n_t = len(p.betas)
     sw = pooled["swap_accept"].mean(0)
     extra["swap_accept"] = np.concatenate([sw, [np.nan]]) if n_t > 1 else np.array([np.nan])
-    return flags, extra, warnings
+    if previous is not None:
+        extra["log_Z_shift"] = shift
+    return Diagnosis(flags, extra, warnings)
 
 
 # what `max_time` lengthens when a flag survives: the anneals (both origins) or the sweep
