@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy.special import logsumexp
@@ -35,20 +36,33 @@ def replica_split(n: int, n_replicas: int):
     return r, (n // r) * r
 
 
+def replica_se(reps, logw, r: int, k: int):
+    """SE [T] of a self-normalised estimate from its R replicas' values reps [T, R], the replicas being R equal
+    groups of the first k chains of logw [T, N]: the replicas' spread times sqrt(sum of squared weight shares)
+    (Kish). Equal shares give spread / sqrt(R); where one replica holds all the weight, the spread itself."""
+    w = np.exp(logw[:, :k] - logw.max(-1, keepdims=True)).reshape(len(logw), r, -1).sum(-1)
+    share = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+    reps = np.where(share > 0, reps, np.nan)  # a replica without weight has no value and no say
+    with warnings.catch_warnings():  # fewer than two replicas with weight: no spread (nan)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(reps, axis=-1, ddof=1) * np.sqrt((share ** 2).sum(-1))
+
+
 def weighted_mean(logw, values, n_replicas: int):
-    """Self-normalised weighted mean over chains [T, N] with SE from independent replicas."""
+    """Self-normalised weighted mean over chains [T, N] with SE from independent replicas (`replica_se`)."""
     logw = np.where(np.isnan(logw), -np.inf, logw)
     w = np.exp(logw - logw.max(-1, keepdims=True))
     est = (w * values).sum(-1) / w.sum(-1)
     r, k = replica_split(logw.shape[-1], n_replicas)
-    wr, vr = w[:, :k].reshape(len(w), r, -1), values[:, :k].reshape(len(w), r, -1)
-    reps = (wr * vr).sum(-1) / np.maximum(wr.sum(-1), 1e-300)
-    return est, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+    lr, vr = logw[:, :k].reshape(len(w), r, -1), values[:, :k].reshape(len(w), r, -1)
+    wr = np.exp(lr - lr.max(-1, keepdims=True))  # each replica's own scale: every replica has a value
+    reps = (wr * vr).sum(-1) / wr.sum(-1)
+    return est, replica_se(reps, logw, r, k)
 
 
 def weighted_heat(logw, u, m2, betas, n_replicas: int):
     """C = beta^2 (E_w[<E^2 | x>] - E_w[<E | x>]^2) from importance weights logw [T, N] and per-chain moments
-    u, m2 [T, N] at betas [T]; SE from independent replicas (the spread of their C over sqrt(R))."""
+    u, m2 [T, N] at betas [T]; SE from independent replicas (`replica_se`)."""
     logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
     b2 = np.asarray(betas, dtype=np.float64)[:, None] ** 2
 
@@ -61,7 +75,7 @@ def weighted_heat(logw, u, m2, betas, n_replicas: int):
     r, k = replica_split(logw.shape[-1], n_replicas)
     reps = np.stack([heat(logw[:, i * (k // r):(i + 1) * (k // r)], u[:, i * (k // r):(i + 1) * (k // r)],
                           m2[:, i * (k // r):(i + 1) * (k // r)]) for i in range(r)], -1)
-    return c, np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+    return c, replica_se(reps, logw, r, k)
 
 
 def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
