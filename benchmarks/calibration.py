@@ -1,4 +1,5 @@
-"""Calibration of `measure` over seeds on exactly solvable systems: for log Z, U and C, the z-scores
+"""Calibration of `measure` over seeds on exactly solvable systems: for log Z, U and C (and, where exact draws
+give held-out data, the held-out log-likelihood and T_ML), the z-scores
 (estimate - exact) / SE of every seed and temperature, their SD, the fraction with |z| > 3 and the number of
 unflagged |z| > 4 (a flag must name every quantity it affects). Prints a table and writes
 benchmarks/results/calibration.json.
@@ -32,6 +33,10 @@ SYSTEMS = {  # name: (system, ensemble, temperatures, data drawn exactly at this
     "digits784": (lambda: DigitMixture(), "joint", [0.5, 1.0, 2.0], 1.0),
 }
 QUANTITIES = ("log_Z", "U", "C")
+# marginal systems with exact draws: held-out data at T0 = 1, whose population log-likelihood
+# E_{p_1}[log p_T(x)] = -U(1) / T - log Z(T) and T_ML = 1 are exact (the SEs include the held-out sampling)
+HELDOUT = {"rotated64": 1.0}
+N_HELDOUT = 500
 
 p = argparse.ArgumentParser()
 p.add_argument("--seeds", type=int, default=30)
@@ -56,8 +61,23 @@ for name in args.systems.split(","):
     t0 = time.perf_counter()
     for seed in range(args.seeds):
         data = system.sample(t_data, 1000, seed=seed)[0] if t_data is not None else None
-        ds = measure(system, temps, ensemble=kind, data=data, device="cpu", seed=seed, engine=args.engine,
-                     **extra)
+        t_ho = HELDOUT.get(name)
+        heldout = system.sample(t_ho, N_HELDOUT, seed=10_000 + seed) if t_ho is not None else None
+        ds = measure(system, temps, ensemble=kind, data=data, heldout=heldout, device="cpu", seed=seed,
+                     engine=args.engine, **extra)
+        if t_ho is not None:
+            u0 = system.exact([t_ho], kind)["U"][0]
+            ll = (ds.log_lik_heldout.values - (-u0 / np.asarray(temps) - exact["log_Z"])) / ds.log_lik_heldout_err.values
+            fl = np.zeros(len(temps), bool)
+            for f, text in AFFECTS.items():
+                if f in ds and ("log_lik" in text or text.startswith("all")):
+                    fl |= ds[f].values.astype(bool)
+            rows += [dict(system=name, seed=seed, T=t, quantity="log_lik_heldout", z=float(zz), flagged=bool(f))
+                     for t, zz, f in zip(temps, ll, fl)]
+            inside = ds.attrs["T_ML_side"] == "inside"
+            z_ml = (float(ds.T_ML) - t_ho) / float(ds.T_ML_err) if inside else float("nan")
+            rows.append(dict(system=name, seed=seed, T=t_ho, quantity="T_ML", z=z_ml,
+                             flagged=bool(ds.attrs["T_ML_flagged"]), side=ds.attrs["T_ML_side"]))
         for q in QUANTITIES:
             flagged = np.zeros(len(temps), bool)
             for f, text in AFFECTS.items():
@@ -67,14 +87,16 @@ for name in args.systems.split(","):
             rows += [dict(system=name, seed=seed, T=t, quantity=q, z=float(zz), flagged=bool(fl))
                      for t, zz, fl in zip(temps, z, flagged)]
     sec = (time.perf_counter() - t0) / args.seeds
-    for q in QUANTITIES:
+    for q in QUANTITIES + (("log_lik_heldout", "T_ML") if name in HELDOUT else ()):
         z = np.array([r["z"] for r in rows if r["system"] == name and r["quantity"] == q])
         fl = np.array([r["flagged"] for r in rows if r["system"] == name and r["quantity"] == q])
-        s = dict(system=name, quantity=q, n=len(z), sd_z=float(z.std()), mean_z=float(z.mean()),
+        missing = int(np.sum(~np.isfinite(z)))  # T_ML outside the range: no z
+        fl, z = fl[np.isfinite(z)], z[np.isfinite(z)]
+        s = dict(system=name, quantity=q, n=len(z), missing=missing, sd_z=float(z.std()), mean_z=float(z.mean()),
                  frac_abs_z_gt_3=float(np.mean(np.abs(z) > 3)), unflagged_abs_z_gt_4=int(np.sum((np.abs(z) > 4) & ~fl)),
                  frac_flagged=float(fl.mean()), seconds_per_run=sec)
         summary.append(s)
-        print(f"{name:<14}{q:<7} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
+        print(f"{name:<14}{q:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
               f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
               f"flagged {100 * s['frac_flagged']:.0f}%  {sec:.0f} s/run", flush=True)
 out = Path(args.out)

@@ -29,7 +29,9 @@ p = argparse.ArgumentParser()
 p.add_argument("--ckpt", default=None, help="checkpoint [default: train the `make demo` digits model]")
 p.add_argument("--name", default="digits")
 p.add_argument("--work", default="/tmp/thermo_ebm_measure_trained")
-p.add_argument("--max-time", type=float, default=240.0, help="measure's max_time: seconds for lengthening flagged runs")
+p.add_argument("--max-time", type=float, default=240.0,
+               help="measure's max_time: seconds for lengthening flagged runs (0: one attempt)")
+p.add_argument("--engine", default="ais", choices=["ais", "smc"], help="measure's engine")
 p.add_argument("--raw-temps", default=None, metavar="START:STOP:N",
                help="N geometrically spaced temperatures on the logits' scale instead of the design card's")
 a = p.parse_args()
@@ -49,7 +51,8 @@ if a.raw_temps:
     lo, hi, n = a.raw_temps.split(":")
     units, temps = "raw", np.geomspace(float(lo), float(hi), int(n))
 t0 = time.perf_counter()
-ds = measure(ckpt, temps, ensemble="joint", units=units, device="cpu", seed=0, max_time=a.max_time)
+ds = measure(ckpt, temps, ensemble="joint", units=units, device="cpu", seed=0, max_time=a.max_time or None,
+             engine=a.engine)
 sec = time.perf_counter() - t0
 h5 = work / f"measure_trained_{a.name}.h5"
 h5.unlink(missing_ok=True)
@@ -73,7 +76,7 @@ row = dict(
     log_Z_gap_reverse=[float(v) for v in ds.log_Z_gap.values],
     ess=[float(v) for v in ds.ess.values], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
     ais_schedule_length=ds.attrs["ais_schedule_length"], figure=str(Path(fig).relative_to(ROOT)),
-    max_time=a.max_time, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),
+    engine=a.engine, max_time=a.max_time, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),
 )
 print(json.dumps(row, indent=1))
 out = ROOT / "benchmarks" / "results" / f"measure_trained_{a.name}.json"
