@@ -16,7 +16,7 @@ from thermo_ebm.testing import ModeSwitch, RotatedGaussian, TruncatedGaussian
 
 TEMPS = [0.5, 0.75, 1.0, 1.5, 2.0]
 FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
-         "flag_inconsistent", "flag_hysteresis")
+         "flag_inconsistent", "flag_rare_phase", "flag_hysteresis")
 
 
 def _z(ds, key, exact):

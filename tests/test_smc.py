@@ -6,7 +6,7 @@ import torch
 
 from thermo_ebm import measure, smc
 from thermo_ebm.ensembles import Ensemble
-from thermo_ebm.estimators import log_mean_weight, weighted_mean
+from thermo_ebm.estimators import log_mean_weight, missed_phase, weighted_mean
 from thermo_ebm.testing import ClassGaussian, DigitMixture, DoubleWells, ModeSwitch, RotatedGaussian, TruncatedGaussian
 
 
@@ -139,3 +139,22 @@ def test_weighted_mean_se_follows_the_replicas_weight_shares():
         z.append(est[0] / se[0])
     z = np.asarray(z)
     assert 0.85 < z.std() < 1.2, z.std()
+
+
+def test_missed_phase_says_how_many_replicas_carry_the_phase_the_sweep_missed():
+    """The replica ESS of the mass outside the sweep's energy range: one replica holding it all gives 1/R, every
+    replica holding an equal part gives 1; the correction itself is the weighted share of U beyond the range."""
+    r, per = 16, 32
+    u = np.zeros((1, r * per))
+    m2 = np.ones((1, r * per))
+    logw = np.zeros((1, r * per))
+    one = u.copy()
+    one[0, 5] = -30.0  # one chain of replica 0 in a phase the sweep never reached ([-1, 1])
+    every = u.copy()
+    every[0, ::per] = -30.0  # one in each replica
+    lo, hi, betas = np.array([-1.0]), np.array([1.0]), np.array([1.0])
+    du, _, _, _, mass, ess = missed_phase(logw, one, m2, lo, hi, betas, r)
+    assert np.isclose(mass[0], 1 / (r * per)) and np.isclose(du[0], -30.0 / (r * per))
+    assert np.isclose(ess[0], 1 / r)
+    assert np.isclose(missed_phase(logw, every, m2, lo, hi, betas, r)[5][0], 1.0)
+    assert np.isnan(missed_phase(logw, u, m2, lo, hi, betas, r)[5][0])  # nothing outside: no ESS

@@ -84,7 +84,8 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     about m dE to U and m dE^2 beta^2 to C; below m ~ 1 / chains no sweep chain sits there and the jackknife SE
     cannot see it. dU = U_w - U_w(inside), dC = C_w - C_w(inside), weighted by logw [T, N] over particles with
     <E | x> = u and <E^2 | x> = m2 [T, N]; zero when every particle lies inside. SEs from independent replicas.
-    Returns (dU, dU_se, dC, dC_se, mass outside), each [T]."""
+    Returns (dU, dU_se, dC, dC_se, mass outside, replica ESS of the mass outside / R), each [T]: the last is
+    below 1/2 when the replicas' parts of that mass spread by more than their mean (nan with none outside)."""
     logw = np.where(np.isnan(logw), -np.inf, np.asarray(logw, dtype=np.float64))
     b2 = np.asarray(betas, dtype=np.float64) ** 2
     lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]
@@ -104,8 +105,13 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     m = k // r
     reps = np.stack([parts(logw[:, i * m:(i + 1) * m], u[:, i * m:(i + 1) * m], m2[:, i * m:(i + 1) * m])
                      for i in range(r)], -1)
-    se = np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
-    return est[0], se[0], est[1], se[1], est[2]
+    du_se, dc_se = replica_se(reps[0], logw, r, k), replica_se(reps[1], logw, r, k)
+    w = np.exp(logw[:, :k] - logw.max(-1, keepdims=True))
+    outside = (u[:, :k] < lo) | (u[:, :k] > hi)
+    part = (w * outside).reshape(len(w), r, -1).sum(-1)  # each replica's part of the mass outside
+    with np.errstate(invalid="ignore"):
+        ess = part.sum(-1) ** 2 / (part ** 2).sum(-1)
+    return est[0], du_se, est[1], dc_se, est[2], ess / r
 
 
 def label_entropy(logw, p_y, n_replicas):

@@ -25,6 +25,7 @@ from .analysis.anneal import STAGES, Plan, plan, pool
 from .analysis.dataset import add_likelihood, to_dataset
 from .analysis.flags import LENGTHEN, Diagnosis, diagnose, lengthen, scale_hint
 from .analysis.inputs import Problem, prepare
+from .analysis.records import Pooled
 from .analysis.thermo import Thermo, thermodynamics
 from .config import MeasureConfig
 from .errors import ThermoEBMError
@@ -79,7 +80,7 @@ class Attempts:
     seconds of every attempt, the pilot's seconds of the last, and a note when `max_time` stopped a doubling."""
     problem: Problem
     plan: Plan
-    pooled: dict
+    pooled: Pooled
     thermo: Thermo
     diagnosis: Diagnosis
     seconds: list
@@ -168,7 +169,7 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
     swap_accept, tau_E, step_size (engine smc: population_ess; joint with data: label_mix_z, the largest
     disagreement in p_T(y) between the sweep chains and the data-seeded weights, in SEs); int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
-    flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_hysteresis (with data; a phase one origin
+    flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_rare_phase, flag_hysteresis (with data; a phase one origin
     missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and
     C_cov [temperature, temperature_b], the covariances between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
     sample_labels); with held-out images: log_lik_heldout (log p_T(x), nats per image; joint with labels also
@@ -215,7 +216,7 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     if p.heldout is not None:
         ds = add_likelihood(ds, p, th, dg.flags)
     stages = {"pilot": round(run.plan_seconds, 1),
-              **{k: round(float(v), 1) for k, v in zip(STAGES, run.pooled["seconds"].sum(0))}}
+              **{k: round(float(v), 1) for k, v in zip(STAGES, run.pooled.seconds.sum(0))}}
     ds.attrs.update(attempts=len(run.seconds), attempt_seconds=json.dumps([round(a, 1) for a in run.seconds]),
                     stage_seconds=json.dumps(stages))
     return ds

@@ -11,7 +11,7 @@ from .results import file_sha256, list_groups, read_group
 
 COLS = ["F", "U", "S", "C", "info_bits"]
 FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
-         "flag_inconsistent", "flag_hysteresis", "flag_unconverged"]
+         "flag_inconsistent", "flag_hysteresis", "flag_rare_phase", "flag_unconverged"]
 
 
 # the attributes `show --json` carries for every group: how and from what it was made

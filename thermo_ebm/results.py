@@ -238,6 +238,8 @@ VARIABLES = {
     "origin_gap": ("log Z from data-seeded annealing - log Z from uniform", "nats"),
     "origin_U_gap": ("U from data-seeded annealing - U from uniform", "E"),
     "log_Z_shift": ("change of log Z when the schedules were last doubled (max_time)", "nats"),
+    "missed_phase_replicas": ("replica ESS / replicas of the annealing weights' mass at energies the sweep chains "
+                              "never visited (flag_rare_phase below one half)", "1"),
     "label_mix_z": ("largest |p_T(y) of the sweep chains - p_T(y) of the data-seeded weights| / SE over y", "1"),
     "ess": ("effective sample size of the reported log Z weights", "1"),
     "ess_forward": ("effective sample size of the forward AIS weights", "1"),

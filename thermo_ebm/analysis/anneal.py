@@ -19,6 +19,7 @@ from ..rng import stream_seed
 from ..sampling import MalaState
 from ..sweep import run_sweep
 from .inputs import Problem
+from .records import ForwardRecord, Pooled, ReverseRecord, SeededRecord, SweepRecord
 
 log = logging.getLogger("thermo_ebm")
 BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
@@ -81,11 +82,6 @@ def plan(p: Problem, progress=False) -> Plan:
     return Plan(tuning, schedule, steps, length, n_ais < n_rule)
 
 
-# axis along which each per-shard array is concatenated (per-temperature summaries get a leading shard axis)
-SHARD_AXES = dict(logw=1, energy=1, energy2=1, ais_accept=0, ais_nonfinite=0, chain_means=1, u_trace=2, logits=2,
-                  accept=0, swap_accept=0, nonfinite=0, step=0, rev_lw=1, samples=1, labels=1,
-                  b_logw=1, b_energy=1, b_energy2=1, b_p_y=1, b_accept=0, b_nonfinite=0, b_steps=0, b_length=0, b_shares=0,
-                  b_resampled=0, seconds=0)
 STAGES = ("forward", "data_seeded", "sweep", "reverse")  # `seconds` columns: wall time of each stage per shard
 
 
@@ -128,11 +124,9 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     res = bridge.run_bridge(p.net, p.ens, p.shape, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
                             n_keep=cfg.chains // cfg.shards, pop=pop, generator=gen, device=p.device, kernel=p.kernel,
                             progress=progress)
-    out = dict(b_logw=res.logw.cpu().numpy(), b_energy=res.energy.cpu().numpy(), b_energy2=res.energy2.cpu().numpy(),
-               b_p_y=res.p_y.cpu().numpy(),
-               b_accept=res.accept.cpu().numpy()[None], b_nonfinite=res.nonfinite.cpu().numpy()[None],
-               b_steps=np.array([n_steps]), b_length=length[None], b_shares=bt.shares[None],
-               b_resampled=np.array([res.resampled]))
+    out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
+                       res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],
+                       np.array([n_steps]), length[None], bt.shares[None], np.array([res.resampled]))
     return res.states, out
 
 
@@ -169,19 +163,18 @@ def _smc_from_data(p: Problem, base, make_base, population, gen, progress):
                   generator=gen, device=p.device, progress=progress, desc="data-seeded SMC")
     q, lw = res.particles[0], res.logw[0]
     beta = path.beta
-    out = dict(b_logw=lw.reshape(n_t, n).cpu().numpy(), b_energy=res.energy[0].reshape(n_t, n).cpu().numpy(),
-               b_energy2=res.energy2[0].reshape(n_t, n).cpu().numpy(),
-               b_p_y=torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
-               b_accept=res.accept[0].numpy()[None], b_nonfinite=res.nonfinite[0].numpy()[None],
-               b_steps=np.array([len(sched.lambdas)]), b_length=np.full((1, n_t), np.nan),
-               b_shares=np.asarray(shares)[None], b_resampled=np.array([res.resampled]))
+    out = SeededRecord(lw.reshape(n_t, n).cpu().numpy(), res.energy[0].reshape(n_t, n).cpu().numpy(),
+                       res.energy2[0].reshape(n_t, n).cpu().numpy(),
+                       torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
+                       res.accept[0].numpy()[None], res.nonfinite[0].numpy()[None], np.array([len(sched.lambdas)]),
+                       np.full((1, n_t), np.nan), np.asarray(shares)[None], np.array([res.resampled]))
     states = smc.resampled_states(p.net, p.ens, p.shape, q, lw, n_t, cfg.chains // cfg.shards, gen)
     return states, out
 
 
-def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
+def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
     """Forward AIS, (with data) the anneal from the data-informed base, sweep and reverse AIS for one shard of
-    the chains (its own generator). Returns numpy arrays keyed as SHARD_AXES."""
+    the chains (its own generator), as the shard's records."""
     cfg, betas = p.cfg, p.betas
     gen = torch.Generator(device=p.device)
     gen.manual_seed(shard_seed(p.seed, shard))
@@ -198,14 +191,13 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
                               n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep, mcmc_steps=cfg.ais_mcmc,
                               generator=gen, device=p.device, progress=progress, kernel=p.kernel)
     n_t = len(betas)
-    out = dict(logw=fwd.logw.cpu().numpy(), energy=fwd.energy.cpu().numpy(), energy2=fwd.energy2.cpu().numpy(),
-               ais_accept=fwd.accept.cpu().numpy()[None], ais_nonfinite=fwd.nonfinite.cpu().numpy()[None])
-    init = fwd.states  # [T * c] without data
+    forward = ForwardRecord(fwd.logw.cpu().numpy(), fwd.energy.cpu().numpy(), fwd.energy2.cpu().numpy(),
+                            fwd.accept.cpu().numpy()[None], fwd.nonfinite.cpu().numpy()[None])
+    init, seeded = fwd.states, None  # [T * c] without data
     lap()
     if p.data is not None:
-        init, extra = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
-                                        gen, progress)
-        out.update(extra)
+        init, seeded = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
+                                         gen, progress)
     lap()
     sw = run_sweep(p.net, p.ens, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in,
                    n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=p.device,
@@ -214,16 +206,15 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> dict:
     rev_lw = ais.run_reverse(p.net, p.ens, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps,
                              generator=gen, device=p.device, progress=progress, kernel=p.kernel)
     lap()
-    out["seconds"] = np.diff(clock)[None]
-    keep = min(cfg.keep_samples, c)
-    out.update(chain_means=sw.chain_means, u_trace=sw.u_trace, logits=sw.logits, accept=sw.accept[None],
-               swap_accept=sw.swap_accept[None], nonfinite=sw.nonfinite[None], step=sw.step[None], rev_lw=rev_lw,
-               samples=sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy())
+    keep, labels = min(cfg.keep_samples, c), None
     if p.ens.kind == "joint":
         lg = sw.final.logits.reshape(n_t, c, -1)[:, :keep]
         pr = torch.softmax(torch.as_tensor(betas, dtype=lg.dtype, device=lg.device)[:, None, None] * lg, -1)
-        out["labels"] = torch.multinomial(pr.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
-    return out
+        labels = torch.multinomial(pr.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
+    sweep = SweepRecord(sw.chain_means, sw.u_trace, sw.logits, sw.accept[None], sw.swap_accept[None],
+                        sw.nonfinite[None], sw.step[None], sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy(),
+                        labels)
+    return Pooled(forward, seeded, sweep, ReverseRecord(rev_lw), np.diff(clock)[None])
 
 
 def _keep_first(states: MalaState, n_t: int, n: int) -> MalaState:
@@ -232,9 +223,7 @@ def _keep_first(states: MalaState, n_t: int, n: int) -> MalaState:
     return MalaState(*(v.reshape(n_t, k, *v.shape[1:])[:, :n].reshape(n_t * n, *v.shape[1:]) for v in states))
 
 
-def pool(p: Problem, pl: Plan, progress) -> dict:
-    if dist.active():  # this rank runs its shard; per-chain arrays are concatenated in rank order
-        part = anneal(p, pl, dist.rank(), progress)
-        return {k: dist.gather_cat(v, SHARD_AXES[k]) if v.size else v for k, v in part.items()}
-    parts = [anneal(p, pl, s, progress) for s in range(p.cfg.shards)]
-    return {k: np.concatenate([q[k] for q in parts], axis=SHARD_AXES[k]) for k in parts[0]}
+def pool(p: Problem, pl: Plan, progress) -> Pooled:
+    """Every shard's records: under torchrun this rank's shard, gathered in rank order; else all shards here."""
+    shards = [dist.rank()] if dist.active() else range(p.cfg.shards)
+    return Pooled.cat([anneal(p, pl, s, progress) for s in shards])

@@ -14,12 +14,13 @@ from ..results import annotate, provenance, write_group
 from .anneal import Plan
 from .flags import AFFECTS, peak_flagged
 from .inputs import Problem
+from .records import Pooled
 from .thermo import Thermo
 
 log = logging.getLogger("thermo_ebm")
 
 
-def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, pooled: dict, seconds: float) -> xr.Dataset:
+def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, pooled: Pooled, seconds: float) -> xr.Dataset:
     """The xarray.Dataset a measurement returns (ascending temperature, CF metadata, provenance)."""
     cfg = p.cfg
     rev = slice(None, None, -1)  # ascending beta -> ascending temperature
@@ -35,11 +36,11 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     data_vars["C_peak_flag"] = ((), np.int8(peak_flagged(th.out["C"][0], flags, th.peak[0])))
     for name, cov in th.cov.items():  # between temperatures: SE of differences such as F(T1) - F(T2)
         data_vars[name + "_cov"] = (["temperature", "temperature_b"], np.asarray(cov, dtype=np.float64)[rev, rev])
-    xs = pooled["samples"][:, : cfg.keep_samples][rev]
+    xs = pooled.sweep.samples[:, : cfg.keep_samples][rev]
     sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(p.shape))]
     data_vars["samples"] = (sdims, xs.astype(np.float32))
     if p.ens.kind == "joint":
-        data_vars["sample_labels"] = (["temperature", "sample"], pooled["labels"][:, : cfg.keep_samples][rev])
+        data_vars["sample_labels"] = (["temperature", "sample"], pooled.sweep.labels[:, : cfg.keep_samples][rev])
     energy_units = "T_train (multiply by T_train for the logits' units)" if p.units == "train" and p.t_train != 1.0 \
         else "the logits' units"
     attrs = {
@@ -55,9 +56,9 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
         **p.desc,
     }
     if th.from_data is not None:
-        attrs["bridge_schedule_length"] = int(pooled["b_steps"].max())
-        attrs["bridge_thermodynamic_length_max"] = float(pooled["b_length"].max())
-        attrs["bridge_resamples_per_population"] = float(pooled["b_resampled"].mean())
+        attrs["bridge_schedule_length"] = int(pooled.seeded.steps.max())
+        attrs["bridge_thermodynamic_length_max"] = float(pooled.seeded.length.max())
+        attrs["bridge_resamples_per_population"] = float(pooled.seeded.resampled.mean())
     coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref),
               "temperature_b": ("temperature_b", p.temps)}
     return annotate(xr.Dataset(data_vars, coords=coords, attrs=attrs), p.units, energy_units)

@@ -11,6 +11,7 @@ from ..config import MeasureConfig
 from ..estimators import heavy_tail_limit
 from .anneal import Plan
 from .inputs import Problem
+from .records import Pooled
 from .thermo import LogZ, Thermo
 
 HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
@@ -25,10 +26,12 @@ AFFECTS = {
     "flag_poor_mixing": "U, C, S, info_bits, T_ML and the joint information quantities",
     "flag_inconsistent": "U, C, S, info_bits, T_ML and the joint information quantities",
     "flag_hysteresis": "all quantities (a phase one origin did not reach)",
+    "flag_rare_phase": "U, C, S, info_bits, T_ML and the joint information quantities",
     "flag_unconverged": "log_Z, F, S, info_bits, log_lik (and with data H_Y_bits, I_XY_bits)",
 }
 # the flags whose AFFECTS include C (`peak_flagged`)
-C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis")
+C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis",
+           "flag_rare_phase")
 
 
 def too_few_effective(est: LogZ, n_chains: int, n_populations: int) -> np.ndarray:
@@ -47,17 +50,18 @@ class Diagnosis:
     warnings: dict
 
 
-def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, previous: LogZ | None = None) -> Diagnosis:
+def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | None = None) -> Diagnosis:
     """The flags of one attempt. `previous`: the reported log Z of the attempt before (with `max_time`), whose
     doubled schedule must not have moved it beyond 4 SE (flag_unconverged)."""
     cfg = p.cfg
     rep = th.reported
-    n_chains = pooled["b_logw"].shape[-1] if th.from_data is not None else pooled["logw"].shape[-1]
-    acc = pooled["b_accept"].mean(0) if th.from_data is not None else pooled["ais_accept"].mean(0)
-    bad = pooled["ais_nonfinite"].sum(0) + pooled["nonfinite"].sum(0)
+    fw, b, sw = pooled.forward, pooled.seeded, pooled.sweep
+    counted = b if b is not None else fw  # the anneal log Z comes from
+    n_chains, acc = counted.logw.shape[-1], counted.accept.mean(0)
+    bad = fw.nonfinite.sum(0) + sw.nonfinite.sum(0)
     if th.from_data is not None:
-        bad = bad + pooled["b_nonfinite"].sum(0)
-    sw_acc = pooled["accept"].mean(0)
+        bad = bad + b.nonfinite.sum(0)
+    sw_acc = sw.accept.mean(0)
     # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
     low_ess = too_few_effective(rep, n_chains, cfg.smc_populations)
     heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
@@ -69,19 +73,20 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, previous: LogZ | No
     flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
     if th.label_z is not None:  # ... or split the mass between the classes differently
         flags["flag_inconsistent"] |= th.label_z > HYSTERESIS_Z
+    flags["flag_rare_phase"] = th.rare_phase
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
-        weak = too_few_effective(th.forward, pooled["logw"].shape[-1], cfg.smc_populations)
+        weak = too_few_effective(th.forward, fw.logw.shape[-1], cfg.smc_populations)
         # an under-annealed forward log Z (capped schedule, or weights its own ESS check rejects) is low by
         # design: only more mass from uniform counts there; the two origins' U must still agree (unless capped)
         lz_gap = np.where(pl.capped | weak, -g > HYSTERESIS_Z * gs, np.abs(g) > HYSTERESIS_Z * gs)
         u_gap = np.abs(ug) > HYSTERESIS_Z * ugs
         flags["flag_hysteresis"] = lz_gap | (u_gap & ~np.asarray(pl.capped))
     if th.from_data is not None:
-        n_sched = int(pooled["b_steps"].max())
+        n_sched = int(b.steps.max())
         longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
-                  f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {float(pooled['b_length'].max()) ** 2:.0f}); "
+                  f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {float(b.length.max()) ** 2:.0f}); "
                   "raise --ais-steps-per-l2 or --bridge-chains)")
     else:
         longer = (f"anneal longer (schedule {len(pl.schedule)} betas = max(ais_steps {cfg.ais_steps}, ais_steps_per_l2 "
@@ -97,6 +102,10 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, previous: LogZ | No
               "flag_inconsistent": "U (U_resid) or, joint with data, p_T(y) (label_mix_z) of the "
                                    "sweep chains and of the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
                                    "a longer sweep (--burn-in) or more chains",
+              "flag_rare_phase": "the sweep chains never reach a phase that holds part of U or C beyond their "
+                                 "error (U_missed, C_missed), and the annealing replicas' parts of its mass spread by more "
+                                 "than their mean (missed_phase_replicas < 0.5), too few for its SE; more chains (--smc-data-chains, "
+                                 "--bridge-chains) or sweep temperatures between the phases",
               "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
                                  "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
     affects = dict(AFFECTS)
@@ -110,12 +119,12 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, previous: LogZ | No
     warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              **({"population_ess": rep.pop_ess} if rep.pop_ess is not None else {}),
-             "accept": sw_acc, "tau_E": th.tau, "step_size": pooled["step"].mean(0)}
+             "accept": sw_acc, "tau_E": th.tau, "step_size": sw.step.mean(0), "missed_phase_replicas": th.missed_carried}
     if th.label_z is not None:
         extra["label_mix_z"] = th.label_z
     n_t = len(p.betas)
-    sw = pooled["swap_accept"].mean(0)
-    extra["swap_accept"] = np.concatenate([sw, [np.nan]]) if n_t > 1 else np.array([np.nan])
+    swap = sw.swap_accept.mean(0)
+    extra["swap_accept"] = np.concatenate([swap, [np.nan]]) if n_t > 1 else np.array([np.nan])
     if previous is not None:
         extra["log_Z_shift"] = shift
     return Diagnosis(flags, extra, warnings)
@@ -123,7 +132,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: dict, previous: LogZ | No
 
 # what `max_time` lengthens when a flag survives: the anneals (both origins) or the sweep
 LENGTHEN = {"flag_low_ess": "anneal", "flag_heavy_tails": "anneal", "flag_hysteresis": "anneal",
-            "flag_unconverged": "anneal", "flag_poor_mixing": "sweep", "flag_inconsistent": "sweep"}
+            "flag_unconverged": "anneal", "flag_poor_mixing": "sweep", "flag_inconsistent": "sweep",
+            "flag_rare_phase": "anneal"}
 
 
 def warning_line(p: Problem, name: str, flag, affects: str, remedy: str) -> str:

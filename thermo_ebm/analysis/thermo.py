@@ -17,6 +17,7 @@ from ..estimators import (delta_log_mean_se, derivative, integrated_autocorr_tim
                           population_weights, weight_ess, weighted_heat, weighted_mean)
 from ..sweep import stat_names
 from .inputs import Problem
+from .records import Pooled
 
 log = logging.getLogger("thermo_ebm")
 logging.getLogger("pymbar").setLevel(logging.ERROR)
@@ -65,6 +66,8 @@ class Thermo:
     tau: np.ndarray
     mbar_ok: bool
     cov: dict              # name -> [T, T] covariance between temperatures (log_Z, C)
+    rare_phase: np.ndarray  # [T] bool: U_missed / C_missed matter and rest on fewer than half the replicas (ESS)
+    missed_carried: np.ndarray  # [T] replica ESS / R of the annealing weights' mass in the missed phase
     label_z: np.ndarray | None = None  # joint with data: `_label_mix_z`
 
 
@@ -82,7 +85,7 @@ def _label_mix_z(blocks, ip, b_logw, b_p_y, n_replicas) -> np.ndarray:
     return np.max(z, axis=0)
 
 
-def thermodynamics(p: Problem, pooled: dict) -> Thermo:
+def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     """log Z, F, U, S, C, info (joint: H_Y, H_Y|X, I_XY) with SEs, and the cross-checks."""
     cfg, betas, ens = p.cfg, p.betas, p.ens
     n_t = len(betas)
@@ -91,34 +94,39 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
     # SMC: one replica per population (chains of a population share ancestors and are not independent)
     smc_run = cfg.engine == "smc"
     n_rep = cfg.smc_populations if smc_run else cfg.replicas
-    fwd = log_z_estimate(pooled["logw"], pooled["energy"], log_omega, n_rep, smc_run)
+    f, b, sw = pooled.forward, pooled.seeded, pooled.sweep
+    fwd = log_z_estimate(f.logw, f.energy, log_omega, n_rep, smc_run)
     seeded = None
-    if "b_logw" in pooled:
+    if b is not None:
         # weights relative to the normalised base: log Z = log mean w (no reference volume)
-        seeded = log_z_estimate(pooled["b_logw"], pooled["b_energy"], 0.0, n_rep, smc_run)
+        seeded = log_z_estimate(b.logw, b.energy, 0.0, n_rep, smc_run)
     rep = seeded or fwd
     log_z, log_z_se = rep.value, rep.se
     # C from the annealing weights (which carry a rare phase's mass that a few sweep chains cannot hold)
-    w_src = ((pooled["b_logw"], pooled["b_energy"], pooled["b_energy2"]) if seeded
-             else (pooled["logw"], pooled["energy"], pooled["energy2"]))
+    w_src = (b.logw, b.energy, b.energy2) if seeded else (f.logw, f.energy, f.energy2)
     c_w, c_w_se = weighted_heat(*w_src, betas, n_rep)
     # ... and their share at energies the sweep chains never visited (a phase too rare for them to hold)
-    lo, hi = pooled["u_trace"].min(axis=(0, 2)), pooled["u_trace"].max(axis=(0, 2))
-    du, du_se, dc, dc_se, m_out = missed_phase(*w_src, lo, hi, betas, n_rep)
+    lo, hi = sw.u_trace.min(axis=(0, 2)), sw.u_trace.max(axis=(0, 2))
+    du, du_se, dc, dc_se, _, carried = missed_phase(*w_src, lo, hi, betas, n_rep)
 
     # ---- sweep estimators: jackknife over chains (independent blocks)
     names = stat_names(ens)
-    blocks = pooled["chain_means"]
+    blocks = sw.chain_means
     iu, im2 = names.index("u"), names.index("m2")
-    U, U_se = jackknife(blocks, lambda m: m[..., iu])
-    U, U_se = U + du, np.sqrt(U_se ** 2 + du_se ** 2)  # plus what the chains miss (zero when they miss nothing)
+    U, U_sweep_se = jackknife(blocks, lambda m: m[..., iu])
+    U, U_se = U + du, np.sqrt(U_sweep_se ** 2 + du_se ** 2)  # plus what the chains miss (zero when they miss nothing)
 
     def heat(m):
         b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
         return b ** 2 * (m[..., im2] - m[..., iu] ** 2)
     # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
     # all of it, since C at neighbouring T is positively correlated through the swaps
-    C_cov = jackknife_cov(blocks, heat) + np.diag(dc_se ** 2)
+    C_cov = jackknife_cov(blocks, heat)
+    # the missed phase outweighs the sweep's own error, and the replicas' parts of its mass spread by more than
+    # their mean (replica ESS below half): a skewed rare-event estimate whose spread understates its error; U and
+    # C come out low or high beyond their SEs (ModeSwitch(16) at T = 1.25: C low by 2-5 SE)
+    rare = (carried < 0.5) & ((np.abs(dc) > np.sqrt(np.diag(C_cov))) | (np.abs(du) > U_sweep_se))
+    C_cov = C_cov + np.diag(dc_se ** 2)
     C, C_se = heat(blocks.mean(axis=1)) + dc, np.sqrt(np.diag(C_cov))
     t_asc = 1.0 / betas[::-1]
     peak = peak_position(t_asc, C[::-1], C_cov[::-1, ::-1], seed=p.seed)
@@ -140,14 +148,15 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
             hy = jackknife(blocks, h_y)
             ixy = jackknife(blocks, lambda m: h_y(m) - m[..., ih] / LN2)
         else:  # p_T(y) from the data-seeded weights: phases the sweep chains rarely visit still count
-            hy = label_entropy(pooled["b_logw"], pooled["b_p_y"], n_rep)
+            hy = label_entropy(b.logw, b.p_y, n_rep)
             ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
-            label_z = _label_mix_z(blocks, ip, pooled["b_logw"], pooled["b_p_y"], n_rep)
+            label_z = _label_mix_z(blocks, ip, b.logw, b.p_y, n_rep)
         out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
 
     # ---- cross-checks: the reverse direction, MBAR, consistency residuals, the two origins
-    tau = np.array([integrated_autocorr_time(pooled["u_trace"][:, t, :]) for t in range(n_t)])
-    rev_ratio, rev_se = -logmeanexp(pooled["rev_lw"], axis=-1), delta_log_mean_se(pooled["rev_lw"])
+    tau = np.array([integrated_autocorr_time(sw.u_trace[:, t, :]) for t in range(n_t)])
+    rev_lw = pooled.reverse.logw
+    rev_ratio, rev_se = -logmeanexp(rev_lw, axis=-1), delta_log_mean_se(rev_lw)
     log_z_rev, log_z_rev_se = log_omega + np.cumsum(rev_ratio), np.sqrt(np.cumsum(rev_se ** 2))
     if n_t > 1:  # dU/dT on the ascending-T grid; SEs propagated through the linear stencil
         D = np.stack([derivative(t_asc, col) for col in np.eye(n_t)], axis=1)
@@ -170,13 +179,14 @@ def thermodynamics(p: Problem, pooled: dict) -> Thermo:
     mbar_ok = False
     if cfg.mbar and n_t > 1:
         try:
-            diag["log_Z_mbar"] = _mbar_log_z(pooled["logits"], betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
+            diag["log_Z_mbar"] = _mbar_log_z(sw.logits, betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
             mbar_ok = True
         except Exception as e:  # MBAR failing (no overlap) is a diagnostic, not a fatal error
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
-    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov}, label_z)
+    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov}, rare, carried,
+                  label_z)
 
 
 MBAR_GROUPS = 16  # independent chain groups whose MBAR estimates give the cross-check's SE
