@@ -120,7 +120,8 @@ def test_digit_mixture_unflagged_within_four_standard_errors():
     for q in ("log_Z", "U"):
         z = (ds[q].values - exact[q]) / ds[q + "_err"].values
         assert np.all(np.abs(z) < 4), (q, z)
-    for name in ("flag_low_ess", "flag_heavy_tails", "flag_hysteresis", "flag_nonfinite", "flag_low_acceptance"):
+    for name in ("flag_low_ess", "flag_heavy_tails", "flag_hysteresis", "flag_nonfinite", "flag_low_acceptance",
+                 "flag_rare_phase"):
         assert not ds[name].values.any(), name
 
 

@@ -66,7 +66,7 @@ class Thermo:
     tau: np.ndarray
     mbar_ok: bool
     cov: dict              # name -> [T, T] covariance between temperatures (log_Z, C)
-    rare_phase: np.ndarray  # [T] bool: U_missed / C_missed matter and rest on fewer than half the replicas (ESS)
+    rare_phase: np.ndarray  # [T] bool (SMC): U_missed / C_missed matter and rest on under half the populations (ESS)
     missed_carried: np.ndarray  # [T] replica ESS / R of the annealing weights' mass in the missed phase
     label_z: np.ndarray | None = None  # joint with data: `_label_mix_z`
 
@@ -122,10 +122,11 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
     # all of it, since C at neighbouring T is positively correlated through the swaps
     C_cov = jackknife_cov(blocks, heat)
-    # the missed phase outweighs the sweep's own error, and the replicas' parts of its mass spread by more than
-    # their mean (replica ESS below half): a skewed rare-event estimate whose spread understates its error; U and
-    # C come out low or high beyond their SEs (ModeSwitch(16) at T = 1.25: C low by 2-5 SE)
-    rare = (carried < 0.5) & ((np.abs(dc) > np.sqrt(np.diag(C_cov))) | (np.abs(du) > U_sweep_se))
+    # SMC: the missed phase outweighs the sweep's own error, and the populations' parts of its mass spread by more
+    # than their mean (population ESS below half): each part is a product of resampling survivals, zero in most
+    # populations and large in a few, and their spread understates the error (ModeSwitch(16) at T = 1.25: C low
+    # by 2-5 SE). AIS chains keep their own weights: there the replica SE held (every |z| <= 2 at 1.25)
+    rare = smc_run & (carried < 0.5) & ((np.abs(dc) > np.sqrt(np.diag(C_cov))) | (np.abs(du) > U_sweep_se))
     C_cov = C_cov + np.diag(dc_se ** 2)
     C, C_se = heat(blocks.mean(axis=1)) + dc, np.sqrt(np.diag(C_cov))
     t_asc = 1.0 / betas[::-1]
