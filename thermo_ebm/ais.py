@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .estimators import thermodynamic_length
 from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, mala_init, mala_step, take, uniform
 
@@ -51,16 +52,14 @@ def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, ge
     return Tuning(betas, log_step, np.nan_to_num(var_e, nan=0.0, posinf=0.0))
 
 
-def thermodynamic_length(tuning: Tuning):
+def path_length(tuning: Tuning):
     """Cumulative thermodynamic length L(beta) on the pilot grid."""
-    sd = np.sqrt(tuning.var_e) + 1e-12
-    seg = 0.5 * (sd[1:] + sd[:-1]) * np.diff(tuning.betas)
-    return np.concatenate([[0.0], np.cumsum(seg)])
+    return thermodynamic_length(tuning.betas, tuning.var_e)
 
 
 def make_schedule(tuning: Tuning, sweep_betas, n_steps: int):
     """Ascending betas from 0 (n_steps points equally spaced in thermodynamic length, sweep betas added)."""
-    L = thermodynamic_length(tuning)
+    L = path_length(tuning)
     targets = np.linspace(0.0, L[-1], n_steps + 1)
     betas = np.interp(targets, L, tuning.betas)
     betas = np.unique(np.concatenate([betas, sweep_betas]))
@@ -126,7 +125,7 @@ def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning,
     n_t = len(sweep)
     c = states.x.shape[0] // n_t
     lower = np.concatenate([[0.0], sweep[:-1]])
-    L = thermodynamic_length(tuning)
+    L = path_length(tuning)
     lengths = np.interp(sweep, tuning.betas, L) - np.interp(lower, tuning.betas, L)
     m = np.maximum(np.ceil(n_steps * lengths / max(lengths.sum(), 1e-300)).astype(int), 4)
     n_max = int(m.max())

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .estimators import thermodynamic_length
 from .gaussians import fit
 from .progress import progress_bar
 from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaInfo, MalaState, adapt_step, evaluate, mala_init, mala_step, take, uniform
@@ -278,9 +279,7 @@ class BridgeTuning:
 
     def length(self):
         """Cumulative thermodynamic length [P, G] of each group's path."""
-        sd = np.sqrt(self.var) + 1e-12
-        seg = 0.5 * (sd[1:] + sd[:-1]) * np.diff(self.lambdas)[:, None]
-        return np.concatenate([np.zeros((1, sd.shape[1])), np.cumsum(seg, 0)])
+        return thermodynamic_length(self.lambdas, self.var)
 
 
 def tune_bridge(model, ensemble, shape, base: KernelBase, betas, step0, population, *, n_chains, n_stages,

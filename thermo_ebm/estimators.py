@@ -36,6 +36,14 @@ def replica_split(n: int, n_replicas: int):
     return r, (n // r) * r
 
 
+def thermodynamic_length(grid, var):
+    """Cumulative thermodynamic length [S, ...] of a path sampled at grid points [S] (betas or lambdas) with
+    Var(d log p / d grid) [S, ...] there: the trapezoid integral of its standard deviation, from 0."""
+    sd = np.sqrt(var) + 1e-12
+    seg = 0.5 * (sd[1:] + sd[:-1]) * np.diff(grid).reshape((-1,) + (1,) * (sd.ndim - 1))
+    return np.concatenate([np.zeros((1,) + sd.shape[1:]), np.cumsum(seg, 0)])
+
+
 def replica_se(reps, logw, r: int, k: int):
     """SE [T] of a self-normalised estimate from its R replicas' values reps [T, R], the replicas being R equal
     groups of the first k chains of logw [T, N]: the replicas' spread times sqrt(sum of squared weight shares)

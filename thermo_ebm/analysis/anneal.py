@@ -50,7 +50,7 @@ def plan(p: Problem, progress=False) -> Plan:
     tuning = dist.broadcast(tuning)
     # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
     # while the replica SE stays small (docs/estimators.md)
-    length = float(ais.thermodynamic_length(tuning)[-1])
+    length = float(ais.path_length(tuning)[-1])
     n_rule = max(cfg.ais_steps, int(math.ceil(cfg.ais_steps_per_l2 * length ** 2)))
     # with data the reported log Z comes from the data-informed base; the anneal from uniform is a cross-check
     # whose cost would otherwise grow with the information the model holds
