@@ -44,11 +44,20 @@ def thermodynamic_length(grid, var):
     return np.concatenate([np.zeros((1,) + sd.shape[1:]), np.cumsum(seg, 0)])
 
 
+def replica_weights(logw, r: int, k: int, mask=None):
+    """Each replica's part [T, R] of the total weight (on one common scale, not normalised), the replicas being R
+    equal groups of the first k chains of logw [T, N]; with mask [T, N], only the chains where it is true."""
+    w = np.exp(logw[:, :k] - logw.max(-1, keepdims=True))
+    if mask is not None:
+        w = w * mask[:, :k]
+    return w.reshape(len(logw), r, -1).sum(-1)
+
+
 def replica_se(reps, logw, r: int, k: int):
-    """SE [T] of a self-normalised estimate from its R replicas' values reps [T, R], the replicas being R equal
-    groups of the first k chains of logw [T, N]: the replicas' spread times sqrt(sum of squared weight shares)
-    (Kish). Equal shares give spread / sqrt(R); where one replica holds all the weight, the spread itself."""
-    w = np.exp(logw[:, :k] - logw.max(-1, keepdims=True)).reshape(len(logw), r, -1).sum(-1)
+    """SE [T] of a self-normalised estimate from its R replicas' values reps [T, R] (`replica_weights`' groups of
+    logw [T, N]): the replicas' spread times sqrt(sum of squared weight shares) (Kish). Equal shares give
+    spread / sqrt(R); where one replica holds all the weight, the spread itself."""
+    w = replica_weights(logw, r, k)
     share = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
     reps = np.where(share > 0, reps, np.nan)  # a replica without weight has no value and no say
     with warnings.catch_warnings():  # fewer than two replicas with weight: no spread (nan)
@@ -114,9 +123,7 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     reps = np.stack([parts(logw[:, i * m:(i + 1) * m], u[:, i * m:(i + 1) * m], m2[:, i * m:(i + 1) * m])
                      for i in range(r)], -1)
     du_se, dc_se = replica_se(reps[0], logw, r, k), replica_se(reps[1], logw, r, k)
-    w = np.exp(logw[:, :k] - logw.max(-1, keepdims=True))
-    outside = (u[:, :k] < lo) | (u[:, :k] > hi)
-    part = (w * outside).reshape(len(w), r, -1).sum(-1)  # each replica's part of the mass outside
+    part = replica_weights(logw, r, k, (u < lo) | (u > hi))  # each replica's part of the mass outside
     with np.errstate(invalid="ignore"):
         ess = part.sum(-1) ** 2 / (part ** 2).sum(-1)
     return est[0], du_se, est[1], dc_se, est[2], ess / r
@@ -124,7 +131,7 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
 
 def label_entropy(logw, p_y, n_replicas):
     """H(Y) in bits of p_T(y) = E_w[p_T(y | x)] from importance weights logw [T, N] and p_y [T, N, K]; SE from
-    independent replicas, as `weighted_mean`."""
+    independent replicas (`replica_se`)."""
     def h(lw, q):
         w = np.exp(lw - lw.max(-1, keepdims=True))
         py = np.clip((w[..., None] * q).sum(-2) / np.maximum(w.sum(-1), 1e-300)[..., None], 1e-300, None)
@@ -132,7 +139,7 @@ def label_entropy(logw, p_y, n_replicas):
     lw = np.where(np.isnan(logw), -np.inf, logw)
     r, k = replica_split(lw.shape[-1], n_replicas)
     reps = h(lw[:, :k].reshape(len(lw), r, -1), p_y[:, :k].reshape(len(lw), r, -1, p_y.shape[-1]))
-    return h(lw, p_y), np.std(reps, axis=-1, ddof=1) / np.sqrt(r)
+    return h(lw, p_y), replica_se(reps, lw, r, k)
 
 
 def weight_ess(logw):

@@ -66,7 +66,7 @@ class Thermo:
     tau: np.ndarray
     mbar_ok: bool
     cov: dict              # name -> [T, T] covariance between temperatures (log_Z, C)
-    rare_phase: np.ndarray  # [T] bool (SMC): U_missed / C_missed matter and rest on under half the populations (ESS)
+    sweep_se: dict         # "U", "C" -> [T] the sweep chains' own SEs (without U_missed, C_missed)
     missed_carried: np.ndarray  # [T] replica ESS / R of the annealing weights' mass in the missed phase
     label_z: np.ndarray | None = None  # joint with data: `_label_mix_z`
 
@@ -122,11 +122,7 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     # C's jackknife covariance between temperatures: its diagonal is C's SE; the peak temperature of C(T) needs
     # all of it, since C at neighbouring T is positively correlated through the swaps
     C_cov = jackknife_cov(blocks, heat)
-    # SMC: the missed phase outweighs the sweep's own error, and the populations' parts of its mass spread by more
-    # than their mean (population ESS below half): each part is a product of resampling survivals, zero in most
-    # populations and large in a few, and their spread understates the error (ModeSwitch(16) at T = 1.25: C low
-    # by 2-5 SE). AIS chains keep their own weights: there the replica SE held (every |z| <= 2 at 1.25)
-    rare = smc_run & (carried < 0.5) & ((np.abs(dc) > np.sqrt(np.diag(C_cov))) | (np.abs(du) > U_sweep_se))
+    sweep_se = {"U": U_sweep_se, "C": np.sqrt(np.diag(C_cov))}
     C_cov = C_cov + np.diag(dc_se ** 2)
     C, C_se = heat(blocks.mean(axis=1)) + dc, np.sqrt(np.diag(C_cov))
     t_asc = 1.0 / betas[::-1]
@@ -186,7 +182,7 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
-    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov}, rare, carried,
+    return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov}, sweep_se, carried,
                   label_z)
 
 
