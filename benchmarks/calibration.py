@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from thermo_ebm import measure
-from thermo_ebm.analysis.flags import AFFECTS
+from thermo_ebm.measurement.flags import AFFECTS
 from thermo_ebm.testing import (ClassGaussian, DigitMixture, DoubleWells, ModeSwitch, Neural2D, RotatedGaussian,
                                 TruncatedGaussian)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from thermo_ebm.checkpoint import save_checkpoint
+from thermo_ebm.files.checkpoint import save_checkpoint
 from thermo_ebm.models import build_model
 
 p = argparse.ArgumentParser()

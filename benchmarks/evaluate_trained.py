@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from thermo_ebm import evaluate  # noqa: E402
-from thermo_ebm.plot import flagged  # noqa: E402
-from thermo_ebm.results import groups_of_kind, read_group  # noqa: E402
+from thermo_ebm.reporting.plot import flagged  # noqa: E402
+from thermo_ebm.files.results import groups_of_kind, read_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser()

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from thermo_ebm import measure
-from thermo_ebm.plot import plot_files
-from thermo_ebm.training import train
+from thermo_ebm.reporting.plot import plot_files
+from thermo_ebm.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser()
@@ -56,7 +56,7 @@ ds = measure(ckpt, temps, ensemble="joint", units=units, device="cpu", seed=0, m
 sec = time.perf_counter() - t0
 h5 = work / f"measure_trained_{a.name}.h5"
 h5.unlink(missing_ok=True)
-from thermo_ebm.analysis.dataset import save_measurement  # noqa: E402
+from thermo_ebm.measurement.dataset import save_measurement  # noqa: E402
 save_measurement(ds, h5)
 fig = plot_files([h5], out=str(ROOT / "docs" / f"measure_trained_{a.name}"))[0]
 flags = {k.replace("flag_", ""): [float(t) for t in ds.temperature.values[ds[k].values.astype(bool)]]

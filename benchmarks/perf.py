@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thermo_ebm.ais import make_schedule, run_forward, tune
+from thermo_ebm.samplers.ais import make_schedule, run_forward, tune
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.models import build_model
-from thermo_ebm.sampling import (MalaKernel, uniform, _drift_mean, energy_and_grad, fold, gaussian, mala_kernel, langevin_init,
-                                 langevin_step, mala_init, mala_step)
+from thermo_ebm.samplers.kernels import (MalaKernel, Sampler, _drift_mean, energy_and_grad, fold, gaussian, langevin_init,
+                                         langevin_step, mala_init, mala_kernel, mala_step, uniform)
 from thermo_ebm.estimators import logmeanexp
-from thermo_ebm.rng import draw_key, normals_like
-from thermo_ebm.sweep import run_sweep, sweep_loop
+from thermo_ebm.samplers.rng import draw_key, normals_like
+from thermo_ebm.samplers.sweep import run_sweep, sweep_loop
 from thermo_ebm.testing import DoubleWells, TruncatedGaussian
 
 OUT = Path(__file__).parent / "results"
@@ -147,14 +147,14 @@ def sweep(quick, device="cpu"):
     kernel = mala_kernel(True)  # what measure uses at d = 784
 
     def batched():
-        run_sweep(model, ens, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=True, thin=5,
-                  generator=g.manual_seed(1), device=device, kernel=kernel)
+        run_sweep(Sampler(model, ens, MNIST, g.manual_seed(1), device, kernel), init, betas, step0, n_burn=n_burn,
+                  n_prod=n_prod, exchange=True, thin=5)
 
     def sequential():
         for t in range(n_t):
             part = type(init)(*(f[t * c:(t + 1) * c] for f in init))
-            run_sweep(model, ens, part, betas[t:t + 1], step0[t:t + 1], n_burn=n_burn, n_prod=n_prod,
-                      exchange=False, thin=5, generator=g.manual_seed(1), device=device, kernel=kernel)
+            run_sweep(Sampler(model, ens, MNIST, g.manual_seed(1), device, kernel), part, betas[t:t + 1],
+                      step0[t:t + 1], n_burn=n_burn, n_prod=n_prod, exchange=False, thin=5)
     t_b, t_s = interleaved({"batched": batched, "sequential": sequential}, 3, warmup=1, sync=sync).values()
     print(f"16 temperatures x 64 chains, {n_burn + n_prod} steps on {device}: batched {t_b:.2f} s, "
           f"sequential {t_s:.2f} s, speed-up x{t_s / t_b:.2f} (target >= {1.5 if device == 'cpu' else 5})")
@@ -164,7 +164,7 @@ def sweep(quick, device="cpu"):
 
 # ----------------------------------------------------------------------------- 3. training step
 def train_step(quick):
-    from thermo_ebm.training import TrainConfig, Trainer
+    from thermo_ebm.training.loop import TrainConfig, Trainer
     cfg = TrainConfig(objective="j_ebm", dataset="digits", model_size=512, depth=3, batch_size=64,
                       mc_steps=20, buffer_size=1000, reg=0.1, device="cpu")
     tr = Trainer(cfg, progress=False)
@@ -224,7 +224,7 @@ def train_step(quick):
         ed = -m2(xb).gather(1, yb[:, None]).squeeze(1)
         em = -m2(x0).gather(1, y0[:, None]).squeeze(1)
         lg = tr2.model(torch.cat([xb, x0]))
-    from thermo_ebm.objectives import loss_terms
+    from thermo_ebm.training.objectives import loss_terms
     ref_loss = float(ed.mean() - em.mean() + 0.1 * (ed.pow(2).mean() + em.pow(2).mean()))
     our_loss = float(loss_terms("j_ebm", lg[:64], yb, logits_joint=lg[64:], y_joint=y0, logits_marginal=None,
                                 gamma=1.0, reg=0.1)[0])
@@ -257,11 +257,10 @@ def ula_ais(system, beta_max, n_chains, n_steps, step, seed):
 def ours_ais(system, beta_max, n_chains, n_steps, seed):
     ens = Ensemble("marginal", 1)
     g = torch.Generator().manual_seed(seed)
-    tuning = tune(system, ens, (system.d,), np.array([beta_max]), n_chains=64, n_stages=100, n_adapt=5,
-                  generator=g, device="cpu")
+    s = Sampler(system, ens, (system.d,), g, "cpu")
+    tuning = tune(s, np.array([beta_max]), n_chains=64, n_stages=100, n_adapt=5)
     sched, steps = make_schedule(tuning, np.array([beta_max]), n_steps)
-    fw = run_forward(system, ens, (system.d,), sched, steps, np.array([beta_max]), n_chains=n_chains, n_keep=1,
-                     mcmc_steps=1, generator=g, device="cpu")
+    fw = run_forward(s, sched, steps, np.array([beta_max]), n_chains=n_chains, n_keep=1, mcmc_steps=1)
     pilot_evals = 64 * len(tuning.betas) * 5
     return float(logmeanexp(fw.logw[-1].numpy())) + system.d * np.log(2.0), pilot_evals
 
@@ -331,8 +330,8 @@ def gpu(quick):
     kernel = mala_kernel(True)
 
     def run(k):
-        return lambda: run_sweep(model, ens, init, betas, np.full(n_t, 0.05), n_burn=steps // 2, n_prod=steps // 2,
-                                 exchange=True, thin=10, generator=g, device=dev, kernel=k)
+        return lambda: run_sweep(Sampler(model, ens, MNIST, g, dev, k), init, betas, np.full(n_t, 0.05),
+                                 n_burn=steps // 2, n_prod=steps // 2, exchange=True, thin=10)
     # with and without torch.compile of the elementwise kernel (the network itself runs eager in both)
     t = interleaved({"compiled": run(kernel), "eager": run(mala_kernel(False))}, 3, warmup=1,
                     sync=torch.cuda.synchronize)
@@ -345,8 +344,8 @@ def gpu(quick):
     torch.cuda.set_sync_debug_mode("error")
     sync_free = True
     try:
-        sweep_loop(model, ens, init, betas_d, step_d, n_burn=5, n_prod=5, exchange=True, thin=2, generator=g,
-                   device=dev, kernel=kernel)
+        sweep_loop(Sampler(model, ens, MNIST, g, dev, kernel), init, betas_d, step_d, n_burn=5, n_prod=5,
+                   exchange=True, thin=2)
     except RuntimeError as e:
         sync_free = str(e).splitlines()[0]
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from thermo_ebm import evaluate, train
-from thermo_ebm.results import list_groups, read_group, write_group
+from thermo_ebm.files.results import list_groups, read_group, write_group
 
 # name: settings beyond the defaults (the defaults are TrainConfig's: reg 0.1, lr 1e-3, constant, 10 epochs)
 TRIALS = {

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from thermo_ebm.training import train
+from thermo_ebm.training.loop import train
 
 # Settings per objective (everything else is the CLI default). gcl: lr 1e-3 with cosine decay, no spectral
 # norm (0.965; with spectral norm and lr 3e-4 it reached 0.921). Pure j_ebm: Gibbs label moves make the cold

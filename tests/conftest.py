@@ -16,7 +16,7 @@ needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST test split not f
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory):
     """A tiny j_ebm trained on the bundled digits (shared by CLI / plot / reliability tests)."""
-    from thermo_ebm.training import train
+    from thermo_ebm.training.loop import train
     d = tmp_path_factory.mktemp("run")
     out = train(name="tiny", objective="j_ebm", dataset="digits", epochs=1, max_steps=6, batch_size=32,
                 buffer_size=256, mc_steps=5, model_size=32, checkpoint_dir=str(d / "ckpt"),

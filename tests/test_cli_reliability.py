@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 
 from thermo_ebm.cli import main
-from thermo_ebm.results import list_groups, write_group
+from thermo_ebm.files.results import list_groups, write_group
 
 
 def run_cli(args):
@@ -82,7 +82,7 @@ def test_plot_every_figure_both_formats(measured):
 
 def test_thermo_figure_axes(measured):
     import matplotlib.pyplot as plt
-    from thermo_ebm.plot import _measurements, thermo_figure
+    from thermo_ebm.reporting.plot import _measurements, thermo_figure
     runs = _measurements([measured])
     captured = {}
     orig = plt.Figure.savefig
@@ -101,7 +101,7 @@ def test_thermo_figure_axes(measured):
         assert any(want in lab for lab in labels), (want, labels)
     first = captured["fig"].axes[0]
     assert len([ln for ln in first.lines if ln.get_gid() not in ("T_train", "flagged")]) == 2  # two groups overlaid
-    from thermo_ebm.plot import flagged  # flagged temperatures carry a red x, the others none
+    from thermo_ebm.reporting.plot import flagged  # flagged temperatures carry a red x, the others none
     marked = np.concatenate([ln.get_xdata() for ln in first.lines if ln.get_gid() == "flagged"] or [[]])
     want = np.concatenate([ds.temperature.values[flagged(ds)] for _, ds, _ in runs])
     np.testing.assert_allclose(np.sort(marked), np.sort(want))
@@ -118,7 +118,7 @@ def test_thermo_figure_axes(measured):
 
 
 def test_show_table_and_json(measured):
-    from thermo_ebm.report import report
+    from thermo_ebm.reporting.report import report
     text = report(measured)
     assert "measure_joint" in text and "training" in text and "±" in text
     import json
@@ -255,7 +255,7 @@ def test_concurrent_writers_both_land(tmp_path):
 def test_measure_units_and_data_options(digits_ckpt, tmp_path):
     """--units raw keeps the logits' scale; --data none anneals from uniform only; a --data file is read;
     the default (train units, auto data) is recorded in the file."""
-    from thermo_ebm.results import read_group
+    from thermo_ebm.files.results import read_group
     out = tmp_path / "u.h5"
     x = torch.rand(20, 1, 8, 8) * 2 - 1
     torch.save(x, tmp_path / "states.pt")
@@ -280,7 +280,7 @@ def test_measure_refuses_an_existing_group_and_a_bad_output_before_work(digits_c
     --replace-group; --out on a file that is not a results file exits 2; both before any sampling."""
     import shutil
     import time
-    from thermo_ebm.results import read_group
+    from thermo_ebm.files.results import read_group
     out = tmp_path / "r.h5"
     shutil.copy(digits_ckpt["results"], out)
     before = read_group(out, "training")

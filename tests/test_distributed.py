@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from thermo_ebm import measure
-from thermo_ebm.checkpoint import load_checkpoint
-from thermo_ebm.results import read_group
+from thermo_ebm.files.checkpoint import load_checkpoint
+from thermo_ebm.files.results import read_group
 
 BUDGET = dict(ais_chains=64, ais_steps=60, chains=8, burn_in=20, samples=40, replicas=4, reverse_steps=20)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from thermo_ebm.evaluation import (auroc, average_precision, calibration_temperature, classifier_metrics,
+from thermo_ebm.evaluation.evaluate import (auroc, average_precision, calibration_temperature, classifier_metrics,
                                    expected_calibration_error, frechet_distance, pca_frechet)
-from thermo_ebm.results import read_group
+from thermo_ebm.files.results import read_group
 
 from conftest import needs_mnist
 from test_cli_reliability import run_cli
@@ -88,7 +88,7 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     assert ds.accuracy.attrs["units"] == "1" and ds.auroc.attrs["ancillary_variables"] == "auroc_err"
     code, err = run_cli(args)
     assert code == 2 and "already has a group 'evaluation'" in err
-    from thermo_ebm.report import report
+    from thermo_ebm.reporting.report import report
     text = report(out)
     assert "[evaluation] evaluation" in text and "OOD AUROC" in text and math.isfinite(float(ds.nll))
     assert "on the logits' scale (= " in text  # t_cal named with its scale, and on T_train's
@@ -114,7 +114,7 @@ def test_mnist_feature_frechet_and_eval_of_an_mnist_model(tmp_path, monkeypatch)
     from conftest import SHARED
     from thermo_ebm import evaluate, train
     from thermo_ebm.data import load_data
-    from thermo_ebm.evaluation import feature_frechet, mnist_feature_net
+    from thermo_ebm.evaluation.evaluate import feature_frechet, mnist_feature_net
     monkeypatch.setenv("THERMO_EBM_CACHE", str(tmp_path / "cache"))
     net, acc = mnist_feature_net(SHARED)
     assert acc > 0.9

@@ -14,7 +14,7 @@ import pytest
 import torch
 import xarray as xr
 
-from thermo_ebm.checkpoint import load_checkpoint
+from thermo_ebm.files.checkpoint import load_checkpoint
 
 ARGS = ["train", "--name", "f", "--objective", "j_ebm", "--dataset", "digits", "--labels", "0,1",
         "--batch-size", "32", "--buffer-size", "128", "--mc-steps", "3", "--model-size", "16"]
@@ -71,8 +71,8 @@ def test_sigkill_at_random_moments(tmp_path):
 
 def test_kill_during_write_never_leaves_partial_file(tmp_path, monkeypatch):
     """Simulate a crash between writing the temporary file and os.replace: the old file survives intact."""
-    from thermo_ebm import fileio
-    from thermo_ebm.checkpoint import save_checkpoint
+    from thermo_ebm.files import fileio
+    from thermo_ebm.files.checkpoint import save_checkpoint
     path = Path("c.pt")
     save_checkpoint(path, {"step": 1, "model_spec": {}, "model": {"w": torch.ones(3)}})
 

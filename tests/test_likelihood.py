@@ -7,7 +7,7 @@ import torch
 
 from thermo_ebm import measure
 from thermo_ebm.errors import ThermoEBMError
-from thermo_ebm.likelihood import dequantise, grid_levels, t_ml_root
+from thermo_ebm.measurement.likelihood import dequantise, grid_levels, t_ml_root
 from thermo_ebm.testing import ModeSwitch, RotatedGaussian
 
 FAST = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300,
@@ -15,7 +15,7 @@ FAST = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300,
 
 
 def _flagged(ds, what):
-    from thermo_ebm.analysis.flags import AFFECTS
+    from thermo_ebm.measurement.flags import AFFECTS
     out = np.zeros(ds.sizes["temperature"], bool)
     for f, text in AFFECTS.items():
         if f in ds and (what in text or text.startswith("all")):
@@ -103,7 +103,7 @@ def test_quick_t_ml_of_held_out_seeded_chains():
     """Training's screening estimate: on a Gaussian whose held-out draws are exact at T = 1 (T_train = 1 here),
     T_ML / T_train within 4 of its SEs of the exact root 2 <E>_heldout / d (the chains equilibrate quickly)."""
     from thermo_ebm.ensembles import Ensemble
-    from thermo_ebm.likelihood import quick_t_ml
+    from thermo_ebm.measurement.likelihood import quick_t_ml
     s = RotatedGaussian(16, cond=4.0)
     x = s.sample(1.0, 64, seed=4)
     with torch.no_grad():

@@ -8,9 +8,12 @@ import torch
 from scipy.stats import truncnorm
 
 from thermo_ebm import ThermoEBMError, measure
-from thermo_ebm.bridge import KernelBase, resample, run_bridge
-from thermo_ebm.gaussians import GaussMixture
-from thermo_ebm.checkpoint import training_temperature
+from thermo_ebm.samplers.base import KernelBase
+from thermo_ebm.samplers.bridge import run_bridge
+from thermo_ebm.samplers.paths import resample
+from thermo_ebm.samplers.gaussians import GaussMixture
+from thermo_ebm.samplers.kernels import Sampler
+from thermo_ebm.files.checkpoint import training_temperature
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.testing import ModeSwitch, RotatedGaussian, TruncatedGaussian
 
@@ -149,7 +152,7 @@ def test_fitted_mixture_recovers_low_rank_classes_and_its_density_is_exact():
     """`gaussians.fit` on exact draws of two 40-d classes with covariance s^2 (I + rank-3 stretch): weights,
     means and covariances come back within sampling error, and log_components equals scipy's log density."""
     from scipy.stats import multivariate_normal
-    from thermo_ebm.gaussians import fit
+    from thermo_ebm.samplers.gaussians import fit
     rng = np.random.default_rng(1)
     d, n = 40, 3000
     truth = []
@@ -210,8 +213,8 @@ def test_bridge_from_the_exact_target_has_zero_variance_weights():
     sig = torch.stack([torch.tensor(system.s / math.sqrt(b)) for b in betas])[:, None]
     base = KernelBase(mu, sig, torch.tensor([[1 - 1e-12, 1e-12]] * 2))
     lam = np.repeat(np.linspace(0, 1, 21)[:, None], 2, 1)
-    res = run_bridge(system, Ensemble("marginal", 1), (8,), base, betas, lam, np.full_like(lam, 0.2), n_chains=64,
-                     n_keep=4, pop=8, generator=torch.Generator().manual_seed(0), device="cpu")
+    s = Sampler(system, Ensemble("marginal", 1), (8,), torch.Generator().manual_seed(0), "cpu")
+    res = run_bridge(s, base, betas, lam, np.full_like(lam, 0.2), n_chains=64, n_keep=4, pop=8)
     np.testing.assert_allclose(res.logw.numpy(), system.exact(1 / betas)["log_Z"][:, None].repeat(64, 1), atol=2e-4)
 
 
@@ -235,7 +238,7 @@ def test_smc_resampling_keeps_each_population_estimate():
 def test_label_mix_check_compares_sweep_and_weights_on_arrays():
     """_label_mix_z: sweep chains and data-seeded weights that split the mass between classes alike give
     |z| < 4; weights that put it on another class give z >> 4."""
-    from thermo_ebm.analysis.thermo import _label_mix_z
+    from thermo_ebm.measurement.thermo import _label_mix_z
     rng = np.random.default_rng(0)
     k, n = 4, 64
     p = np.array([0.5, 0.3, 0.2, 0.0])
@@ -253,7 +256,7 @@ def test_label_mix_check_compares_sweep_and_weights_on_arrays():
 
 def test_scale_hint_when_every_temperature_is_flagged():
     from types import SimpleNamespace
-    from thermo_ebm.analysis.flags import scale_hint
+    from thermo_ebm.measurement.flags import scale_hint
     p = SimpleNamespace(units="train", t_train=5e-5)
     every = {"flag_low_ess": np.array([1, 1, 0], bool), "flag_poor_mixing": np.array([0, 1, 1], bool)}
     some = {"flag_low_ess": np.array([1, 0, 0], bool), "flag_poor_mixing": np.array([0, 1, 0], bool)}

@@ -16,8 +16,8 @@ import xarray as xr
 import thermo_ebm
 from thermo_ebm.cli import cli, parse_temps
 from thermo_ebm.config import MeasureConfig, TrainConfig
-from thermo_ebm.analysis.dataset import save_measurement
-from thermo_ebm.results import list_groups, open_results, read_group, write_group
+from thermo_ebm.measurement.dataset import save_measurement
+from thermo_ebm.files.results import list_groups, open_results, read_group, write_group
 from thermo_ebm.testing import TruncatedGaussian
 
 from test_cli_reliability import SMALL, run_cli
@@ -88,7 +88,7 @@ def test_temperatures_are_stored_as_given_and_variables_explain_themselves(small
     assert list(back.flag_low_ess.attrs["flag_values"]) == [0, 1]
     assert back.flag_low_ess.attrs["flag_meanings"] == "ok flagged"
     # UDUNITS strings only: scales UDUNITS lacks are "1" with units_metadata naming them
-    from thermo_ebm.results import NON_UDUNITS
+    from thermo_ebm.files.results import NON_UDUNITS
     assert not {v.attrs["units"] for v in back.variables.values() if "units" in v.attrs} & set(NON_UDUNITS)
     assert back.log_Z.attrs["units"] == "1" and back.log_Z.attrs["units_metadata"].startswith("nats")
     assert "T_train" in back.temperature.attrs["units_metadata"]
@@ -104,7 +104,7 @@ def test_training_group_variables_explain_themselves(digits_ckpt):
 
 def test_covariances_give_free_energy_differences_that_hold_against_exact(small_measurement, tmp_path):
     """log_Z_cov and C_cov are stored; F(T2) - F(T1) from them agrees with the exact value within 4 SE."""
-    from thermo_ebm.report import free_energy_difference
+    from thermo_ebm.reporting.report import free_energy_difference
     system, temps, ds = small_measurement
     cov = ds.log_Z_cov.values
     np.testing.assert_allclose(np.sqrt(np.diag(cov)), ds.log_Z_err.values, rtol=1e-10)
@@ -146,7 +146,7 @@ def test_provenance_and_a_changed_checkpoint_warning(digits_ckpt, tmp_path):
     assert ds.attrs["command_line"].startswith("thermo-ebm measure --ckpt") and ds.attrs["created_utc"].endswith("+00:00")
     versions = __import__("json").loads(ds.attrs["versions"])
     assert {"thermo_ebm", "python", "torch", "numpy", "pymbar", "h5netcdf", "xarray"} <= set(versions)
-    from thermo_ebm.report import report
+    from thermo_ebm.reporting.report import report
     assert "has changed" not in report(out)
     assert ds.attrs["checkpoint_abs"] == str(ck.resolve()) and ds.attrs["working_directory"]
     assert ds.attrs.get("git_commit", "x" * 40)[:40].isalnum()  # recorded in a git checkout
@@ -165,7 +165,7 @@ def test_provenance_and_a_changed_checkpoint_warning(digits_ckpt, tmp_path):
 def test_show_on_an_empty_file_and_no_visible_lock_after_a_failed_train(tmp_path):
     with h5py.File(tmp_path / "empty.h5", "w"):
         pass
-    from thermo_ebm.report import report
+    from thermo_ebm.reporting.report import report
     assert "no groups yet" in report(tmp_path / "empty.h5")
     code, err = run_cli(["train", "--name", "broken", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere")])
     assert code == 2
@@ -207,9 +207,9 @@ def test_command_line_manners():
 
 def test_public_api_names():
     import importlib
-    mod = importlib.import_module("thermo_ebm.measurement")
+    mod = importlib.import_module("thermo_ebm.measurement.run")
     assert callable(thermo_ebm.measure) and mod.measure is thermo_ebm.measure
-    assert thermo_ebm.train is importlib.import_module("thermo_ebm.training").train
+    assert thermo_ebm.train is importlib.import_module("thermo_ebm.training.loop").train
     doc = thermo_ebm.measure.__doc__
     for word in ("Parameters", "Returns", "flag_hysteresis", "Example", "log_Z_cov"):
         assert word in doc, word
@@ -222,7 +222,7 @@ def test_import_and_locks_without_fcntl(tmp_path):
     """As on Windows: no fcntl module; the package imports and its locks still exclude."""
     code = ("import sys; sys.modules['fcntl'] = None\n"
             "import warnings; warnings.simplefilter('ignore')\n"
-            "import thermo_ebm\nfrom thermo_ebm.fileio import file_lock\n"
+            "import thermo_ebm\nfrom thermo_ebm.files.fileio import file_lock\n"
             "from thermo_ebm import ThermoEBMError\n"
             "with file_lock('x.h5'):\n"
             "    try:\n"
@@ -274,9 +274,9 @@ def test_m_ebm_labels_are_flagged_and_auto_measures_its_marginal(tmp_path, caplo
     """An m_ebm never trained its labels: `auto` measures the marginal ensemble, and joint measurement and
     conditional sampling say so (a j_ebm gets joint and no warning)."""
     from thermo_ebm import train
-    from thermo_ebm.checkpoint import load_checkpoint
-    from thermo_ebm.analysis.inputs import resolve_ensemble
-    from thermo_ebm.sample import sample_to_png
+    from thermo_ebm.files.checkpoint import load_checkpoint
+    from thermo_ebm.measurement.inputs import resolve_ensemble
+    from thermo_ebm.evaluation.sample import sample_to_png
     out = train(name="m", objective="m_ebm", dataset="digits", epochs=1, max_steps=2, batch_size=32, buffer_size=64,
                 mc_steps=2, model_size=16, checkpoint_dir=str(tmp_path / "c"), results_dir=str(tmp_path / "r"),
                 progress=False)
@@ -292,7 +292,7 @@ def test_m_ebm_labels_are_flagged_and_auto_measures_its_marginal(tmp_path, caplo
 
 def test_show_explains_a_negative_mutual_information(tmp_path):
     """I(X;Y) = H(Y) - H(Y|X) from two estimators can come out slightly below 0; `show` says how to read it."""
-    from thermo_ebm.report import report
+    from thermo_ebm.reporting.report import report
     t = [0.5, 1.0]
     v = {k: ("temperature", np.array([1.0, 2.0])) for k in ("F", "U", "S", "C", "info_bits", "log_Z")}
     v.update({k + "_err": ("temperature", np.array([0.1, 0.1])) for k in list(v)})
@@ -312,16 +312,16 @@ def test_global_flags_groups_interrupts_and_permissions(tmp_path, small_measurem
     save_measurement(ds, path)  # measure_marginal and measure_marginal_2
     code, err = run_cli(["show", str(path), "-q", "--group", "measure_marginal_2"])
     assert code == 0, err
-    from thermo_ebm.report import report
+    from thermo_ebm.reporting.report import report
     text = report(path, groups=["measure_marginal_2"])
     assert "[measure_marginal_2]" in text and "[measure_marginal]" not in text
     code, err = run_cli(["show", str(path), "--group", "nope"])
     assert code == 2 and "no group 'nope'" in err and len(err.strip().splitlines()) == 1
     code, err = run_cli(["plot", str(path), "--group", "measure_marginal", "--out", str(tmp_path / "f.png")])
     assert code == 0, err
-    from thermo_ebm.plot import _measurements
+    from thermo_ebm.reporting.plot import _measurements
     assert [r[0] for r in _measurements([path], ["measure_marginal"])] == ["two"]
-    import thermo_ebm.report as rep
+    import thermo_ebm.reporting.report as rep
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -337,7 +337,7 @@ def test_global_flags_groups_interrupts_and_permissions(tmp_path, small_measurem
 
 
 def test_a_second_writer_of_a_group_is_refused_before_any_work(tmp_path, digits_ckpt):
-    from thermo_ebm.results import reserve_group
+    from thermo_ebm.files.results import reserve_group
     out = tmp_path / "r.h5"
     with reserve_group(out, "mine"):  # what a running `measure --group mine` holds
         code, err = run_cli(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "1", "--out", str(out),

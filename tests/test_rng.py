@@ -6,8 +6,8 @@ import pytest
 import scipy.stats
 import torch
 
-from thermo_ebm.rng import draw_key, normals_like, threefry2x64
-from thermo_ebm.sampling import fold, mala_kernel
+from thermo_ebm.samplers.rng import draw_key, normals_like, threefry2x64
+from thermo_ebm.samplers.kernels import fold, mala_kernel
 
 # Random123 known-answer vectors (tests/kat_vectors): rounds, counter (2 words), key (2 words), output (2 words)
 KAT = [

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from thermo_ebm import measure, smc
+from thermo_ebm import measure
+from thermo_ebm.samplers import paths, smc
+from thermo_ebm.samplers.kernels import Sampler
 from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.estimators import log_mean_weight, missed_phase, weighted_mean
 from thermo_ebm.testing import ClassGaussian, DigitMixture, DoubleWells, ModeSwitch, RotatedGaussian, TruncatedGaussian
@@ -15,11 +17,10 @@ def _tempering(system, kind, temps, seed, chains=512, populations=8):
     ens = Ensemble(kind, system.k)
     betas = np.sort(1.0 / np.asarray(temps))
     g = torch.Generator().manual_seed(seed)
-    path = smc.Tempering(system, ens, system.shape)
-    sched = smc.tune(path, betas[:, None], 1, n_chains=128, target_cess=0.5, n_leap=8, max_moves=20, corr=0.2,
-                     generator=g, device="cpu")
-    res = smc.run(path, sched, betas[:, None], 1, n_chains=chains, pop=chains // populations, generator=g,
-                  device="cpu")
+    path = paths.Tempering(system, ens, system.shape)
+    s = Sampler(system, ens, system.shape, g, "cpu")
+    sched = smc.tune(s, path, betas[:, None], 1, n_chains=128, target_cess=0.5, n_leap=8, max_moves=20, corr=0.2)
+    res = smc.run(s, path, sched, betas[:, None], 1, n_chains=chains, pop=chains // populations)
     lw = res.logw.numpy()
     lmw, se, _, _ = log_mean_weight(lw, populations)
     u, u_se = weighted_mean(lw, res.energy.numpy(), populations)
@@ -32,7 +33,7 @@ def test_hmc_move_keeps_a_box_truncated_target():
     have the exact mean energy (a wrong reflection or momentum flip would shift it)."""
     system = TruncatedGaussian(4, std_range=(0.8, 1.2), mean_scale=0.5)
     ens = Ensemble("marginal", 1)
-    path = smc.Tempering(system, ens, system.shape)
+    path = paths.Tempering(system, ens, system.shape)
     g = torch.Generator().manual_seed(0)
     n = 4000
     p = path.evaluate(torch.rand(n, 4, generator=g) * 2 - 1)

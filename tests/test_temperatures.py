@@ -6,7 +6,7 @@ import xarray as xr
 
 from thermo_ebm import measure
 from thermo_ebm.cli import parse_temps
-from thermo_ebm.temperatures import choose, thermodynamic_positions
+from thermo_ebm.measurement.temperatures import choose, thermodynamic_positions
 from thermo_ebm.testing import DoubleWells
 
 T_PEAK = 0.2945  # DoubleWells' exact C(T) maximum (any d: a product of identical wells)

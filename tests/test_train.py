@@ -5,10 +5,10 @@ import pytest
 import torch
 import xarray as xr
 
-from thermo_ebm.checkpoint import load_checkpoint, load_model
+from thermo_ebm.files.checkpoint import load_checkpoint, load_model
 from thermo_ebm.errors import TrainingDiverged
-from thermo_ebm.objectives import needs
-from thermo_ebm.training import train
+from thermo_ebm.training.objectives import needs
+from thermo_ebm.training.loop import train
 
 TINY = dict(dataset="digits", batch_size=32, buffer_size=256, mc_steps=5, model_size=32, progress=False)
 
@@ -53,7 +53,7 @@ def test_every_objective_learns(objective, estimator):
 
 
 def test_divergence_signals_are_explicit():
-    from thermo_ebm.training import Trainer, TrainConfig
+    from thermo_ebm.training.loop import Trainer, TrainConfig
     tr = Trainer(TrainConfig(dataset="digits", objective="gcl", device="cpu", model_size=16, buffer_size=64,
                              batch_size=16).validate(), progress=False)
     ok = {"loss": 1.0, "marginal_e_data": 0.0, "marginal_e_model": 1.0, "marginal_W": float("nan"),
@@ -66,8 +66,8 @@ def test_divergence_signals_are_explicit():
 def test_rollback_reseeds_each_rank_differently():
     """After a rollback the chain noise still differs between ranks (it is seeded from (seed, rank,
     rollbacks)); the data order stays shared."""
-    from thermo_ebm import train_state
-    from thermo_ebm.training import Trainer, TrainConfig, training_seeds
+    from thermo_ebm.training import state as train_state
+    from thermo_ebm.training.loop import Trainer, TrainConfig, training_seeds
     for rollbacks in range(4):
         (d0, m0), (d1, m1) = training_seeds(0, 0, rollbacks), training_seeds(0, 1, rollbacks)
         assert d0 == d1 and m0 != m1
@@ -155,7 +155,7 @@ class _Quadratic(torch.nn.Module):
 
 def _trainer_with(model, **options):
     """A Trainer on digits with `model` as its network."""
-    from thermo_ebm.training import Trainer, TrainConfig
+    from thermo_ebm.training.loop import Trainer, TrainConfig
     cfg = TrainConfig(dataset="digits", device="cpu", checkpoint_dir="c", results_dir="r", **options).validate()
     return Trainer(cfg, progress=False, model=model)
 
@@ -196,7 +196,7 @@ def test_training_jarzynski_matches_exact_free_energy(labels, c0):
 
 def test_second_process_on_the_same_run_is_refused():
     from thermo_ebm import ThermoEBMError
-    from thermo_ebm.fileio import file_lock
+    from thermo_ebm.files.fileio import file_lock
     with file_lock("c/busy.run", timeout=0.0):  # what a running `train --name busy` holds
         with pytest.raises(ThermoEBMError, match="another process is training run 'busy'"):
             train(name="busy", checkpoint_dir="c", results_dir="r", **dict(TINY, epochs=1, max_steps=1))

@@ -10,9 +10,9 @@ from thermo_ebm.ensembles import Ensemble
 from thermo_ebm.estimators import (integrated_autocorr_time, jackknife, log_mean_weight, parabola_peak,
                                    pareto_k, peak_position)
 from thermo_ebm.cli import parse_temps
-from thermo_ebm.objectives import loss_terms
-from thermo_ebm.rng import normals_like
-from thermo_ebm.sampling import (fold, langevin_init, langevin_step, log_folded_normal, log_q_ratio, mala_init,
+from thermo_ebm.training.objectives import loss_terms
+from thermo_ebm.samplers.rng import normals_like
+from thermo_ebm.samplers.kernels import (fold, langevin_init, langevin_step, log_folded_normal, log_q_ratio, mala_init,
                                  mala_kernel, mala_step)
 
 
@@ -213,7 +213,7 @@ def test_every_objective_loss(objective):
 
 
 def test_compiled_mala_kernel_matches_eager():
-    from thermo_ebm.sampling import EAGER
+    from thermo_ebm.samplers.kernels import EAGER
     g = torch.Generator().manual_seed(0)
     x = torch.rand(32, 50, generator=g) * 2 - 1
     grad, xi = torch.randn(32, 50, generator=g), torch.randn(32, 50, generator=g)
@@ -235,7 +235,7 @@ def test_compiled_mala_kernel_matches_eager():
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
-    from thermo_ebm import sampling
+    from thermo_ebm.samplers import kernels as sampling
 
     def broken(fn, **kw):
         def call(*a):
@@ -297,7 +297,7 @@ def test_peak_se_is_calibrated_under_correlated_errors():
 
 
 def test_heat_capacity_peak_is_flagged_where_c_is():
-    from thermo_ebm.analysis.flags import peak_flagged
+    from thermo_ebm.measurement.flags import peak_flagged
     c = np.array([1.0, 2.0, 5.0, 2.0, 1.0, 0.5])
     none = {"flag_poor_mixing": np.zeros(6, bool), "flag_low_ess": np.ones(6, bool)}  # low ESS does not touch C
     assert not peak_flagged(c, none, 2.0)
@@ -308,7 +308,7 @@ def test_heat_capacity_peak_is_flagged_where_c_is():
 
 def test_plot_reads_the_stored_peak_and_handles_older_files():
     import xarray as xr
-    from thermo_ebm.plot import heat_capacity_peak
+    from thermo_ebm.reporting.plot import heat_capacity_peak
     t = np.array([0.2, 0.25, 0.3, 0.35])
     ds = xr.Dataset({"C": ("temperature", -(t - 0.27) ** 2)}, coords={"temperature": t})
     t_star, se = heat_capacity_peak(ds)  # written before C_peak_T existed: the vertex, no SE
@@ -321,16 +321,16 @@ def test_plot_reads_the_stored_peak_and_handles_older_files():
 def test_sweep_loop_takes_device_tensors_and_matches_run_sweep():
     """perf.py's GPU sync check runs `sweep_loop` on betas and steps already on the device (a host copy would
     synchronise); with the same generator state it must do exactly what `run_sweep` does with numpy inputs."""
-    from thermo_ebm.sampling import uniform
-    from thermo_ebm.sweep import run_sweep, sweep_loop
+    from thermo_ebm.samplers.kernels import Sampler, uniform
+    from thermo_ebm.samplers.sweep import run_sweep, sweep_loop
     from thermo_ebm.testing import DoubleWells
     model, ens = DoubleWells(3), Ensemble("marginal", 1)
     betas, step0 = np.array([0.5, 1.0, 2.0]), np.full(3, 0.2)
     init = mala_init(model, ens, uniform(3 * 8, (3,), torch.Generator().manual_seed(0), "cpu"))
-    kw = dict(n_burn=4, n_prod=6, exchange=True, thin=2, device="cpu")
-    ref = run_sweep(model, ens, init, betas, step0, generator=torch.Generator().manual_seed(1), **kw)
-    out = sweep_loop(model, ens, init, torch.tensor(betas, dtype=torch.float32), torch.tensor(step0),
-                     generator=torch.Generator().manual_seed(1), **kw)
+    kw = dict(n_burn=4, n_prod=6, exchange=True, thin=2)
+    ref = run_sweep(Sampler(model, ens, (3,), torch.Generator().manual_seed(1), "cpu"), init, betas, step0, **kw)
+    out = sweep_loop(Sampler(model, ens, (3,), torch.Generator().manual_seed(1), "cpu"), init,
+                     torch.tensor(betas, dtype=torch.float32), torch.tensor(step0), **kw)
     np.testing.assert_array_equal((out["sums"] / 6).reshape(3, 8, -1).numpy(), ref.chain_means)
     np.testing.assert_array_equal(out["state"].x.numpy(), ref.final.x.numpy())
     np.testing.assert_array_equal(out["step"].numpy(), ref.step)
@@ -369,8 +369,8 @@ def _index_tensors(idx):
 def test_sweep_loop_makes_no_host_synchronising_call(kind):
     """CI has no GPU, so `perf.py gpu`'s check under CUDA's sync debug mode never runs there; the same property,
     checked at the level of the calls the step loop makes (EAGER kernel: the compiled one fuses the same calls)."""
-    from thermo_ebm.sampling import uniform
-    from thermo_ebm.sweep import sweep_loop
+    from thermo_ebm.samplers.kernels import Sampler, uniform
+    from thermo_ebm.samplers.sweep import sweep_loop
     from thermo_ebm.testing import DoubleWells
     with pytest.raises(AssertionError, match="item"), _HostSyncTrap():  # the trap fires on a value read ...
         torch.ones(2).sum().item()
@@ -381,15 +381,15 @@ def test_sweep_loop_makes_no_host_synchronising_call(kind):
     init = mala_init(model, ens, uniform(4 * 8, (3,), torch.Generator().manual_seed(0), "cpu"))
     betas, step0 = torch.tensor([0.5, 1.0, 1.5, 2.0]), torch.full((4,), 0.2)
     with _HostSyncTrap():
-        out = sweep_loop(model, ens, init, betas, step0, n_burn=4, n_prod=6, exchange=True, thin=2,
-                         generator=torch.Generator().manual_seed(1), device="cpu")
+        out = sweep_loop(Sampler(model, ens, (3,), torch.Generator().manual_seed(1), "cpu"), init, betas, step0,
+                         n_burn=4, n_prod=6, exchange=True, thin=2)
     assert out["u_trace"].shape == (6, 32)
 
 
 def test_mbar_is_skipped_only_without_overlap():
     """Neighbouring temperatures whose samples carry < 2 effective samples of each other (d = 784 at T = 0.5, 1)
     are named; a 1-d Gaussian at the same temperatures overlaps and is not."""
-    from thermo_ebm.analysis.thermo import _no_overlap
+    from thermo_ebm.measurement.thermo import _no_overlap
     rng = np.random.default_rng(0)
     betas = np.array([0.5, 1.0, 2.0])
     for d, expect in ((1, None), (784, (2.0, 1.0))):

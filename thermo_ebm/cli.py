@@ -19,7 +19,7 @@ from click.core import ParameterSource
 from . import __version__
 from .config import DATASETS, OBJECTIVES, MeasureConfig, TrainConfig
 from .errors import ThermoEBMError, TrainingDiverged
-from .results import invoked_as
+from .files.results import invoked_as
 
 log = logging.getLogger("thermo_ebm")
 
@@ -158,7 +158,7 @@ def _explicit(ctx, names):
 def train(ctx, resume, overwrite, **opts):
     """Train a GEBM / JEBM; writes checkpoints/NAME.pt and results/NAME.h5 (group 'training')."""
     from . import distributed as dist
-    from .training import train as run
+    from .training.loop import train as run
     names = [f.name for f in fields(TrainConfig) if f.name in opts]
     options = _explicit(ctx, names) if resume else {n: opts[n] for n in names}
     options.setdefault("name", opts["name"])
@@ -268,10 +268,10 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
             **budget):
     """Measure log Z, F, U, S, C, information vs temperature; writes a group of the results file."""
     from . import distributed as dist
-    from .checkpoint import check_checkpoint_file
-    from .analysis.dataset import save_measurement
-    from .measurement import measure as run
-    from .results import check_group, reserve_group
+    from .files.checkpoint import check_checkpoint_file
+    from .files.results import check_group, reserve_group
+    from .measurement.dataset import save_measurement
+    from .measurement.run import measure as run
     t = parse_temps(temps)
     check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
@@ -315,9 +315,9 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Also write the log lines to this file.")
 def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, data_dir, seed, device, log_file):
     """Calibration, OOD detection and long-run samples of a checkpoint; writes group 'evaluation', prints a table."""
-    from .checkpoint import check_checkpoint_file
-    from .evaluation import evaluate, table
-    from .results import check_group, reserve_group, write_group
+    from .evaluation.evaluate import evaluate, table
+    from .files.checkpoint import check_checkpoint_file
+    from .files.results import check_group, reserve_group, write_group
     try:
         steps = tuple(int(v) for v in chain_steps.split(",") if v.strip())
     except ValueError:
@@ -344,7 +344,7 @@ def eval_(ckpt, out, group, replace_group, n_ood, chains, chain_steps, data_dir,
               "measurement group of each file, overlaid].")
 def plot(files, out, fmt, groups):
     """Figures (thermodynamics, information, samples, training) from one or more results files."""
-    from .plot import plot_files
+    from .reporting.plot import plot_files
     for p in plot_files(files, out=out, fmt=fmt, groups=groups or None):
         click.echo(str(p))
 
@@ -357,7 +357,7 @@ def plot(files, out, fmt, groups):
 @click.option("--group", "groups", multiple=True, help="Group(s) to print (repeatable) [default: every group].")
 def show(file, as_json, diff, groups):
     """Print the groups of a results file and a table per measurement."""
-    from .report import report
+    from .reporting.report import report
     click.echo(report(file, as_json=as_json, diff=diff, groups=groups or None))
 
 
@@ -376,7 +376,7 @@ def show(file, as_json, diff, groups):
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="Compute device.")
 def sample(ckpt, temp, units, label, n, out, steps, seed, device):
     """Draw samples at temperature T with the engine's reflected-MALA sampler; saves an image grid."""
-    from .sample import sample_to_png
+    from .evaluation.sample import sample_to_png
     click.echo(str(sample_to_png(ckpt, temp, units=units, label=label, n=n, out=out, steps=steps, seed=seed, device=device)))
 
 

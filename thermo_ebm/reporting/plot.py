@@ -13,10 +13,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .errors import ThermoEBMError  # noqa: E402
-from .fileio import check_writable_folder  # noqa: E402
-from .estimators import has_interior_max, parabola_peak  # noqa: E402
-from .results import groups_of_kind, list_groups, read_group  # noqa: E402
+from ..errors import ThermoEBMError  # noqa: E402
+from ..estimators import has_interior_max, parabola_peak  # noqa: E402
+from ..files.fileio import check_writable_folder  # noqa: E402
+from ..files.results import groups_of_kind, list_groups, read_group  # noqa: E402
 
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
                      "figure.dpi": 150, "savefig.bbox": "tight", "axes.grid": True, "grid.alpha": 0.3})

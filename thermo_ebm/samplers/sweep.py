@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .progress import progress_bar
-from .sampling import EAGER, MAX_STEP, MIN_STEP, MalaState, adapt_step, mala_step, take
+from ..progress import progress_bar
+from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_step, take
 
 
 @dataclass
@@ -63,11 +63,10 @@ def _swap(state, ensemble, beta, n_t, c, phase, generator):
     return take(state, perm), acc.float().reshape(-1, c).mean(1), lo_t
 
 
-def run_sweep(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin,
-              generator, device, progress=False, kernel=EAGER) -> SweepResult:
+def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin) -> SweepResult:
     """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes."""
-    t = sweep_loop(model, ensemble, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange,
-                   thin=thin, generator=generator, device=device, progress=progress, kernel=kernel)
+    ensemble = s.ensemble
+    t = sweep_loop(s, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin)
     n_t = len(betas)
     c = init.x.shape[0] // n_t
     return SweepResult(
@@ -83,11 +82,11 @@ def run_sweep(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod,
     )
 
 
-def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin,
-               generator, device, progress=False, kernel=EAGER) -> dict:
+def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin) -> dict:
     """The step loop of `run_sweep` (same arguments; betas and step0 may already be device tensors): device
     tensors out, and nothing in the loop waits for the device (`perf.py gpu` runs it under CUDA's sync debug
     mode "error")."""
+    model, ensemble, generator, device = s.model, s.ensemble, s.generator, s.device
     n_t = len(betas)
     c = init.x.shape[0] // n_t
     beta = torch.as_tensor(betas, dtype=torch.float32, device=device).repeat_interleave(c)
@@ -99,9 +98,9 @@ def sweep_loop(model, ensemble, init: MalaState, betas, step0, *, n_burn, n_prod
     bad = torch.zeros(n_t, device=device)
     sums, u_trace, logits = None, [], []
     total = n_burn + n_prod
-    for i in progress_bar(range(total), desc="sweep", enabled=progress):
+    for i in progress_bar(range(total), desc="sweep", enabled=s.progress):
         step = step_t.repeat_interleave(c)
-        state, info = mala_step(state, model, ensemble, beta, step, generator, kernel)
+        state, info = mala_step(state, model, ensemble, beta, step, generator, s.kernel)
         acc_t = info.accepted.float().reshape(n_t, c).mean(1)
         bad += (~info.finite).float().reshape(n_t, c).sum(1)
         if i < n_burn:

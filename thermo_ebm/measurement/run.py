@@ -19,18 +19,18 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import distributed as dist
+from .. import distributed as dist
+from ..config import MeasureConfig
+from ..errors import ThermoEBMError
+from ..estimators import has_interior_max, parabola_peak
+from ..models import EBM
 from . import temperatures
-from .analysis.anneal import STAGES, Plan, plan, pool
-from .analysis.dataset import add_likelihood, to_dataset
-from .analysis.flags import LENGTHEN, Diagnosis, diagnose, lengthen, scale_hint
-from .analysis.inputs import Problem, prepare
-from .analysis.records import Pooled
-from .analysis.thermo import Thermo, thermodynamics
-from .config import MeasureConfig
-from .errors import ThermoEBMError
-from .estimators import has_interior_max, parabola_peak
-from .models import EBM
+from .anneal import STAGES, Plan, plan, pool
+from .dataset import add_likelihood, to_dataset
+from .flags import LENGTHEN, Diagnosis, diagnose, lengthen, scale_hint
+from .inputs import Problem, prepare
+from .records import Pooled
+from .thermo import Thermo, thermodynamics
 
 log = logging.getLogger("thermo_ebm")
 

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from ..config import MeasureConfig
+from ..data import check_states, load_data, load_states_file
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
-from ..likelihood import HeldOut, resolve_heldout
-from ..data import check_states, load_data, load_states_file
+from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
+from ..files.results import file_sha256
 from ..models import EBM, ScaledLogits
-from ..results import file_sha256
-from ..sampling import MalaKernel, mala_kernel
+from ..samplers.kernels import MalaKernel, mala_kernel
+from .likelihood import HeldOut, resolve_heldout
 
 log = logging.getLogger("thermo_ebm")
 

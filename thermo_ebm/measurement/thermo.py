@@ -15,7 +15,7 @@ import torch
 from ..estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
                           label_entropy, log_mean_weight, logmeanexp, missed_phase, pareto_k, peak_position,
                           population_weights, weight_ess, weighted_heat, weighted_mean)
-from ..sweep import stat_names
+from ..samplers.sweep import stat_names
 from .inputs import Problem
 from .records import Pooled
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ThermoEBMError
-from .results import file_sha256, list_groups, read_group
+from ..errors import ThermoEBMError
+from ..files.results import file_sha256, list_groups, read_group
 
 COLS = ["F", "U", "S", "C", "info_bits"]
 FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
@@ -230,7 +230,7 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
                                                              for k, (v, e, n) in refs.items()}
             lines.append(reference_line(ds, t_cal))
         elif kind == "evaluation":
-            from .evaluation import summary, table
+            from ..evaluation.evaluate import summary, table
             ds = read_group(path, name)
             doc["groups"][name] = {"kind": kind, **summary(ds)}
             lines.append(f"\n[{name}] evaluation")

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
-from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
-from .ensembles import Ensemble
-from .errors import ThermoEBMError
-from .fileio import check_writable_folder
-from .sampling import MAX_STEP, adapt_step, mala_init, mala_step, uniform
+from .. import distributed as dist
+from ..ensembles import Ensemble
+from ..errors import ThermoEBMError
+from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
+from ..files.fileio import check_writable_folder
+from ..samplers.kernels import MAX_STEP, adapt_step, mala_init, mala_step, uniform
 
 
 def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="auto"):

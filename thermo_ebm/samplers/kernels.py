@@ -11,6 +11,7 @@ Shapes: x [N, *shape]; logits [N, K]; energies and betas [N].
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -208,6 +209,22 @@ def mala_kernel(compile: bool) -> MalaKernel:
             return gaussian(like, generator)  # CUDA's torch.randn already is a parallel counter-based generator
         return draw_key(generator, like.device)
     return MalaKernel(key_or_normals, *(_with_fallback(torch.compile(f, dynamic=True), f, box) for f in EAGER[1:]))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What every sampler call of one run shares, built once: the model (x [N, *shape] -> logits [N, K]), the
+    ensemble, the state shape, the random generator, the device, the MALA kernel and whether to show progress."""
+    model: Callable
+    ensemble: object
+    shape: tuple
+    generator: torch.Generator
+    device: object
+    kernel: MalaKernel = EAGER
+    progress: bool = False
+
+    def with_generator(self, generator) -> "Sampler":
+        return replace(self, generator=generator)
 
 
 class MalaInfo(NamedTuple):

@@ -18,21 +18,21 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import distributed as dist
-from . import train_state
+from .. import distributed as dist
+from ..config import TrainConfig, parse_labels
+from ..data import load_data
+from ..ensembles import Ensemble
+from ..errors import ThermoEBMError, TrainingDiverged
+from ..files.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
+from ..files.fileio import check_writable_folder, file_lock, lock_path, remove_stale_tmp
+from ..files.results import annotate_training, provenance, write_group
+from ..measurement.likelihood import quick_t_ml
+from ..models import build_model
+from ..progress import progress_bar
+from ..samplers.rng import stream_seed
+from . import state as train_state
 from .chains import DivergenceGuard, History, PersistentChains
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
-from .config import TrainConfig, parse_labels
-from .data import load_data
-from .ensembles import Ensemble
-from .errors import ThermoEBMError, TrainingDiverged
-from .fileio import check_writable_folder, file_lock, lock_path, remove_stale_tmp
-from .models import build_model
-from .likelihood import quick_t_ml
 from .objectives import loss_terms, needs
-from .progress import progress_bar
-from .results import annotate_training, provenance, write_group
-from .rng import stream_seed
 
 log = logging.getLogger("thermo_ebm")
 

@@ -9,11 +9,11 @@ from dataclasses import asdict
 import numpy as np
 import xarray as xr
 
-from ..likelihood import heldout_likelihood
-from ..results import annotate, provenance, write_group
+from ..files.results import annotate, provenance, write_group
 from .anneal import Plan
 from .flags import AFFECTS, peak_flagged
 from .inputs import Problem
+from .likelihood import heldout_likelihood
 from .records import Pooled
 from .thermo import Thermo
 

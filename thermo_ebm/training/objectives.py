@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .config import OBJECTIVES
-from .errors import ThermoEBMError
-from .models import joint_energy, marginal_energy
+from ..config import OBJECTIVES
+from ..errors import ThermoEBMError
+from ..models import joint_energy, marginal_energy
 
 # the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
 NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),

@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import torch
 
-from . import distributed as dist
-from .checkpoint import training_temperature
-from .errors import ThermoEBMError
+from .. import distributed as dist
+from ..errors import ThermoEBMError
+from ..files.checkpoint import training_temperature
 
 
 def capture(tr) -> dict:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
-from .errors import ThermoEBMError
+from ..errors import ThermoEBMError
 from .fileio import atomic_path, check_writable_folder, file_lock
 
 

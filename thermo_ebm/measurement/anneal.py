@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import ais, bridge, smc
 from .. import distributed as dist
 from ..errors import ThermoEBMError
 from ..estimators import replica_split
-from ..rng import stream_seed
-from ..sampling import MalaState
-from ..sweep import run_sweep
+from ..samplers import ais, bridge, paths, smc
+from ..samplers.base import KernelBase, population_weights
+from ..samplers.kernels import MalaState, Sampler
+from ..samplers.rng import stream_seed
+from ..samplers.sweep import run_sweep
 from .inputs import Problem
 from .records import ForwardRecord, Pooled, ReverseRecord, SeededRecord, SweepRecord
 
@@ -45,8 +46,8 @@ def plan(p: Problem, progress=False) -> Plan:
     if dist.is_main():  # one pilot, shared by every shard
         gen = torch.Generator(device=p.device)
         gen.manual_seed(p.seed)
-        tuning = ais.tune(p.net, p.ens, p.shape, p.betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
-                          n_adapt=cfg.tune_adapt, generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+        tuning = ais.tune(sampler(p, gen, progress), p.betas, n_chains=cfg.tune_chains, n_stages=cfg.tune_stages,
+                          n_adapt=cfg.tune_adapt)
     tuning = dist.broadcast(tuning)
     # AIS needs O(L^2) betas: with K equal-length steps Var(log w) ~ L^2 / K, and fewer steps bias log Z low
     # while the replica SE stays small (docs/estimators.md)
@@ -70,10 +71,9 @@ def plan(p: Problem, progress=False) -> Plan:
             gen = torch.Generator(device=p.device)
             gen.manual_seed(stream_seed(p.seed, 10_000))
             cess = min(cfg.smc_cess, CROSSCHECK_CESS) if p.data is not None else cfg.smc_cess
-            sched = smc.tune(smc.Tempering(p.net, p.ens, p.shape), p.betas[:, None], 1,
+            sched = smc.tune(sampler(p, gen, progress), paths.Tempering(p.net, p.ens, p.shape), p.betas[:, None], 1,
                              n_chains=cfg.smc_pilot_chains, target_cess=cess, n_leap=cfg.smc_leapfrog,
-                             max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen, device=p.device,
-                             progress=progress)
+                             max_moves=cfg.smc_max_moves, corr=cfg.smc_corr)
         sched = dist.broadcast(sched)
         log.info("SMC from uniform: %d stages, %d HMC moves of %d leapfrog steps (pilot)", len(sched.lambdas),
                  int(sched.moves.sum()), sched.n_leap)
@@ -90,15 +90,19 @@ def shard_seed(seed: int, shard: int) -> int:
     return stream_seed(seed, shard)
 
 
-def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
+def sampler(p: Problem, generator, progress) -> Sampler:
+    """The sampler context of one of the measurement's random streams."""
+    return Sampler(p.net, p.ens, p.shape, generator, p.device, p.kernel, progress)
+
+
+def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
     mixes five populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian per
     predicted class and one pooled Gaussian fitted to the data-seeded chains, uniform; the pilot sets each
     population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
     cfg = p.cfg
-    refs = bridge.references(p.net, p.ens, p.shape, p.data, fwd, p.betas, step0, n_data=cfg.data_refs,
-                             n_gauss=cfg.gauss_refs, n_steps=cfg.reference_steps, generator=gen, device=p.device, kernel=p.kernel,
-                             progress=progress)
+    refs = bridge.references(s, p.data, fwd, p.betas, step0, n_data=cfg.data_refs, n_gauss=cfg.gauss_refs,
+                             n_steps=cfg.reference_steps)
     n_t, n_f = len(p.betas), refs.centres.shape[1] - cfg.data_refs
     # kernels on data-seeded states, on forward states; the fitted mixtures (per class, pooled); uniform
     sizes = (cfg.data_refs, n_f) + (1,) * len(refs.gauss) + (1,)
@@ -106,14 +110,13 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     first = np.tile([(1 - cfg.bridge_uniform) / (len(sizes) - 1)] * (len(sizes) - 1) + [cfg.bridge_uniform], (n_t, 1))
 
     def make_base(shares):
-        return bridge.KernelBase(refs.centres, refs.sigma, bridge.population_weights(sizes, shares, BASE_FLOOR),
+        return KernelBase(refs.centres, refs.sigma, population_weights(sizes, shares, BASE_FLOOR),
                                  refs.gauss)
     base = make_base(first)
     if cfg.engine == "smc":
-        return _smc_from_data(p, base, make_base, population, gen, progress)
-    bt = bridge.tune_bridge(p.net, p.ens, p.shape, base, p.betas, refs.step, population,
-                            n_chains=cfg.tune_chains // 2, n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt,
-                            generator=gen, device=p.device, kernel=p.kernel, progress=progress)
+        return _smc_from_data(p, base, make_base, population, s)
+    bt = bridge.tune_bridge(s, base, p.betas, refs.step, population, n_chains=cfg.tune_chains // 2,
+                            n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt)
     base = make_base(bt.shares)
     length = bt.length()[-1]
     n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
@@ -121,46 +124,45 @@ def _anneal_from_data(p: Problem, fwd, step0, gen, progress):
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
     n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
     pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
-    res = bridge.run_bridge(p.net, p.ens, p.shape, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
-                            n_keep=cfg.chains // cfg.shards, pop=pop, generator=gen, device=p.device, kernel=p.kernel,
-                            progress=progress)
+    res = bridge.run_bridge(s, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
+                            n_keep=cfg.chains // cfg.shards, pop=pop)
     out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
                        res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],
                        np.array([n_steps]), length[None], bt.shares[None], np.array([res.resampled]))
     return res.states, out
 
 
-def _smc_forward(p: Problem, pl: Plan, n_keep: int, gen, progress) -> ais.ForwardResult:
+def _smc_forward(p: Problem, pl: Plan, n_keep: int, s: Sampler) -> ais.ForwardResult:
     """The counted SMC from uniform on the pilot's frozen stages (one shard's populations), as a ForwardResult;
     with data a cross-check of smc_crosscheck_chains."""
     cfg = p.cfg
     total = cfg.smc_crosscheck_chains if p.data is not None else cfg.smc_chains
-    res = smc.run(smc.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1, n_chains=total // cfg.shards,
-                  pop=total // cfg.smc_populations, generator=gen, device=p.device, progress=progress)
-    states = [smc.resampled_states(p.net, p.ens, p.shape, q, lw, 1, n_keep, gen) for q, lw in zip(res.particles, res.logw)]
+    res = smc.run(s, paths.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1,
+                  n_chains=total // cfg.shards, pop=total // cfg.smc_populations)
+    states = [smc.resampled_states(s, q, lw, 1, n_keep) for q, lw in zip(res.particles, res.logw)]
     states = MalaState(*(torch.cat([getattr(s, f) for s in states]) for f in MalaState._fields))
     return ais.ForwardResult(res.logw, res.energy, res.energy2, states, res.accept[:, 0], res.nonfinite[:, 0])
 
 
-def _smc_from_data(p: Problem, base, make_base, population, gen, progress):
+def _smc_from_data(p: Problem, base, make_base, population, s: Sampler):
     """Engine "smc" with data: every temperature's SMC from the data-informed base (the stage function of
     smc.py, adaptive lambdas, HMC moves), smc_data_chains per temperature in smc_populations populations. The
     counted run's base gives each population the share of the pilot's final weight it delivered."""
     cfg = p.cfg
     n_t = len(p.betas)
-    path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, cfg.smc_pilot_chains)
-    sched = smc.tune(path, np.ones((1, n_t)), n_t, n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess,
-                     n_leap=cfg.smc_leapfrog, max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, generator=gen,
-                     device=p.device, population=population, progress=progress, desc="data-seeded SMC pilot")
+    path = paths.Bridge(p.net, p.ens, p.shape, base, p.betas, cfg.smc_pilot_chains)
+    sched = smc.tune(s, path, np.ones((1, n_t)), n_t, n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess,
+                     n_leap=cfg.smc_leapfrog, max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, population=population,
+                     desc="data-seeded SMC pilot")
     shares = sched.shares
     base = make_base(shares)
     log.info("SMC from data: %d stages, %d HMC moves of %d leapfrog steps (pilot), %d chains per temperature in %d "
              "populations", len(sched.lambdas), int(sched.moves.sum()), sched.n_leap, cfg.smc_data_chains,
              cfg.smc_populations)
     n = cfg.smc_data_chains // cfg.shards
-    path = smc.Bridge(p.net, p.ens, p.shape, base, p.betas, n)
-    res = smc.run(path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.smc_data_chains // cfg.smc_populations,
-                  generator=gen, device=p.device, progress=progress, desc="data-seeded SMC")
+    path = paths.Bridge(p.net, p.ens, p.shape, base, p.betas, n)
+    res = smc.run(s, path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.smc_data_chains // cfg.smc_populations,
+                  desc="data-seeded SMC")
     q, lw = res.particles[0], res.logw[0]
     beta = path.beta
     out = SeededRecord(lw.reshape(n_t, n).cpu().numpy(), res.energy[0].reshape(n_t, n).cpu().numpy(),
@@ -168,7 +170,7 @@ def _smc_from_data(p: Problem, base, make_base, population, gen, progress):
                        torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
                        res.accept[0].numpy()[None], res.nonfinite[0].numpy()[None], np.array([len(sched.lambdas)]),
                        np.full((1, n_t), np.nan), np.asarray(shares)[None], np.array([res.resampled]))
-    states = smc.resampled_states(p.net, p.ens, p.shape, q, lw, n_t, cfg.chains // cfg.shards, gen)
+    states = smc.resampled_states(s, q, lw, n_t, cfg.chains // cfg.shards)
     return states, out
 
 
@@ -178,6 +180,7 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
     cfg, betas = p.cfg, p.betas
     gen = torch.Generator(device=p.device)
     gen.manual_seed(shard_seed(p.seed, shard))
+    s = sampler(p, gen, progress)
     c = cfg.chains // cfg.shards
     n_keep = max(c, cfg.data_refs) if p.data is not None else c
     clock = [time.perf_counter()]
@@ -185,11 +188,10 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
     def lap():
         clock.append(time.perf_counter())
     if pl.smc is not None:
-        fwd = _smc_forward(p, pl, n_keep, gen, progress)
+        fwd = _smc_forward(p, pl, n_keep, s)
     else:
-        fwd = ais.run_forward(p.net, p.ens, p.shape, pl.schedule, pl.steps, betas,
-                              n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep, mcmc_steps=cfg.ais_mcmc,
-                              generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+        fwd = ais.run_forward(s, pl.schedule, pl.steps, betas, n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep,
+                              mcmc_steps=cfg.ais_mcmc)
     n_t = len(betas)
     forward = ForwardRecord(fwd.logw.cpu().numpy(), fwd.energy.cpu().numpy(), fwd.energy2.cpu().numpy(),
                             fwd.accept.cpu().numpy()[None], fwd.nonfinite.cpu().numpy()[None])
@@ -197,14 +199,12 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
     lap()
     if p.data is not None:
         init, seeded = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
-                                         gen, progress)
+                                         s)
     lap()
-    sw = run_sweep(p.net, p.ens, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in,
-                   n_prod=cfg.samples, exchange=cfg.exchange, thin=cfg.thin, generator=gen, device=p.device,
-                   progress=progress, kernel=p.kernel)
+    sw = run_sweep(s, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in, n_prod=cfg.samples,
+                   exchange=cfg.exchange, thin=cfg.thin)
     lap()
-    rev_lw = ais.run_reverse(p.net, p.ens, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps,
-                             generator=gen, device=p.device, progress=progress, kernel=p.kernel)
+    rev_lw = ais.run_reverse(s, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps)
     lap()
     keep, labels = min(cfg.keep_samples, c), None
     if p.ens.kind == "joint":

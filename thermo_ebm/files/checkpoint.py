@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ThermoEBMError
+from ..errors import ThermoEBMError
+from ..models import EBM, model_from_spec
 from .fileio import atomic_path
-from .models import EBM, model_from_spec
 
 FORMAT_VERSION = 1
 

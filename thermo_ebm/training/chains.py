@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .models import joint_energy, marginal_energy
-from .sampling import langevin_init, langevin_move, langevin_step
+from ..models import joint_energy, marginal_energy
+from ..samplers.kernels import langevin_init, langevin_move, langevin_step
 
 POPULATIONS = ("joint", "marginal")  # sampler chain populations; metric names are "<population>_<name>"
 BUFFER_KEYS = ("x", "y", "W", "Q", "e_last")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import filelock
 
-from .errors import ThermoEBMError
+from ..errors import ThermoEBMError
 
 
 def fsync_dir(path: Path) -> None:

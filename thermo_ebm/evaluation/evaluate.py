@@ -22,11 +22,11 @@ import xarray as xr
 from scipy import linalg, optimize
 from scipy.special import log_softmax, softmax
 
-from . import distributed as dist
-from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
-from .errors import ThermoEBMError
-from .fileio import atomic_path
-from .results import annotate, file_sha256, provenance
+from .. import distributed as dist
+from ..errors import ThermoEBMError
+from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
+from ..files.fileio import atomic_path
+from ..files.results import annotate, file_sha256, provenance
 
 log = logging.getLogger("thermo_ebm")
 N_BINS = 15
@@ -181,7 +181,7 @@ def cache_dir() -> Path:
 def mnist_feature_net(data_dir, epochs: int = 2, seed: int = 0):
     """(FeatureNet, its held-out accuracy) trained once on the MNIST training split readable under data_dir
     and cached in cache_dir() (keyed by the split's size); later calls load it."""
-    from .data import load_data
+    from ..data import load_data
     data = load_data("mnist", data_dir)
     path = cache_dir() / f"mnist_features_v{FEATURE_VERSION}_{len(data.x_train)}.pt"
     net = FeatureNet()
@@ -241,7 +241,7 @@ def shifted_inputs(x, seed: int = 0, data_dir=None, dataset: str | None = None) 
         d = torch.tensor(load_digits().images[:n], dtype=torch.float32)[:, None] / 16.0 * 2 - 1
         out["digits8x8"] = torch.nn.functional.interpolate(d, size=(28, 28), mode="bilinear",
                                                            align_corners=False).reshape(-1, *shape)
-        from .data import _IDX, load_data
+        from ..data import _IDX, load_data
         for other in ("mnist", "fashion-mnist"):
             if other != dataset and data_dir is not None and (Path(data_dir) / _IDX[other] / "raw").is_dir():
                 out[other] = load_data(other, data_dir).x_test[:n].reshape(-1, *shape)
@@ -288,7 +288,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
     """Classifier calibration, OOD detection and long-run sample statistics of a checkpoint (see module doc);
     data_dir: where its dataset (and other datasets for OOD) are read [default: the checkpoint's].
     Returns an xarray.Dataset (group kind 'evaluation')."""
-    from .data import load_data
+    from ..data import load_data
     from .sample import draw
     cfg = config or EvalConfig()
     unknown = set(budget) - set(EvalConfig.__dataclass_fields__)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .estimators import thermodynamic_length
-from .progress import progress_bar
-from .sampling import EAGER, MAX_STEP, MalaState, adapt_step, mala_init, mala_step, take, uniform
+from ..estimators import thermodynamic_length
+from ..progress import progress_bar
+from .kernels import MAX_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take, uniform
+from .paths import weighted_pick
 
 
 @dataclass
@@ -31,18 +32,18 @@ class Tuning:
         return np.exp(np.interp(betas, self.betas, self.log_step))
 
 
-def tune(model, ensemble, shape, sweep_betas, *, n_chains, n_stages, n_adapt, generator, device,
-         progress=False, kernel=EAGER) -> Tuning:
+def tune(s: Sampler, sweep_betas, *, n_chains, n_stages, n_adapt) -> Tuning:
     """Pilot anneal from uniform over n_stages geometric betas plus the sweep betas, steps adapted: a Tuning."""
+    model, ensemble, generator, device = s.model, s.ensemble, s.generator, s.device
     b_max = float(np.max(sweep_betas))
     betas = np.unique(np.concatenate([[0.0], np.geomspace(b_max * 1e-5, b_max, n_stages), sweep_betas]))
-    state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
+    state = mala_init(model, ensemble, uniform(n_chains, s.shape, generator, device))
     step = torch.full((n_chains,), MAX_STEP, device=device)
     steps, var = [], []
-    for b in progress_bar(betas, desc="tune", enabled=progress):
+    for b in progress_bar(betas, desc="tune", enabled=s.progress):
         beta = torch.full((n_chains,), float(b), device=device)
         for _ in range(n_adapt):
-            state, info = mala_step(state, model, ensemble, beta, step, generator, kernel)
+            state, info = mala_step(state, model, ensemble, beta, step, generator, s.kernel)
             step = adapt_step(step, info.acceptance)
         u, m2 = ensemble.energy_moments(state.logits, beta)
         steps.append(step[0])
@@ -77,14 +78,14 @@ class ForwardResult:
     nonfinite: torch.Tensor      # [T] number of non-finite proposal densities in that segment
 
 
-def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_chains, n_keep,
-                mcmc_steps, generator, device, progress=False, kernel=EAGER) -> ForwardResult:
+def run_forward(s: Sampler, schedule, step_sizes, sweep_betas, *, n_chains, n_keep, mcmc_steps) -> ForwardResult:
     """Counted AIS with frozen schedule and step sizes; resamples n_keep states by weight at each sweep beta."""
+    model, ensemble, generator, device = s.model, s.ensemble, s.generator, s.device
     betas = torch.as_tensor(schedule, dtype=torch.float32, device=device)
     steps = torch.as_tensor(step_sizes, dtype=torch.float32, device=device)
     is_sweep = np.isin(schedule, sweep_betas)
     n_t = int(is_sweep.sum())
-    state = mala_init(model, ensemble, uniform(n_chains, shape, generator, device))
+    state = mala_init(model, ensemble, uniform(n_chains, s.shape, generator, device))
     logw = torch.zeros(n_chains, dtype=torch.float64, device=device)
     ones = torch.ones(n_chains, device=device)
     logws, kept, energies = [], [], []
@@ -92,11 +93,11 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
     acc_n = torch.zeros(n_t, device=device)
     bad = torch.zeros(n_t, device=device)
     seg = 0
-    for k in progress_bar(range(1, len(schedule)), desc="AIS", enabled=progress):
+    for k in progress_bar(range(1, len(schedule)), desc="AIS", enabled=s.progress):
         b_prev, b = betas[k - 1] * ones, betas[k] * ones
         logw += (ensemble.logp(state.logits, b) - ensemble.logp(state.logits, b_prev)).double()
         for _ in range(mcmc_steps):
-            state, info = mala_step(state, model, ensemble, b, steps[k] * ones, generator, kernel)
+            state, info = mala_step(state, model, ensemble, b, steps[k] * ones, generator, s.kernel)
             acc_sum[seg] += info.acceptance
             acc_n[seg] += 1
             bad[seg] += (~info.finite).sum()
@@ -104,16 +105,14 @@ def run_forward(model, ensemble, shape, schedule, step_sizes, sweep_betas, *, n_
             lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw)
             logws.append(lw.clone())
             energies.append(torch.stack(ensemble.energy_moments(state.logits, b)).double())
-            idx = torch.multinomial(torch.softmax(lw, 0).float(), n_keep, replacement=True, generator=generator)
-            kept.append(take(state, idx))
+            kept.append(take(state, weighted_pick(lw[None], n_keep, generator)))
             seg += 1
     states = MalaState(*(torch.cat([getattr(s, f) for s in kept]) for f in MalaState._fields))
     en = torch.stack(energies)
     return ForwardResult(torch.stack(logws), en[:, 0], en[:, 1], states, acc_sum / acc_n.clamp_min(1), bad)
 
 
-def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning, *, n_steps, generator,
-                device, progress=False, kernel=EAGER):
+def run_reverse(s: Sampler, states: MalaState, sweep_betas, tuning: Tuning, *, n_steps):
     """Reverse AIS from sweep samples at each sweep beta down to the next lower sweep beta (or 0).
 
     states: [T * C] chains grouped by ascending sweep beta. All segments run at once with per-chain betas;
@@ -121,6 +120,7 @@ def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning,
     Returns reverse log-weights [T, C]: -logmeanexp over chains is a stochastic upper bound of
     log Z(beta_k) - log Z(beta_{k-1}).
     """
+    model, ensemble, device = s.model, s.ensemble, s.device
     sweep = np.asarray(sweep_betas, dtype=np.float64)
     n_t = len(sweep)
     c = states.x.shape[0] // n_t
@@ -141,8 +141,8 @@ def run_reverse(model, ensemble, states: MalaState, sweep_betas, tuning: Tuning,
     steps = torch.as_tensor(np.repeat(steps, c, axis=1), dtype=torch.float32, device=device)
     logw = torch.zeros(n_t * c, dtype=torch.float64, device=device)
     state = states
-    for j in progress_bar(range(1, n_max + 1), desc="reverse AIS", enabled=progress):
+    for j in progress_bar(range(1, n_max + 1), desc="reverse AIS", enabled=s.progress):
         logw += (ensemble.logp(state.logits, betas[j]) - ensemble.logp(state.logits, betas[j - 1])).double()
-        state, _ = mala_step(state, model, ensemble, betas[j], steps[j], generator, kernel)
+        state, _ = mala_step(state, model, ensemble, betas[j], steps[j], s.generator, s.kernel)
     lw = logw.reshape(n_t, c).cpu().numpy()
     return np.where(np.isnan(lw), -np.inf, lw)

@@ -1,10 +1,5 @@
-"""Sequential Monte Carlo along a path of densities on the box, with one stage function for every anneal.
-
-A path gives log gamma_lambda(x) for chains in G groups (each group its own lambda); two paths are built here:
-* `Tempering`: lambda is beta itself, gamma_beta = g_beta (the model at inverse temperature beta), from the
-  uniform distribution (beta = 0); log Z is measured at every requested beta the anneal passes.
-* `Bridge`: group t anneals gamma = q_t^(1 - lambda) g_beta_t^lambda from an exactly normalised base q_t
-  (bridge.KernelBase: data-seeded kernels, a fitted Gaussian, uniform) to g_beta_t, lambda: 0 -> 1.
+"""Sequential Monte Carlo along a path of densities on the box (paths.py: `Tempering` from uniform, `Bridge` from a
+data-informed base), with one stage function for every anneal.
 
 The stage (`stage`, the pilot's and the counted run's): reweight (incremental weights to the next lambda) ->
 resample (systematic, per population, when its ESS falls below half its size) -> move (reflective HMC in a
@@ -30,96 +25,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .bridge import KernelBase, resample, start_states
-from .progress import progress_bar
-from .sampling import MalaInfo, fold, mala_init, take, uniform
+from ..progress import progress_bar
+from .kernels import MalaInfo, Sampler, fold, mala_init, take
+from .paths import Particles, resample, reweight, select, weighted_pick
 
 TARGET_ACCEPT = 0.75   # HMC acceptance the pilot adapts the leapfrog step towards
 MAX_SCALE = 1.0        # per-coordinate metric scale cap: the box's half-width
 MIN_MOVES = 2
-
-
-class Particles(NamedTuple):
-    """Chain state: x [N, D], logits [N, K], log g of the model part [N] (float64) and the gradient the
-    dynamics use [N, D], log q of the base [N] (float64) and its gradient [N, D] (zeros without a base)."""
-    x: torch.Tensor
-    logits: torch.Tensor
-    lp: torch.Tensor
-    gp: torch.Tensor
-    lq: torch.Tensor
-    gq: torch.Tensor
-
-
-class Tempering:
-    """gamma_beta(x) = g_beta(x) on the box, lambda = beta, from uniform. The dynamics use beta times the
-    gradient of the unit potential (exact for the marginal ensemble; for the joint a surrogate, which keeps HMC
-    exact: the leapfrog map stays volume-preserving and reversible, and the MH test uses the true density)."""
-
-    def __init__(self, model, ensemble, shape):
-        self.model, self.ens, self.shape = model, ensemble, tuple(shape)
-        self.d = int(np.prod(shape))
-
-    def start(self, n, generator, device):
-        """n uniform draws [n, D], their initial log-weights (0) and base components (0) [n]."""
-        x = uniform(n, (self.d,), generator, device)
-        return x, torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.long, device=device)
-
-    def evaluate(self, x) -> Particles:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            logits = self.model(x.reshape(len(x), *self.shape))
-            u = self.ens.unit_potential(logits)
-            (g,) = torch.autograd.grad(u.sum(), x)
-        z = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-        return Particles(x.detach(), logits.detach(), u.detach().double(), g, z, torch.zeros_like(g))
-
-    def log_gamma(self, p: Particles, lam):
-        return self.ens.logp(p.logits, lam.to(p.logits.dtype)).double()
-
-    def grad(self, p: Particles, lam):
-        return lam[:, None].to(p.gp.dtype) * p.gp
-
-    def energy(self, p: Particles, lam):
-        """(<E | x>, <E^2 | x>) at the chains' beta (lambda); [2, N] float64."""
-        return torch.stack(self.ens.energy_moments(p.logits, lam.to(p.logits.dtype))).double()
-
-
-class Bridge:
-    """gamma_lambda = q_t^(1 - lambda) g_beta_t^lambda for group t (betas [G], n chains per group), starting from
-    exact draws of the normalised base q_t (a draw outside the box starts with weight 0)."""
-
-    def __init__(self, model, ensemble, shape, base: KernelBase, betas, n):
-        self.model, self.ens, self.shape, self.base = model, ensemble, tuple(shape), base
-        self.d = int(np.prod(shape))
-        self.n = n
-        self.beta = torch.as_tensor(np.repeat(np.asarray(betas, dtype=np.float64), n), dtype=torch.float32,
-                                    device=base.centres.device)
-
-    def start(self, n, generator, device):
-        """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n]."""
-        x, lw0, comp = start_states(self.base, n // self.base.groups, generator, (self.d,))
-        return x, lw0.to(device), comp.reshape(-1).to(device)
-
-    def evaluate(self, x) -> Particles:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            logits = self.model(x.reshape(len(x), *self.shape))
-            lp = self.ens.logp(logits, self.beta)
-            (g,) = torch.autograd.grad(lp.sum(), x)
-        lq, gq = self.base.log_prob(x.detach())
-        return Particles(x.detach(), logits.detach(), lp.detach().double(), g, lq, gq.to(g.dtype))
-
-    def log_gamma(self, p: Particles, lam):
-        lam = lam.double()
-        return (1.0 - lam) * p.lq + lam * p.lp
-
-    def grad(self, p: Particles, lam):
-        lam = lam[:, None].to(p.gp.dtype)
-        return (1.0 - lam) * p.gq + lam * p.gp
-
-    def energy(self, p: Particles, lam):
-        """(<E | x>, <E^2 | x>) at the group's beta; [2, N] float64."""
-        return torch.stack(self.ens.energy_moments(p.logits, self.beta)).double()
 
 
 def hmc_move(path, p: Particles, lam, eps, scale, n_leap, generator):
@@ -142,8 +54,7 @@ def hmc_move(path, p: Particles, lam, eps, scale, n_leap, generator):
     finite = torch.isfinite(h1)
     log_u = torch.rand(len(h0), generator=generator, device=h0.device, dtype=h0.dtype).log()
     acc = (log_u < h0 - h1) & finite
-    new = Particles(*(torch.where(acc.reshape(-1, *[1] * (b.ndim - 1)), b, a) for a, b in zip(p, q)))
-    return new, MalaInfo(acc, finite)
+    return select(acc, q, p), MalaInfo(acc, finite)
 
 
 def metric_scale(path, p: Particles, lam, logw, groups) -> torch.Tensor:
@@ -228,8 +139,7 @@ class Stage(NamedTuple):
 def stage(path, p: Particles, logw, lam, lam_new, pop, generator, move) -> Stage:
     """The SMC stage: reweight from lam to lam_new [N], resample each population of `pop` chains whose ESS fell
     below half, then move(p, logw) -> (particles, accepted fraction [N], non-finite proposals [N])."""
-    logw = logw + path.log_gamma(p, lam_new) - path.log_gamma(p, lam)
-    idx, logw, n_res = resample(logw, pop, generator)
+    idx, logw, n_res = resample(reweight(path, p, logw, lam, lam_new), pop, generator)
     if n_res:
         p = take(p, idx)
     p, acc, bad = move(p, logw)
@@ -249,10 +159,11 @@ def fixed_moves(path, lam, eps, scale, n_moves, n_leap, generator):
     return move
 
 
-def tune(path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr, generator, device,
-         population=(0,), progress=False, desc="SMC pilot") -> Schedule:
+def tune(s: Sampler, path, stops, groups, *, n_chains, target_cess, n_leap, max_moves, corr, population=(0,),
+         desc="SMC pilot") -> Schedule:
     """The pilot: one population per group of n_chains; stops [P, G] ascending lambdas every group must hit
     (the last row is the end of the path); population [components]: the population of each base component."""
+    generator, device, progress = s.generator, s.device, s.progress
     stops = np.asarray(stops, dtype=np.float64).reshape(-1, groups)
     n = n_chains
     x, logw, origin = path.start(n * groups, generator, device)
@@ -314,9 +225,9 @@ class Result:
     resampled: int
 
 
-def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, device, progress=False,
-        desc="SMC") -> Result:
+def run(s: Sampler, path, schedule: Schedule, stops, groups, *, n_chains, pop, desc="SMC") -> Result:
     """The counted anneal on the frozen schedule: n_chains per group in populations of `pop` chains."""
+    generator, device, progress = s.generator, s.device, s.progress
     stops = np.asarray(stops, dtype=np.float64).reshape(-1, groups)
     n = n_chains
     x, logw, _ = path.start(n * groups, generator, device)
@@ -347,9 +258,7 @@ def run(path, schedule: Schedule, stops, groups, *, n_chains, pop, generator, de
     return Result(torch.stack(logws), en[:, 0], en[:, 1], kept, acc_sum / acc_n.clamp_min(1), bad, n_res)
 
 
-def resampled_states(model, ensemble, shape, p: Particles, logw, groups, n_keep, generator):
+def resampled_states(s: Sampler, p: Particles, logw, groups, n_keep):
     """n_keep chains per group drawn by weight, as MALA states [G * n_keep, *shape] for the sweep."""
-    lw = logw.reshape(groups, -1)
-    pick = torch.multinomial(torch.softmax(lw, -1).float(), n_keep, replacement=True, generator=generator)
-    pick = pick + torch.arange(groups, device=pick.device)[:, None] * lw.shape[1]
-    return mala_init(model, ensemble, p.x[pick.reshape(-1)].reshape(-1, *shape))
+    pick = weighted_pick(logw.reshape(groups, -1), n_keep, s.generator)
+    return mala_init(s.model, s.ensemble, p.x[pick].reshape(-1, *s.shape))

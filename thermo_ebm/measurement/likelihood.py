@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import check_states, load_states_file
-from .errors import ThermoEBMError
+from ..data import check_states, load_states_file
+from ..errors import ThermoEBMError
 
 log = logging.getLogger("thermo_ebm")
 
@@ -68,7 +68,7 @@ def resolve_heldout(heldout, shape, ckpt, path, n_classes, seed, n_max=None) -> 
         if ckpt is None:
             return None, None
         cfg = ckpt.get("config", {})
-        from .data import load_data
+        from ..data import load_data
         try:
             data = load_data(cfg["dataset"], cfg.get("data_dir", "data"), cfg.get("labels"))
         except Exception as e:  # the dataset is not readable here: no likelihood, and the log says why
@@ -213,7 +213,7 @@ def quick_t_ml(model, ensemble, x, t_train: float, generator, device, n_chains=6
     mean energy over the last n_steps, compared with the images' own energy. Chains started at the data and run
     briefly stay close to it, so this is a screening number (the measurement gives T_ML with its SE).
     Returns (T_ML / T_train or nan, SE, side) as `t_ml_root`."""
-    from .sampling import adapt_step, mala_init, mala_step
+    from ..samplers.kernels import adapt_step, mala_init, mala_step
     x = x[:n_chains].to(device)
     n = len(x)
     temps = np.asarray(QUICK_FACTORS)

@@ -1,0 +1,2 @@
+"""What goes to disk: checkpoints (`checkpoint`), HDF5 results files (`results`), atomic writes and locks
+(`fileio`)."""

@@ -1,0 +1,110 @@
+"""The data-informed base distribution of the data-seeded anneals (an exactly normalised density per temperature
+group t):
+    q_t(x) = w_u 2^-D 1_box(x) + sum_m w_m prod_i TN(x_i; mu_tmi, sigma_tmi) + sum_f w_f GaussMixture_f(x)
+uniform mixed with box-truncated Gaussian kernels on M reference states and fitted Gaussian mixtures
+(`gaussians.py`, normalised on R^D: a draw outside the box starts with weight 0, since the target is 0 there):
+`KernelBase` (log density, gradient, exact draws), `start_states`, `population_weights`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .kernels import uniform
+
+SIGMA_FLOOR = 1e-3
+
+
+@dataclass
+class KernelBase:
+    """q_t per group t: kernel centres and widths [G, M, D], fitted Gaussian mixtures (gaussians.GaussMixture,
+    normalised on R^D; none or several) and mixture weights [G, M + F + 1] (kernels, one column per fitted
+    mixture, uniform last)."""
+    centres: torch.Tensor
+    sigma: torch.Tensor
+    weights: torch.Tensor
+    gauss: tuple = ()
+
+    def __post_init__(self):
+        mu, sig = self.centres.double(), self.sigma.double().clamp_min(SIGMA_FLOOR)
+        self.centres, self.sigma = mu, sig
+        g, m, d = mu.shape
+        w = self.weights.double().to(mu.device)
+        self.weights = w / w.sum(-1, keepdim=True)
+        self.gauss = tuple(self.gauss)
+        if w.shape[-1] != m + 1 + len(self.gauss):
+            raise ValueError(f"weights need {m + 1 + len(self.gauss)} columns, got {w.shape[-1]}")
+        inv = 1.0 / (sig * sig)
+        self._a, self._b = inv, mu * inv                                  # [G, M, D]
+        self._c = (mu * mu * inv).sum(-1)                                 # [G, M]
+        r2 = math.sqrt(2.0)
+        mass = 0.5 * (torch.erf((1 - mu) / (sig * r2)) - torch.erf((-1 - mu) / (sig * r2)))
+        log_norm = (-(torch.log(sig) + 0.5 * math.log(2 * math.pi)) - torch.log(mass)).sum(-1)
+        self._log_k = torch.log(self.weights[:, :m]) + log_norm            # [G, M]
+        self._log_u = torch.log(self.weights[:, -1]) - d * math.log(2.0)   # [G]
+
+    @property
+    def groups(self):
+        return self.centres.shape[0]
+
+    def log_prob(self, x):
+        """log q(x) [N] and its gradient [N, D] (float64); x: [G * n, D] grouped as the chains, in the box."""
+        g, m, d = self.centres.shape
+        xg = x.double().reshape(g, -1, d)
+        quad = (torch.bmm(xg * xg, self._a.transpose(1, 2)) - 2.0 * torch.bmm(xg, self._b.transpose(1, 2))
+                + self._c[:, None, :])                                    # [G, n, M]
+        comps = [self._log_k[:, None, :] - 0.5 * quad, self._log_u[:, None, None].expand(g, xg.shape[1], 1)]
+        solved = []
+        for f, mix in enumerate(self.gauss):
+            log_g, t = mix.log_components(xg)                             # [G, n, C_f]
+            comps.append(torch.log(self.weights[:, m + f])[:, None, None] + log_g)
+            solved.append(t)
+        logc = torch.cat(comps, -1)
+        logq = torch.logsumexp(logc, -1)                                  # [G, n]
+        r = torch.exp(logc - logq[..., None])                             # responsibilities
+        rk = r[..., :m]
+        grad = torch.bmm(rk, self._b) - xg * torch.bmm(rk, self._a)
+        col = m + 1
+        for mix, t in zip(self.gauss, solved):
+            grad = grad + mix.gradient(xg, r[..., col:col + mix.components], t)
+            col += mix.components
+        return logq.reshape(-1), grad.reshape(-1, d)
+
+    def sample(self, n: int, generator):
+        """n exact draws from each q_t: x [G * n, D] float64, grouped, and their population [G, n] (M: the
+        fitted mixture when there is one, the last: uniform). Draws of the fitted mixture may lie outside the box."""
+        g, m, d = self.centres.shape
+        dev = self.centres.device
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        k = comp.clamp_max(m - 1)
+        mu = torch.gather(self.centres, 1, k[..., None].expand(g, n, d))
+        sig = torch.gather(self.sigma, 1, k[..., None].expand(g, n, d))
+        lo, hi = torch.special.ndtr((-1 - mu) / sig), torch.special.ndtr((1 - mu) / sig)
+        u = torch.rand((g, n, d), generator=generator, device=dev, dtype=torch.float64)
+        x = (mu + sig * torch.special.ndtri(lo + u * (hi - lo))).clamp(-1.0, 1.0)
+        xu = uniform(g * n, (d,), generator, dev).double().reshape(g, n, d)
+        x = torch.where((comp == self.weights.shape[-1] - 1)[..., None], xu, x)
+        for f, mix in enumerate(self.gauss):
+            which = torch.multinomial(mix.weights, n, replacement=True, generator=generator)
+            x = torch.where((comp == m + f)[..., None], mix.sample(which, generator), x)
+        return x.reshape(g * n, d), comp
+
+
+def start_states(base: KernelBase, n: int, generator, shape):
+    """Draws of q_t as chain states [G * n, *shape] (float32, in the box) and their initial log-weights [G * n]
+    (0, or -inf for a Gaussian draw outside the box, where the target has no mass), and their components."""
+    x, comp = base.sample(n, generator)
+    inside = (x.abs() <= 1.0).all(-1)
+    lw0 = torch.where(inside, torch.zeros_like(x[:, 0]), torch.full_like(x[:, 0], -math.inf))
+    return x.clamp(-1.0, 1.0).float().reshape(-1, *shape), lw0, comp
+
+
+def population_weights(sizes, shares, floor):
+    """Mixture weights [G, M + 1] giving population j (sizes[j] consecutive kernels, then the uniform last)
+    the share shares[:, j] (floored at `floor`, renormalised), split equally over its kernels."""
+    shares = np.maximum(np.asarray(shares, dtype=np.float64), floor)
+    shares = shares / shares.sum(-1, keepdims=True)
+    cols = [np.repeat(shares[:, j:j + 1] / max(n, 1), n, axis=1) for j, n in enumerate(sizes)]
+    return torch.as_tensor(np.concatenate(cols, 1))

@@ -1,0 +1,210 @@
+"""Annealing from a data-informed base distribution to p_beta, at every sweep temperature at once (engine ais).
+
+Group t anneals pi_lambda ∝ q_t^(1 - lambda) g_beta_t^lambda, lambda: 0 -> 1 (`paths.Bridge`; the base q_t, an
+exactly normalised mixture of uniform, box-truncated kernels on reference states and fitted Gaussians, is
+`base.KernelBase`), so its AIS weights estimate Z(beta_t) without any chain crossing a phase boundary: each chain
+starts in the phase its kernel sits in, and the weights set the phases' proportions. The chains of a group form
+independent populations (one per replica of the SE); a population whose weights degenerate (ESS below half its
+size) is resampled (systematic resampling, an SMC sampler): chains that reached a deep, narrow region multiply
+instead of leaving the estimate to one lucky weight. Pipeline, in this order:
+`references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
+(pilot anneal: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
+spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal: reweight -> resample -> move,
+one reflected-MALA step `paths.mala_move` per lambda).
+Chains are laid out [G, n] (G groups = ascending sweep betas) and flattened to [G * n].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..estimators import thermodynamic_length
+from ..progress import progress_bar
+from .base import KernelBase
+from .gaussians import fit
+from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
+from .paths import Bridge, mala_move, resample, reweight, weighted_pick
+
+COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
+
+
+def _group_tensor(values, n, device, dtype=torch.float32):
+    """[G] per-group values -> [G * n] per-chain tensor."""
+    return torch.as_tensor(np.repeat(np.asarray(values, dtype=np.float64), n), dtype=dtype, device=device)
+
+
+@dataclass
+class References:
+    """Kernel centres and widths, tuned steps and the fitted Gaussian's moments, per temperature group."""
+    centres: torch.Tensor   # [G, M, D] pilot chains' time averages (data-seeded first, then forward states)
+    sigma: torch.Tensor     # [G, M, D] per-population, per-coordinate within-chain standard deviations
+    step: np.ndarray        # [G] tuned MALA step sizes at beta_t
+    gauss: tuple            # GaussMixtures fitted to the data-seeded chains' states: per predicted class, pooled
+
+
+def references(s: Sampler, data, forward: MalaState, betas, step0, *, n_data, n_gauss, n_steps) -> References:
+    """Pilot chains at each sweep beta from max(n_data, n_gauss) data states and from the forward-AIS states
+    (grouped [G * n_f]): n_steps reflected-MALA steps, step sizes adapted per group over the first half. The
+    second half of the first n_data data-seeded chains and of the forward chains gives local Gaussians:
+    centre = the chain's time average, width = the within-chain standard deviation pooled over its population,
+    per coordinate. A kernel centred on the local mean rather than on one sample keeps the mixture from being
+    over-dispersed by a factor 2 in variance (a KL that grows linearly with the dimension). The states of all
+    data-seeded chains (second half, COV_SNAPSHOTS per chain) give the fitted mixture (`gaussians.fit`): a
+    low-rank-plus-diagonal Gaussian per class the model predicts (argmax of its logits), so each mode of a
+    classifier's density gets its own; its error in KL shrinks with the number of chains, since a chain's states
+    are strongly correlated. A second fit pools all states in one component: with its full sample covariance
+    when the chains outnumber the coordinates, otherwise as above (more states resolve more directions)."""
+    model, ensemble, shape, generator, device, kernel, progress = (s.model, s.ensemble, s.shape, s.generator, s.device,
+                                                                   s.kernel, s.progress)
+    g = len(betas)
+    d = int(np.prod(shape))
+    n_f = forward.x.shape[0] // g
+    n_seed = max(n_data, n_gauss)
+    idx = torch.randint(data.shape[0], (g, n_seed), generator=generator, device=device)
+    xd = data.to(device)[idx.reshape(-1)].reshape(g, n_seed, d)
+    x = torch.cat([xd, forward.x.reshape(g, n_f, d)], 1).reshape(-1, *shape)
+    m = n_seed + n_f
+    state = mala_init(model, ensemble, x)
+    beta = _group_tensor(betas, m, device)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
+    s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
+    s2 = torch.zeros_like(s1)
+    snaps, labels = [], []
+    half = n_steps // 2
+    stride = max(1, (n_steps - half) // COV_SNAPSHOTS)
+    for i in progress_bar(range(n_steps), desc="references", enabled=progress):
+        state, info = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
+        if i < half:
+            step_t = adapt_step(step_t, info.accepted.float().reshape(g, m).mean(1))
+            continue
+        xs = state.x.reshape(g, m, d).double()
+        s1 += xs
+        s2 += xs * xs
+        if (i - half) % stride == 0 and len(snaps) < COV_SNAPSHOTS:
+            snaps.append(state.x.reshape(g, m, d)[:, :n_seed].clone())
+            labels.append(state.logits.reshape(g, m, -1)[:, :n_seed].argmax(-1))
+    n = n_steps - half
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0.0) * n / max(n - 1, 1)
+    keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(device)
+    sig = torch.cat([var[:, :n_seed].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
+                     var[:, n_seed:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
+    per_chain, snaps, labels = len(snaps), torch.cat(snaps, 1), torch.cat(labels, 1)
+    gauss = (fit(snaps, labels, state.logits.shape[-1], per_chain=per_chain),
+             fit(snaps, torch.zeros_like(labels), 1, per_chain=per_chain, full=n_seed >= d))
+    return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), gauss)
+
+
+@dataclass
+class BridgeTuning:
+    """The pilot of the data-seeded anneal: lambdas, step sizes, the path metric and population shares."""
+    lambdas: np.ndarray    # [P] pilot lambdas from 0 to 1
+    log_step: np.ndarray   # [P, G] tuned log step sizes
+    var: np.ndarray        # [P, G] Var_pi_lambda(log g - log q) (pilot chains weighted by their AIS weights)
+    shares: np.ndarray     # [G, C] share of the pilot's Z estimate delivered by chains from each population
+
+    def length(self):
+        """Cumulative thermodynamic length [P, G] of each group's path."""
+        return thermodynamic_length(self.lambdas, self.var)
+
+
+def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_chains, n_stages,
+                n_adapt) -> BridgeTuning:
+    """Pilot anneal of every group on a shared lambda grid, step sizes adapted (so its weights are not
+    counted). The variance that sets the schedule is taken under pi_lambda, i.e. with the pilot's AIS weights:
+    chains started where the target has no mass (most uniform draws at low T) would otherwise dominate it.
+    population: [M + 1] population index of each mixture component (for `shares`)."""
+    model, ensemble, shape, generator, device, kernel, progress = (s.model, s.ensemble, s.shape, s.generator, s.device,
+                                                                   s.kernel, s.progress)
+    g = base.groups
+    lambdas = np.unique(np.concatenate([[0.0], np.geomspace(1e-4, 1.0, n_stages)]))
+    path = Bridge(model, ensemble, shape, base, betas, n_chains)
+    x, lw0, comp = path.start(g * n_chains, generator, device)
+    p = path.evaluate(x)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
+    logw = lw0.reshape(g, n_chains).clone()
+    origin = comp  # the base component each chain descends from
+    steps, var = [], []
+    prev = torch.zeros(g * n_chains, dtype=torch.float64, device=device)
+    for lam in progress_bar(lambdas, desc="tune bridge", enabled=progress):
+        lam_t = torch.full((g * n_chains,), float(lam), dtype=torch.float64, device=device)
+        logw = torch.nan_to_num(reweight(path, p, logw.reshape(-1), prev, lam_t), nan=-np.inf).reshape(g, n_chains)
+        prev = lam_t
+        delta = torch.nan_to_num((p.lp - p.lq).reshape(g, n_chains), nan=-np.inf, neginf=-np.inf)
+        w = torch.softmax(logw, 1)
+        finite = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
+        mean = (w * finite).sum(1, keepdim=True)
+        var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
+        idx, lw, _ = resample(logw.reshape(-1), n_chains, generator)  # the pilot is an SMC sampler too
+        p, origin, logw = take(p, idx), origin[idx], lw.reshape(g, n_chains)
+        w = torch.softmax(logw, 1)
+        for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
+            p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), generator, kernel)
+            step_t = adapt_step(step_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1))
+        steps.append(step_t.clone())
+    log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
+    pop = torch.as_tensor(population, device=device)[origin].reshape(g, n_chains)  # w: the final weights
+    n_pop = int(max(population)) + 1
+    shares = torch.stack([(w * (pop == j)).sum(1) for j in range(n_pop)], 1)
+    return BridgeTuning(lambdas, log_step, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
+
+
+def bridge_schedule(tuning: BridgeTuning, n_steps: int):
+    """Per-group lambdas [n_steps + 1, G], equally spaced in that group's thermodynamic length, and the
+    pilot's step sizes interpolated to them (frozen)."""
+    L = tuning.length()
+    g = L.shape[1]
+    lam = np.empty((n_steps + 1, g))
+    step = np.empty_like(lam)
+    for t in range(g):
+        lam[:, t] = np.interp(np.linspace(0.0, L[-1, t], n_steps + 1), L[:, t], tuning.lambdas)
+        lam[0, t], lam[-1, t] = 0.0, 1.0
+        step[:, t] = np.exp(np.interp(lam[:, t], tuning.lambdas, tuning.log_step[:, t]))
+    return lam, step
+
+
+@dataclass
+class BridgeResult:
+    """The counted data-seeded anneal: log-weights, energies, p_T(y|x), resampled states, diagnostics."""
+    logw: torch.Tensor       # [G, n] log-weights: log Z(beta_t) estimates relative to the normalised q_t
+    energy: torch.Tensor     # [G, n] <E | x> at beta_t of each chain at the end
+    energy2: torch.Tensor    # [G, n] <E^2 | x>
+    p_y: torch.Tensor        # [G, n, K] p_T(y | x) (joint ensemble; K = 1 column of ones otherwise)
+    states: MalaState        # [G * n_keep] states resampled by weight, grouped by beta
+    accept: torch.Tensor     # [G] mean acceptance
+    nonfinite: torch.Tensor  # [G] non-finite proposal densities
+    resampled: float         # resampling events per population
+
+
+def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, *, n_chains, n_keep, pop) -> BridgeResult:
+    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]:
+    reweight, resample (populations of `pop` consecutive chains, see `resample`), move."""
+    model, ensemble, shape, generator, device, kernel, progress = (s.model, s.ensemble, s.shape, s.generator, s.device,
+                                                                   s.kernel, s.progress)
+    if n_chains % pop:
+        raise ValueError(f"populations of {pop} chains do not divide {n_chains} chains")
+    g = base.groups
+    path = Bridge(model, ensemble, shape, base, betas, n_chains)
+    x, logw, _ = path.start(g * n_chains, generator, device)
+    p = path.evaluate(x)
+    lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=device)
+    step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=device)
+    acc_sum = torch.zeros(g, device=device)
+    bad = torch.zeros(g, device=device)
+    resampled = 0
+    for k in progress_bar(range(1, lam.shape[0]), desc="bridge SMC", enabled=progress):
+        idx, logw, n_res = resample(reweight(path, p, logw, lam_t[k - 1], lam_t[k]), pop, generator)
+        if n_res:
+            p, resampled = take(p, idx), resampled + n_res
+        p, info = mala_move(path, p, lam_t[k], step_t[k], generator, kernel)
+        acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
+        bad += (~info.finite).float().reshape(g, n_chains).sum(1)
+    lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
+    e, e2 = path.energy(p, lam_t[-1])
+    p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if ensemble.kind == "joint"
+           else torch.ones_like(p.logits[:, :1]))
+    kept = mala_init(model, ensemble, p.x[weighted_pick(lw, n_keep, generator)].reshape(-1, *shape))
+    return BridgeResult(lw, e.reshape(g, -1), e2.reshape(g, -1), p_y.double().reshape(g, n_chains, -1), kept,
+                        acc_sum / max(lam.shape[0] - 1, 1), bad, resampled / (g * n_chains // pop))
