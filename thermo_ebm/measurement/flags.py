@@ -41,15 +41,14 @@ def too_few_effective(est: LogZ, n_chains: int, n_populations: int) -> np.ndarra
     return low | (est.pop_ess < 0.5 * n_populations) if est.pop_ess is not None else low
 
 
-def rare_phase(th: Thermo, smc: bool) -> np.ndarray:
-    """[T] (SMC only): the phase the sweep chains missed (U_missed, C_missed) outweighs their own error, and the
-    populations' parts of its mass spread by more than their mean (population ESS below half). Each part is a
-    product of resampling survivals, zero in most populations and large in a few, and their spread understates
-    the error (ModeSwitch(16) at T = 1.25: C low by 2-5 SE). AIS chains keep their own weights: there the
-    replica SE held (every |z| <= 2 at 1.25)."""
+def rare_phase(th: Thermo) -> np.ndarray:
+    """[T]: the phase the sweep chains missed (U_missed, C_missed) outweighs their own error, and the replicas'
+    parts of its mass spread by more than their mean (replica ESS below half). Each part is then carried by a
+    few chains (AIS) or a few populations' resampling survivals (SMC), zero in most replicas and large in a few,
+    and their spread understates the error (ModeSwitch(16) at T = 1.25: C low by 2-5 SE under both engines)."""
     du, dc = th.diag["U_missed"][0], th.diag["C_missed"][0]
     beyond = (np.abs(dc) > th.sweep_se["C"]) | (np.abs(du) > th.sweep_se["U"])
-    return smc & (th.missed_carried < 0.5) & beyond
+    return (th.missed_carried < 0.5) & beyond
 
 
 @dataclass
@@ -84,7 +83,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
     flags["flag_inconsistent"] = np.abs(ur) > HYSTERESIS_Z * ur_se
     if th.label_z is not None:  # ... or split the mass between the classes differently
         flags["flag_inconsistent"] |= th.label_z > HYSTERESIS_Z
-    flags["flag_rare_phase"] = rare_phase(th, cfg.engine == "smc")
+    flags["flag_rare_phase"] = rare_phase(th)
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
