@@ -2,9 +2,10 @@
 import json
 
 import numpy as np
+import pytest
 import xarray as xr
 
-from thermo_ebm import measure
+from thermo_ebm import ThermoEBMError, measure
 from thermo_ebm.cli import parse_temps
 from thermo_ebm.measurement.temperatures import choose, thermodynamic_positions
 from thermo_ebm.testing import DoubleWells
@@ -36,3 +37,18 @@ def test_placement_follows_the_thermodynamic_length():
     scan["flag_x"] = ("temperature", (t < 0.3).astype(np.int8))  # frozen below 0.3: the range starts above
     temps, why = choose(scan, 12)
     assert temps[0] > 0.3 and "freezing point" in why
+
+
+def test_a_capped_data_seeded_path_is_flagged():
+    """max_bridge_steps (the --temps auto scan's cap) shortens the data-seeded path below the length rule: the
+    temperatures it under-anneals are flagged low ESS whatever their weights say, and the rule without a cap
+    flags nothing it did not flag before."""
+    from types import SimpleNamespace
+    from thermo_ebm.config import MeasureConfig
+    from thermo_ebm.measurement.flags import bridge_capped
+    seeded = SimpleNamespace(length=np.array([[2.0, 20.0]]), steps=np.array([300]))
+    capped = MeasureConfig(max_bridge_steps=300)
+    assert list(bridge_capped(capped, seeded)) == [False, True]  # 8 x 2^2 = 32 <= 300 < 8 x 20^2
+    assert bridge_capped(MeasureConfig(), seeded) is False
+    with pytest.raises(ThermoEBMError, match="max-bridge-steps|max_bridge_steps"):
+        MeasureConfig(max_bridge_steps=0).validate()

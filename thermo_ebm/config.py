@@ -135,6 +135,7 @@ class MeasureConfig:
     reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
     bridge_chains: int = 128    # chains per temperature annealed from the base (the reported log Z)
     bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
+    max_bridge_steps: int | None = None  # most lambdas of that anneal (None: no cap; a capped path raises flag_low_ess)
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
     crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
     # the anneal from uniform: "ais" (one MALA step per frozen beta) or "smc" (adaptive tempered SMC: stages
@@ -162,6 +163,8 @@ class MeasureConfig:
             raise ThermoEBMError(f"{o('ais_steps_per_l2')} must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
         if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
             raise ThermoEBMError(f"{o('max_time')} must be a number of seconds > 0, got {self.max_time!r}")
+        if self.max_bridge_steps is not None and not (isinstance(self.max_bridge_steps, int) and self.max_bridge_steps >= 1):
+            raise ThermoEBMError(f"{o('max_bridge_steps')} must be a positive integer, got {self.max_bridge_steps!r}")
         if self.engine not in ("ais", "smc"):
             raise ThermoEBMError(f"{o('engine')} must be ais or smc, got {self.engine!r}")
         if not (0.0 < self.smc_cess < 1.0 and 0.0 < self.smc_corr < 1.0):

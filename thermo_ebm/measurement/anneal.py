@@ -120,6 +120,8 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     base = make_base(bt.shares)
     length = bt.length()[-1]
     n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
+    if cfg.max_bridge_steps is not None:  # under-annealed where the rule asks for more (flags.bridge_capped)
+        n_steps = min(n_steps, max(cfg.max_bridge_steps, cfg.bridge_steps))
     lam, steps = bridge.bridge_schedule(bt, n_steps)
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
     n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]

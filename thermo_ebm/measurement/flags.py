@@ -51,6 +51,14 @@ def rare_phase(th: Thermo) -> np.ndarray:
     return (th.missed_carried < 0.5) & beyond
 
 
+def bridge_capped(cfg: MeasureConfig, seeded) -> np.ndarray | bool:
+    """[T]: the data-seeded path (engine ais) is shorter than ais_steps_per_l2 x L^2 because max_bridge_steps capped
+    it: that temperature is under-annealed and its log Z biased low, whatever its ESS says."""
+    if seeded is None or cfg.max_bridge_steps is None or cfg.engine != "ais":
+        return False
+    return cfg.ais_steps_per_l2 * seeded.length.max(0) ** 2 > seeded.steps.min()
+
+
 @dataclass
 class Diagnosis:
     """Per-temperature flags [T] (ascending beta) by name, the diagnostics stored beside them [T], and one
@@ -73,7 +81,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
         bad = bad + b.nonfinite.sum(0)
     sw_acc = sw.accept.mean(0)
     # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
-    low_ess = too_few_effective(rep, n_chains, cfg.smc_populations)
+    low_ess = too_few_effective(rep, n_chains, cfg.smc_populations) | bridge_capped(cfg, b)
     heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
     poor_mix = (cfg.samples < 10 * th.tau) | (cfg.burn_in < 5 * th.tau)
     flags = {"flag_nonfinite": bad > 0, "flag_low_acceptance": (sw_acc < 0.05) | (acc < 0.05),

@@ -3,7 +3,9 @@
 1. Scan: a quick measurement (SCAN budget) at temperatures a factor SCAN_FACTOR apart around the reference
    (T = 1 on the measurement's scale), extended upwards while the model still holds information at the top
    (it has not melted) and downwards while the bottom is unflagged and C still rises towards it, at most
-   SCAN_EXTEND blocks each way.
+   SCAN_EXTEND blocks each way. The scan caps each data-seeded path (max_bridge_steps): a frozen temperature,
+   whose path would take millions of lambdas, is then flagged in seconds instead of measured for hours
+   (`flags.bridge_capped`).
 2. Range: from the freezing point (the lowest scan temperature below which every one is flagged: a phase the
    chains no longer equilibrate) or T_ML when that lies higher ... to melting (the lowest temperature whose
    information is below MELT_FRACTION of the largest measured).
@@ -19,7 +21,7 @@ import numpy as np
 
 SCAN = dict(ais_chains=128, replicas=8, ais_steps=500, tune_stages=60, chains=16, burn_in=100, samples=200,
             reverse_steps=64, mbar=False, keep_samples=1, bridge_chains=64, data_refs=32, gauss_refs=64,
-            reference_steps=200, crosscheck_steps=5000, smc_chains=256, smc_data_chains=64,
+            reference_steps=200, crosscheck_steps=5000, max_bridge_steps=2000, smc_chains=256, smc_data_chains=64,
             smc_crosscheck_chains=64, smc_populations=4, smc_pilot_chains=128)
 SCAN_FACTOR = 4.0      # ratio of neighbouring scan temperatures
 SCAN_HALF = 2          # scan temperatures on each side of the reference in the first block
