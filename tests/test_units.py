@@ -396,3 +396,15 @@ def test_mbar_is_skipped_only_without_overlap():
         e = np.concatenate([0.5 * (rng.normal(size=(400, d)) ** 2).sum(1) / b for b in betas])  # E ~ chi2_d T / 2
         u_kn = betas[:, None] * e[None, :]
         assert _no_overlap(u_kn, 400, betas) == expect, d
+
+
+def test_peak_position_survives_a_temperature_without_an_se():
+    """A frozen temperature's C can come with a non-finite SE: the peak is still placed, its SE is nan, and a
+    non-finite C gives no peak (instead of numpy's 'Eigenvalues did not converge')."""
+    from thermo_ebm.estimators import peak_position
+    t, y = np.array([0.5, 1.0, 2.0, 4.0]), np.array([1.0, 3.0, 2.0, 1.0])
+    cov = np.eye(4) * 0.01
+    cov[0, 0] = np.nan
+    t_star, se = peak_position(t, y, cov)
+    assert 0.5 < t_star < 2.0 and np.isnan(se)
+    assert all(np.isnan(peak_position(t, np.array([1.0, np.inf, 2.0, 1.0]), np.eye(4))))

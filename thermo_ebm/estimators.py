@@ -273,10 +273,13 @@ def has_interior_max(y):
 def peak_position(t, y, cov, n_draws: int = 4000, seed: int = 0):
     """(T*, SE) of the maximum of y(t) [T] (`parabola_peak`), SE from draws y* ~ N(y, cov [T, T]): the
     covariance carries the correlation between temperatures, the draws the chance that another grid point
-    is the largest. (nan, nan) without an interior maximum."""
-    y = np.asarray(y, dtype=np.float64)
-    if not has_interior_max(y):
+    is the largest. (nan, nan) without an interior maximum or with a non-finite y; the SE is nan where cov is not
+    finite (a frozen temperature's C can have no SE)."""
+    y, cov = np.asarray(y, dtype=np.float64), np.asarray(cov, dtype=np.float64)
+    if not has_interior_max(y) or not np.isfinite(y).all():
         return np.nan, np.nan
+    if not np.isfinite(cov).all():
+        return float(parabola_peak(t, y)), np.nan
     draws = np.random.default_rng(seed).multivariate_normal(y, cov, size=n_draws, method="eigh")
     return float(parabola_peak(t, y)), float(np.std(parabola_peak(t, draws)))
 
