@@ -52,3 +52,20 @@ def test_a_capped_data_seeded_path_is_flagged():
     assert bridge_capped(MeasureConfig(), seeded) is False
     with pytest.raises(ThermoEBMError, match="max-bridge-steps|max_bridge_steps"):
         MeasureConfig(max_bridge_steps=0).validate()
+
+
+def test_a_scan_frozen_everywhere_extends_upwards_and_flagged_values_set_no_range():
+    """On a nominal T_train's scale every first-scan temperature is frozen and flagged, with huge, meaningless
+    information: the scan goes on upwards, and neither melting nor the range is judged from flagged values."""
+    from thermo_ebm.measurement.temperatures import extend
+    t = np.geomspace(0.0625, 16, 5)
+    frozen = xr.Dataset({"info_bits": ("temperature", [1e7, 1e6, 1e5, 1e4, 1e3]), "C": ("temperature", np.ones(5)),
+                         "flag_x": ("temperature", np.ones(5, np.int8))}, coords={"temperature": t})
+    more = extend(frozen)
+    assert more is not None and more.min() > 16
+    t2 = np.geomspace(0.0625, 4096, 9)
+    info = np.array([1e7, 1e6, 1e5, 1e4, 900.0, 700.0, 300.0, 40.0, 1.0])
+    scan = xr.Dataset({"info_bits": ("temperature", info), "C": ("temperature", np.linspace(9, 1, 9)),
+                       "flag_x": ("temperature", (t2 < 10).astype(np.int8))}, coords={"temperature": t2})
+    temps, why = choose(scan, 8)
+    assert temps.min() >= 16 and temps.max() == 4096 and "melting at T = 4.1e+03" in why, why

@@ -63,8 +63,9 @@ def auto_temperatures(model, cfg: MeasureConfig, **kw) -> tuple[np.ndarray, str,
                            "C": ("temperature", np.concatenate([q.C.values for q in parts])[order]),
                            "flag_any": ("temperature", flagged[order].astype(np.int8))},
                           coords={"temperature": t[order]})
-        if has_interior_max(scan.C.values):
-            scan["C_peak_T"] = ((), float(parabola_peak(scan.temperature.values, scan.C.values)))
+        c_ok = np.where(scan.flag_any.values.astype(bool), np.nan, scan.C.values)  # a flagged C places no peak
+        if has_interior_max(c_ok) and np.isfinite(c_ok[np.nanargmax(c_ok) - 1:np.nanargmax(c_ok) + 2]).all():
+            scan["C_peak_T"] = ((), float(parabola_peak(scan.temperature.values, np.nan_to_num(c_ok, nan=-np.inf))))
         more = temperatures.extend(scan)
         if more is None or block == 2 * temperatures.SCAN_EXTEND:
             break

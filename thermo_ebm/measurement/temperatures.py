@@ -39,13 +39,20 @@ def _flagged(scan) -> np.ndarray:
     return np.any([scan[v].values.astype(bool) for v in names], axis=0) if names else np.zeros(scan.sizes["temperature"], bool)
 
 
+def _largest_info(info, bad) -> float:
+    """The largest information of the unflagged scan temperatures (a frozen, flagged one's is no reference)."""
+    ok = info[~bad & np.isfinite(info)]
+    return max(float(ok.max()), 1e-12) if ok.size else math.inf
+
+
 def extend(scan) -> np.ndarray | None:
     """Temperatures to add to a scan (ascending dataset), or None when it brackets the structure: more above
-    while the top still holds information, more below while the bottom is unflagged and C rises towards it."""
+    while every scan temperature is flagged (a model frozen at all of them, e.g. on a nominal T_train's scale)
+    or the top still holds information, more below while the bottom is unflagged and C rises towards it."""
     t, info, c = scan.temperature.values, scan.info_bits.values, scan.C.values
     bad = _flagged(scan)
     add = []
-    if info[-1] > MELT_FRACTION * max(np.nanmax(info), 1e-12) and info[-1] > 0.5:
+    if bad.all() or (info[-1] > MELT_FRACTION * _largest_info(info, bad) and info[-1] > 0.5):
         add.append(t[-1] * SCAN_FACTOR ** np.arange(1, 3))
     if not bad[0] and len(c) > 1 and c[0] >= c[1]:
         add.append(t[0] / SCAN_FACTOR ** np.arange(1, 3))
@@ -70,7 +77,7 @@ def choose(scan, n: int, t_ml: float | None = None) -> tuple[np.ndarray, str]:
         lo = t[ok[0]]
         why_lo = (f"freezing point T = {lo:.3g} (flagged below: the chains no longer equilibrate)" if ok[0] > 0
                   else f"the lowest scanned, T = {lo:.3g} (unflagged)")
-    melt = np.flatnonzero((info < MELT_FRACTION * max(np.nanmax(info), 1e-12)) & (t > lo))
+    melt = np.flatnonzero((info < MELT_FRACTION * _largest_info(info, bad)) & (t > lo) & ~bad)
     hi = t[melt[0]] if melt.size else t[-1]
     why_hi = (f"melting at T = {hi:.3g} (information below {MELT_FRACTION:.0%} of its largest)" if melt.size
               else f"the highest scanned, T = {hi:.3g} (the model still holds {info[-1]:.3g} bits there)")
