@@ -92,11 +92,14 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     text = report(out)
     assert "[evaluation] evaluation" in text and "OOD AUROC" in text and math.isfinite(float(ds.nll))
     assert "on the logits' scale (= " in text  # t_cal named with its scale, and on T_train's
+    assert "T_ML (quick" in text and ds.attrs["T_ML_quick_side"] in ("inside", "below", "above", "undetermined")
+    assert (ds.attrs["T_ML_quick_side"] == "inside") == math.isfinite(float(ds.T_ML_quick))
     if (ds.auroc.values < 0.5 - 2 * np.maximum(ds.auroc_err.values, 1e-3)).any():
         assert "opposite direction" in text
     import json
     doc = json.loads(report(out, as_json=True))["groups"]["evaluation"]
     assert set(doc["auroc"]) == set(ds.ood_set.values) and "mala_60" in doc["samples"]
+    assert doc["T_ML_quick_scale"] == "T_train" and len(doc["T_ML_quick"]) == 2
     assert doc["provenance"]["checkpoint_sha256"] == ds.attrs["checkpoint_sha256"]
     code, err = run_cli(["plot", str(out)])
     assert code == 0, err

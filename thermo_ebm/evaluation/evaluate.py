@@ -26,7 +26,9 @@ from .. import distributed as dist
 from ..errors import ThermoEBMError
 from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from ..files.fileio import atomic_path
+from ..ensembles import Ensemble
 from ..files.results import annotate, file_sha256, provenance
+from ..measurement.likelihood import quick_t_ml
 
 log = logging.getLogger("thermo_ebm")
 N_BINS = 15
@@ -328,6 +330,8 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
             ap[i, j], ap_e[i, j] = _boot_pair(average_precision, ins[s], outs[s], cfg.n_boot, rng)
     # samples: the replay buffer and long-run chains at T (units of T_train)
     t_train = checkpoint_temperature(st)
+    ens = Ensemble("marginal" if conf_.get("objective") == "m_ebm" else "joint", data.n_classes)
+    t_ml = quick_t_ml(model, ens, data.x_test, t_train, torch.Generator(device=dev).manual_seed(seed + 104729), dev)
     kinds, sat, cconf, cconf_e, fds, fds_e, grids = [], [], [], [], [], [], []
     for key, v in st.get("buffers", {}).items():
         if key.endswith("/x") and v.numel():
@@ -363,6 +367,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
               aupr=(("ood_set", "score"), ap), aupr_err=(("ood_set", "score"), ap_e),
               saturated_fraction=("chain_kind", np.array(sat)), confidence=("chain_kind", np.array(cconf)),
               confidence_err=("chain_kind", np.array(cconf_e)),
+              T_ML_quick=((), t_ml[0]), T_ML_quick_err=((), t_ml[1]),
               pca_frechet=("chain_kind", np.array(fds)), pca_frechet_err=("chain_kind", np.array(fds_e)),
               scores=(("input_set", "score", "item"), np.stack(all_scores).astype(np.float32)),
               chain_samples=(("chain_kind", "sample", *[f"pixel_dim{i}" for i in range(len(data.shape))]),
@@ -374,6 +379,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
               "input_set": ["heldout", *shifts]}
     attrs = {"kind": "evaluation", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
              "checkpoint_step": int(st.get("step", -1)), "n_heldout": n, "T_train": t_train,
+             "T_ML_quick_side": t_ml[2],
              "chain_temperature": f"{cfg.temperature:g} x T_train", "settings": json.dumps(
                  {**cfg.__dict__, "chain_steps": [int(s) for s in cfg.chain_steps]}),
              "positives": "held-out (in-distribution) inputs; scores larger = more in-distribution",
@@ -387,6 +393,10 @@ def summary(ds: xr.Dataset) -> dict:
     sample statistics per chain kind; each value as [value, SE]."""
     out = {k: [float(ds[k]), float(ds[k + "_err"])] for k in ("accuracy", "nll", "brier", "ece", "t_cal")}
     out["t_cal_scale"] = "logits' scale"
+    if "T_ML_quick" in ds:
+        out["T_ML_quick"] = [float(ds.T_ML_quick), float(ds.T_ML_quick_err)]
+        out["T_ML_quick_side"] = ds.attrs.get("T_ML_quick_side")
+        out["T_ML_quick_scale"] = "T_train"
     for name in ("auroc", "aupr"):
         out[name] = {str(shift): {str(sc): [float(ds[name][i, j]), float(ds[name + "_err"][i, j])]
                                   for j, sc in enumerate(ds.score.values)} for i, shift in enumerate(ds.ood_set.values)}
@@ -407,6 +417,11 @@ def table(ds: xr.Dataset) -> str:
              + ", ".join(f"{k} {float(ds[k]):.4g} ±{float(ds[k + '_err']):.2g}" for k in ("accuracy", "nll", "brier", "ece"))
              + f", t_cal {float(ds.t_cal):.4g} ±{float(ds.t_cal_err):.2g} on the logits' scale"
              + (f" (= {float(ds.t_cal) / t_train:.4g} T_train)" if t_train != 1.0 else "")]
+    if "T_ML_quick" in ds:
+        side = ds.attrs.get("T_ML_quick_side")
+        lines.append("T_ML (quick: held-out-seeded chains; `measure --heldout auto` gives it with its error bar): "
+                     + {"inside": f"{float(ds.T_ML_quick):.4g} ±{float(ds.T_ML_quick_err):.2g} T_train",
+                        "below": "below 0.25 T_train", "above": "above 4 T_train"}.get(side, "undetermined"))
     lines.append(f"{'OOD AUROC':<12}" + "".join(f"{s:>22}" for s in ds.score.values))
     reversed_ = False
     for i, shift in enumerate(ds.ood_set.values):

@@ -258,6 +258,8 @@ VARIABLES = {
     "accuracy": ("held-out accuracy", "1"), "nll": ("held-out negative log-likelihood of y", "nats"),
     "brier": ("held-out Brier score", "1"), "ece": ("expected calibration error, 15 equal-mass bins", "1"),
     "t_cal": ("temperature minimising held-out NLL of softmax(f / T)", "logits' units"),
+    "T_ML_quick": ("screening T_ML: where held-out-seeded chains' mean energy equals the images' "
+                   "(nan outside 0.25-4 T_train: T_ML_quick_side)", "T"),
     "reliability_confidence": ("mean confidence per equal-mass bin", "1"),
     "reliability_accuracy": ("accuracy per equal-mass bin", "1"),
     "auroc": ("AUROC, held-out (positive) vs shifted inputs", "1"),
