@@ -53,6 +53,30 @@ for item in filter(None, args.budget.split(",")):
     k, v = item.split("=")
     extra[k] = int(v) if v.isdigit() else float(v)
 
+def summarise(name, rows, sec):
+    """The calibration summary of one system from its rows so far."""
+    out = []
+    for q in QUANTITIES + (("log_lik_heldout", "T_ML") if name in HELDOUT else ()):
+        z = np.array([r["z"] for r in rows if r["system"] == name and r["quantity"] == q])
+        fl = np.array([r["flagged"] for r in rows if r["system"] == name and r["quantity"] == q])
+        missing = int(np.sum(~np.isfinite(z)))  # T_ML outside the range: no z
+        fl, z = fl[np.isfinite(z)], z[np.isfinite(z)]
+        out.append(dict(system=name, quantity=q, n=len(z), missing=missing, sd_z=float(z.std()), mean_z=float(z.mean()),
+                        frac_abs_z_gt_3=float(np.mean(np.abs(z) > 3)),
+                        unflagged_abs_z_gt_4=int(np.sum((np.abs(z) > 4) & ~fl)), frac_flagged=float(fl.mean()),
+                        seconds_per_run=sec))
+    return out
+
+
+def write(out, rows, summary, seeds_done):
+    """The results so far (rewritten after every seed, so that a long run keeps what it has done)."""
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+                                   engine=args.engine, seeds=args.seeds, seeds_done=seeds_done, **extra,
+                                   summary=summary, rows=rows), indent=1))
+
+
+out = Path(args.out)
 rows, summary = [], []
 for name in args.systems.split(","):
     make, kind, temps, t_data = SYSTEMS[name]
@@ -86,21 +110,13 @@ for name in args.systems.split(","):
             z = (ds[q].values - exact[q]) / ds[q + "_err"].values
             rows += [dict(system=name, seed=seed, T=t, quantity=q, z=float(zz), flagged=bool(fl))
                      for t, zz, fl in zip(temps, z, flagged)]
+        write(out, rows, summary + summarise(name, rows, (time.perf_counter() - t0) / (seed + 1)),
+              {**{r["system"]: args.seeds for r in summary}, name: seed + 1})
     sec = (time.perf_counter() - t0) / args.seeds
-    for q in QUANTITIES + (("log_lik_heldout", "T_ML") if name in HELDOUT else ()):
-        z = np.array([r["z"] for r in rows if r["system"] == name and r["quantity"] == q])
-        fl = np.array([r["flagged"] for r in rows if r["system"] == name and r["quantity"] == q])
-        missing = int(np.sum(~np.isfinite(z)))  # T_ML outside the range: no z
-        fl, z = fl[np.isfinite(z)], z[np.isfinite(z)]
-        s = dict(system=name, quantity=q, n=len(z), missing=missing, sd_z=float(z.std()), mean_z=float(z.mean()),
-                 frac_abs_z_gt_3=float(np.mean(np.abs(z) > 3)), unflagged_abs_z_gt_4=int(np.sum((np.abs(z) > 4) & ~fl)),
-                 frac_flagged=float(fl.mean()), seconds_per_run=sec)
+    for s in summarise(name, rows, sec):
         summary.append(s)
-        print(f"{name:<14}{q:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
+        print(f"{name:<14}{s['quantity']:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
               f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
               f"flagged {100 * s['frac_flagged']:.0f}%  {sec:.0f} s/run", flush=True)
-out = Path(args.out)
-out.parent.mkdir(exist_ok=True)
-out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
-                               engine=args.engine, seeds=args.seeds, **extra, summary=summary, rows=rows), indent=1))
+write(out, rows, summary, {r["system"]: args.seeds for r in summary})
 print("->", out)
