@@ -17,8 +17,8 @@ def _tempering(system, kind, temps, seed, chains=512, populations=8):
     ens = Ensemble(kind, system.k)
     betas = np.sort(1.0 / np.asarray(temps))
     g = torch.Generator().manual_seed(seed)
-    path = paths.Tempering(system, ens, system.shape)
     s = Sampler(system, ens, system.shape, g, "cpu")
+    path = paths.Tempering(s)
     sched = smc.tune(s, path, betas[:, None], 1, n_chains=128, target_cess=0.5, n_leap=8, max_moves=20, corr=0.2)
     res = smc.run(s, path, sched, betas[:, None], 1, n_chains=chains, pop=chains // populations)
     lw = res.logw.numpy()
@@ -33,8 +33,8 @@ def test_hmc_move_keeps_a_box_truncated_target():
     have the exact mean energy (a wrong reflection or momentum flip would shift it)."""
     system = TruncatedGaussian(4, std_range=(0.8, 1.2), mean_scale=0.5)
     ens = Ensemble("marginal", 1)
-    path = paths.Tempering(system, ens, system.shape)
     g = torch.Generator().manual_seed(0)
+    path = paths.Tempering(Sampler(system, ens, system.shape, g, "cpu"))
     n = 4000
     p = path.evaluate(torch.rand(n, 4, generator=g) * 2 - 1)
     lam = torch.full((n,), 2.0, dtype=torch.float64)

@@ -71,7 +71,8 @@ def plan(p: Problem, progress=False) -> Plan:
             gen = torch.Generator(device=p.device)
             gen.manual_seed(stream_seed(p.seed, 10_000))
             cess = min(cfg.smc_cess, CROSSCHECK_CESS) if p.data is not None else cfg.smc_cess
-            sched = smc.tune(sampler(p, gen, progress), paths.Tempering(p.net, p.ens, p.shape), p.betas[:, None], 1,
+            s = sampler(p, gen, progress)
+            sched = smc.tune(s, paths.Tempering(s), p.betas[:, None], 1,
                              n_chains=cfg.smc_pilot_chains, target_cess=cess, n_leap=cfg.smc_leapfrog,
                              max_moves=cfg.smc_max_moves, corr=cfg.smc_corr)
         sched = dist.broadcast(sched)
@@ -139,7 +140,7 @@ def _smc_forward(p: Problem, pl: Plan, n_keep: int, s: Sampler) -> ais.ForwardRe
     with data a cross-check of smc_crosscheck_chains."""
     cfg = p.cfg
     total = cfg.smc_crosscheck_chains if p.data is not None else cfg.smc_chains
-    res = smc.run(s, paths.Tempering(p.net, p.ens, p.shape), pl.smc, p.betas[:, None], 1,
+    res = smc.run(s, paths.Tempering(s), pl.smc, p.betas[:, None], 1,
                   n_chains=total // cfg.shards, pop=total // cfg.smc_populations)
     states = [smc.resampled_states(s, q, lw, 1, n_keep) for q, lw in zip(res.particles, res.logw)]
     states = MalaState(*(torch.cat([getattr(s, f) for s in states]) for f in MalaState._fields))
@@ -152,7 +153,7 @@ def _smc_from_data(p: Problem, base, make_base, population, s: Sampler):
     counted run's base gives each population the share of the pilot's final weight it delivered."""
     cfg = p.cfg
     n_t = len(p.betas)
-    path = paths.Bridge(p.net, p.ens, p.shape, base, p.betas, cfg.smc_pilot_chains)
+    path = paths.Bridge(s, base, p.betas, cfg.smc_pilot_chains)
     sched = smc.tune(s, path, np.ones((1, n_t)), n_t, n_chains=cfg.smc_pilot_chains, target_cess=cfg.smc_cess,
                      n_leap=cfg.smc_leapfrog, max_moves=cfg.smc_max_moves, corr=cfg.smc_corr, population=population,
                      desc="data-seeded SMC pilot")
@@ -162,7 +163,7 @@ def _smc_from_data(p: Problem, base, make_base, population, s: Sampler):
              "populations", len(sched.lambdas), int(sched.moves.sum()), sched.n_leap, cfg.smc_data_chains,
              cfg.smc_populations)
     n = cfg.smc_data_chains // cfg.shards
-    path = paths.Bridge(p.net, p.ens, p.shape, base, p.betas, n)
+    path = paths.Bridge(s, base, p.betas, n)
     res = smc.run(s, path, sched, np.ones((1, n_t)), n_t, n_chains=n, pop=cfg.smc_data_chains // cfg.smc_populations,
                   desc="data-seeded SMC")
     q, lw = res.particles[0], res.logw[0]

@@ -25,14 +25,9 @@ from ..progress import progress_bar
 from .base import KernelBase
 from .gaussians import fit
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
-from .paths import Bridge, mala_move, resample, reweight, weighted_pick
+from .paths import Bridge, mala_move, per_chain, resample, reweight, weighted_pick
 
 COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
-
-
-def _group_tensor(values, n, device, dtype=torch.float32):
-    """[G] per-group values -> [G * n] per-chain tensor."""
-    return torch.as_tensor(np.repeat(np.asarray(values, dtype=np.float64), n), dtype=dtype, device=device)
 
 
 @dataclass
@@ -56,26 +51,24 @@ def references(s: Sampler, data, forward: MalaState, betas, step0, *, n_data, n_
     classifier's density gets its own; its error in KL shrinks with the number of chains, since a chain's states
     are strongly correlated. A second fit pools all states in one component: with its full sample covariance
     when the chains outnumber the coordinates, otherwise as above (more states resolve more directions)."""
-    model, ensemble, shape, generator, device, kernel, progress = (s.model, s.ensemble, s.shape, s.generator, s.device,
-                                                                   s.kernel, s.progress)
     g = len(betas)
-    d = int(np.prod(shape))
+    d = int(np.prod(s.shape))
     n_f = forward.x.shape[0] // g
     n_seed = max(n_data, n_gauss)
-    idx = torch.randint(data.shape[0], (g, n_seed), generator=generator, device=device)
-    xd = data.to(device)[idx.reshape(-1)].reshape(g, n_seed, d)
-    x = torch.cat([xd, forward.x.reshape(g, n_f, d)], 1).reshape(-1, *shape)
+    idx = torch.randint(data.shape[0], (g, n_seed), generator=s.generator, device=s.device)
+    xd = data.to(s.device)[idx.reshape(-1)].reshape(g, n_seed, d)
+    x = torch.cat([xd, forward.x.reshape(g, n_f, d)], 1).reshape(-1, *s.shape)
     m = n_seed + n_f
-    state = mala_init(model, ensemble, x)
-    beta = _group_tensor(betas, m, device)
-    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
-    s1 = torch.zeros(g, m, d, dtype=torch.float64, device=device)
+    state = mala_init(s.model, s.ensemble, x)
+    beta = per_chain(betas, m, s.device)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=s.device).clamp(MIN_STEP, MAX_STEP)
+    s1 = torch.zeros(g, m, d, dtype=torch.float64, device=s.device)
     s2 = torch.zeros_like(s1)
     snaps, labels = [], []
     half = n_steps // 2
     stride = max(1, (n_steps - half) // COV_SNAPSHOTS)
-    for i in progress_bar(range(n_steps), desc="references", enabled=progress):
-        state, info = mala_step(state, model, ensemble, beta, step_t.repeat_interleave(m), generator, kernel)
+    for i in progress_bar(range(n_steps), desc="references", enabled=s.progress):
+        state, info = mala_step(state, s.model, s.ensemble, beta, step_t.repeat_interleave(m), s.generator, s.kernel)
         if i < half:
             step_t = adapt_step(step_t, info.accepted.float().reshape(g, m).mean(1))
             continue
@@ -88,12 +81,12 @@ def references(s: Sampler, data, forward: MalaState, betas, step0, *, n_data, n_
     n = n_steps - half
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0.0) * n / max(n - 1, 1)
-    keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(device)
+    keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(s.device)
     sig = torch.cat([var[:, :n_seed].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
                      var[:, n_seed:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
-    per_chain, snaps, labels = len(snaps), torch.cat(snaps, 1), torch.cat(labels, 1)
-    gauss = (fit(snaps, labels, state.logits.shape[-1], per_chain=per_chain),
-             fit(snaps, torch.zeros_like(labels), 1, per_chain=per_chain, full=n_seed >= d))
+    n_snap, snaps, labels = len(snaps), torch.cat(snaps, 1), torch.cat(labels, 1)
+    gauss = (fit(snaps, labels, state.logits.shape[-1], per_chain=n_snap),
+             fit(snaps, torch.zeros_like(labels), 1, per_chain=n_snap, full=n_seed >= d))
     return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), gauss)
 
 
@@ -116,20 +109,18 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
     counted). The variance that sets the schedule is taken under pi_lambda, i.e. with the pilot's AIS weights:
     chains started where the target has no mass (most uniform draws at low T) would otherwise dominate it.
     population: [M + 1] population index of each mixture component (for `shares`)."""
-    model, ensemble, shape, generator, device, kernel, progress = (s.model, s.ensemble, s.shape, s.generator, s.device,
-                                                                   s.kernel, s.progress)
     g = base.groups
     lambdas = np.unique(np.concatenate([[0.0], np.geomspace(1e-4, 1.0, n_stages)]))
-    path = Bridge(model, ensemble, shape, base, betas, n_chains)
-    x, lw0, comp = path.start(g * n_chains, generator, device)
+    path = Bridge(s, base, betas, n_chains)
+    x, lw0, comp = path.start(g * n_chains, s.generator, s.device)
     p = path.evaluate(x)
-    step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
+    step_t = torch.as_tensor(step0, dtype=torch.float32, device=s.device).clamp(MIN_STEP, MAX_STEP)
     logw = lw0.reshape(g, n_chains).clone()
     origin = comp  # the base component each chain descends from
     steps, var = [], []
-    prev = torch.zeros(g * n_chains, dtype=torch.float64, device=device)
-    for lam in progress_bar(lambdas, desc="tune bridge", enabled=progress):
-        lam_t = torch.full((g * n_chains,), float(lam), dtype=torch.float64, device=device)
+    prev = torch.zeros(g * n_chains, dtype=torch.float64, device=s.device)
+    for lam in progress_bar(lambdas, desc="tune bridge", enabled=s.progress):
+        lam_t = torch.full((g * n_chains,), float(lam), dtype=torch.float64, device=s.device)
         logw = torch.nan_to_num(reweight(path, p, logw.reshape(-1), prev, lam_t), nan=-np.inf).reshape(g, n_chains)
         prev = lam_t
         delta = torch.nan_to_num((p.lp - p.lq).reshape(g, n_chains), nan=-np.inf, neginf=-np.inf)
@@ -137,15 +128,15 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
         finite = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         mean = (w * finite).sum(1, keepdim=True)
         var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
-        idx, lw, _ = resample(logw.reshape(-1), n_chains, generator)  # the pilot is an SMC sampler too
+        idx, lw, _ = resample(logw.reshape(-1), n_chains, s.generator)  # the pilot is an SMC sampler too
         p, origin, logw = take(p, idx), origin[idx], lw.reshape(g, n_chains)
         w = torch.softmax(logw, 1)
         for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
-            p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), generator, kernel)
+            p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), s.generator, s.kernel)
             step_t = adapt_step(step_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1))
         steps.append(step_t.clone())
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
-    pop = torch.as_tensor(population, device=device)[origin].reshape(g, n_chains)  # w: the final weights
+    pop = torch.as_tensor(population, device=s.device)[origin].reshape(g, n_chains)  # w: the final weights
     n_pop = int(max(population)) + 1
     shares = torch.stack([(w * (pop == j)).sum(1) for j in range(n_pop)], 1)
     return BridgeTuning(lambdas, log_step, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
@@ -181,30 +172,28 @@ class BridgeResult:
 def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, *, n_chains, n_keep, pop) -> BridgeResult:
     """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]:
     reweight, resample (populations of `pop` consecutive chains, see `resample`), move."""
-    model, ensemble, shape, generator, device, kernel, progress = (s.model, s.ensemble, s.shape, s.generator, s.device,
-                                                                   s.kernel, s.progress)
     if n_chains % pop:
         raise ValueError(f"populations of {pop} chains do not divide {n_chains} chains")
     g = base.groups
-    path = Bridge(model, ensemble, shape, base, betas, n_chains)
-    x, logw, _ = path.start(g * n_chains, generator, device)
+    path = Bridge(s, base, betas, n_chains)
+    x, logw, _ = path.start(g * n_chains, s.generator, s.device)
     p = path.evaluate(x)
-    lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=device)
-    step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=device)
-    acc_sum = torch.zeros(g, device=device)
-    bad = torch.zeros(g, device=device)
+    lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=s.device)
+    step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=s.device)
+    acc_sum = torch.zeros(g, device=s.device)
+    bad = torch.zeros(g, device=s.device)
     resampled = 0
-    for k in progress_bar(range(1, lam.shape[0]), desc="bridge SMC", enabled=progress):
-        idx, logw, n_res = resample(reweight(path, p, logw, lam_t[k - 1], lam_t[k]), pop, generator)
+    for k in progress_bar(range(1, lam.shape[0]), desc="bridge SMC", enabled=s.progress):
+        idx, logw, n_res = resample(reweight(path, p, logw, lam_t[k - 1], lam_t[k]), pop, s.generator)
         if n_res:
             p, resampled = take(p, idx), resampled + n_res
-        p, info = mala_move(path, p, lam_t[k], step_t[k], generator, kernel)
+        p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
         acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
         bad += (~info.finite).float().reshape(g, n_chains).sum(1)
     lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
     e, e2 = path.energy(p, lam_t[-1])
-    p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if ensemble.kind == "joint"
+    p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if s.ensemble.kind == "joint"
            else torch.ones_like(p.logits[:, :1]))
-    kept = mala_init(model, ensemble, p.x[weighted_pick(lw, n_keep, generator)].reshape(-1, *shape))
+    kept = mala_init(s.model, s.ensemble, p.x[weighted_pick(lw, n_keep, s.generator)].reshape(-1, *s.shape))
     return BridgeResult(lw, e.reshape(g, -1), e2.reshape(g, -1), p_y.double().reshape(g, n_chains, -1), kept,
                         acc_sum / max(lam.shape[0] - 1, 1), bad, resampled / (g * n_chains // pop))

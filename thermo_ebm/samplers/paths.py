@@ -7,7 +7,8 @@ group its own lambda, per chain [N]):
   (base.KernelBase) to g_beta_t, lambda: 0 -> 1.
 `mala_move` is a reflected-MALA step on any path (the HMC move is smc.hmc_move); `reweight`, `resample`
 (systematic, per population) and `weighted_pick` (states drawn by weight for the sweep) serve every anneal.
-Chains are flat [N, D], grouped [G, n] -> [G * n]."""
+Paths take the run's `Sampler` context (model, ensemble, state shape). Chains are flat [N, D], grouped [G, n] ->
+[G * n]."""
 from __future__ import annotations
 
 import math
@@ -17,9 +18,14 @@ import numpy as np
 import torch
 
 from .base import KernelBase, start_states
-from .kernels import EAGER, MalaInfo, uniform
+from .kernels import EAGER, MalaInfo, Sampler, uniform
 
 RESAMPLE_ESS = 0.5  # a population is resampled when its ESS falls below this fraction of its size
+
+
+def per_chain(values, n: int, device, dtype=torch.float32) -> torch.Tensor:
+    """[G] per-group values -> [G * n] per-chain tensor (n consecutive chains per group)."""
+    return torch.as_tensor(np.repeat(np.asarray(values, dtype=np.float64), n), dtype=dtype, device=device)
 
 
 class Particles(NamedTuple):
@@ -38,9 +44,9 @@ class Tempering:
     gradient of the unit potential (exact for the marginal ensemble; for the joint a surrogate, which keeps HMC
     exact: the leapfrog map stays volume-preserving and reversible, and the MH test uses the true density)."""
 
-    def __init__(self, model, ensemble, shape):
-        self.model, self.ens, self.shape = model, ensemble, tuple(shape)
-        self.d = int(np.prod(shape))
+    def __init__(self, s: Sampler):
+        self.model, self.ens, self.shape = s.model, s.ensemble, tuple(s.shape)
+        self.d = int(np.prod(s.shape))
 
     def start(self, n, generator, device):
         """n uniform draws [n, D], their initial log-weights (0) and base components (0) [n]."""
@@ -71,12 +77,11 @@ class Bridge:
     """gamma_lambda = q_t^(1 - lambda) g_beta_t^lambda for group t (betas [G], n chains per group), starting from
     exact draws of the normalised base q_t (a draw outside the box starts with weight 0)."""
 
-    def __init__(self, model, ensemble, shape, base: KernelBase, betas, n):
-        self.model, self.ens, self.shape, self.base = model, ensemble, tuple(shape), base
-        self.d = int(np.prod(shape))
+    def __init__(self, s: Sampler, base: KernelBase, betas, n):
+        self.model, self.ens, self.shape, self.base = s.model, s.ensemble, tuple(s.shape), base
+        self.d = int(np.prod(s.shape))
         self.n = n
-        self.beta = torch.as_tensor(np.repeat(np.asarray(betas, dtype=np.float64), n), dtype=torch.float32,
-                                    device=base.centres.device)
+        self.beta = per_chain(betas, n, base.centres.device)
 
     def start(self, n, generator, device):
         """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n]."""
