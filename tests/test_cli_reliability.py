@@ -55,6 +55,7 @@ def test_measure_writes_groups_without_touching_others(measured):
               "C_peak_T"):
         assert v in ds and v + "_err" in ds
     assert ds.C_peak_T.shape == ()
+    assert ds.p_y.dims == ("temperature", "class") and np.allclose(ds.p_y.values.sum(1), 1.0)
     assert ds.samples.shape[:2] == (4, 8)
     # the checkpoint's held-out split (auto): joint likelihood with labels, 17 grey levels of sklearn's digits
     for v in ("log_lik_heldout", "log_lik_xy_heldout", "log_lik_y_given_x_heldout", "info_heldout_bits",

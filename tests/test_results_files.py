@@ -303,6 +303,30 @@ def test_show_explains_a_negative_mutual_information(tmp_path):
     assert "I_XY_bits below 0 at T = 0.5:" in text and "1:" not in text.split("below 0")[1].split("\n")[0]
 
 
+def test_show_says_where_one_class_holds_the_joint_ensemble(tmp_path):
+    """p_T(y) is stored per class; where one class holds >= 99% of the mass, H(Y) ~ 0 and so I(X;Y) ~ 0, and
+    `show` names the class and the temperatures (and stays silent where the classes share the mass)."""
+    from thermo_ebm.reporting.report import report
+    t = [0.5, 1.0, 2.0]
+    v = {k: ("temperature", np.array([1.0, 2.0, 3.0])) for k in ("F", "U", "S", "C", "info_bits", "log_Z")}
+    v.update({k + "_err": ("temperature", np.full(3, 0.1)) for k in list(v)})
+    p_y = np.array([[0.001, 0.999, 0.0], [0.005, 0.995, 0.0], [0.3, 0.4, 0.3]])
+    v["p_y"], v["p_y_err"] = (("temperature", "class"), p_y), (("temperature", "class"), np.full((3, 3), 1e-3))
+    write_group(tmp_path / "r.h5", "measure_joint", xr.Dataset(v, coords={"temperature": t, "class": [0, 1, 2]},
+                                                                attrs={"kind": "measurement", "ensemble": "joint"}))
+    text = report(tmp_path / "r.h5")
+    line = [x for x in text.splitlines() if x.startswith("one class holds")]
+    assert len(line) == 1 and "for class 1) at T = 0.5, 1:" in line[0], text
+    import json
+    doc = json.loads(report(tmp_path / "r.h5", as_json=True))["groups"]["measure_joint"]
+    assert np.allclose(doc["p_y"]["values"], p_y)
+    v["p_y"] = (("temperature", "class"), np.full((3, 3), 1 / 3))
+    write_group(tmp_path / "r.h5", "measure_joint", xr.Dataset(v, coords={"temperature": t, "class": [0, 1, 2]},
+                                                                attrs={"kind": "measurement", "ensemble": "joint"}),
+                replace=True)
+    assert "one class holds" not in report(tmp_path / "r.h5")
+
+
 def test_global_flags_groups_interrupts_and_permissions(tmp_path, small_measurement, monkeypatch):
     """-q/-v/--debug after the subcommand; show/plot --group; Ctrl-C exits 130; a folder the user cannot write
     gets exit 2 and one line."""

@@ -1,6 +1,6 @@
 """Exactly solvable systems for validating estimators. Each is an nn.Module mapping x [N, d] in the box
 to logits [N, K] (float32), with `shape` set and `exact(temps, ensemble)` returning a dict of float64
-arrays [T]: log_Z, F, U, S, C, info_bits (+ H_Y_bits, H_Y_given_X_bits, I_XY_bits for joint, K > 1).
+arrays [T]: log_Z, F, U, S, C, info_bits (+ H_Y_bits, H_Y_given_X_bits, I_XY_bits and p_y [T, K] for joint, K > 1).
 
 * TruncatedGaussian: E = sum_i (x_i - m_i)^2 / (2 s_i^2); log Z by erf, U and Var(E) by exact
   (float64 autograd) beta-derivatives of that closed form.
@@ -147,7 +147,7 @@ class ClassGaussian(_System):
         return [lambda x, y=y: -self.b[y] + (x - self.c[y]) ** 2 / (2 * self.sig ** 2) for y in range(self.k)]
 
     def exact(self, temps, ensemble="marginal"):
-        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
+        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": [], "p_y": []}
         ey = self._class_energies()
         for t in temps:
             beta = 1.0 / t
@@ -155,6 +155,7 @@ class ClassGaussian(_System):
             if ensemble == "joint":
                 lz, u, v, py, hyx = _quad_moments(ey, beta)
                 hy = float(-(py * np.log(py)).sum())
+                extra["p_y"].append(py)
                 extra["H_Y_bits"].append(hy / LN2)
                 extra["H_Y_given_X_bits"].append(hyx / LN2)
                 extra["I_XY_bits"].append((hy - hyx) / LN2)
@@ -201,7 +202,7 @@ class Neural2D(_System):
                 if i < len(w) - 1:
                     z = torch.tanh(z)
             f = (self.scale * z).numpy()  # [n*n, K]
-        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
+        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": [], "p_y": []}
         for t in temps:
             beta = 1.0 / t
             if ensemble == "joint":
@@ -213,6 +214,7 @@ class Neural2D(_System):
                 v = (p * e * e).sum() - u * u
                 py = p.sum(0)
                 hy = float(-(py * np.log(py)).sum())
+                extra["p_y"].append(py)
                 px = p.sum(1)
                 cond = np.exp(a - logsumexp(a, axis=1, keepdims=True))
                 hyx = float((px * -(cond * np.log(np.clip(cond, 1e-300, None))).sum(1)).sum())
@@ -254,7 +256,7 @@ class _Modes(_System):
         return torch.tensor(self._draw(y, temp, rng), dtype=torch.float32), torch.tensor(y)
 
     def exact(self, temps, ensemble="joint"):
-        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": []}
+        rows, extra = [], {"H_Y_bits": [], "H_Y_given_X_bits": [], "I_XY_bits": [], "p_y": []}
         for i, t in enumerate(temps):
             beta = 1.0 / t
             lz_y, u_y, v_y = self._mode_moments(t)
@@ -267,6 +269,7 @@ class _Modes(_System):
             f = self.logits64(self._draw(y, t, rng))
             if ensemble == "joint":
                 hy = float(-(p * np.log(p)).sum())
+                extra["p_y"].append(p)
                 logpost = beta * f - logsumexp(beta * f, axis=1, keepdims=True)
                 hyx = float(-logpost[np.arange(len(y)), y].mean())
                 extra["H_Y_bits"].append(hy / LN2)

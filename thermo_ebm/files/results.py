@@ -224,6 +224,7 @@ VARIABLES = {
     "S": ("entropy (U - F) / T", "nats"), "C": ("heat capacity Var_T(E) / T^2", "nats"),
     "info_bits": ("information log Omega - S", "bits"),
     "H_Y_bits": ("label entropy H(Y) under p_T", "bits"),
+    "p_y": ("class share p_T(y) of the joint ensemble (the label marginal)", "1"),
     "H_Y_given_X_bits": ("conditional label entropy H(Y|X) under p_T", "bits"),
     "I_XY_bits": ("mutual information I(X;Y) under p_T", "bits"),
     "log_Z_reverse": ("log Z from reverse annealing of the sweep chains (cross-check, not a bound)", "nats"),

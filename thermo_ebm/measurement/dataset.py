@@ -39,6 +39,9 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
     xs = pooled.sweep.samples[:, : cfg.keep_samples][rev]
     sdims = ["temperature", "sample"] + [f"pixel_dim{i}" for i in range(len(p.shape))]
     data_vars["samples"] = (sdims, xs.astype(np.float32))
+    if th.p_y is not None:  # the class shares p_T(y), [T, K]
+        data_vars["p_y"] = (["temperature", "class"], th.p_y[0][rev])
+        data_vars["p_y_err"] = (["temperature", "class"], th.p_y[1][rev])
     if p.ens.kind == "joint":
         data_vars["sample_labels"] = (["temperature", "sample"], pooled.sweep.labels[:, : cfg.keep_samples][rev])
     energy_units = "T_train (multiply by T_train for the logits' units)" if p.units == "train" and p.t_train != 1.0 \
@@ -61,6 +64,8 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
         attrs["bridge_resamples_per_population"] = float(pooled.seeded.resampled.mean())
     coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref),
               "temperature_b": ("temperature_b", p.temps)}
+    if th.p_y is not None:
+        coords["class"] = np.arange(p.ens.n_classes)
     return annotate(xr.Dataset(data_vars, coords=coords, attrs=attrs), p.units, energy_units)
 
 

@@ -69,6 +69,7 @@ class Thermo:
     sweep_se: dict         # "U", "C" -> [T] the sweep chains' own SEs (without U_missed, C_missed)
     missed_carried: np.ndarray  # [T] replica ESS / R of the annealing weights' mass in the missed phase
     label_z: np.ndarray | None = None  # joint with data: `_label_mix_z`
+    p_y: tuple | None = None  # joint: p_T(y) and its SE, [T, K] each
 
 
 def _label_mix_z(blocks, ip, b_logw, b_p_y, n_replicas) -> np.ndarray:
@@ -90,7 +91,7 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     cfg, betas, ens = p.cfg, p.betas, p.ens
     n_t = len(betas)
     log_omega = ens.log_omega(p.d)
-    label_z = None
+    label_z, p_y = None, None
     # SMC: one replica per population (chains of a population share ancestors and are not independent)
     smc_run = cfg.engine == "smc"
     n_rep = cfg.smc_populations if smc_run else cfg.replicas
@@ -144,10 +145,13 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
         if seeded is None:
             hy = jackknife(blocks, h_y)
             ixy = jackknife(blocks, lambda m: h_y(m) - m[..., ih] / LN2)
+            shares = [jackknife(blocks, lambda m, y=y: m[..., ip.start + y]) for y in range(ens.n_classes)]
         else:  # p_T(y) from the data-seeded weights: phases the sweep chains rarely visit still count
             hy = label_entropy(b.logw, b.p_y, n_rep)
             ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
             label_z = _label_mix_z(blocks, ip, b.logw, b.p_y, n_rep)
+            shares = [weighted_mean(b.logw, b.p_y[..., y], n_rep) for y in range(ens.n_classes)]
+        p_y = (np.stack([v for v, _ in shares], -1), np.stack([e for _, e in shares], -1))
         out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
 
     # ---- cross-checks: the reverse direction, MBAR, consistency residuals, the two origins
@@ -183,7 +187,7 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     if not mbar_ok:
         diag["log_Z_mbar"] = (np.full(n_t, np.nan), np.full(n_t, np.nan))
     return Thermo(out, diag, fwd, rep, seeded, peak, tau, mbar_ok, {"log_Z": rep.cov, "C": C_cov}, sweep_se, carried,
-                  label_z)
+                  label_z, p_y)
 
 
 MBAR_GROUPS = 16  # independent chain groups whose MBAR estimates give the cross-check's SE

@@ -161,6 +161,24 @@ def peak_outside(ds) -> str:
     return "heat-capacity peak: none inside the temperature range"
 
 
+ONE_CLASS = 0.99  # a class share p_T(y) at or above which `show` says one class holds the joint ensemble
+
+
+def class_share_line(ds) -> str | None:
+    """Where one class holds the joint ensemble's mass (p_T(y) >= ONE_CLASS), the line that says so: H(Y), and
+    with it I(X;Y), is then ~0 however well the classifier separates the data. None elsewhere."""
+    share, top, temps = ds.p_y.values.max(1), ds.p_y.values.argmax(1), ds.temperature.values
+    one = share >= ONE_CLASS
+    if not one.any():
+        return None
+    ts = temps[one]
+    where = (", ".join(f"{t:g}" for t in ts) if len(ts) <= 6
+             else f"{ts[0]:g} to {ts[-1]:g} ({len(ts)} of {len(temps)} temperatures)")
+    cls = ", ".join(str(int(c)) for c in sorted(set(top[one])))
+    return (f"one class holds the joint ensemble (p_T(y) >= {ONE_CLASS} for class {cls}) at T = {where}: H(Y) and "
+            "I(X;Y) are ~0 there, since the model's samples are all of that class, however well it classifies data")
+
+
 def _flags(ds, i):
     return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
 
@@ -207,6 +225,11 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
             if neg:
                 lines.append("I_XY_bits below 0 at T = " + ", ".join(f"{t:g}" for t in neg) + ": H(Y) - H(Y|X) from two "
                              "estimators; I(X;Y) >= 0, so read these as 0 within their SEs")
+            if "p_y" in ds:
+                doc["groups"][name]["p_y"] = {"values": ds.p_y.values.tolist(), "se": ds.p_y_err.values.tolist()}
+                one = class_share_line(ds)
+                if one:
+                    lines.append(one)
             note = checkpoint_note(ds, path)
             if note:
                 lines.append(note)
