@@ -4,7 +4,7 @@ give held-out data, the held-out log-likelihood and T_ML), the z-scores
 unflagged |z| > 4 (a flag must name every quantity it affects). Prints a table and writes
 benchmarks/results/calibration.json.
 
-    python benchmarks/calibration.py [--seeds 30] [--systems gauss64,wells64,...] [--engine ais|smc]
+    python benchmarks/calibration.py [--seeds 30] [--first-seed 0] [--systems gauss64,wells64,...] [--engine ais|smc]
 
 Targets (issue #25): SD of z in [0.8, 1.25], |z| > 3 below 2%, no unflagged |z| > 4.
 """
@@ -40,6 +40,7 @@ N_HELDOUT = 500
 
 p = argparse.ArgumentParser()
 p.add_argument("--seeds", type=int, default=30)
+p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
 p.add_argument("--systems", default="gauss64,wells64,classgauss16,neural2d,rotated64,modeswitch16")
 p.add_argument("--engine", default="ais", choices=["ais", "smc"])
 p.add_argument("--populations", type=int, default=None, help="smc_populations (default: MeasureConfig's)")
@@ -83,7 +84,7 @@ for name in args.systems.split(","):
     system = make()
     exact = system.exact(temps, kind)
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
+    for i, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds)):
         data = system.sample(t_data, 1000, seed=seed)[0] if t_data is not None else None
         t_ho = HELDOUT.get(name)
         heldout = system.sample(t_ho, N_HELDOUT, seed=10_000 + seed) if t_ho is not None else None
@@ -110,8 +111,8 @@ for name in args.systems.split(","):
             z = (ds[q].values - exact[q]) / ds[q + "_err"].values
             rows += [dict(system=name, seed=seed, T=t, quantity=q, z=float(zz), flagged=bool(fl))
                      for t, zz, fl in zip(temps, z, flagged)]
-        write(out, rows, summary + summarise(name, rows, (time.perf_counter() - t0) / (seed + 1)),
-              {**{r["system"]: args.seeds for r in summary}, name: seed + 1})
+        write(out, rows, summary + summarise(name, rows, (time.perf_counter() - t0) / (i + 1)),
+              {**{r["system"]: args.seeds for r in summary}, name: i + 1})
     sec = (time.perf_counter() - t0) / args.seeds
     for s in summarise(name, rows, sec):
         summary.append(s)
