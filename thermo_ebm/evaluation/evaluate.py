@@ -23,10 +23,10 @@ from scipy import linalg, optimize
 from scipy.special import log_softmax, softmax
 
 from .. import distributed as dist
+from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
 from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from ..files.fileio import atomic_path
-from ..ensembles import Ensemble
 from ..files.results import annotate, file_sha256, provenance
 from ..measurement.likelihood import quick_t_ml
 
