@@ -58,7 +58,8 @@ def test_heavy_tail_flag_catches_a_starved_schedule_that_the_ess_misses(caplog):
     with caplog.at_level("WARNING", logger="thermo_ebm"):
         heavy, low_ess = flags(100)
     assert heavy >= 0.7 and heavy > low_ess, (heavy, low_ess)
-    hint = ("(affects log_Z, F, S, info_bits, log_lik): anneal longer (schedule 102 betas = max(ais_steps 100, "
+    hint = ("(affects all quantities (the sweep chains start from states drawn by these weights)): anneal longer "
+            "(schedule 102 betas = max(ais_steps 100, "
             "ais_steps_per_l2 0")
     assert hint in caplog.text
     heavy, _ = flags(400)

@@ -21,8 +21,8 @@ HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this ma
 AFFECTS = {
     "flag_nonfinite": "all quantities",
     "flag_low_acceptance": "all quantities",
-    "flag_low_ess": "log_Z, F, S, info_bits, log_lik",
-    "flag_heavy_tails": "log_Z, F, S, info_bits, log_lik",
+    "flag_low_ess": "all quantities (the sweep chains start from states drawn by these weights)",
+    "flag_heavy_tails": "all quantities (the sweep chains start from states drawn by these weights)",
     "flag_poor_mixing": "U, C, S, info_bits, T_ML and the joint information quantities",
     "flag_inconsistent": "U, C, S, info_bits, T_ML and the joint information quantities",
     "flag_hysteresis": "all quantities (a phase one origin did not reach)",
@@ -30,8 +30,8 @@ AFFECTS = {
     "flag_unconverged": "log_Z, F, S, info_bits, log_lik (and with data H_Y_bits, I_XY_bits)",
 }
 # the flags whose AFFECTS include C (`peak_flagged`)
-C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_poor_mixing", "flag_inconsistent", "flag_hysteresis",
-           "flag_rare_phase")
+C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
+           "flag_inconsistent", "flag_hysteresis", "flag_rare_phase")
 
 
 def too_few_effective(est: LogZ, n_chains: int, n_populations: int) -> np.ndarray:
@@ -126,15 +126,11 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
                                  "--bridge-chains) or sweep temperatures between the phases",
               "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
                                  "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
-    affects = dict(AFFECTS)
-    if th.from_data is not None and p.ens.kind == "joint":  # p_T(y) comes from the same weights as log Z
-        for name in ("flag_low_ess", "flag_heavy_tails"):
-            affects[name] += ", H_Y_bits, I_XY_bits"
     if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
         shift = th.reported.value - previous.value
         flags["flag_unconverged"] = np.abs(shift) > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)
         remedy["flag_unconverged"] = "doubling the schedules moved log Z beyond 4 SE (log_Z_shift); the estimate is still moving"
-    warnings = {name: warning_line(p, name, f, affects[name], remedy[name]) for name, f in flags.items() if np.any(f)}
+    warnings = {name: warning_line(p, name, f, AFFECTS[name], remedy[name]) for name, f in flags.items() if np.any(f)}
     extra = {"ess": rep.ess, "pareto_k": rep.k_hat, "ess_forward": th.forward.ess, "ais_accept": acc,
              **({"population_ess": rep.pop_ess} if rep.pop_ess is not None else {}),
              "accept": sw_acc, "tau_E": th.tau, "step_size": sw.step.mean(0), "missed_phase_replicas": th.missed_carried}
