@@ -77,6 +77,28 @@ def weighted_mean(logw, values, n_replicas: int):
     return est, replica_se(reps, logw, r, k)
 
 
+def class_mix_se(u, p_chain, logw, p_y, n_replicas: int):
+    """SE [T] that sweep-chain means u [T, C] inherit from the class mix of the annealing weights they were drawn
+    from, where chains keep their class: each chain's class is the argmax of its mean p_T(y | x), p_chain
+    [T, C, K]; each replica of the weights logw [T, N] (p_y [T, N, K]: p_T(y | x) of its chains) gives class shares
+    P_r, and sum_y P_r(y) ubar_y over the classes the chains hold (ubar_y: their mean u) varies between replicas as
+    the mix does. Returns the Kish replica SE of that sum (`replica_se`); the chains' own SE misses this part."""
+    n_t, _, k_cls = p_chain.shape
+    onehot = p_chain.argmax(-1)[..., None] == np.arange(k_cls)                       # [T, C, K]
+    n_k = onehot.sum(1)
+    held = n_k > 0
+    ubar = np.where(held, (onehot * u[..., None]).sum(1) / np.maximum(n_k, 1), 0.0)  # [T, K]
+    lw = np.where(np.isnan(logw), -np.inf, logw)
+    r, k = replica_split(lw.shape[-1], n_replicas)
+    lr = lw[:, :k].reshape(n_t, r, -1)
+    top = lr.max(-1, keepdims=True)
+    w = np.exp(lr - np.where(np.isfinite(top), top, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.einsum("trn,trnk->trk", w / w.sum(-1, keepdims=True), p_y[:, :k].reshape(n_t, r, -1, k_cls))
+        mix = (share * (held * ubar)[:, None]).sum(-1) / (share * held[:, None]).sum(-1)  # [T, R]
+    return replica_se(mix, lw, r, k)
+
+
 def weighted_heat(logw, u, m2, betas, n_replicas: int):
     """C = beta^2 (E_w[<E^2 | x>] - E_w[<E | x>]^2) from importance weights logw [T, N] and per-chain moments
     u, m2 [T, N] at betas [T]; SE from independent replicas (`replica_se`)."""

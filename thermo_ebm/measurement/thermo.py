@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..estimators import (delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
+from ..estimators import (class_mix_se, delta_log_mean_se, derivative, integrated_autocorr_time, jackknife, jackknife_cov,
                           label_entropy, log_mean_weight, logmeanexp, missed_phase, pareto_k, peak_position,
                           population_weights, weight_ess, weighted_heat, weighted_mean)
 from ..samplers.sweep import stat_names
@@ -116,6 +116,10 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     iu, im2 = names.index("u"), names.index("m2")
     U, U_sweep_se = jackknife(blocks, lambda m: m[..., iu])
     U, U_se = U + du, np.sqrt(U_sweep_se ** 2 + du_se ** 2)  # plus what the chains miss (zero when they miss nothing)
+    if b is not None and ens.kind == "joint":  # the chains start from the data-seeded weights' mix of classes
+        ih = names.index("h_y_given_x")
+        mix_se = class_mix_se(blocks[..., iu], blocks[..., ih + 1: ih + 1 + ens.n_classes], b.logw, b.p_y, n_rep)
+        U_se = np.sqrt(U_se ** 2 + np.nan_to_num(mix_se) ** 2)
 
     def heat(m):
         b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
@@ -151,7 +155,10 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
             ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
             label_z = _label_mix_z(blocks, ip, b.logw, b.p_y, n_rep)
             shares = [weighted_mean(b.logw, b.p_y[..., y], n_rep) for y in range(ens.n_classes)]
-        p_y = (np.stack([v for v, _ in shares], -1), np.stack([e for _, e in shares], -1))
+        # a share no chain (or no weight) resolves: the SE is at least one chain's part, 1 / (effective chains)
+        floor = 1.0 / (blocks.shape[1] if seeded is None else np.maximum(weight_ess(b.logw), 1.0))
+        p_y = (np.stack([v for v, _ in shares], -1), np.maximum(np.stack([e for _, e in shares], -1),
+                                                                 np.reshape(floor, (-1, 1))))
         out.update(H_Y_bits=hy, H_Y_given_X_bits=hyx, I_XY_bits=ixy)
 
     # ---- cross-checks: the reverse direction, MBAR, consistency residuals, the two origins
