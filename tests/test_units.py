@@ -299,8 +299,10 @@ def test_peak_se_is_calibrated_under_correlated_errors():
 def test_heat_capacity_peak_is_flagged_where_c_is():
     from thermo_ebm.measurement.flags import peak_flagged
     c = np.array([1.0, 2.0, 5.0, 2.0, 1.0, 0.5])
-    none = {"flag_poor_mixing": np.zeros(6, bool), "flag_low_ess": np.ones(6, bool)}  # low ESS does not touch C
+    none = {"flag_poor_mixing": np.zeros(6, bool), "flag_unconverged": np.ones(6, bool)}  # log Z only, not C
     assert not peak_flagged(c, none, 2.0)
+    # the sweep chains start from the weights' states: a low ESS there touches C too
+    assert peak_flagged(c, dict(none, flag_low_ess=np.array([0, 0, 1, 0, 0, 0], bool)), 2.0)
     near = dict(none, flag_poor_mixing=np.array([0, 0, 0, 1, 0, 0], bool))
     far = dict(none, flag_poor_mixing=np.array([0, 0, 0, 0, 1, 1], bool))
     assert peak_flagged(c, near, 2.0) and not peak_flagged(c, far, 2.0) and not peak_flagged(c, near, float("nan"))
