@@ -30,8 +30,7 @@ AFFECTS = {
     "flag_unconverged": "log_Z, F, S, info_bits, log_lik (and with data H_Y_bits, I_XY_bits)",
 }
 # the flags whose AFFECTS include C (`peak_flagged`)
-C_FLAGS = ("flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
-           "flag_inconsistent", "flag_hysteresis", "flag_rare_phase")
+C_FLAGS = tuple(n for n, text in AFFECTS.items() if text.startswith("all") or "C" in text.split(", "))
 
 
 def too_few_effective(est: LogZ, n_chains: int, n_populations: int) -> np.ndarray:

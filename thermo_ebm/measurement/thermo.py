@@ -72,16 +72,16 @@ class Thermo:
     p_y: tuple | None = None  # joint: p_T(y) and its SE, [T, K] each
 
 
-def _label_mix_z(blocks, ip, b_logw, b_p_y, n_replicas) -> np.ndarray:
+def _label_mix_z(blocks, ip, weighted) -> np.ndarray:
     """max over y of |p_T(y) of the sweep chains - p_T(y) of the data-seeded weights| / combined SE, per
     temperature [T]: the two disagree on how the mass splits between classes (a phase one of them mis-weighs).
-    The SE is at least 1 / (number of sweep chains), the finest share those chains can resolve (where every
-    chain and every weight sits in one class, both replica and jackknife SEs are 0)."""
+    weighted: per class y, (p_T(y), SE) [T] from the weights. The SE is at least 1 / (number of sweep chains), the
+    finest share those chains can resolve (where every chain and every weight sits in one class, both replica and
+    jackknife SEs are 0)."""
     floor = 1.0 / blocks.shape[1]
     z = []
-    for y in range(ip.stop - ip.start):
+    for y, (pw, pw_se) in enumerate(weighted):
         ps, ps_se = jackknife(blocks, lambda m: m[..., ip.start + y])
-        pw, pw_se = weighted_mean(b_logw, b_p_y[..., y], n_replicas)
         z.append(np.abs(ps - pw) / np.maximum(np.sqrt(ps_se ** 2 + pw_se ** 2), floor))
     return np.max(z, axis=0)
 
@@ -153,8 +153,8 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
         else:  # p_T(y) from the data-seeded weights: phases the sweep chains rarely visit still count
             hy = label_entropy(b.logw, b.p_y, n_rep)
             ixy = (hy[0] - hyx[0], np.sqrt(hy[1] ** 2 + hyx[1] ** 2))
-            label_z = _label_mix_z(blocks, ip, b.logw, b.p_y, n_rep)
             shares = [weighted_mean(b.logw, b.p_y[..., y], n_rep) for y in range(ens.n_classes)]
+            label_z = _label_mix_z(blocks, ip, shares)
         # a share no chain (or no weight) resolves: the SE is at least one chain's part, 1 / (effective chains)
         floor = 1.0 / (blocks.shape[1] if seeded is None else np.maximum(weight_ess(b.logw), 1.0))
         p_y = (np.stack([v for v, _ in shares], -1), np.maximum(np.stack([e for _, e in shares], -1),
