@@ -248,10 +248,14 @@ def test_label_mix_check_compares_sweep_and_weights_on_arrays():
         return q / q.sum(-1, keepdims=True)
     blocks = np.concatenate([rng.standard_normal((1, n, 3)), noisy(n)[None]], -1)  # u, m2, h_y|x, p_0..p_3
     ip = slice(3, 3 + k)
+    from thermo_ebm.estimators import weighted_mean
+
+    def shares(p_y):  # the weights' per-class shares with SEs, as thermodynamics computes them for p_y
+        return [weighted_mean(np.zeros((1, 128)), p_y[..., y], 16) for y in range(k)]
     same = noisy(128)[None]
-    assert _label_mix_z(blocks, ip, np.zeros((1, 128)), same, 16)[0] < 4
+    assert _label_mix_z(blocks, ip, shares(same))[0] < 4
     other = same[..., [3, 1, 2, 0]]  # class 0's mass moved to class 3
-    assert _label_mix_z(blocks, ip, np.zeros((1, 128)), other, 16)[0] > 20
+    assert _label_mix_z(blocks, ip, shares(other))[0] > 20
 
 
 def test_scale_hint_when_every_temperature_is_flagged():
