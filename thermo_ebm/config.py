@@ -133,7 +133,8 @@ class MeasureConfig:
     data_refs: int = 64         # kernel centres per temperature seeded from data (as many from forward AIS)
     gauss_refs: int = 256       # data-seeded pilot chains per temperature fitting the base's Gaussian
     reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
-    bridge_chains: int = 128    # chains per temperature annealed from the base (the reported log Z)
+    bridge_chains: int = 512    # chains per temperature annealed from the base (the reported log Z), in `replicas`
+                                # populations (32 each: 8 cannot carry the split between classes at d = 784)
     bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
     max_bridge_steps: int | None = None  # most lambdas of that anneal (None: no cap; a capped path raises flag_low_ess)
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
