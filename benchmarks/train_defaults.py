@@ -1,6 +1,7 @@
 """The search behind `train`'s MNIST defaults: settings tried, held-out accuracy, ECE, wall time, and the sample
-figures of issue #26 (MNIST-feature Fréchet distance of the replay buffer and of 10,000-step chains at T_train
-started from it; their ratio is the long-run check). Writes benchmarks/results/train_defaults.json.
+figures of issue #26 (T_ML / T_train from held-out-seeded chains; MNIST-feature Fréchet distance of the replay
+buffer and of 10,000-step chains at T_train started from it, whose ratio is the long-run check). Writes
+benchmarks/results/train_defaults.json.
 
     python benchmarks/train_defaults.py --data-dir ../shared/data                 # train + eval every trial
     python benchmarks/train_defaults.py --collect results/ --data-dir ../shared/data  # tabulate runs already made
@@ -29,6 +30,8 @@ TRIALS = {
     "hyb_reg0": {"reg": 0.001},
     "je_r001_lr3": {"reg": 0.001, "lr": 3e-4, "lr_schedule": "cosine"},
     "je_r003_cos": {"reg": 0.003, "lr_schedule": "cosine"},
+    "je_T0.01": {"sgld_noise": 0.0316},                      # a colder sampler: T_train = 0.01
+    "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
 }
 
 
@@ -45,7 +48,16 @@ def row(name, settings, res):
                 epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),
                 ece=float(ev.ece), ece_err=float(ev.ece_err), t_cal_raw=float(ev.t_cal),
                 T_train=float(tr.attrs["training_temperature"]), train_seconds=float(tr.seconds.values[-1]),
-                buffer_frechet=buf, long_run_frechet=long, long_run_ratio=long / buf if buf else float("nan"))
+                buffer_frechet=buf, long_run_frechet=long, long_run_ratio=long / buf if buf else float("nan"),
+                T_ML_over_T_train=float(tr.attrs.get("T_ML_quick", float("nan"))),
+                T_ML_over_T_train_err=float(tr.attrs.get("T_ML_quick_err", float("nan"))),
+                T_ML_side=str(tr.attrs.get("T_ML_quick_side", "not estimated")))
+
+
+def t_ml(r):
+    """T_ML / T_train as the quick estimate gives it: a value with its SE, or the side of 0.25-4 it lies on."""
+    return {"inside": f"{r['T_ML_over_T_train']:.3g} ± {r['T_ML_over_T_train_err']:.2g}", "below": "< 0.25",
+            "above": "> 4"}.get(r["T_ML_side"], r["T_ML_side"])
 
 
 p = argparse.ArgumentParser()
@@ -74,7 +86,7 @@ for name in names:
     rows.append(r)
     print(f"{name:<14} acc {r['heldout_acc']:.4f}  ECE {r['ece']:.3f}  T_train {r['T_train']:.3g}  "
           f"train {r['train_seconds']:.0f} s  Fréchet buffer {r['buffer_frechet']:.0f} long-run {r['long_run_frechet']:.0f} "
-          f"(x{r['long_run_ratio']:.2f})  {settings}", flush=True)
+          f"(x{r['long_run_ratio']:.2f})  T_ML/T_train {t_ml(r)}  {settings}", flush=True)
 Path(args.out).parent.mkdir(exist_ok=True)
 Path(args.out).write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, "
                                           f"{torch.get_num_threads()} threads", rows=rows), indent=1))
