@@ -16,7 +16,7 @@ $(BIN)/thermo-ebm: pyproject.toml
 venv: $(BIN)/thermo-ebm
 
 test: venv
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --durations=15
 
 demo: venv
 	$(BIN)/thermo-ebm train --name demo --objective j_ebm --dataset digits --epochs 15 --buffer-size 1000 \
