@@ -352,7 +352,8 @@ def test_non_separable_784_dimensional_system_with_data():
     temps = [0.5, 1.0, 2.0]
     exact = system.exact(temps)
     ds = measure(system, temps, data=system.sample(0.5, 2000, seed=3), device="cpu", seed=5, ais_chains=64,
-                 replicas=8, crosscheck_steps=2000, chains=32, burn_in=200, samples=500, reverse_steps=100)
+                 replicas=8, crosscheck_steps=2000, chains=32, burn_in=200, samples=500, reverse_steps=100,
+                 bridge_chains=128)
     flagged = np.any([ds[f].values for f in FLAGS], axis=0)
     for key, value in exact.items():
         z = _z(ds, key, value)
