@@ -53,6 +53,18 @@ def replica_weights(logw, r: int, k: int, mask=None):
     return w.reshape(len(logw), r, -1).sum(-1)
 
 
+def replica_means(logw, values, r: int, k: int):
+    """Each replica's self-normalised weighted mean [T, R, ...] of values [T, N, ...] under logw [T, N] (the
+    replicas of `replica_weights`), each on its own weight scale so that every replica with weight has a value."""
+    lr = logw[:, :k].reshape(len(logw), r, -1)
+    top = lr.max(-1, keepdims=True)
+    w = np.exp(lr - np.where(np.isfinite(top), top, 0.0))
+    vr = values[:, :k].reshape(len(logw), r, -1, *values.shape[2:])
+    w = w.reshape(w.shape + (1,) * (vr.ndim - 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * vr).sum(2) / w.sum(2)
+
+
 def replica_se(reps, logw, r: int, k: int):
     """SE [T] of a self-normalised estimate from its R replicas' values reps [T, R] (`replica_weights`' groups of
     logw [T, N]): the replicas' spread times sqrt(sum of squared weight shares) (Kish). Equal shares give
@@ -71,10 +83,7 @@ def weighted_mean(logw, values, n_replicas: int):
     w = np.exp(logw - logw.max(-1, keepdims=True))
     est = (w * values).sum(-1) / w.sum(-1)
     r, k = replica_split(logw.shape[-1], n_replicas)
-    lr, vr = logw[:, :k].reshape(len(w), r, -1), values[:, :k].reshape(len(w), r, -1)
-    wr = np.exp(lr - lr.max(-1, keepdims=True))  # each replica's own scale: every replica has a value
-    reps = (wr * vr).sum(-1) / wr.sum(-1)
-    return est, replica_se(reps, logw, r, k)
+    return est, replica_se(replica_means(logw, values, r, k), logw, r, k)
 
 
 def class_mix_se(u, p_chain, logw, p_y, n_replicas: int):
@@ -83,18 +92,15 @@ def class_mix_se(u, p_chain, logw, p_y, n_replicas: int):
     [T, C, K]; each replica of the weights logw [T, N] (p_y [T, N, K]: p_T(y | x) of its chains) gives class shares
     P_r, and sum_y P_r(y) ubar_y over the classes the chains hold (ubar_y: their mean u) varies between replicas as
     the mix does. Returns the Kish replica SE of that sum (`replica_se`); the chains' own SE misses this part."""
-    n_t, _, k_cls = p_chain.shape
+    k_cls = p_chain.shape[-1]
     onehot = p_chain.argmax(-1)[..., None] == np.arange(k_cls)                       # [T, C, K]
     n_k = onehot.sum(1)
     held = n_k > 0
     ubar = np.where(held, (onehot * u[..., None]).sum(1) / np.maximum(n_k, 1), 0.0)  # [T, K]
     lw = np.where(np.isnan(logw), -np.inf, logw)
     r, k = replica_split(lw.shape[-1], n_replicas)
-    lr = lw[:, :k].reshape(n_t, r, -1)
-    top = lr.max(-1, keepdims=True)
-    w = np.exp(lr - np.where(np.isfinite(top), top, 0.0))
+    share = replica_means(lw, p_y, r, k)                                                # [T, R, K]
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.einsum("trn,trnk->trk", w / w.sum(-1, keepdims=True), p_y[:, :k].reshape(n_t, r, -1, k_cls))
         mix = (share * (held * ubar)[:, None]).sum(-1) / (share * held[:, None]).sum(-1)  # [T, R]
     return replica_se(mix, lw, r, k)
 
