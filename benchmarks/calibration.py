@@ -4,7 +4,7 @@ give held-out data, the held-out log-likelihood and T_ML), the z-scores
 unflagged |z| > 4 (a flag must name every quantity it affects). Prints a table and writes
 benchmarks/results/calibration.json.
 
-    python benchmarks/calibration.py [--seeds 30] [--first-seed 0] [--systems gauss64,wells64,...] [--engine ais|smc]
+    python benchmarks/calibration.py [--seeds 30] [--first-seed 0] [--systems gauss64,wells64,...] [--engine ais|smc] [--device cuda]
 
 Targets (issue #25): SD of z in [0.8, 1.25], |z| > 3 below 2%, no unflagged |z| > 4.
 """
@@ -45,6 +45,7 @@ p.add_argument("--systems", default="gauss64,wells64,classgauss16,neural2d,rotat
 p.add_argument("--engine", default="ais", choices=["ais", "smc"])
 p.add_argument("--populations", type=int, default=None, help="smc_populations (default: MeasureConfig's)")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--device", default="cpu", help="cpu or cuda")
 p.add_argument("--budget", default="", help="extra MeasureConfig fields, e.g. bridge_chains=512,smc_chains=2048")
 p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
 args = p.parse_args()
@@ -72,7 +73,8 @@ def summarise(name, rows, sec):
 def write(out, rows, summary, seeds_done):
     """The results so far (rewritten after every seed, so that a long run keeps what it has done)."""
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+    out.write_text(json.dumps(dict(date=str(date.today()), machine=(torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                                            f"{platform.machine()}, {torch.get_num_threads()} threads"),
                                    engine=args.engine, seeds=args.seeds, seeds_done=seeds_done, **extra,
                                    summary=summary, rows=rows), indent=1))
 
@@ -88,7 +90,7 @@ for name in args.systems.split(","):
         data = system.sample(t_data, 1000, seed=seed)[0] if t_data is not None else None
         t_ho = HELDOUT.get(name)
         heldout = system.sample(t_ho, N_HELDOUT, seed=10_000 + seed) if t_ho is not None else None
-        ds = measure(system, temps, ensemble=kind, data=data, heldout=heldout, device="cpu", seed=seed,
+        ds = measure(system, temps, ensemble=kind, data=data, heldout=heldout, device=args.device, seed=seed,
                      engine=args.engine, **extra)
         if t_ho is not None:
             u0 = system.exact([t_ho], kind)["U"][0]
