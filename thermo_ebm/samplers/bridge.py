@@ -23,11 +23,12 @@ import torch
 from ..estimators import thermodynamic_length
 from ..progress import progress_bar
 from .base import KernelBase
-from .gaussians import fit
+from .gaussians import directions, fit
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
 from .paths import Bridge, mala_move, per_chain, resample, reweight, weighted_pick
 
 COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
+DATA_STATES = 4096  # most data states whose principal directions the fitted mixture uses
 
 
 @dataclass
@@ -79,15 +80,29 @@ def references(s: Sampler, data, forward: MalaState, betas, step0, *, n_data, n_
             snaps.append(state.x.reshape(g, m, d)[:, :n_seed].clone())
             labels.append(state.logits.reshape(g, m, -1)[:, :n_seed].argmax(-1))
     n = n_steps - half
+    known = _data_directions(s, data, state.logits.shape[-1])
     mean = s1 / n
     var = (s2 / n - mean * mean).clamp_min(0.0) * n / max(n - 1, 1)
     keep = torch.cat([torch.arange(n_data), torch.arange(n_seed, m)]).to(s.device)
     sig = torch.cat([var[:, :n_seed].mean(1, keepdim=True).sqrt().expand(g, n_data, d),
                      var[:, n_seed:].mean(1, keepdim=True).sqrt().expand(g, n_f, d)], 1)
     n_snap, snaps, labels = len(snaps), torch.cat(snaps, 1), torch.cat(labels, 1)
-    gauss = (fit(snaps, labels, state.logits.shape[-1], per_chain=n_snap),
-             fit(snaps, torch.zeros_like(labels), 1, per_chain=n_snap, full=n_seed >= d))
+    gauss = (fit(snaps, labels, state.logits.shape[-1], per_chain=n_snap, known=known[0]),
+             fit(snaps, torch.zeros_like(labels), 1, per_chain=n_snap, full=n_seed >= d, known=known[1]))
     return References(mean[:, keep], sig, step_t.cpu().numpy().astype(np.float64), gauss)
+
+
+def _data_directions(s: Sampler, data, n_labels):
+    """Principal directions of (at most DATA_STATES of) the data: per class the model predicts [K, D, r], and pooled
+    [1, D, r] (`gaussians.directions`). The data are independent states, so they resolve the slow directions of
+    each mode that the pilot's few, correlated chains cannot; `fit` takes the variance along them from the pilot."""
+    n = min(DATA_STATES, data.shape[0])
+    idx = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+    x = data[idx].to(s.device).reshape(n, *s.shape)
+    with torch.no_grad():
+        labels = torch.cat([s.model(b).argmax(-1) for b in x.split(1024)])
+    flat = x.reshape(n, -1)
+    return directions(flat, labels, n_labels), directions(flat, torch.zeros_like(labels), 1)
 
 
 @dataclass

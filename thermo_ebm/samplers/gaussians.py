@@ -75,7 +75,37 @@ class GaussMixture:
                 + (w @ zr[..., None])[..., 0])
 
 
-def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, full: bool = False) -> GaussMixture:
+def directions(states, labels, n_labels: int, rank: int = RANK):
+    """Principal directions [C, D, r] per label of independent states [S, D] (e.g. the data), each kept when its
+    variance exceeds the Marchenko-Pastur edge of pure noise (`fit`); zero columns where fewer are resolved.
+    Independent states resolve far more directions than a pilot's correlated chains: at D = 784 the edge of n
+    states is (1 + sqrt(D / n))^2 times the rest, about 42 for the 26 chains a pilot has per class."""
+    states = states.double()
+    out = torch.zeros(n_labels, states.shape[-1], rank, dtype=states.dtype, device=states.device)
+    for c in range(n_labels):
+        xs = states[labels == c]
+        if len(xs) >= MIN_STATES:
+            v, k = _principal(xs - xs.mean(0), rank, 1, False)
+            out[c, :, :k] = v[:, :k]
+    return out
+
+
+def _principal(u, rank, per_chain, full):
+    """Orthonormal principal directions [D, rank] of centred states u [n, D] and how many of them are resolved
+    (above the Marchenko-Pastur edge of n / per_chain independent states; all of them when full)."""
+    n, d = u.shape
+    var = (u * u).sum(0) / (n - 1)
+    _, sv, vt = torch.linalg.svd(u, full_matrices=False)
+    lam = sv[:rank] ** 2 / (n - 1)
+    edge = (1.0 + math.sqrt(d * per_chain / n)) ** 2
+    k = len(lam) if full else 0
+    while k < len(lam) and lam[k] > edge * (var.sum() - lam[:k + 1].sum()) / (d - k - 1):
+        k += 1
+    return vt[:len(lam)].T, k
+
+
+def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, full: bool = False,
+        known=None) -> GaussMixture:
     """A component per label with at least MIN_STATES states (all states in one component when none has): the
     mean, per-coordinate variances on the diagonal, and the principal directions the states resolve. A direction
     is kept (at most `rank`) when its variance lambda exceeds the detection edge of pure noise,
@@ -83,8 +113,10 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, ful
     once), and enters W with the excess lambda - rest (rest: the mean variance the kept directions leave), so
     that noise does not widen the base in directions the target does not have; the diagonal keeps what W does
     not explain (at least VAR_FLOOR of each coordinate's variance, and 1e-6). full: the sample covariance itself
-    (every direction, 1e-6 on the diagonal), for when the chains outnumber the coordinates. states: [G, S, D];
-    labels: [G, S] in [0, n_labels)."""
+    (every direction, 1e-6 on the diagonal), for when the chains outnumber the coordinates. known: directions
+    [C, D, r'] resolved elsewhere (`directions` of the data): the states' variance along each of them (a
+    one-dimensional estimate, free of the edge) enters W with its excess over the rest, beside the states' own
+    directions orthogonal to them. states: [G, S, D]; labels: [G, S] in [0, n_labels)."""
     if full:
         rank = states.shape[-1]
     states = states.double()
@@ -105,14 +137,15 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, ful
             m = xs.mean(0)
             u = xs - m
             var = (u * u).sum(0) / (len(xs) - 1)
-            _, sv, vt = torch.linalg.svd(u, full_matrices=False)
-            lam = sv[:rank] ** 2 / (len(xs) - 1)
-            edge = (1.0 + math.sqrt(d * per_chain / len(xs))) ** 2
-            k = len(lam) if full else 0
-            while k < len(lam) and lam[k] > edge * (var.sum() - lam[:k + 1].sum()) / (d - k - 1):
-                k += 1
-            rest = 0.0 if full else (var.sum() - lam[:k].sum()) / (d - k)
-            w = vt[:k].T * (lam[:k] - rest).clamp_min(0.0).sqrt()                         # [D, k]
+            v = torch.zeros(d, 0, dtype=u.dtype, device=u.device)
+            if known is not None and c < len(known):
+                v = known[c][:, known[c].abs().sum(0) > 0].to(u)                         # [D, k0] orthonormal
+            own, k = _principal(u - (u @ v) @ v.T, rank - v.shape[1], per_chain, full)
+            v = torch.cat([v, own[:, :k]], 1)
+            k = v.shape[1]
+            lam = ((u @ v) ** 2).sum(0) / (len(xs) - 1)                                    # variance along each
+            rest = 0.0 if full else (var.sum() - lam.sum()) / (d - k)
+            w = v * (lam - rest).clamp_min(0.0).sqrt()                                     # [D, k]
             mean[t, c], weights[t, c] = m, float(len(xs))
             factor[t, c, :, :k] = w
             kept = max(kept, k)
