@@ -204,6 +204,7 @@ def test_fit_takes_the_variance_along_directions_the_data_resolve():
     assert np.all(alone < 0.2), alone
     # 60 states: a variance's relative SE is sqrt(2 / 59) = 0.18; the data's directions are ~99% aligned
     assert np.all(np.abs(informed - 1) < 4 * np.sqrt(2 / 59)), informed
+    assert fit(states, labels, 1, per_chain=10, rank=2, known=known).factor.shape[-1] == 2  # at most `rank` directions
 
 
 def test_kernel_base_is_an_exact_normalised_density():

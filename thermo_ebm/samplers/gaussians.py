@@ -139,7 +139,7 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, ful
             var = (u * u).sum(0) / (len(xs) - 1)
             v = torch.zeros(d, 0, dtype=u.dtype, device=u.device)
             if known is not None and c < len(known):
-                v = known[c][:, known[c].abs().sum(0) > 0].to(u)                         # [D, k0] orthonormal
+                v = known[c][:, known[c].abs().sum(0) > 0][:, :rank].to(u)               # [D, k0] orthonormal
             own, k = _principal(u - (u @ v) @ v.T, rank - v.shape[1], per_chain, full)
             v = torch.cat([v, own[:, :k]], 1)
             k = v.shape[1]
