@@ -116,7 +116,7 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, ful
     (every direction, 1e-6 on the diagonal), for when the chains outnumber the coordinates. known: directions
     [C, D, r'] resolved elsewhere (`directions` of the data): the states' variance along each of them (a
     one-dimensional estimate, free of the edge) enters W with its excess over the rest, beside the states' own
-    directions orthogonal to them. states: [G, S, D]; labels: [G, S] in [0, n_labels)."""
+    directions orthogonal to them (ignored when full). states: [G, S, D]; labels: [G, S] in [0, n_labels)."""
     if full:
         rank = states.shape[-1]
     states = states.double()
@@ -138,7 +138,7 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, ful
             u = xs - m
             var = (u * u).sum(0) / (len(xs) - 1)
             v = torch.zeros(d, 0, dtype=u.dtype, device=u.device)
-            if known is not None and c < len(known):
+            if known is not None and c < len(known) and not full:  # full: the sample covariance already is
                 v = known[c][:, known[c].abs().sum(0) > 0][:, :rank].to(u)               # [D, k0] orthonormal
             own, k = _principal(u - (u @ v) @ v.T, rank - v.shape[1], per_chain, full)
             v = torch.cat([v, own[:, :k]], 1)
