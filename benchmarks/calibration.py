@@ -5,6 +5,7 @@ unflagged |z| > 4 (a flag must name every quantity it affects). Prints a table a
 benchmarks/results/calibration.json.
 
     python benchmarks/calibration.py [--seeds 30] [--first-seed 0] [--systems gauss64,wells64,...] [--engine ais|smc] [--device cuda]
+    python benchmarks/calibration.py --merge part0.json part1.json ... --out all.json   (seeds run in parallel)
 
 Targets (issue #25): SD of z in [0.8, 1.25], |z| > 3 below 2%, no unflagged |z| > 4.
 """
@@ -48,6 +49,7 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--device", default="cpu", help="cpu or cuda")
 p.add_argument("--budget", default="", help="extra MeasureConfig fields, e.g. bridge_chains=512,smc_chains=2048")
 p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
+p.add_argument("--merge", nargs="+", default=None, help="result files of disjoint seeds to pool (nothing is run)")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 extra = {} if args.populations is None else {"smc_populations": args.populations}
@@ -79,7 +81,36 @@ def write(out, rows, summary, seeds_done):
                                    summary=summary, rows=rows), indent=1))
 
 
+def merge(files, out):
+    """Pool the rows of result files of disjoint seeds (e.g. parallel runs) and summarise them again."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    rows = [r for d in parts for r in d["rows"]]
+    keys = [(r["system"], r["seed"], r["T"], r["quantity"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("the files share seeds: pool disjoint runs only")
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    secs = {n: np.mean([s["seconds_per_run"] for d in parts for s in d["summary"] if s["system"] == n] or [np.nan])
+            for n in names}
+    done = {n: len({r["seed"] for r in rows if r["system"] == n}) for n in names}
+    engines = {d["engine"] for d in parts}
+    extras = {k: v for d in parts for k, v in d.items()
+              if k not in ("date", "machine", "engine", "seeds", "seeds_done", "summary", "rows")}
+    out.write_text(json.dumps(dict(date=str(date.today()), machine=" + ".join(dict.fromkeys(d["machine"] for d in parts)),
+                                   engine=" + ".join(sorted(engines)), seeds=max(done.values()), seeds_done=done,
+                                   parts=[str(f) for f in files], **extras,
+                                   summary=[s for n in names for s in summarise(n, rows, float(secs[n]))], rows=rows),
+                              indent=1))
+    for s in json.loads(out.read_text())["summary"]:
+        print(f"{s['system']:<14}{s['quantity']:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
+              f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
+              f"flagged {100 * s['frac_flagged']:.0f}%")
+    print("->", out)
+
+
 out = Path(args.out)
+if args.merge:
+    merge(args.merge, out)
+    raise SystemExit(0)
 rows, summary = [], []
 for name in args.systems.split(","):
     make, kind, temps, t_data = SYSTEMS[name]

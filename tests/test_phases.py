@@ -242,7 +242,7 @@ def test_bridge_from_the_exact_target_has_zero_variance_weights():
     base = KernelBase(mu, sig, torch.tensor([[1 - 1e-12, 1e-12]] * 2))
     lam = np.repeat(np.linspace(0, 1, 21)[:, None], 2, 1)
     s = Sampler(system, Ensemble("marginal", 1), (8,), torch.Generator().manual_seed(0), "cpu")
-    res = run_bridge(s, base, betas, lam, np.full_like(lam, 0.2), n_chains=64, n_keep=4, pop=8)
+    res = run_bridge(s, base, betas, lam, np.full_like(lam, 0.2), np.ones_like(lam), n_chains=64, n_keep=4, pop=8)
     np.testing.assert_allclose(res.logw.numpy(), system.exact(1 / betas)["log_Z"][:, None].repeat(64, 1), atol=2e-4)
 
 

@@ -49,6 +49,38 @@ def test_hmc_move_keeps_a_box_truncated_target():
     assert (p.x.abs() <= 1).all()
 
 
+def test_subspace_move_keeps_a_multimodal_target_on_the_box():
+    """Exact draws of four modes pressing on the walls (joint ensemble, d = 6), moved 40 times along per-class
+    random directions (the class the model predicts picks them): the mean energy and the classes' shares stay
+    exact, and the chains move. Leaving the box, or the class, must be rejected for this to hold."""
+    from thermo_ebm.samplers.gaussians import GaussMixture
+    from thermo_ebm.samplers.subspace import factors, subspace_move
+    system = ModeSwitch(6, s_wide=0.5, s_narrow=0.2, corner=0.6, n_exact=20_000)
+    ens = Ensemble("joint", system.k)
+    g = torch.Generator().manual_seed(3)
+    path = paths.Tempering(Sampler(system, ens, system.shape, g, "cpu"))
+    n, d, r = 4000, 6, 3
+    x, _ = system.sample(1.0, n, seed=4)
+    p = path.evaluate(x)
+    q = torch.linalg.qr(torch.randn(system.k, d, r, generator=g, dtype=torch.float64))[0]
+    mix = GaussMixture(torch.full((1, system.k), 0.25, dtype=torch.float64), torch.zeros(1, system.k, d,
+                       dtype=torch.float64), torch.full((1, system.k, d), 1e-2, dtype=torch.float64), 0.4 * q[None])
+    dirs = factors(mix)
+    lam = torch.ones(n, dtype=torch.float64)
+    x0, acc = p.x.clone(), []
+    for _ in range(40):
+        p, info = subspace_move(path, p, lam, torch.full((n,), 0.8), dirs, g)
+        acc.append(info.accepted.float().mean().item())
+    e = path.energy(p, lam)[0].numpy()
+    exact = system.exact([1.0])
+    shares = np.bincount(p.logits.argmax(-1).numpy(), minlength=system.k) / n
+    assert 0.2 < np.mean(acc) < 0.9, np.mean(acc)
+    assert abs(e.mean() - exact["U"][0]) < 4 * e.std() / np.sqrt(n), (e.mean(), exact["U"][0])
+    p_y = exact["p_y"][0]
+    assert np.all(np.abs(shares - p_y) < 4 * np.sqrt(p_y * (1 - p_y) / n) + 1e-3), (shares, p_y)
+    assert (p.x - x0).norm(dim=-1).mean() > 0.3 and (p.x.abs() <= 1).all()
+
+
 @pytest.mark.parametrize("make, kind", [
     (lambda: TruncatedGaussian(64), "marginal"),
     (lambda: DoubleWells(64), "marginal"),

@@ -123,11 +123,11 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
     if cfg.max_bridge_steps is not None:  # under-annealed where the rule asks for more (flags.bridge_capped)
         n_steps = min(n_steps, max(cfg.max_bridge_steps, cfg.bridge_steps))
-    lam, steps = bridge.bridge_schedule(bt, n_steps)
+    lam, steps, sub = bridge.bridge_schedule(bt, n_steps)
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
     n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
     pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
-    res = bridge.run_bridge(s, base, p.betas, lam, steps, n_chains=cfg.bridge_chains // cfg.shards,
+    res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_chains=cfg.bridge_chains // cfg.shards,
                             n_keep=cfg.chains // cfg.shards, pop=pop)
     out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
                        res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],

@@ -10,7 +10,8 @@ instead of leaving the estimate to one lucky weight. Pipeline, in this order:
 `references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
 (pilot anneal: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
 spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal: reweight -> resample -> move,
-one reflected-MALA step `paths.mala_move` per lambda).
+per lambda one reflected-MALA step `paths.mala_move` and one MALA step along the fitted mixture's principal
+directions of the chain's class, `subspace.subspace_move`).
 Chains are laid out [G, n] (G groups = ascending sweep betas) and flattened to [G * n].
 """
 from __future__ import annotations
@@ -26,8 +27,10 @@ from .base import KernelBase
 from .gaussians import directions, fit
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
 from .paths import Bridge, mala_move, per_chain, resample, reweight, weighted_pick
+from .subspace import factors, subspace_move
 
 COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
+SUB_STEP = (1e-3, 4.0)  # bounds of the subspace move's step, in units of the component's SD along a direction
 DATA_STATES = 4096  # most data states whose principal directions the fitted mixture uses
 
 
@@ -105,11 +108,21 @@ def _data_directions(s: Sampler, data, n_labels):
     return directions(flat, labels, n_labels), directions(flat, torch.zeros_like(labels), 1)
 
 
+def _directions(base: KernelBase):
+    """The per-class fitted mixture's scaled directions for `subspace_move`, or None where it resolved none (the
+    move would stand still: no evaluation is spent on it)."""
+    if not base.gauss:
+        return None
+    dirs = factors(base.gauss[0])
+    return dirs if bool(dirs.lf.abs().sum() > 0) else None
+
+
 @dataclass
 class BridgeTuning:
     """The pilot of the data-seeded anneal: lambdas, step sizes, the path metric and population shares."""
     lambdas: np.ndarray    # [P] pilot lambdas from 0 to 1
-    log_step: np.ndarray   # [P, G] tuned log step sizes
+    log_step: np.ndarray   # [P, G] tuned log step sizes (reflected MALA)
+    log_sub: np.ndarray    # [P, G] tuned log step sizes of the subspace move
     var: np.ndarray        # [P, G] Var_pi_lambda(log g - log q) (pilot chains weighted by their AIS weights)
     shares: np.ndarray     # [G, C] share of the pilot's Z estimate delivered by chains from each population
 
@@ -125,6 +138,8 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
     chains started where the target has no mass (most uniform draws at low T) would otherwise dominate it.
     population: [M + 1] population index of each mixture component (for `shares`)."""
     g = base.groups
+    dirs = _directions(base)
+    sub_t = torch.ones(g, device=s.device)
     lambdas = np.unique(np.concatenate([[0.0], np.geomspace(1e-4, 1.0, n_stages)]))
     path = Bridge(s, base, betas, n_chains)
     x, lw0, comp = path.start(g * n_chains, s.generator, s.device)
@@ -132,7 +147,7 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=s.device).clamp(MIN_STEP, MAX_STEP)
     logw = lw0.reshape(g, n_chains).clone()
     origin = comp  # the base component each chain descends from
-    steps, var = [], []
+    steps, subs, var = [], [], []
     prev = torch.zeros(g * n_chains, dtype=torch.float64, device=s.device)
     for lam in progress_bar(lambdas, desc="tune bridge", enabled=s.progress):
         lam_t = torch.full((g * n_chains,), float(lam), dtype=torch.float64, device=s.device)
@@ -149,26 +164,32 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
         for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
             p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), s.generator, s.kernel)
             step_t = adapt_step(step_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1))
+            if dirs is not None:
+                p, info = subspace_move(path, p, lam_t, sub_t.repeat_interleave(n_chains), dirs, s.generator)
+                sub_t = adapt_step(sub_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1), *SUB_STEP)
         steps.append(step_t.clone())
+        subs.append(sub_t.clone())
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
+    log_sub = torch.log(torch.stack(subs)).cpu().numpy().astype(np.float64)
     pop = torch.as_tensor(population, device=s.device)[origin].reshape(g, n_chains)  # w: the final weights
     n_pop = int(max(population)) + 1
     shares = torch.stack([(w * (pop == j)).sum(1) for j in range(n_pop)], 1)
-    return BridgeTuning(lambdas, log_step, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
+    return BridgeTuning(lambdas, log_step, log_sub, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
 
 
 def bridge_schedule(tuning: BridgeTuning, n_steps: int):
     """Per-group lambdas [n_steps + 1, G], equally spaced in that group's thermodynamic length, and the
-    pilot's step sizes interpolated to them (frozen)."""
+    pilot's step sizes of both moves interpolated to them (frozen): (lam, step, sub) [n_steps + 1, G] each."""
     L = tuning.length()
     g = L.shape[1]
     lam = np.empty((n_steps + 1, g))
-    step = np.empty_like(lam)
+    step, sub = np.empty_like(lam), np.empty_like(lam)
     for t in range(g):
         lam[:, t] = np.interp(np.linspace(0.0, L[-1, t], n_steps + 1), L[:, t], tuning.lambdas)
         lam[0, t], lam[-1, t] = 0.0, 1.0
         step[:, t] = np.exp(np.interp(lam[:, t], tuning.lambdas, tuning.log_step[:, t]))
-    return lam, step
+        sub[:, t] = np.exp(np.interp(lam[:, t], tuning.lambdas, tuning.log_sub[:, t]))
+    return lam, step, sub
 
 
 @dataclass
@@ -184,9 +205,9 @@ class BridgeResult:
     resampled: float         # resampling events per population
 
 
-def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, *, n_chains, n_keep, pop) -> BridgeResult:
-    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes [K+1, G]:
-    reweight, resample (populations of `pop` consecutive chains, see `resample`), move."""
+def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, *, n_chains, n_keep, pop) -> BridgeResult:
+    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes of both moves
+    [K+1, G]: reweight, resample (populations of `pop` consecutive chains, see `resample`), move."""
     if n_chains % pop:
         raise ValueError(f"populations of {pop} chains do not divide {n_chains} chains")
     g = base.groups
@@ -195,6 +216,8 @@ def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, *, n_chains, n_ke
     p = path.evaluate(x)
     lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=s.device)
     step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=s.device)
+    sub_t = torch.as_tensor(np.repeat(sub, n_chains, axis=1), dtype=torch.float32, device=s.device)
+    dirs = _directions(base)
     acc_sum = torch.zeros(g, device=s.device)
     bad = torch.zeros(g, device=s.device)
     resampled = 0
@@ -205,6 +228,9 @@ def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, *, n_chains, n_ke
         p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
         acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
         bad += (~info.finite).float().reshape(g, n_chains).sum(1)
+        if dirs is not None:
+            p, info = subspace_move(path, p, lam_t[k], sub_t[k], dirs, s.generator)
+            bad += (~info.finite).float().reshape(g, n_chains).sum(1)
     lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
     e, e2 = path.energy(p, lam_t[-1])
     p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if s.ensemble.kind == "joint"

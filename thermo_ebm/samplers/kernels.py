@@ -28,10 +28,10 @@ def uniform(n, shape, generator, device) -> torch.Tensor:
     return torch.rand((n, *shape), generator=generator, device=device) * 2.0 - 1.0
 
 
-def adapt_step(step: torch.Tensor, acceptance: torch.Tensor) -> torch.Tensor:
-    """The sampler's step-size policy during tuning: step * exp(acceptance - TARGET_ACCEPT), kept in
-    [MIN_STEP, MAX_STEP] (any shape; acceptance broadcasts). Used only before counting starts."""
-    return (step * torch.exp(acceptance - TARGET_ACCEPT)).clamp(MIN_STEP, MAX_STEP)
+def adapt_step(step: torch.Tensor, acceptance: torch.Tensor, lo=MIN_STEP, hi=MAX_STEP) -> torch.Tensor:
+    """The sampler's step-size policy during tuning: step * exp(acceptance - TARGET_ACCEPT), kept in [lo, hi]
+    (any shape; acceptance broadcasts). Used only before counting starts."""
+    return (step * torch.exp(acceptance - TARGET_ACCEPT)).clamp(lo, hi)
 
 
 # --------------------------------------------------------------------------- Langevin (training)
