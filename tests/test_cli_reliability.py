@@ -31,7 +31,7 @@ def run_cli(args):
 
 
 SMALL = ["--ais-chains", "64", "--ais-steps", "100", "--ais-steps-per-l2", "4", "--chains", "8", "--burn-in", "20",
-         "--samples", "40", "--replicas", "4", "--reverse-steps", "40"]
+         "--samples", "40", "--replicas", "4", "--reverse-steps", "40", "--bridge-chains", "64", "--data-refs", "16"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from thermo_ebm import measure
 from thermo_ebm.files.checkpoint import load_checkpoint
 from thermo_ebm.files.results import read_group
 
-BUDGET = dict(ais_chains=64, ais_steps=60, chains=8, burn_in=20, samples=40, replicas=4, reverse_steps=20)
+BUDGET = dict(ais_chains=64, ais_steps=60, chains=8, burn_in=20, samples=40, replicas=4, reverse_steps=20, bridge_chains=64,
+              data_refs=16)
 
 
 def _free_port():
