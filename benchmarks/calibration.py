@@ -81,6 +81,13 @@ def write(out, rows, summary, seeds_done):
                                    summary=summary, rows=rows), indent=1))
 
 
+def report(s):
+    """One summary row as a line of the printed table."""
+    print(f"{s['system']:<14}{s['quantity']:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
+          f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
+          f"flagged {100 * s['frac_flagged']:.0f}%  {s['seconds_per_run']:.0f} s/run", flush=True)
+
+
 def merge(files, out):
     """Pool the rows of result files of disjoint seeds (e.g. parallel runs) and summarise them again."""
     parts = [json.loads(Path(f).read_text()) for f in files]
@@ -95,15 +102,12 @@ def merge(files, out):
     engines = {d["engine"] for d in parts}
     extras = {k: v for d in parts for k, v in d.items()
               if k not in ("date", "machine", "engine", "seeds", "seeds_done", "summary", "rows")}
+    summary = [s for n in names for s in summarise(n, rows, float(secs[n]))]
     out.write_text(json.dumps(dict(date=str(date.today()), machine=" + ".join(dict.fromkeys(d["machine"] for d in parts)),
                                    engine=" + ".join(sorted(engines)), seeds=max(done.values()), seeds_done=done,
-                                   parts=[str(f) for f in files], **extras,
-                                   summary=[s for n in names for s in summarise(n, rows, float(secs[n]))], rows=rows),
-                              indent=1))
-    for s in json.loads(out.read_text())["summary"]:
-        print(f"{s['system']:<14}{s['quantity']:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
-              f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
-              f"flagged {100 * s['frac_flagged']:.0f}%")
+                                   parts=[str(f) for f in files], **extras, summary=summary, rows=rows), indent=1))
+    for s in summary:
+        report(s)
     print("->", out)
 
 
@@ -149,8 +153,6 @@ for name in args.systems.split(","):
     sec = (time.perf_counter() - t0) / args.seeds
     for s in summarise(name, rows, sec):
         summary.append(s)
-        print(f"{name:<14}{s['quantity']:<16} n={s['n']:<4} SD(z)={s['sd_z']:.2f} mean={s['mean_z']:+.2f} "
-              f"|z|>3: {100 * s['frac_abs_z_gt_3']:.1f}%  unflagged |z|>4: {s['unflagged_abs_z_gt_4']}  "
-              f"flagged {100 * s['frac_flagged']:.0f}%  {sec:.0f} s/run", flush=True)
+        report(s)
 write(out, rows, summary, {r["system"]: args.seeds for r in summary})
 print("->", out)

@@ -161,12 +161,14 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
         idx, lw, _ = resample(logw.reshape(-1), n_chains, s.generator)  # the pilot is an SMC sampler too
         p, origin, logw = take(p, idx), origin[idx], lw.reshape(g, n_chains)
         w = torch.softmax(logw, 1)
-        for _ in range(n_adapt):  # acceptance of the chains that carry the weight sets the step
+        def carried(info):  # acceptance of the chains that carry the weight [G]: it sets the steps
+            return (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1)
+        for _ in range(n_adapt):
             p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), s.generator, s.kernel)
-            step_t = adapt_step(step_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1))
+            step_t = adapt_step(step_t, carried(info))
             if dirs is not None:
                 p, info = subspace_move(path, p, lam_t, sub_t.repeat_interleave(n_chains), dirs, s.generator)
-                sub_t = adapt_step(sub_t, (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1), *SUB_STEP)
+                sub_t = adapt_step(sub_t, carried(info), *SUB_STEP)
         steps.append(step_t.clone())
         subs.append(sub_t.clone())
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)

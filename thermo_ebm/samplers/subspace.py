@@ -34,24 +34,14 @@ def factors(mix: GaussMixture) -> Directions:
     norm = w.norm(dim=2, keepdim=True)                                           # [G, C, 1, r]
     v = torch.where(norm > 0, w / norm.clamp_min(1e-300), torch.zeros_like(w))
     var = (v * v * mix.diag[..., None]).sum(2, keepdim=True) + norm * norm       # [G, C, 1, r]
-    lf = v * var.sqrt() * (norm > 0)
+    lf = v * var.sqrt()
     g, c, d, r = lf.shape
     return Directions(lf.permute(0, 2, 1, 3).reshape(g, d, c * r).float().contiguous(), c)
 
 
-def _in_class(a, labels, r):
-    """[G, n, C r] -> the r columns of each chain's class [G, n, r] (labels [G, n] in [0, C))."""
-    g, n, _ = a.shape
-    idx = (labels[..., None] * r + torch.arange(r, device=a.device)).reshape(g, n, r)
-    return torch.gather(a, 2, idx)
-
-
-def _spread(a, labels, c, r):
-    """[G, n, r] -> [G, n, C r], zero outside each chain's class."""
-    g, n, _ = a.shape
-    out = torch.zeros(g, n, c * r, dtype=a.dtype, device=a.device)
-    idx = (labels[..., None] * r + torch.arange(r, device=a.device)).reshape(g, n, r)
-    return out.scatter_(2, idx, a)
+def _class_columns(labels, r):
+    """Index [G, n, r] of the r columns of each chain's class in a [G, n, C r] tensor (labels [G, n] in [0, C))."""
+    return labels[..., None] * r + torch.arange(r, device=labels.device)
 
 
 def subspace_move(path, p: Particles, lam, step, dirs: Directions, generator):
@@ -66,19 +56,21 @@ def subspace_move(path, p: Particles, lam, step, dirs: Directions, generator):
         return (q.logits.argmax(-1) if n_comp > 1 else torch.zeros(len(q.x), dtype=torch.long,
                                                                     device=q.x.device)).reshape(g, n)
 
-    def along(q, lab):  # L^T grad log gamma at q: [G, n, r]
-        return _in_class(torch.bmm(path.grad(q, lam).reshape(g, n, d).float(), lf), lab, r)
-
     s = step.reshape(g, n, 1).float()
     lab = label(p)
-    ga_x = along(p, lab)
+    cols = _class_columns(lab, r)
+
+    def along(q):  # L^T grad log gamma at q, in the chain's class: [G, n, r]
+        return torch.gather(torch.bmm(path.grad(q, lam).reshape(g, n, d).float(), lf), 2, cols)
+
     zeta = torch.randn((g, n, r), generator=generator, device=p.x.device, dtype=torch.float32)
-    da = 0.5 * s * s * ga_x + s * zeta
-    y = p.x + torch.bmm(_spread(da, lab, n_comp, r), lf.transpose(1, 2)).reshape(-1, d).to(p.x.dtype)
+    da = 0.5 * s * s * along(p) + s * zeta
+    spread = torch.zeros(g, n, cr, dtype=da.dtype, device=da.device).scatter_(2, cols, da)  # 0 outside the class
+    y = p.x + torch.bmm(spread, lf.transpose(1, 2)).reshape(-1, d).to(p.x.dtype)
     inside = (y.abs() <= 1.0).all(-1)
     q = path.evaluate(y.clamp(-1.0, 1.0))
     same = (label(q) == lab).reshape(-1)
-    rev = (-da - 0.5 * s * s * along(q, lab)) / s
+    rev = (-da - 0.5 * s * s * along(q)) / s
     log_q = (0.5 * (zeta * zeta).sum(-1) - 0.5 * (rev * rev).sum(-1)).reshape(-1).double()
     dlp = path.log_gamma(q, lam) - path.log_gamma(p, lam)
     finite = torch.isfinite(dlp)
