@@ -101,11 +101,11 @@ def merge(files, out):
     done = {n: len({r["seed"] for r in rows if r["system"] == n}) for n in names}
     engines = {d["engine"] for d in parts}
     extras = {k: v for d in parts for k, v in d.items()
-              if k not in ("date", "machine", "engine", "seeds", "seeds_done", "summary", "rows")}
+              if k not in ("date", "machine", "engine", "seeds", "seeds_done", "parts", "summary", "rows")}
     summary = [s for n in names for s in summarise(n, rows, float(secs[n]))]
     out.write_text(json.dumps(dict(date=str(date.today()), machine=" + ".join(dict.fromkeys(d["machine"] for d in parts)),
                                    engine=" + ".join(sorted(engines)), seeds=max(done.values()), seeds_done=done,
-                                   parts=[str(f) for f in files], **extras, summary=summary, rows=rows), indent=1))
+                                   parts=[q for f, d in zip(files, parts) for q in d.get("parts", [str(f)])], **extras, summary=summary, rows=rows), indent=1))
     for s in summary:
         report(s)
     print("->", out)
