@@ -139,6 +139,7 @@ class MeasureConfig:
     max_bridge_steps: int | None = None  # most lambdas of that anneal (None: no cap; a capped path raises flag_low_ess)
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
     crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
+    crosscheck_chains: int = 256  # with data and that cap reached: its chains (at most ais_chains; a one-sided check)
     # the anneal from uniform: "ais" (one MALA step per frozen beta) or "smc" (adaptive tempered SMC: stages
     # chosen at a conditional ESS, reflective HMC moves in a diagonal metric until decorrelated; smc.py)
     engine: str = "ais"
@@ -177,8 +178,10 @@ class MeasureConfig:
                                      f"({self.shards})")
         if not 0.0 < self.bridge_uniform < 1.0:
             raise ThermoEBMError(f"{o('bridge_uniform')} must lie in (0, 1), got {self.bridge_uniform!r}")
-        if self.chains < 2 or self.ais_chains < 2 * self.replicas or self.replicas < 2:
-            raise ThermoEBMError(f"need {o('chains')} >= 2, {o('replicas')} >= 2 and {o('ais_chains')} >= 2 x replicas")
+        if (self.chains < 2 or self.ais_chains < 2 * self.replicas or self.crosscheck_chains < 2 * self.replicas
+                or self.replicas < 2):
+            raise ThermoEBMError(f"need {o('chains')} >= 2, {o('replicas')} >= 2, and {o('ais_chains')} and "
+                                 f"{o('crosscheck_chains')} >= 2 x replicas")
         if self.ais_chains % self.shards or self.chains % self.shards or self.bridge_chains % self.shards:
             raise ThermoEBMError(f"{o('ais_chains')} ({self.ais_chains}), {o('bridge_chains')} ({self.bridge_chains}) "
                                  f"and {o('chains')} ({self.chains}) must be divisible by the number of "

@@ -193,7 +193,10 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
     if pl.smc is not None:
         fwd = _smc_forward(p, pl, n_keep, s)
     else:
-        fwd = ais.run_forward(s, pl.schedule, pl.steps, betas, n_chains=cfg.ais_chains // cfg.shards, n_keep=n_keep,
+        # a capped anneal from uniform is a one-sided check beside the data-seeded log Z (and the source of the
+        # base's forward kernels): crosscheck_chains of it suffice
+        n_fwd = min(cfg.crosscheck_chains, cfg.ais_chains) if pl.capped else cfg.ais_chains
+        fwd = ais.run_forward(s, pl.schedule, pl.steps, betas, n_chains=max(n_fwd // cfg.shards, 2), n_keep=n_keep,
                               mcmc_steps=cfg.ais_mcmc)
     n_t = len(betas)
     forward = ForwardRecord(fwd.logw.cpu().numpy(), fwd.energy.cpu().numpy(), fwd.energy2.cpu().numpy(),

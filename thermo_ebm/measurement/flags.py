@@ -94,12 +94,14 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
     if th.from_data is not None:  # the two origins (uniform, data) disagree: a phase one of them missed
         g, gs = th.diag["origin_gap"]
         ug, ugs = th.diag["origin_U_gap"]
-        weak = too_few_effective(th.forward, fw.logw.shape[-1], cfg.smc_populations)
-        # an under-annealed forward log Z (capped schedule, or weights its own ESS check rejects) is low by
-        # design: only more mass from uniform counts there; the two origins' U must still agree (unless capped)
-        lz_gap = np.where(pl.capped | weak, -g > HYSTERESIS_Z * gs, np.abs(g) > HYSTERESIS_Z * gs)
-        u_gap = np.abs(ug) > HYSTERESIS_Z * ugs
-        flags["flag_hysteresis"] = lz_gap | (u_gap & ~np.asarray(pl.capped))
+        # Either origin's Z estimate is unbiased, so a log Z that misses mass comes out low, and far too high only
+        # with probability e^-k at k nats: only more mass from uniform contradicts the data-seeded log Z. Where
+        # the data-seeded anneal finds more, the one from uniform missed a phase, whose U then differs for that
+        # reason alone; the phases it did reach are in the data-seeded base (kernels on its states). Where
+        # neither finds more, the two U must agree (unless the forward schedule was capped).
+        forward_missed = g > HYSTERESIS_Z * gs
+        u_gap = (np.abs(ug) > HYSTERESIS_Z * ugs) & ~forward_missed & ~np.asarray(pl.capped)
+        flags["flag_hysteresis"] = (-g > HYSTERESIS_Z * gs) | u_gap
     if th.from_data is not None:
         n_sched = int(b.steps.max())
         longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
@@ -123,8 +125,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
                                  "error (U_missed, C_missed), and the annealing replicas' parts of its mass spread by more "
                                  "than their mean (missed_phase_replicas < 0.5), too few for its SE; more chains (--smc-data-chains, "
                                  "--bridge-chains) or sweep temperatures between the phases",
-              "flag_hysteresis": "annealing from uniform and from the data disagree: log_Z is the data-seeded "
-                                 "estimate; compare log_Z_forward, origin_gap; more --data-refs and a longer anneal"}
+              "flag_hysteresis": "the anneal from uniform finds more mass than the data-seeded one (origin_gap < 0), "
+                                 "or, with equal mass, another U (origin_U_gap): a phase the data-seeded anneal missed; "
+                                 "more --data-refs and a longer anneal"}
     if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
         shift = th.reported.value - previous.value
         flags["flag_unconverged"] = np.abs(shift) > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)

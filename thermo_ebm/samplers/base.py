@@ -44,32 +44,41 @@ class KernelBase:
         log_norm = (-(torch.log(sig) + 0.5 * math.log(2 * math.pi)) - torch.log(mass)).sum(-1)
         self._log_k = torch.log(self.weights[:, :m]) + log_norm            # [G, M]
         self._log_u = torch.log(self.weights[:, -1]) - d * math.log(2.0)   # [G]
+        # the gradient only steers proposals (their MH ratios use it consistently), so it is formed in float32, in
+        # three products over every component: sum_c r_c (b_c - a_c x) + sum_f sum_c r_c (D^-1 W)_c t_c
+        self._grad_a = torch.cat([inv, *(mix.inv_diag for mix in self.gauss)], 1).float()      # [G, M + C, D]
+        self._grad_b = torch.cat([self._b, *(mix.inv_diag * mix.mean for mix in self.gauss)], 1).float()
+        self._grad_w = (torch.cat([mix.inv_diag_factor for mix in self.gauss], 2).transpose(1, 2).float().contiguous()
+                        if self.gauss else None)                                                # [G, sum C r, D]
 
     @property
     def groups(self):
         return self.centres.shape[0]
 
     def log_prob(self, x):
-        """log q(x) [N] and its gradient [N, D] (float64); x: [G * n, D] grouped as the chains, in the box."""
+        """log q(x) [N] (float64) and its gradient [N, D] (float32); x: [G * n, D] grouped as the chains, in the
+        box."""
         g, m, d = self.centres.shape
         xg = x.double().reshape(g, -1, d)
-        quad = (torch.bmm(xg * xg, self._a.transpose(1, 2)) - 2.0 * torch.bmm(xg, self._b.transpose(1, 2))
+        x2 = xg * xg
+        quad = (torch.bmm(x2, self._a.transpose(1, 2)) - 2.0 * torch.bmm(xg, self._b.transpose(1, 2))
                 + self._c[:, None, :])                                    # [G, n, M]
         comps = [self._log_k[:, None, :] - 0.5 * quad, self._log_u[:, None, None].expand(g, xg.shape[1], 1)]
         solved = []
         for f, mix in enumerate(self.gauss):
-            log_g, t = mix.log_components(xg)                             # [G, n, C_f]
+            log_g, t = mix.log_components(xg, x2)                         # [G, n, C_f]
             comps.append(torch.log(self.weights[:, m + f])[:, None, None] + log_g)
             solved.append(t)
         logc = torch.cat(comps, -1)
         logq = torch.logsumexp(logc, -1)                                  # [G, n]
-        r = torch.exp(logc - logq[..., None])                             # responsibilities
-        rk = r[..., :m]
-        grad = torch.bmm(rk, self._b) - xg * torch.bmm(rk, self._a)
-        col = m + 1
-        for mix, t in zip(self.gauss, solved):
-            grad = grad + mix.gradient(xg, r[..., col:col + mix.components], t)
-            col += mix.components
+        r = torch.exp(logc - logq[..., None])                             # responsibilities (uniform: column m)
+        rd = torch.cat([r[..., :m], r[..., m + 1:]], -1).float()          # of every Gaussian component
+        x32 = xg.float()
+        grad = torch.bmm(rd, self._grad_b) - x32 * torch.bmm(rd, self._grad_a)
+        if self.gauss:
+            parts = rd[..., m:].split([mix.components for mix in self.gauss], -1)
+            rt = torch.cat([(rc[..., None] * t.float()).flatten(2) for rc, t in zip(parts, solved)], -1)  # [G, n, sum C r]
+            grad = grad + torch.bmm(rt, self._grad_w)
         return logq.reshape(-1), grad.reshape(-1, d)
 
     def sample(self, n: int, generator):

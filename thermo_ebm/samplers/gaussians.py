@@ -28,14 +28,14 @@ class GaussMixture:
     def __post_init__(self):
         g, c, d = self.mean.shape
         r = self.factor.shape[-1]
-        self._a = 1.0 / self.diag                                                        # D^-1  [G, C, D]
-        self._b = self.mean * self._a                                                    # D^-1 m
+        self.inv_diag = 1.0 / self.diag                                                  # D^-1  [G, C, D]
+        self._b = self.mean * self.inv_diag                                              # D^-1 m
         self._c = (self.mean * self._b).sum(-1)                                          # m^T D^-1 m  [G, C]
-        dw = self._a[..., None] * self.factor                                            # D^-1 W  [G, C, D, r]
+        dw = self.inv_diag[..., None] * self.factor                                      # D^-1 W  [G, C, D, r]
         cap = torch.eye(r, dtype=self.factor.dtype, device=self.factor.device)
         cap = cap + self.factor.transpose(-1, -2) @ dw                                   # I + W^T D^-1 W
         self._cap_chol = torch.linalg.cholesky(cap)                                      # [G, C, r, r]
-        self._dw = dw.permute(0, 2, 1, 3).reshape(g, d, c * r)                           # [G, D, C r]
+        self.inv_diag_factor = dw.permute(0, 2, 1, 3).reshape(g, d, c * r)               # D^-1 W  [G, D, C r]
         self._mdw = (self.mean[..., None] * dw).sum(2)                                   # m^T D^-1 W  [G, C, r]
         logdet = torch.log(self.diag).sum(-1) + 2.0 * torch.log(torch.diagonal(self._cap_chol, dim1=-2, dim2=-1)).sum(-1)
         self._log_norm = torch.log(self.weights) - 0.5 * (logdet + d * math.log(2.0 * math.pi))   # [G, C]
@@ -44,24 +44,20 @@ class GaussMixture:
     def components(self):
         return self.mean.shape[1]
 
-    def log_components(self, x):
-        """log(w_c N_c(x)) [G, n, C] for x [G, n, D], and t = (I + W^T D^-1 W)^-1 W^T D^-1 (x - m_c) [G, n, C, r]
-        for `gradient`. Written as matrix products over all components (the Woodbury identity for Sigma_c^-1)."""
+    def log_components(self, x, x2=None):
+        """log(w_c N_c(x)) [G, n, C] for x [G, n, D] (x2: x * x if already formed), and
+        t = (I + W^T D^-1 W)^-1 W^T D^-1 (x - m_c) [G, n, C, r], with which the gradient of log N_c is
+        D^-1 (m_c - x) + D^-1 W t (`base.KernelBase.log_prob` forms it). Written as matrix products over all
+        components (the Woodbury identity for Sigma_c^-1)."""
         g, n, d = x.shape
         c, r = self.components, self.factor.shape[-1]
-        quad = (torch.bmm(x * x, self._a.transpose(1, 2)) - 2.0 * torch.bmm(x, self._b.transpose(1, 2))
+        x2 = x * x if x2 is None else x2
+        quad = (torch.bmm(x2, self.inv_diag.transpose(1, 2)) - 2.0 * torch.bmm(x, self._b.transpose(1, 2))
                 + self._c[:, None, :])                                                    # (x-m)^T D^-1 (x-m)
-        proj = torch.bmm(x, self._dw).reshape(g, n, c, r) - self._mdw[:, None]            # W^T D^-1 (x - m)
+        proj = torch.bmm(x, self.inv_diag_factor).reshape(g, n, c, r) - self._mdw[:, None]  # W^T D^-1 (x - m)
         t = torch.cholesky_solve(proj.permute(0, 2, 3, 1), self._cap_chol).permute(0, 3, 1, 2)
         quad = quad - (proj * t).sum(-1)
         return self._log_norm[:, None, :] - 0.5 * quad, t
-
-    def gradient(self, x, resp, t):
-        """sum_c resp_c grad log N_c(x) = -sum_c resp_c Sigma_c^-1 (x - m_c) [G, n, D]; resp [G, n, C], t from
-        `log_components`."""
-        g, n, _ = x.shape
-        low = torch.bmm((resp[..., None] * t).reshape(g, n, -1), self._dw.transpose(1, 2))
-        return torch.bmm(resp, self._b) - x * torch.bmm(resp, self._a) + low
 
     def sample(self, comp, generator):
         """Draws [G, n, D] of the components comp [G, n] (long)."""
