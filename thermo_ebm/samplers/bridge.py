@@ -9,9 +9,9 @@ size) is resampled (systematic resampling, an SMC sampler): chains that reached 
 instead of leaving the estimate to one lucky weight. Pipeline, in this order:
 `references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
 (pilot anneal: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
-spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal: reweight -> resample -> move,
-per lambda one reflected-MALA step `paths.mala_move` and one MALA step along the fitted mixture's principal
-directions of the chain's class, `subspace.subspace_move`).
+spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal: per lambda the SMC stage
+`smc.stage`, reweight -> resample -> move, the move one reflected-MALA step `paths.mala_move` and one MALA step
+along the fitted mixture's principal directions of the chain's class, `subspace.subspace_move`).
 Chains are laid out [G, n] (G groups = ascending sweep betas) and flattened to [G * n].
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .base import KernelBase
 from .gaussians import directions, fit
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
 from .paths import Bridge, mala_move, per_chain, resample, reweight, weighted_pick
+from .smc import stage
 from .subspace import factors, subspace_move
 
 COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
@@ -223,16 +224,20 @@ def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, *, n_chains,
     acc_sum = torch.zeros(g, device=s.device)
     bad = torch.zeros(g, device=s.device)
     resampled = 0
+    def moves(k):  # a MALA step, then (where the base resolves directions) a subspace move, at lambda_k
+        def move(p, logw):
+            p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
+            bad = (~info.finite).float()
+            if dirs is not None:
+                p, sub_info = subspace_move(path, p, lam_t[k], sub_t[k], dirs, s.generator)
+                bad = bad + (~sub_info.finite).float()
+            return p, info.accepted.float(), bad
+        return move
     for k in progress_bar(range(1, lam.shape[0]), desc="bridge SMC", enabled=s.progress):
-        idx, logw, n_res = resample(reweight(path, p, logw, lam_t[k - 1], lam_t[k]), pop, s.generator)
-        if n_res:
-            p, resampled = take(p, idx), resampled + n_res
-        p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
-        acc_sum += info.accepted.float().reshape(g, n_chains).mean(1)
-        bad += (~info.finite).float().reshape(g, n_chains).sum(1)
-        if dirs is not None:
-            p, info = subspace_move(path, p, lam_t[k], sub_t[k], dirs, s.generator)
-            bad += (~info.finite).float().reshape(g, n_chains).sum(1)
+        st = stage(path, p, logw, lam_t[k - 1], lam_t[k], pop, s.generator, moves(k))
+        p, logw, resampled = st.particles, st.logw, resampled + st.resampled
+        acc_sum += st.accept.reshape(g, n_chains).mean(1)
+        bad += st.nonfinite.reshape(g, n_chains).sum(1)
     lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
     e, e2 = path.energy(p, lam_t[-1])
     p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if s.ensemble.kind == "joint"

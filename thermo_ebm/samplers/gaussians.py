@@ -1,5 +1,5 @@
 """Mixtures of low-rank-plus-diagonal Gaussians on R^D, one mixture per temperature group: fit, exact log density
-with its gradient, exact draws. The data-informed base of the data-seeded anneal uses one as its fitted
+(and the solve its gradient needs), exact draws. The data-informed base of the data-seeded anneal uses one as its fitted
 population: a component per cluster of reference states, covariance diag(v) + W W^T (W: [D, r], the leading
 principal directions the states resolve). Full covariances would need far more states than a pilot has at
 D = 784 (the fit's KL grows as D^2 / n); low rank plus diagonal grows as D r / n.
