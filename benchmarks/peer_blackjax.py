@@ -6,11 +6,12 @@ the box, next lambda where the ESS falls to half, systematic resampling, --moves
 per stage with a box-reflecting velocity-Verlet integrator (a coordinate leaving [-1, 1] is reflected and its
 momentum flipped: volume-preserving and reversible, so HMC stays exact on the box), a diagonal inverse mass
 matrix from the particles' variance at every stage and the step size adapted from the last stage's acceptance
-(towards 0.65). It reports no error bar. `measure(engine="smc")` runs with its defaults and exact draws at T = 1
-as data, in a separate process (benchmarks/smc_d784.py). Optional dependencies: pip install -e ".[peer]" (jax,
-blackjax); never needed by the tests. Run it alone; writes benchmarks/results/peer_blackjax.json.
+(towards 0.65). It reports no error bar. `measure` runs with its defaults (--engine: ais, its default, or smc)
+and exact draws at T = 1 as data, in a separate process (benchmarks/smc_d784.py). Optional dependencies:
+pip install -e ".[peer]" (jax, blackjax); never needed by the tests. Run it alone; writes --out
+(benchmarks/results/peer_blackjax.json).
 
-    python benchmarks/peer_blackjax.py [--temps 1,0.5,2] [--seeds 0,1] [--particles 2048] [--skip-ours]
+    python benchmarks/peer_blackjax.py [--temps 1,0.5,2] [--seeds 0,1] [--particles 2048] [--engine ais|smc] [--skip-ours]
 """
 import argparse
 import json
@@ -40,6 +41,7 @@ p.add_argument("--particles", type=int, default=2048)
 p.add_argument("--moves", type=int, default=10)
 p.add_argument("--leapfrog", type=int, default=5)
 p.add_argument("--skip-ours", action="store_true")
+p.add_argument("--engine", default="ais", choices=["ais", "smc"], help="measure's engine (ais: the default)")
 p.add_argument("--out", default=str(Path(__file__).parent / "results" / "peer_blackjax.json"))
 args = p.parse_args()
 torch.set_num_threads(2)
@@ -125,7 +127,7 @@ for seed in seeds:
         continue
     # ours in a process of its own: once jax is loaded, scipy takes its slower array-API path (minutes of MBAR)
     tmp = Path(args.out).with_suffix(f".ours{seed}.json")
-    subprocess.run([sys.executable, str(Path(__file__).parent / "smc_d784.py"), "--engines", "smc", "--temps",
+    subprocess.run([sys.executable, str(Path(__file__).parent / "smc_d784.py"), "--engines", args.engine, "--temps",
                     ",".join(map(str, temps)), "--seed", str(seed), "--out", str(tmp)], check=True)
     ours = json.loads(tmp.read_text())["runs"][0]
     tmp.unlink()
