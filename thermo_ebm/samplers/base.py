@@ -77,8 +77,8 @@ class KernelBase:
         grad = torch.bmm(rd, self._grad_b) - x32 * torch.bmm(rd, self._grad_a)
         if self.gauss:
             parts = rd[..., m:].split([mix.components for mix in self.gauss], -1)
-            rt = torch.cat([(rc[..., None] * t.float()).flatten(2) for rc, t in zip(parts, solved)], -1)  # [G, n, sum C r]
-            grad = grad + torch.bmm(rt, self._grad_w)
+            rt = torch.cat([(rc[..., None] * t.float()).flatten(2) for rc, t in zip(parts, solved)], -1)
+            grad = grad + torch.bmm(rt, self._grad_w)                   # rt: [G, n, sum C r]
         return logq.reshape(-1), grad.reshape(-1, d)
 
     def sample(self, n: int, generator):
