@@ -8,7 +8,7 @@ independent populations (one per replica of the SE); a population whose weights 
 size) is resampled (systematic resampling, an SMC sampler): chains that reached a deep, narrow region multiply
 instead of leaving the estimate to one lucky weight. Pipeline, in this order:
 `references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
-(pilot anneal: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
+(pilot anneal through the same stage, `smc.stage`: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
 spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal: per lambda the SMC stage
 `smc.stage`, reweight -> resample -> move, the move one reflected-MALA step `paths.mala_move` and one MALA step
 along the fitted mixture's principal directions of the chain's class, `subspace.subspace_move`).
@@ -25,8 +25,8 @@ from ..estimators import thermodynamic_length
 from ..progress import progress_bar
 from .base import KernelBase
 from .gaussians import directions, fit
-from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
-from .paths import Bridge, mala_move, per_chain, resample, reweight, weighted_pick
+from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step
+from .paths import Bridge, mala_move, per_chain, reweight, weighted_pick
 from .smc import stage
 from .subspace import factors, subspace_move
 
@@ -146,32 +146,33 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
     x, lw0, comp = path.start(g * n_chains, s.generator, s.device)
     p = path.evaluate(x)
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=s.device).clamp(MIN_STEP, MAX_STEP)
-    logw = lw0.reshape(g, n_chains).clone()
-    origin = comp  # the base component each chain descends from
+    logw, origin = lw0, comp  # origin: the base component each chain descends from
     steps, subs, var = [], [], []
     prev = torch.zeros(g * n_chains, dtype=torch.float64, device=s.device)
     for lam in progress_bar(lambdas, desc="tune bridge", enabled=s.progress):
         lam_t = torch.full((g * n_chains,), float(lam), dtype=torch.float64, device=s.device)
-        logw = torch.nan_to_num(reweight(path, p, logw.reshape(-1), prev, lam_t), nan=-np.inf).reshape(g, n_chains)
-        prev = lam_t
+        # the schedule's variance under pi_lambda: the reweighted chains, before the stage resamples them
+        w = torch.softmax(torch.nan_to_num(reweight(path, p, logw, prev, lam_t), nan=-np.inf).reshape(g, n_chains), 1)
         delta = torch.nan_to_num((p.lp - p.lq).reshape(g, n_chains), nan=-np.inf, neginf=-np.inf)
-        w = torch.softmax(logw, 1)
         finite = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
         mean = (w * finite).sum(1, keepdim=True)
         var.append(torch.nan_to_num((w * (finite - mean) ** 2).sum(1), nan=0.0, posinf=0.0))
-        idx, lw, _ = resample(logw.reshape(-1), n_chains, s.generator)  # the pilot is an SMC sampler too
-        p, origin, logw = take(p, idx), origin[idx], lw.reshape(g, n_chains)
-        w = torch.softmax(logw, 1)
-        def carried(info):  # acceptance of the chains that carry the weight [G]: it sets the steps
-            return (w.float() * info.accepted.float().reshape(g, n_chains)).sum(1)
-        for _ in range(n_adapt):
-            p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), s.generator, s.kernel)
-            step_t = adapt_step(step_t, carried(info))
-            if dirs is not None:
-                p, info = subspace_move(path, p, lam_t, sub_t.repeat_interleave(n_chains), dirs, s.generator)
-                sub_t = adapt_step(sub_t, carried(info), *SUB_STEP)
+
+        def move(p, logw):  # adapt both steps to the acceptance of the chains that carry the weight
+            nonlocal step_t, sub_t
+            w = torch.softmax(logw.reshape(g, n_chains), 1).float()
+            for _ in range(n_adapt):
+                p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), s.generator, s.kernel)
+                step_t = adapt_step(step_t, (w * info.accepted.float().reshape(g, n_chains)).sum(1))
+                if dirs is not None:
+                    p, info = subspace_move(path, p, lam_t, sub_t.repeat_interleave(n_chains), dirs, s.generator)
+                    sub_t = adapt_step(sub_t, (w * info.accepted.float().reshape(g, n_chains)).sum(1), *SUB_STEP)
+            return p, None, None
+        st = stage(path, p, logw, prev, lam_t, n_chains, s.generator, move)  # the pilot is an SMC sampler too
+        p, logw, origin, prev = st.particles, st.logw, origin[st.ancestors], lam_t
         steps.append(step_t.clone())
         subs.append(sub_t.clone())
+    w = torch.softmax(logw.reshape(g, n_chains), 1)
     log_step = torch.log(torch.stack(steps)).cpu().numpy().astype(np.float64)
     log_sub = torch.log(torch.stack(subs)).cpu().numpy().astype(np.float64)
     pop = torch.as_tensor(population, device=s.device)[origin].reshape(g, n_chains)  # w: the final weights
