@@ -3,17 +3,70 @@
 population: a component per cluster of reference states, covariance diag(v) + W W^T (W: [D, r], the leading
 principal directions the states resolve). Full covariances would need far more states than a pilot has at
 D = 784 (the fit's KL grows as D^2 / n); low rank plus diagonal grows as D r / n.
-Shapes: G groups, C components, D coordinates, r directions; x grouped [G, n, D]; float64 throughout."""
+Shapes: G groups, C components, D coordinates, r directions; x grouped [G, n, D]. Parameters are float64; the
+products over D coordinates of the log density are float32 on centred coordinates where their rounding bound
+allows (`quadratic`; base.py's Precision note)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 RANK = 32          # most principal directions per component
 MIN_STATES = 32    # a cluster with fewer states joins no component (its states fall to the others' tails)
 VAR_FLOOR = 0.1    # a coordinate's diagonal variance is at least this fraction of its total variance
+ROUNDING_TOL = 0.05  # nats: most mean float32 rounding bound of a group's log q before it is formed in float64
+
+
+def rounding(terms, d: int):
+    """Bound on the float32 rounding of 0.5 * a sum of products over d coordinates whose terms add up (in size) to
+    `terms` (any shape): 0.5 * 2^-24 sqrt(d) * terms (blocked summation; measured 3-4x above the rounding seen)."""
+    return 0.5 * 2.0 ** -24 * math.sqrt(d) * terms
+
+
+def centre_of(mean):
+    """The point [G, 1, D] the products are centred at: the mean of the means [G, C, D], rounded to float32 (so
+    that x - o of a float32 x is one float32 rounding of an exact difference); float64."""
+    return mean.mean(1, keepdim=True).float().double()
+
+
+class QuadForm(NamedTuple):
+    """sum_i inv_i (x_i - mu_i)^2 of every component on centred coordinates u = x - o: inv [G, C, D],
+    binv = (mu - o) inv, c = sum_i (mu_i - o_i)^2 inv_i [G, C] (float64), float32 copies of inv and binv."""
+    inv: torch.Tensor
+    binv: torch.Tensor
+    c: torch.Tensor
+    inv32: torch.Tensor
+    binv32: torch.Tensor
+
+
+def quad_form(mean, inv, o) -> QuadForm:
+    """The QuadForm of components with means [G, C, D] and inverse variances inv [G, C, D] about o [G, 1, D]."""
+    binv = (mean - o) * inv
+    return QuadForm(inv, binv, (binv * (mean - o)).sum(-1), inv.float(), binv.float())
+
+
+def centred(x, o):
+    """u = x - o in float32 and u * u, for x [G, n, D] (any float dtype) and o [G, 1, D] from `centre_of`."""
+    u = x.float() - o.float()
+    return u, u * u
+
+
+def quadratic(form: QuadForm, u, sq, x, o):
+    """The form at every chain and component [G, n, C] (float64) from u, sq = `centred(x, o)`: float32 products
+    unless their rounding bound at each chain's nearest component, averaged over the group's chains, exceeds
+    ROUNDING_TOL nats; those groups are formed in float64 from x. Also returns which groups those are [G] (bool)."""
+    s = torch.bmm(sq, form.inv32.transpose(1, 2))
+    quad = (s - 2.0 * torch.bmm(u, form.binv32.transpose(1, 2))).double() + form.c[:, None, :]
+    bound = rounding(s.double() + form.c[:, None, :], u.shape[-1]).gather(-1, quad.argmin(-1, keepdim=True))[..., 0]
+    loose = bound.mean(1) > ROUNDING_TOL
+    if bool(loose.any()):
+        ul = x[loose].double() - o[loose]
+        quad[loose] = (torch.bmm(ul * ul, form.inv[loose].transpose(1, 2))
+                       - 2.0 * torch.bmm(ul, form.binv[loose].transpose(1, 2)) + form.c[loose][:, None, :])
+    return quad, loose
 
 
 @dataclass
@@ -24,19 +77,22 @@ class GaussMixture:
     mean: torch.Tensor
     diag: torch.Tensor
     factor: torch.Tensor
+    centre: torch.Tensor | None = None  # [G, 1, D] where the products are centred (`centre_of`; default: its means')
 
     def __post_init__(self):
         g, c, d = self.mean.shape
         r = self.factor.shape[-1]
         self.inv_diag = 1.0 / self.diag                                                  # D^-1  [G, C, D]
-        self._b = self.mean * self.inv_diag                                              # D^-1 m
-        self._c = (self.mean * self._b).sum(-1)                                          # m^T D^-1 m  [G, C]
+        if self.centre is None:
+            self.centre = centre_of(self.mean)
+        self.form = quad_form(self.mean, self.inv_diag, self.centre)
         dw = self.inv_diag[..., None] * self.factor                                      # D^-1 W  [G, C, D, r]
         cap = torch.eye(r, dtype=self.factor.dtype, device=self.factor.device)
         cap = cap + self.factor.transpose(-1, -2) @ dw                                   # I + W^T D^-1 W
         self._cap_chol = torch.linalg.cholesky(cap)                                      # [G, C, r, r]
         self.inv_diag_factor = dw.permute(0, 2, 1, 3).reshape(g, d, c * r)               # D^-1 W  [G, D, C r]
-        self._mdw = (self.mean[..., None] * dw).sum(2)                                   # m^T D^-1 W  [G, C, r]
+        self._dw32 = self.inv_diag_factor.float()
+        self._mdw = ((self.mean - self.centre)[..., None] * dw).sum(2)                   # (m - o)^T D^-1 W  [G, C, r]
         logdet = torch.log(self.diag).sum(-1) + 2.0 * torch.log(torch.diagonal(self._cap_chol, dim1=-2, dim2=-1)).sum(-1)
         self._log_norm = torch.log(self.weights) - 0.5 * (logdet + d * math.log(2.0 * math.pi))   # [G, C]
 
@@ -44,17 +100,24 @@ class GaussMixture:
     def components(self):
         return self.mean.shape[1]
 
-    def log_components(self, x, x2=None):
-        """log(w_c N_c(x)) [G, n, C] for x [G, n, D] (x2: x * x if already formed), and
-        t = (I + W^T D^-1 W)^-1 W^T D^-1 (x - m_c) [G, n, C, r], with which the gradient of log N_c is
-        D^-1 (m_c - x) + D^-1 W t (`base.KernelBase.log_prob` forms it). Written as matrix products over all
-        components (the Woodbury identity for Sigma_c^-1)."""
+    def recentred(self, centre) -> "GaussMixture":
+        """The same mixture with its products centred at `centre` [G, 1, D] (shared with a KernelBase's kernels)."""
+        return GaussMixture(self.weights, self.mean, self.diag, self.factor, centre)
+
+    def log_components(self, x, u=None, sq=None):
+        """log(w_c N_c(x)) [G, n, C] for x [G, n, D], and t = (I + W^T D^-1 W)^-1 W^T D^-1 (x - m_c) [G, n, C, r],
+        with which the gradient of log N_c is D^-1 (m_c - x) + D^-1 W t (`base.KernelBase.log_prob` forms it).
+        Written as matrix products over all components (the Woodbury identity for Sigma_c^-1) on the centred
+        coordinates u, sq = `centred(x, self.centre)` (formed here unless given)."""
         g, n, d = x.shape
         c, r = self.components, self.factor.shape[-1]
-        x2 = x * x if x2 is None else x2
-        quad = (torch.bmm(x2, self.inv_diag.transpose(1, 2)) - 2.0 * torch.bmm(x, self._b.transpose(1, 2))
-                + self._c[:, None, :])                                                    # (x-m)^T D^-1 (x-m)
-        proj = torch.bmm(x, self.inv_diag_factor).reshape(g, n, c, r) - self._mdw[:, None]  # W^T D^-1 (x - m)
+        if u is None:
+            u, sq = centred(x, self.centre)
+        quad, loose = quadratic(self.form, u, sq, x, self.centre)                       # (x-m)^T D^-1 (x-m)
+        proj = torch.bmm(u, self._dw32).double()
+        if bool(loose.any()):
+            proj[loose] = torch.bmm(x[loose].double() - self.centre[loose], self.inv_diag_factor[loose])
+        proj = proj.reshape(g, n, c, r) - self._mdw[:, None]                                      # W^T D^-1 (x - m)
         t = torch.cholesky_solve(proj.permute(0, 2, 3, 1), self._cap_chol).permute(0, 3, 1, 2)
         quad = quad - (proj * t).sum(-1)
         return self._log_norm[:, None, :] - 0.5 * quad, t
