@@ -49,6 +49,26 @@ def test_hmc_move_keeps_a_box_truncated_target():
     assert (p.x.abs() <= 1).all()
 
 
+def test_subspace_products_take_each_chains_class_columns():
+    """`project` and `expand` (one product per class, over its chains) equal the dense products over every class's
+    directions followed by picking the chain's class columns, with classes missing from some groups."""
+    from thermo_ebm.samplers.subspace import Directions, expand, project
+    g, n, d, c, r = 3, 17, 20, 4, 5
+    gen = torch.Generator().manual_seed(0)
+    dirs = Directions(torch.randn((g, c, d, r), generator=gen))
+    lf = dirs.lf.permute(0, 2, 1, 3).reshape(g, d, c * r)  # every class's columns side by side
+    labels = torch.randint(c, (g, n), generator=gen)
+    labels[0] = 2  # a group with one class only
+    v = torch.randn((g, n, d), generator=gen)
+    cols = labels[..., None] * r + torch.arange(r)
+    torch.testing.assert_close(project(v, dirs, labels), torch.gather(torch.bmm(v, lf), 2, cols))
+    a = torch.randn((g, n, r), generator=gen)
+    spread = torch.zeros(g, n, c * r).scatter_(2, cols, a)
+    torch.testing.assert_close(expand(a, dirs, labels), torch.bmm(spread, lf.transpose(1, 2)))
+    one = torch.full((g, n), 3)  # every chain of one class: the products without gathering
+    torch.testing.assert_close(project(v, dirs, one), torch.bmm(v, lf[..., 3 * r:4 * r]))
+
+
 def test_subspace_move_keeps_a_multimodal_target_on_the_box():
     """Exact draws of four modes pressing on the walls (joint ensemble, d = 6), moved 40 times along per-class
     random directions (the class the model predicts picks them): the mean energy and the classes' shares stay

@@ -7,7 +7,7 @@ coordinates a (x = x0 + L a), a' = a + (s^2/2) L^T grad log gamma(x) + s zeta. T
 leaves the box (gamma is 0 there) or when the model predicts another class at y (the reverse move would use
 other directions); otherwise the MH ratio is that of MALA in a. The fibres x + span(L_c) partition each class's
 region, so the move leaves gamma on the box exactly invariant.
-Shapes: chains [N, D] grouped [G, n]; directions [G, D, C r] float32."""
+Shapes: chains [N, D] grouped [G, n]; directions [G, C, D, r] float32."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -20,10 +20,13 @@ from .paths import Particles, select
 
 
 class Directions(NamedTuple):
-    """L of every component side by side, [G, D, C r] float32, and the number of components C (the model's
-    classes, or 1 for one component that serves every chain)."""
+    """L of every component, [G, C, D, r] float32 (C: the model's classes, or 1 for one component that serves every
+    chain)."""
     lf: torch.Tensor
-    components: int
+
+    @property
+    def components(self):
+        return self.lf.shape[1]
 
 
 def factors(mix: GaussMixture) -> Directions:
@@ -34,22 +37,59 @@ def factors(mix: GaussMixture) -> Directions:
     norm = w.norm(dim=2, keepdim=True)                                           # [G, C, 1, r]
     v = torch.where(norm > 0, w / norm.clamp_min(1e-300), torch.zeros_like(w))
     var = (v * v * mix.diag[..., None]).sum(2, keepdim=True) + norm * norm       # [G, C, 1, r]
-    lf = v * var.sqrt()
-    g, c, d, r = lf.shape
-    return Directions(lf.permute(0, 2, 1, 3).reshape(g, d, c * r).float().contiguous(), c)
+    return Directions((v * var.sqrt()).float().contiguous())
 
 
-def _class_columns(labels, r):
-    """Index [G, n, r] of the r columns of each chain's class in a [G, n, C r] tensor (labels [G, n] in [0, C))."""
-    return labels[..., None] * r + torch.arange(r, device=labels.device)
+def _by_class(labels, n_comp):
+    """Per class c that some chain predicts: (c, rows [G * K], dest [G * K]): flat indices into the [G * n] chains of
+    each group's chains of class c (labels [G, n]), padded to the largest group's count K; dest is rows with the
+    padding sent to index G * n (a spare row); rows is None where every chain is of class c."""
+    g, n = labels.shape
+    order = torch.argsort(labels, dim=1, stable=True)
+    counts = torch.zeros(g, n_comp, dtype=torch.long, device=labels.device).scatter_add_(1, labels, torch.ones_like(labels))
+    starts = counts.cumsum(1) - counts
+    first = torch.arange(g, device=labels.device)[:, None] * n
+    for c, k in enumerate(counts.max(0).values.tolist()):
+        if k == n and bool((counts[:, c] == n).all()):
+            yield c, None, None
+        elif k:
+            j = torch.arange(k, device=labels.device)
+            rows = order.gather(1, (starts[:, c, None] + j).clamp_max(n - 1)) + first
+            dest = torch.where(j < counts[:, c, None], rows, torch.full_like(rows, g * n))
+            yield c, rows.reshape(-1), dest.reshape(-1)
+
+
+def project(v, dirs: Directions, labels):
+    """L_tc^T v of each chain in its class c: v [G, n, D] float32 -> [G, n, r] (one product per class, over its
+    chains only)."""
+    g, n, d = v.shape
+    r = dirs.lf.shape[-1]
+    out = v.new_empty(g * n + 1, r)
+    for c, rows, dest in _by_class(labels, dirs.components):
+        if rows is None:
+            return torch.bmm(v, dirs.lf[:, c])
+        res = torch.bmm(v.reshape(g * n, d).index_select(0, rows).reshape(g, -1, d), dirs.lf[:, c])
+        out.index_copy_(0, dest, res.reshape(-1, r))
+    return out[:-1].reshape(g, n, r)
+
+
+def expand(a, dirs: Directions, labels):
+    """L_tc a of each chain in its class c: a [G, n, r] float32 -> [G, n, D]."""
+    g, n, r = a.shape
+    d = dirs.lf.shape[2]
+    out = a.new_empty(g * n + 1, d)
+    for c, rows, dest in _by_class(labels, dirs.components):
+        if rows is None:
+            return torch.bmm(a, dirs.lf[:, c].transpose(1, 2))
+        res = torch.bmm(a.reshape(g * n, r).index_select(0, rows).reshape(g, -1, r), dirs.lf[:, c].transpose(1, 2))
+        out.index_copy_(0, dest, res.reshape(-1, d))
+    return out[:-1].reshape(g, n, d)
 
 
 def subspace_move(path, p: Particles, lam, step, dirs: Directions, generator):
     """One subspace-MALA transition of every chain on gamma_lambda of `path` (lam, step: [N]; dirs from `factors`,
     whose components are the classes of the model's logits, or one for all). Returns (particles, MalaInfo)."""
-    lf, n_comp = dirs
-    g, d, cr = lf.shape
-    r = cr // n_comp
+    g, n_comp, d, r = dirs.lf.shape
     n = len(p.x) // g
 
     def label(q):
@@ -58,15 +98,13 @@ def subspace_move(path, p: Particles, lam, step, dirs: Directions, generator):
 
     s = step.reshape(g, n, 1).float()
     lab = label(p)
-    cols = _class_columns(lab, r)
 
     def along(q):  # L^T grad log gamma at q, in the chain's class: [G, n, r]
-        return torch.gather(torch.bmm(path.grad(q, lam).reshape(g, n, d).float(), lf), 2, cols)
+        return project(path.grad(q, lam).reshape(g, n, d).float(), dirs, lab)
 
     zeta = torch.randn((g, n, r), generator=generator, device=p.x.device, dtype=torch.float32)
     da = 0.5 * s * s * along(p) + s * zeta
-    spread = torch.zeros(g, n, cr, dtype=da.dtype, device=da.device).scatter_(2, cols, da)  # 0 outside the class
-    y = p.x + torch.bmm(spread, lf.transpose(1, 2)).reshape(-1, d).to(p.x.dtype)
+    y = p.x + expand(da, dirs, lab).reshape(-1, d).to(p.x.dtype)
     inside = (y.abs() <= 1.0).all(-1)
     q = path.evaluate(y.clamp(-1.0, 1.0))
     same = (label(q) == lab).reshape(-1)
