@@ -8,10 +8,11 @@ independent populations (one per replica of the SE); a population whose weights 
 size) is resampled (systematic resampling, an SMC sampler): chains that reached a deep, narrow region multiply
 instead of leaving the estimate to one lucky weight. Pipeline, in this order:
 `references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
-(pilot anneal through the same stage, `smc.stage`: step sizes and Var(log g - log q) per lambda, then frozen) -> `bridge_schedule` (lambdas equally
-spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal: per lambda the SMC stage
-`smc.stage`, reweight -> resample -> move, the move one reflected-MALA step `paths.mala_move` and one MALA step
-along the fitted mixture's principal directions of the chain's class, `subspace.subspace_move`).
+(pilot anneal through the same stage, `smc.stage`: step sizes and Var(log g - log q) per lambda, then frozen) ->
+`bridge_schedule` (lambdas equally spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal:
+per lambda the SMC stage `smc.stage`, reweight -> resample -> move, the move one reflected-MALA step
+`paths.mala_move` and one MALA step along the fitted mixture's principal directions of the chain's class,
+`subspace.subspace_move`).
 Chains are laid out [G, n] (G groups = ascending sweep betas) and flattened to [G * n].
 """
 from __future__ import annotations

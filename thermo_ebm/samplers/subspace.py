@@ -46,7 +46,8 @@ def _by_class(labels, n_comp):
     padding sent to index G * n (a spare row); rows is None where every chain is of class c."""
     g, n = labels.shape
     order = torch.argsort(labels, dim=1, stable=True)
-    counts = torch.zeros(g, n_comp, dtype=torch.long, device=labels.device).scatter_add_(1, labels, torch.ones_like(labels))
+    counts = torch.zeros(g, n_comp, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))                   # [G, C]
     starts = counts.cumsum(1) - counts
     first = torch.arange(g, device=labels.device)[:, None] * n
     for c, k in enumerate(counts.max(0).values.tolist()):
