@@ -52,7 +52,7 @@ def test_hmc_move_keeps_a_box_truncated_target():
 def test_subspace_products_take_each_chains_class_columns():
     """`project` and `expand` (one product per class, over its chains) equal the dense products over every class's
     directions followed by picking the chain's class columns, with classes missing from some groups."""
-    from thermo_ebm.samplers.subspace import Directions, expand, project
+    from thermo_ebm.samplers.subspace import Directions, by_class, expand, project
     g, n, d, c, r = 3, 17, 20, 4, 5
     gen = torch.Generator().manual_seed(0)
     dirs = Directions(torch.randn((g, c, d, r), generator=gen))
@@ -61,12 +61,12 @@ def test_subspace_products_take_each_chains_class_columns():
     labels[0] = 2  # a group with one class only
     v = torch.randn((g, n, d), generator=gen)
     cols = labels[..., None] * r + torch.arange(r)
-    torch.testing.assert_close(project(v, dirs, labels), torch.gather(torch.bmm(v, lf), 2, cols))
+    torch.testing.assert_close(project(v, dirs, by_class(labels, c)), torch.gather(torch.bmm(v, lf), 2, cols))
     a = torch.randn((g, n, r), generator=gen)
     spread = torch.zeros(g, n, c * r).scatter_(2, cols, a)
-    torch.testing.assert_close(expand(a, dirs, labels), torch.bmm(spread, lf.transpose(1, 2)))
+    torch.testing.assert_close(expand(a, dirs, by_class(labels, c)), torch.bmm(spread, lf.transpose(1, 2)))
     one = torch.full((g, n), 3)  # every chain of one class: the products without gathering
-    torch.testing.assert_close(project(v, dirs, one), torch.bmm(v, lf[..., 3 * r:4 * r]))
+    torch.testing.assert_close(project(v, dirs, by_class(one, c)), torch.bmm(v, lf[..., 3 * r:4 * r]))
 
 
 def test_subspace_move_keeps_a_multimodal_target_on_the_box():

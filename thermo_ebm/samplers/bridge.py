@@ -162,12 +162,15 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
         def move(p, logw):  # adapt both steps to the acceptance of the chains that carry the weight
             nonlocal step_t, sub_t
             w = torch.softmax(logw.reshape(g, n_chains), 1).float()
+
+            def carried(info):  # [G]
+                return (w * info.accepted.float().reshape(g, n_chains)).sum(1)
             for _ in range(n_adapt):
                 p, info = mala_move(path, p, lam_t, step_t.repeat_interleave(n_chains), s.generator, s.kernel)
-                step_t = adapt_step(step_t, (w * info.accepted.float().reshape(g, n_chains)).sum(1))
+                step_t = adapt_step(step_t, carried(info))
                 if dirs is not None:
                     p, info = subspace_move(path, p, lam_t, sub_t.repeat_interleave(n_chains), dirs, s.generator)
-                    sub_t = adapt_step(sub_t, (w * info.accepted.float().reshape(g, n_chains)).sum(1), *SUB_STEP)
+                    sub_t = adapt_step(sub_t, carried(info), *SUB_STEP)
             return p, None, None
         st = stage(path, p, logw, prev, lam_t, n_chains, s.generator, move)  # the pilot is an SMC sampler too
         p, logw, origin, prev = st.particles, st.logw, origin[st.ancestors], lam_t

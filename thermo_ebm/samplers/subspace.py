@@ -40,51 +40,53 @@ def factors(mix: GaussMixture) -> Directions:
     return Directions((v * var.sqrt()).float().contiguous())
 
 
-def _by_class(labels, n_comp):
-    """Per class c that some chain predicts: (c, rows [G * K], dest [G * K]): flat indices into the [G * n] chains of
-    each group's chains of class c (labels [G, n]), padded to the largest group's count K; dest is rows with the
-    padding sent to index G * n (a spare row); rows is None where every chain is of class c."""
+def by_class(labels, n_comp):
+    """The chains of each class, for `project` and `expand`: per class c that some chain predicts, (c, rows [G * K],
+    dest [G * K]), flat indices into the [G * n] chains of each group's chains of class c (labels [G, n]), padded to
+    the largest group's count K; dest is rows with the padding sent to index G * n (a spare row); rows is None where
+    every chain is of class c."""
     g, n = labels.shape
     order = torch.argsort(labels, dim=1, stable=True)
     counts = torch.zeros(g, n_comp, dtype=torch.long, device=labels.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))                   # [G, C]
     starts = counts.cumsum(1) - counts
     first = torch.arange(g, device=labels.device)[:, None] * n
+    plan = []
     for c, k in enumerate(counts.max(0).values.tolist()):
         if k == n and bool((counts[:, c] == n).all()):
-            yield c, None, None
+            plan.append((c, None, None))
         elif k:
             j = torch.arange(k, device=labels.device)
             rows = order.gather(1, (starts[:, c, None] + j).clamp_max(n - 1)) + first
             dest = torch.where(j < counts[:, c, None], rows, torch.full_like(rows, g * n))
-            yield c, rows.reshape(-1), dest.reshape(-1)
+            plan.append((c, rows.reshape(-1), dest.reshape(-1)))
+    return plan
 
 
-def project(v, dirs: Directions, labels):
-    """L_tc^T v of each chain in its class c: v [G, n, D] float32 -> [G, n, r] (one product per class, over its
-    chains only)."""
-    g, n, d = v.shape
-    r = dirs.lf.shape[-1]
-    out = v.new_empty(g * n + 1, r)
-    for c, rows, dest in _by_class(labels, dirs.components):
+def _per_class(x, plan, mat):
+    """x [G, n, k] -> [G, n, k'], each chain's row times mat(c) [G, k, k'] of its class c (plan from `by_class`):
+    one product per class, over its chains only."""
+    g, n, k = x.shape
+    out = None
+    for c, rows, dest in plan:
+        m = mat(c)
         if rows is None:
-            return torch.bmm(v, dirs.lf[:, c])
-        res = torch.bmm(v.reshape(g * n, d).index_select(0, rows).reshape(g, -1, d), dirs.lf[:, c])
-        out.index_copy_(0, dest, res.reshape(-1, r))
-    return out[:-1].reshape(g, n, r)
+            return torch.bmm(x, m)
+        res = torch.bmm(x.reshape(g * n, k).index_select(0, rows).reshape(g, -1, k), m)
+        if out is None:
+            out = x.new_empty(g * n + 1, m.shape[-1])
+        out.index_copy_(0, dest, res.reshape(-1, m.shape[-1]))
+    return out[:-1].reshape(g, n, -1)
 
 
-def expand(a, dirs: Directions, labels):
-    """L_tc a of each chain in its class c: a [G, n, r] float32 -> [G, n, D]."""
-    g, n, r = a.shape
-    d = dirs.lf.shape[2]
-    out = a.new_empty(g * n + 1, d)
-    for c, rows, dest in _by_class(labels, dirs.components):
-        if rows is None:
-            return torch.bmm(a, dirs.lf[:, c].transpose(1, 2))
-        res = torch.bmm(a.reshape(g * n, r).index_select(0, rows).reshape(g, -1, r), dirs.lf[:, c].transpose(1, 2))
-        out.index_copy_(0, dest, res.reshape(-1, d))
-    return out[:-1].reshape(g, n, d)
+def project(v, dirs: Directions, plan):
+    """L_tc^T v of each chain in its class c: v [G, n, D] float32 -> [G, n, r]; plan = `by_class(labels, C)`."""
+    return _per_class(v, plan, lambda c: dirs.lf[:, c])
+
+
+def expand(a, dirs: Directions, plan):
+    """L_tc a of each chain in its class c: a [G, n, r] float32 -> [G, n, D]; plan = `by_class(labels, C)`."""
+    return _per_class(a, plan, lambda c: dirs.lf[:, c].transpose(1, 2))
 
 
 def subspace_move(path, p: Particles, lam, step, dirs: Directions, generator):
@@ -99,13 +101,14 @@ def subspace_move(path, p: Particles, lam, step, dirs: Directions, generator):
 
     s = step.reshape(g, n, 1).float()
     lab = label(p)
+    plan = by_class(lab, n_comp)  # the chains of each class (the move keeps each chain in its class)
 
     def along(q):  # L^T grad log gamma at q, in the chain's class: [G, n, r]
-        return project(path.grad(q, lam).reshape(g, n, d).float(), dirs, lab)
+        return project(path.grad(q, lam).reshape(g, n, d).float(), dirs, plan)
 
     zeta = torch.randn((g, n, r), generator=generator, device=p.x.device, dtype=torch.float32)
     da = 0.5 * s * s * along(p) + s * zeta
-    y = p.x + expand(da, dirs, lab).reshape(-1, d).to(p.x.dtype)
+    y = p.x + expand(da, dirs, plan).reshape(-1, d).to(p.x.dtype)
     inside = (y.abs() <= 1.0).all(-1)
     q = path.evaluate(y.clamp(-1.0, 1.0))
     same = (label(q) == lab).reshape(-1)
