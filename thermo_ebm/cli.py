@@ -163,12 +163,14 @@ def train(ctx, resume, overwrite, **opts):
     options = _explicit(ctx, names) if resume else {n: opts[n] for n in names}
     options.setdefault("name", opts["name"])
     dist.setup(opts["device"])  # under torchrun: join the process group (DDP training)
+    done = False
     try:
         out = run(resume=resume, overwrite=overwrite, progress=dist.is_main(), **options)
         dist.synchronize()
+        done = True
     finally:
         main_rank = dist.is_main()
-        dist.teardown()
+        dist.teardown(orderly=done)
     if main_rank:
         click.echo(json.dumps(out))
 
@@ -278,15 +280,17 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
     check_group(path, group, replace_group)  # before any work
     dist.setup(device)  # under torchrun: each process runs one shard of the chains
     with reserve_group(path, group) if dist.is_main() else contextlib.nullcontext():
+        done = False
         try:
             with _log_file(log_file if dist.is_main() else None):
                 ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
                          heldout=None if heldout == "none" else heldout,
                          device=device, progress=dist.is_main(), compile=compile_, **budget)
             dist.synchronize()
+            done = True
         finally:
             main_rank = dist.is_main()
-            dist.teardown()
+            dist.teardown(orderly=done)
         if main_rank:  # rank 0 alone writes the results file
             g = save_measurement(ds, path, group, replace_group)
     if main_rank:

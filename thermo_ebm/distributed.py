@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -55,10 +56,36 @@ def synchronize():
         dist.barrier()
 
 
-def teardown():
-    """Leave the process group, if one was joined."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+LEAVE_TIMEOUT = timedelta(seconds=60)  # longest rank 0 waits for the other ranks to leave after a success
+
+
+def teardown(orderly: bool = False):
+    """Leave the process group, if one was joined. orderly (after `synchronize`, on success): rank 0, whose
+    process serves the group's TCP store, exits only once every other rank has left the group, so that no
+    rank's teardown finds the store gone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    r, n = dist.get_rank(), dist.get_world_size()
+    store = _default_store() if orderly and n > 1 else None
+    dist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        if r:
+            store.set(f"thermo_ebm/left/{r}", "1")
+        else:
+            store.wait([f"thermo_ebm/left/{i}" for i in range(1, n)], LEAVE_TIMEOUT)
+    except RuntimeError as e:  # a rank that died after its work is reported by its own exit code
+        logging.getLogger("thermo_ebm").warning("process group teardown: %s", e)
+
+
+def _default_store():
+    """The default group's key-value store (None where this torch does not expose it)."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None else None
+    except RuntimeError:
+        return None
 
 
 def resolve_device(device: str) -> torch.device:
