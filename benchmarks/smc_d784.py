@@ -34,7 +34,8 @@ for engine in args.engines.split(","):
     ds = measure(system, temps, ensemble="joint", data=data, device="cpu", seed=args.seed, engine=engine)
     sec = time.perf_counter() - t0
     row = dict(engine=engine, seconds=sec, stage_seconds=json.loads(ds.attrs["stage_seconds"]), temps=temps,
-               flags={k: ds[k].values.astype(int).tolist() for k in ds.data_vars if k.startswith("flag_")})
+               flags={k: ds[k].values.astype(int).tolist() for k in ds.data_vars if k.startswith("flag_")},
+               bridge_lambdas=json.loads(ds.attrs.get("bridge_schedule_lengths", "null")))
     for q in ("log_Z", "log_Z_forward", "U", "C", "I_XY_bits"):
         ref = exact["log_Z" if q == "log_Z_forward" else q]
         est, se = ds[q].values, ds[q + "_err"].values
@@ -42,7 +43,8 @@ for engine in args.engines.split(","):
                       z=((est - ref) / se).tolist())
         print(f"{engine:<4} {q:<14} error " + " ".join(f"{e:+9.2f}" for e in est - ref)
               + "   SE " + " ".join(f"{v:7.2f}" for v in se), flush=True)
-    print(f"{engine:<4} {sec:.0f} s, stages {row['stage_seconds']}, flags raised: "
+    print(f"{engine:<4} {sec:.0f} s, stages {row['stage_seconds']}, data-seeded lambdas {row['bridge_lambdas']}, "
+          "flags raised: "
           + ", ".join(k for k, v in row["flags"].items() if any(v)), flush=True)
     runs.append(row)
 out = Path(args.out or Path(__file__).parent / "results" / f"smc_d784_seed{args.seed}.json")

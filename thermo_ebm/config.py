@@ -135,8 +135,9 @@ class MeasureConfig:
     reference_steps: int = 400  # pilot MALA steps that settle the reference states at each temperature
     bridge_chains: int = 512    # chains per temperature annealed from the base (the reported log Z), in `replicas`
                                 # populations (32 each: 8 cannot carry the split between classes at d = 784)
-    bridge_steps: int = 300     # minimum number of lambdas (raised to ais_steps_per_l2 x L^2 of the longest path)
-    max_bridge_steps: int | None = None  # most lambdas of that anneal (None: no cap; a capped path raises flag_low_ess)
+    bridge_steps: int = 300     # minimum number of lambdas of each temperature's path (raised to ais_steps_per_l2 x
+                                # its L^2)
+    max_bridge_steps: int | None = None  # most lambdas of a path (None: no cap; a capped path raises flag_low_ess)
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
     crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
     crosscheck_chains: int = 256  # with data and that cap reached: its chains (at most ais_chains; a one-sided check)

@@ -119,19 +119,20 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     bt = bridge.tune_bridge(s, base, p.betas, refs.step, population, n_chains=cfg.tune_chains // 2,
                             n_stages=cfg.tune_stages, n_adapt=cfg.tune_adapt)
     base = make_base(bt.shares)
-    length = bt.length()[-1]
-    n_steps = max(cfg.bridge_steps, int(math.ceil(cfg.ais_steps_per_l2 * float(length.max()) ** 2)))
+    length = bt.length()[-1]   # [T]
+    # each temperature's path gets the lambdas its own length asks for (the rule of the forward anneal)
+    n_steps = np.maximum(cfg.bridge_steps, np.ceil(cfg.ais_steps_per_l2 * length ** 2)).astype(int)
     if cfg.max_bridge_steps is not None:  # under-annealed where the rule asks for more (flags.bridge_capped)
-        n_steps = min(n_steps, max(cfg.max_bridge_steps, cfg.bridge_steps))
+        n_steps = np.minimum(n_steps, max(cfg.max_bridge_steps, cfg.bridge_steps))
     lam, steps, sub = bridge.bridge_schedule(bt, n_steps)
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
     n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
     pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
-    res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_chains=cfg.bridge_chains // cfg.shards,
+    res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_steps, n_chains=cfg.bridge_chains // cfg.shards,
                             n_keep=cfg.chains // cfg.shards, pop=pop)
     out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
                        res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],
-                       np.array([n_steps]), length[None], bt.shares[None], np.array([res.resampled]))
+                       n_steps[None], length[None], bt.shares[None], np.array([res.resampled]))
     return res.states, out
 
 
@@ -171,7 +172,7 @@ def _smc_from_data(p: Problem, base, make_base, population, s: Sampler):
     out = SeededRecord(lw.reshape(n_t, n).cpu().numpy(), res.energy[0].reshape(n_t, n).cpu().numpy(),
                        res.energy2[0].reshape(n_t, n).cpu().numpy(),
                        torch.softmax(beta[:, None] * q.logits, -1).reshape(n_t, n, -1).cpu().numpy(),
-                       res.accept[0].numpy()[None], res.nonfinite[0].numpy()[None], np.array([len(sched.lambdas)]),
+                       res.accept[0].numpy()[None], res.nonfinite[0].numpy()[None], np.full((1, n_t), len(sched.lambdas)),
                        np.full((1, n_t), np.nan), np.asarray(shares)[None], np.array([res.resampled]))
     states = smc.resampled_states(s, q, lw, n_t, cfg.chains // cfg.shards)
     return states, out

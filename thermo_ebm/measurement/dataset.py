@@ -59,7 +59,8 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
         **p.desc,
     }
     if th.from_data is not None:
-        attrs["bridge_schedule_length"] = int(pooled.seeded.steps.max())
+        attrs["bridge_schedule_length"] = int(pooled.seeded.steps.max())   # the longest temperature's path
+        attrs["bridge_schedule_lengths"] = json.dumps(pooled.seeded.steps.max(0)[rev].tolist())  # ascending T
         attrs["bridge_thermodynamic_length_max"] = float(pooled.seeded.length.max())
         attrs["bridge_resamples_per_population"] = float(pooled.seeded.resampled.mean())
     coords = {"temperature": p.temps, "temperature_raw": ("temperature", p.temps * p.t_ref),

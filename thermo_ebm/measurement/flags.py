@@ -55,7 +55,7 @@ def bridge_capped(cfg: MeasureConfig, seeded) -> np.ndarray | bool:
     it: that temperature is under-annealed and its log Z biased low, whatever its ESS says."""
     if seeded is None or cfg.max_bridge_steps is None or cfg.engine != "ais":
         return False
-    return cfg.ais_steps_per_l2 * seeded.length.max(0) ** 2 > seeded.steps.min()
+    return cfg.ais_steps_per_l2 * seeded.length.max(0) ** 2 > seeded.steps.min(0)
 
 
 @dataclass
@@ -104,8 +104,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
         flags["flag_hysteresis"] = (-g > HYSTERESIS_Z * gs) | u_gap
     if th.from_data is not None:
         n_sched = int(b.steps.max())
-        longer = (f"anneal longer (data-seeded path: {n_sched} lambdas = max(bridge_steps {cfg.bridge_steps}, "
-                  f"ais_steps_per_l2 {cfg.ais_steps_per_l2:g} x L^2 {float(b.length.max()) ** 2:.0f}); "
+        longer = (f"anneal longer (data-seeded paths: each max(bridge_steps {cfg.bridge_steps}, ais_steps_per_l2 "
+                  f"{cfg.ais_steps_per_l2:g} x its L^2) lambdas, the longest {n_sched} for L^2 "
+                  f"{float(b.length.max()) ** 2:.0f}); "
                   "raise --ais-steps-per-l2 or --bridge-chains)")
     else:
         longer = (f"anneal longer (schedule {len(pl.schedule)} betas = max(ais_steps {cfg.ais_steps}, ais_steps_per_l2 "

@@ -49,7 +49,7 @@ class SeededRecord(Record):
     p_y: np.ndarray         # [T, N, K] p_T(y | x) of each chain
     accept: np.ndarray      # [S, T]
     nonfinite: np.ndarray   # [S, T]
-    steps: np.ndarray       # [S] schedule length (lambdas or SMC stages)
+    steps: np.ndarray       # [S, T] schedule length of each temperature's path (lambdas or SMC stages)
     length: np.ndarray      # [S, T] thermodynamic length of each temperature's path (nan for SMC)
     shares: np.ndarray      # [S, T, P] the base populations' weights
     resampled: np.ndarray   # [S] resampling events per population

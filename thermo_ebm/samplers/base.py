@@ -66,6 +66,11 @@ class KernelBase:
     def groups(self):
         return self.centres.shape[0]
 
+    def take(self, groups) -> "KernelBase":
+        """The base of the groups `groups` [G'] (long) only: each group's density is unchanged."""
+        return KernelBase(self.centres[groups], self.sigma[groups], self.weights[groups],
+                          tuple(mix.take(groups) for mix in self.gauss))
+
     def log_prob(self, x):
         """log q(x) [N] (float64) and its gradient [N, D] (float32); x: [G * n, D] grouped as the chains, in the
         box."""

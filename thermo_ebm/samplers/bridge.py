@@ -26,7 +26,7 @@ from ..estimators import thermodynamic_length
 from ..progress import progress_bar
 from .base import KernelBase
 from .gaussians import directions, fit
-from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step
+from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
 from .paths import Bridge, mala_move, per_chain, reweight, weighted_pick
 from .smc import stage
 from .subspace import factors, subspace_move
@@ -185,16 +185,19 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
     return BridgeTuning(lambdas, log_step, log_sub, torch.stack(var).cpu().numpy(), shares.cpu().numpy())
 
 
-def bridge_schedule(tuning: BridgeTuning, n_steps: int):
-    """Per-group lambdas [n_steps + 1, G], equally spaced in that group's thermodynamic length, and the
-    pilot's step sizes of both moves interpolated to them (frozen): (lam, step, sub) [n_steps + 1, G] each."""
+def bridge_schedule(tuning: BridgeTuning, n_steps):
+    """Per-group lambdas, n_steps[t] + 1 of them for group t equally spaced in its thermodynamic length, and the
+    pilot's step sizes of both moves interpolated to them (frozen): (lam, step, sub) [K + 1, G] each, K =
+    max(n_steps); a group's column stays at lambda = 1 after its last stage (`run_bridge` runs no stage there)."""
     L = tuning.length()
     g = L.shape[1]
-    lam = np.empty((n_steps + 1, g))
+    n_steps = np.broadcast_to(np.asarray(n_steps, dtype=int), (g,)).copy()
+    lam = np.ones((int(n_steps.max()) + 1, g))
     step, sub = np.empty_like(lam), np.empty_like(lam)
     for t in range(g):
-        lam[:, t] = np.interp(np.linspace(0.0, L[-1, t], n_steps + 1), L[:, t], tuning.lambdas)
-        lam[0, t], lam[-1, t] = 0.0, 1.0
+        k = n_steps[t]
+        lam[:k + 1, t] = np.interp(np.linspace(0.0, L[-1, t], k + 1), L[:, t], tuning.lambdas)
+        lam[0, t], lam[k:, t] = 0.0, 1.0
         step[:, t] = np.exp(np.interp(lam[:, t], tuning.lambdas, tuning.log_step[:, t]))
         sub[:, t] = np.exp(np.interp(lam[:, t], tuning.lambdas, tuning.log_sub[:, t]))
     return lam, step, sub
@@ -213,22 +216,25 @@ class BridgeResult:
     resampled: float         # resampling events per population
 
 
-def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, *, n_chains, n_keep, pop) -> BridgeResult:
-    """The counted anneal from q_t to p_beta_t for every group, with frozen lambdas and step sizes of both moves
-    [K+1, G]: reweight, resample (populations of `pop` consecutive chains, see `resample`), move."""
+def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, n_steps=None, *, n_chains, n_keep,
+               pop) -> BridgeResult:
+    """The counted anneal from q_t to p_beta_t, group t on its frozen lambdas and step sizes of both moves
+    ([K + 1, G]) for n_steps[t] stages (default: K): reweight, resample (populations of `pop` consecutive chains,
+    see `resample`), move. Every group starts at lambda = 0 together; a group that reaches lambda = 1 leaves the
+    batch, so the anneal costs sum_t n_steps[t] group-stages, not G K."""
     if n_chains % pop:
         raise ValueError(f"populations of {pop} chains do not divide {n_chains} chains")
-    g = base.groups
-    path = Bridge(s, base, betas, n_chains)
-    x, logw, _ = path.start(g * n_chains, s.generator, s.device)
+    g, n = base.groups, n_chains
+    n_steps = np.broadcast_to(np.asarray(lam.shape[0] - 1 if n_steps is None else n_steps, dtype=int), (g,)).copy()
+    x, logw, _ = Bridge(s, base, betas, n).start(g * n, s.generator, s.device)
+    idx = np.arange(g)   # the groups in the batch
+    path, dirs, lam_t, step_t, sub_t = _batch(s, base, betas, idx, lam, step, sub, n)
     p = path.evaluate(x)
-    lam_t = torch.as_tensor(np.repeat(lam, n_chains, axis=1), dtype=torch.float64, device=s.device)
-    step_t = torch.as_tensor(np.repeat(step, n_chains, axis=1), dtype=torch.float32, device=s.device)
-    sub_t = torch.as_tensor(np.repeat(sub, n_chains, axis=1), dtype=torch.float32, device=s.device)
-    dirs = _directions(base)
     acc_sum = torch.zeros(g, device=s.device)
     bad = torch.zeros(g, device=s.device)
+    done = {}  # group -> (log-weights, <E | x>, <E^2 | x>, p_T(y | x), x) at lambda = 1
     resampled = 0
+
     def moves(k):  # a MALA step, then (where the base resolves directions) a subspace move, at lambda_k
         def move(p, logw):
             p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
@@ -238,15 +244,43 @@ def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, *, n_chains,
                 bad = bad + (~sub_info.finite).float()
             return p, info.accepted.float(), bad
         return move
-    for k in progress_bar(range(1, lam.shape[0]), desc="bridge SMC", enabled=s.progress):
+    bar = progress_bar(total=int(n_steps.sum()), desc="bridge SMC", enabled=s.progress)
+    for k in range(1, lam.shape[0]):
         st = stage(path, p, logw, lam_t[k - 1], lam_t[k], pop, s.generator, moves(k))
         p, logw, resampled = st.particles, st.logw, resampled + st.resampled
-        acc_sum += st.accept.reshape(g, n_chains).mean(1)
-        bad += st.nonfinite.reshape(g, n_chains).sum(1)
-    lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw).reshape(g, n_chains)
-    e, e2 = path.energy(p, lam_t[-1])
-    p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if s.ensemble.kind == "joint"
-           else torch.ones_like(p.logits[:, :1]))
-    kept = mala_init(s.model, s.ensemble, p.x[weighted_pick(lw, n_keep, s.generator)].reshape(-1, *s.shape))
-    return BridgeResult(lw, e.reshape(g, -1), e2.reshape(g, -1), p_y.double().reshape(g, n_chains, -1), kept,
-                        acc_sum / max(lam.shape[0] - 1, 1), bad, resampled / (g * n_chains // pop))
+        acc_sum[idx] += st.accept.reshape(len(idx), n).mean(1)
+        bad[idx] += st.nonfinite.reshape(len(idx), n).sum(1)
+        bar.update(len(idx))
+        leave = n_steps[idx] == k
+        if not leave.any():
+            continue
+        e, e2 = path.energy(p, lam_t[k])
+        p_y = (torch.softmax(path.beta[:, None] * p.logits, -1) if s.ensemble.kind == "joint"
+               else torch.ones_like(p.logits[:, :1]))
+        lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw)
+        for j in np.flatnonzero(leave):
+            rows = slice(j * n, (j + 1) * n)
+            done[int(idx[j])] = (lw[rows], e[rows], e2[rows], p_y[rows].double(), p.x[rows])
+        if leave.all():
+            break
+        keep = torch.as_tensor(np.repeat(~leave, n), device=s.device)
+        idx = idx[~leave]
+        p, logw = take(p, keep.nonzero()[:, 0]), logw[keep]
+        path, dirs, lam_t, step_t, sub_t = _batch(s, base, betas, idx, lam, step, sub, n)
+    bar.close()
+    lw, e, e2, p_y, xs = (torch.stack(v) for v in zip(*(done[t] for t in range(g))))
+    kept = mala_init(s.model, s.ensemble, xs.reshape(g * n, -1)[weighted_pick(lw, n_keep, s.generator)]
+                     .reshape(-1, *s.shape))
+    return BridgeResult(lw, e, e2, p_y, kept, acc_sum / torch.as_tensor(n_steps, device=s.device).clamp_min(1),
+                        bad, resampled / (g * n // pop))
+
+
+def _batch(s: Sampler, base: KernelBase, betas, idx, lam, step, sub, n):
+    """The path of the groups idx [G'] (the base's rows), the fitted directions of the subspace move, and their
+    frozen lambdas and step sizes per chain [K + 1, G' n]."""
+    b = base if len(idx) == base.groups else base.take(torch.as_tensor(idx, device=base.centres.device))
+
+    def per(a, dtype):
+        return torch.as_tensor(np.repeat(a[:, idx], n, axis=1), dtype=dtype, device=s.device)
+    return (Bridge(s, b, np.asarray(betas)[idx], n), _directions(b), per(lam, torch.float64), per(step, torch.float32),
+            per(sub, torch.float32))

@@ -100,6 +100,11 @@ class GaussMixture:
     def components(self):
         return self.mean.shape[1]
 
+    def take(self, groups) -> "GaussMixture":
+        """The mixture of the groups `groups` [G'] (long) only."""
+        return GaussMixture(self.weights[groups], self.mean[groups], self.diag[groups], self.factor[groups],
+                            self.centre[groups])
+
     def recentred(self, centre) -> "GaussMixture":
         """The same mixture with its products centred at `centre` [G, 1, D] (shared with a KernelBase's kernels)."""
         return GaussMixture(self.weights, self.mean, self.diag, self.factor, centre)
