@@ -74,7 +74,9 @@ row = dict(
         info_bits_at_1=[float(ds.info_bits[i1]), float(ds.info_bits_err[i1])])),
     origin_gap=[float(v) for v in ds.origin_gap.values] if "origin_gap" in ds else None,
     log_Z_gap_reverse=[float(v) for v in ds.log_Z_gap.values],
+    C=[[float(v), float(e)] for v, e in zip(ds.C.values, ds.C_err.values)],
     ess=[float(v) for v in ds.ess.values], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
+    bridge_schedule_lengths=json.loads(ds.attrs.get("bridge_schedule_lengths", "null")),
     ais_schedule_length=ds.attrs["ais_schedule_length"], figure=str(Path(fig).relative_to(ROOT)),
     engine=a.engine, max_time=a.max_time, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),
 )
