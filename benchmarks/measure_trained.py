@@ -7,7 +7,8 @@ log Z gap, the reverse-AIS gap, the C-peak temperature +- SE, I(X;Y) and info at
     python benchmarks/measure_trained.py                       # trains the digits demo model if needed
     (measure runs with max_time = --max-time, 240 s by default: flagged runs are repeated with doubled schedules)
     python benchmarks/measure_trained.py --ckpt checkpoints/mnist_j_ebm.pt --name mnist
-    python benchmarks/measure_trained.py --ckpt ... --name mnist_raw --raw-temps 1e-3:1:16   # geometric, raw scale
+    python benchmarks/measure_trained.py --ckpt ... --name mnist_raw --raw-temps 4e-3:1:16 --max-time 0   # raw scale
+    python benchmarks/measure_trained.py ... --set samples=4000 --set burn_in=1500   # MeasureConfig fields (a longer sweep)
 """
 import argparse
 import json
@@ -34,7 +35,10 @@ p.add_argument("--max-time", type=float, default=240.0,
 p.add_argument("--engine", default="ais", choices=["ais", "smc"], help="measure's engine")
 p.add_argument("--raw-temps", default=None, metavar="START:STOP:N",
                help="N geometrically spaced temperatures on the logits' scale instead of the design card's")
+p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+               help="a MeasureConfig field for this run, e.g. --set samples=4000 --set burn_in=1500")
 a = p.parse_args()
+budget = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
 work = Path(a.work)
 work.mkdir(parents=True, exist_ok=True)
 os.chdir(work)
@@ -52,7 +56,7 @@ if a.raw_temps:
     units, temps = "raw", np.geomspace(float(lo), float(hi), int(n))
 t0 = time.perf_counter()
 ds = measure(ckpt, temps, ensemble="joint", units=units, device="cpu", seed=0, max_time=a.max_time or None,
-             engine=a.engine)
+             engine=a.engine, **budget)
 sec = time.perf_counter() - t0
 h5 = work / f"measure_trained_{a.name}.h5"
 h5.unlink(missing_ok=True)
@@ -78,7 +82,7 @@ row = dict(
     ess=[float(v) for v in ds.ess.values], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
     bridge_schedule_lengths=json.loads(ds.attrs.get("bridge_schedule_lengths", "null")),
     ais_schedule_length=ds.attrs["ais_schedule_length"], figure=str(Path(fig).relative_to(ROOT)),
-    engine=a.engine, max_time=a.max_time, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),
+    engine=a.engine, max_time=a.max_time, settings=budget, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),
 )
 print(json.dumps(row, indent=1))
 out = ROOT / "benchmarks" / "results" / f"measure_trained_{a.name}.json"
