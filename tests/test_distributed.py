@@ -103,3 +103,19 @@ def test_max_time_under_torchrun_decides_once_for_every_rank(digits_ckpt):
     assert codes == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     ds = read_group("dist_mt.h5", "measure_joint")
     assert ds.attrs["attempts"] >= 2 and len(json.loads(ds.attrs["attempt_seconds"])) == ds.attrs["attempts"]
+
+
+def test_a_worker_rank_leaves_without_the_interpreter_finalisation_that_could_abort_it():
+    """After its orderly teardown a rank other than 0 exits 0 at once, flushing what it printed: here an
+    exit handler that aborts (as C++ destructors did, rarely, under load) never runs; rank 0 carries on."""
+    code = ("import atexit, os, sys\n"
+            "from thermo_ebm import distributed as dist\n"
+            "atexit.register(os.abort)\n"
+            "print('before', flush=False)\n"
+            "dist.leave_worker()\n"
+            "atexit.unregister(os.abort)\n"
+            "print('rank 0 goes on')\n")
+    runs = {r: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r)}) for r in (0, 1)}
+    assert (runs[1].returncode, runs[1].stdout) == (0, "before\n"), runs[1].stderr
+    assert (runs[0].returncode, runs[0].stdout) == (0, "before\nrank 0 goes on\n"), runs[0].stderr

@@ -169,10 +169,9 @@ def train(ctx, resume, overwrite, **opts):
         dist.synchronize()
         done = True
     finally:
-        main_rank = dist.is_main()
         dist.teardown(orderly=done)
-    if main_rank:
-        click.echo(json.dumps(out))
+    dist.leave_worker()
+    click.echo(json.dumps(out))
 
 
 def parse_temps(spec: str) -> np.ndarray:
@@ -289,14 +288,12 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
             dist.synchronize()
             done = True
         finally:
-            main_rank = dist.is_main()
             dist.teardown(orderly=done)
-        if main_rank:  # rank 0 alone writes the results file
-            g = save_measurement(ds, path, group, replace_group)
-    if main_rank:
-        scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
-        click.echo(f"wrote group '{g}' of {path} ({ds.sizes['temperature']} temperatures in {scale}, "
-                   f"{ds.attrs['seconds']:.0f} s)")
+        dist.leave_worker()  # rank 0 alone writes the results file
+        g = save_measurement(ds, path, group, replace_group)
+    scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
+    click.echo(f"wrote group '{g}' of {path} ({ds.sizes['temperature']} temperatures in {scale}, "
+               f"{ds.attrs['seconds']:.0f} s)")
 
 
 @cli.command("eval")
