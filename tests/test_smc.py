@@ -214,6 +214,26 @@ def test_missed_phase_says_how_many_replicas_carry_the_phase_the_sweep_missed():
     assert np.isnan(missed_phase(logw, u, m2, lo, hi, betas, r)[5][0])  # nothing outside: no ESS
 
 
+def test_missed_phase_se_is_at_least_what_its_few_carriers_allow():
+    """Every replica holds exactly one chain in the missed phase (E = 10, the rest at 0, equal weights): the
+    replicas agree, so their spread is zero, yet 16 carriers determine the phase's mass only to 1 / sqrt(16).
+    The SE is then the delta-method one over single chains, 10 sqrt(m (1 - m) / N) for U (m = 16 / N); with no
+    chain outside, both parts and their SEs are zero."""
+    r, per = 16, 64
+    n = r * per
+    u = np.zeros((1, n))
+    u[0, ::per] = 10.0
+    logw, m2 = np.zeros((1, n)), u ** 2
+    lo, hi, betas = np.array([-1.0]), np.array([1.0]), np.array([1.0])
+    du, du_se, dc, dc_se, mass, _ = missed_phase(logw, u, m2, lo, hi, betas, r)
+    m = r / n
+    assert np.isclose(du[0], 10 * m) and np.isclose(dc[0], 100 * m * (1 - m))
+    assert np.isclose(du_se[0], 10 * np.sqrt(m * (1 - m) / n), rtol=1e-9), du_se
+    assert dc_se[0] > 0.2 * dc[0]
+    none = missed_phase(logw, np.zeros((1, n)), np.zeros((1, n)), lo, hi, betas, r)
+    assert none[0][0] == none[1][0] == none[2][0] == none[3][0] == 0.0
+
+
 def test_label_entropy_se_follows_the_replicas_weight_shares():
     """H(Y) from weights carries the same Kish SE as a weighted mean: over 1,000 draws of 16 replicas with
     lognormal shares (sigma 1.5), each of 64 chains sure of label 1 with probability 0.8, the z-scores against

@@ -86,23 +86,28 @@ def weighted_mean(logw, values, n_replicas: int):
     return est, replica_se(replica_means(logw, values, r, k), logw, r, k)
 
 
-def class_mix_se(u, p_chain, logw, p_y, n_replicas: int):
-    """SE [T] that sweep-chain means u [T, C] inherit from the class mix of the annealing weights they were drawn
-    from, where chains keep their class: each chain's class is the argmax of its mean p_T(y | x), p_chain
+def class_mix_se(u, m2, p_chain, logw, p_y, betas, n_replicas: int):
+    """SEs [T] of U and C that sweep-chain means inherit from the class mix of the annealing weights the chains were
+    drawn from, where chains keep their class: each chain's class is the argmax of its mean p_T(y | x), p_chain
     [T, C, K]; each replica of the weights logw [T, N] (p_y [T, N, K]: p_T(y | x) of its chains) gives class shares
-    P_r, and sum_y P_r(y) ubar_y over the classes the chains hold (ubar_y: their mean u) varies between replicas as
-    the mix does. Returns the Kish replica SE of that sum (`replica_se`); the chains' own SE misses this part."""
+    P_r, and over the classes the chains hold (ubar_y, m2bar_y: their chains' mean E and E^2, u and m2 [T, C])
+    U_r = sum_y P_r(y) ubar_y and C_r = beta^2 (sum_y P_r(y) m2bar_y - U_r^2) vary between replicas as the mix
+    does. Returns the Kish replica SEs (`replica_se`) of U_r and C_r; the chains' own SEs miss this part."""
     k_cls = p_chain.shape[-1]
     onehot = p_chain.argmax(-1)[..., None] == np.arange(k_cls)                       # [T, C, K]
     n_k = onehot.sum(1)
     held = n_k > 0
-    ubar = np.where(held, (onehot * u[..., None]).sum(1) / np.maximum(n_k, 1), 0.0)  # [T, K]
+
+    def per_class(a):                                                                # [T, K]
+        return np.where(held, (onehot * a[..., None]).sum(1) / np.maximum(n_k, 1), 0.0)
     lw = np.where(np.isnan(logw), -np.inf, logw)
     r, k = replica_split(lw.shape[-1], n_replicas)
-    share = replica_means(lw, p_y, r, k)                                                # [T, R, K]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mix = (share * (held * ubar)[:, None]).sum(-1) / (share * held[:, None]).sum(-1)  # [T, R]
-    return replica_se(mix, lw, r, k)
+        share = replica_means(lw, p_y, r, k) * held[:, None]                           # [T, R, K]
+        share = share / share.sum(-1, keepdims=True)
+    u_r = (share * per_class(u)[:, None]).sum(-1)                                     # [T, R]
+    c_r = np.asarray(betas, dtype=np.float64)[:, None] ** 2 * ((share * per_class(m2)[:, None]).sum(-1) - u_r ** 2)
+    return replica_se(u_r, lw, r, k), replica_se(c_r, lw, r, k)
 
 
 def weighted_heat(logw, u, m2, betas, n_replicas: int):
@@ -151,10 +156,30 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     reps = np.stack([parts(logw[:, i * m:(i + 1) * m], u[:, i * m:(i + 1) * m], m2[:, i * m:(i + 1) * m])
                      for i in range(r)], -1)
     du_se, dc_se = replica_se(reps[0], logw, r, k), replica_se(reps[1], logw, r, k)
+    # at least the delta-method SE over single particles: a part carried by a few heavy weights has relative
+    # error ~ 1 / sqrt(their ESS), which replicas that all hold a few of them can understate
+    du_lin, dc_lin = _missed_phase_delta_se(logw, u, m2, lo, hi, b2)
+    du_se, dc_se = np.fmax(du_se, du_lin), np.fmax(dc_se, dc_lin)
     part = replica_weights(logw, r, k, (u < lo) | (u > hi))  # each replica's part of the mass outside
     with np.errstate(invalid="ignore"):
         ess = part.sum(-1) ** 2 / (part ** 2).sum(-1)
     return est[0], du_se, est[1], dc_se, est[2], ess / r
+
+
+def _missed_phase_delta_se(logw, u, m2, lo, hi, b2):
+    """Delta-method SEs [T] of `missed_phase`'s dU and dC over independent particles: the root sum of squares of
+    each particle's influence on U_w - U_w(inside) and C_w - C_w(inside)."""
+    w = np.exp(logw - logw.max(-1, keepdims=True))
+    w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+    inside = (u >= lo) & (u <= hi)
+    wi = w * inside
+    wi = wi / np.maximum(wi.sum(-1, keepdims=True), 1e-300)
+
+    def influence(v):  # of U_v and C_v = b2 (M2_v - U_v^2) under normalised weights v
+        mu, s2 = (v * u).sum(-1, keepdims=True), (v * m2).sum(-1, keepdims=True)
+        return v * (u - mu), b2[:, None] * v * (m2 - s2 - 2 * mu * (u - mu))
+    (iu, ic), (ju, jc) = influence(w), influence(wi)
+    return np.sqrt(((iu - ju) ** 2).sum(-1)), np.sqrt(((ic - jc) ** 2).sum(-1))
 
 
 def label_entropy(logw, p_y, n_replicas):

@@ -116,10 +116,13 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     iu, im2 = names.index("u"), names.index("m2")
     U, U_sweep_se = jackknife(blocks, lambda m: m[..., iu])
     U, U_se = U + du, np.sqrt(U_sweep_se ** 2 + du_se ** 2)  # plus what the chains miss (zero when they miss nothing)
+    mix_c_se = np.zeros(n_t)
     if b is not None and ens.kind == "joint":  # the chains start from the data-seeded weights' mix of classes
         ih = names.index("h_y_given_x")
-        mix_se = class_mix_se(blocks[..., iu], blocks[..., ih + 1: ih + 1 + ens.n_classes], b.logw, b.p_y, n_rep)
-        U_se = np.sqrt(U_se ** 2 + np.nan_to_num(mix_se) ** 2)
+        mix_u_se, mix_c_se = class_mix_se(blocks[..., iu], blocks[..., im2], blocks[..., ih + 1: ih + 1 + ens.n_classes],
+                                          b.logw, b.p_y, betas, n_rep)
+        U_se = np.sqrt(U_se ** 2 + np.nan_to_num(mix_u_se) ** 2)
+        mix_c_se = np.nan_to_num(mix_c_se)
 
     def heat(m):
         b = betas.reshape((-1,) + (1,) * (m.ndim - 2))
@@ -128,7 +131,7 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     # all of it, since C at neighbouring T is positively correlated through the swaps
     C_cov = jackknife_cov(blocks, heat)
     sweep_se = {"U": U_sweep_se, "C": np.sqrt(np.diag(C_cov))}
-    C_cov = C_cov + np.diag(dc_se ** 2)
+    C_cov = C_cov + np.diag(dc_se ** 2 + mix_c_se ** 2)
     C, C_se = heat(blocks.mean(axis=1)) + dc, np.sqrt(np.diag(C_cov))
     t_asc = 1.0 / betas[::-1]
     peak = peak_position(t_asc, C[::-1], C_cov[::-1, ::-1], seed=p.seed)
