@@ -172,6 +172,47 @@ def test_kernel_base_with_a_fitted_mixture_is_normalised(monkeypatch):
         assert torch.allclose(torch.cov(xk.T), covs[k], atol=0.004)
 
 
+def test_stratified_draws_keep_the_law_of_the_base_and_fix_each_populations_mix():
+    """Components allotted by systematic sampling within runs of 32 chains: each draw's component still has the
+    base's law (per-slot frequencies over 4,000 repeats: z-scores within 4.5, SD about 1), each run holds every
+    component within 1 of its expected count, and draws of a base with kernels, a fitted mixture and uniform
+    have q's mass and mean on the box (grid integrals) as independent draws do."""
+    from thermo_ebm.samplers.base import stratified
+    g = torch.Generator().manual_seed(1)
+    w = torch.tensor([[0.1, 0.25, 0.05, 0.6], [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    reps, n, block = 4000, 80, 32  # runs of 32, 32 and 16 draws
+    picks = torch.stack([stratified(w, n, block, g) for _ in range(reps)])           # [reps, G, n]
+    freq = torch.nn.functional.one_hot(picks, 4).double().mean(0)                       # [G, n, K]
+    live = (w > 0)[:, None, :].expand_as(freq)
+    z = ((freq - w[:, None]) / torch.sqrt(w * (1 - w) / reps)[:, None])[live & (w < 1)[:, None, :]]
+    assert z.abs().max() < 4.5 and 0.85 < z.std() < 1.15, (z.abs().max(), z.std())
+    for start, size in ((0, 32), (32, 32), (64, 16)):
+        counts = torch.nn.functional.one_hot(picks[..., start:start + size], 4).sum(-2).double()
+        assert torch.all((counts - size * w).abs() < 1 + 1e-9)
+    centres = torch.tensor([[[0.5, -0.2]]], dtype=torch.float64)
+    sigma = torch.tensor([[[0.3, 0.2]]], dtype=torch.float64)
+    mean = torch.tensor([[[0.1, 0.2], [-0.4, -0.3]]], dtype=torch.float64)
+    diag = torch.tensor([[[0.05, 0.02], [0.01, 0.04]]], dtype=torch.float64)
+    factor = torch.tensor([[[[0.2], [0.25]], [[-0.15], [0.1]]]], dtype=torch.float64)
+    mix = GaussMixture(torch.tensor([[0.7, 0.3]], dtype=torch.float64), mean, diag, factor)
+    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), (mix,))
+    k = 401
+    h = 2.0 / k
+    c = torch.linspace(-1 + h / 2, 1 - h / 2, k, dtype=torch.float64)
+    grid = torch.cartesian_prod(c, c)
+    q = base.log_prob(grid)[0].exp() * h * h
+    exact = torch.cat([q.sum()[None], (q[:, None] * grid).sum(0)])                     # P(box), E[x 1_box]
+    for blk in (None, 40):
+        x, comp = base.sample(200_000, g, blk)
+        inside = (x.abs() <= 1).all(-1, keepdim=True).double()
+        vals = torch.cat([inside, x * inside], -1)
+        se = vals.std(0) / math.sqrt(len(x))
+        assert torch.all((vals.mean(0) - exact).abs() < 4 * se + 2e-4), (blk, vals.mean(0), exact)
+        if blk is not None:  # the kernel, the mixture and uniform: 12, 20 and 8 of every 40
+            counts = torch.stack([(comp[0, i:i + 40, None] == torch.arange(3)).sum(0) for i in range(0, 400, 40)])
+            assert torch.equal(counts, torch.tensor([[12, 20, 8]] * 10))
+
+
 def test_fitted_mixture_recovers_low_rank_classes_and_its_density_is_exact():
     """`gaussians.fit` on exact draws of two 40-d classes with covariance s^2 (I + rank-3 stretch): weights,
     means and covariances come back within sampling error, and log_components equals scipy's log density."""

@@ -95,12 +95,17 @@ class KernelBase:
             grad = grad + torch.bmm(rt, self._grad_w)                   # rt: [G, n, sum C r]
         return logq.reshape(-1), grad.reshape(-1, d)
 
-    def sample(self, n: int, generator):
+    def sample(self, n: int, generator, block: int | None = None):
         """n exact draws from each q_t: x [G * n, D] float64, grouped, and their population [G, n] (M: the
-        fitted mixture when there is one, the last: uniform). Draws of the fitted mixture may lie outside the box."""
+        fitted mixture when there is one, the last: uniform). Draws of the fitted mixture may lie outside the box.
+        block: the components are allotted by `stratified` within each run of `block` consecutive draws (each
+        draw still has q_t's law); None: independently."""
         g, m, d = self.centres.shape
         dev = self.centres.device
-        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        if block is None:
+            comp, which = torch.multinomial(self.weights, n, replacement=True, generator=generator), None
+        else:
+            comp, which = self._stratified(n, block, generator)
         k = comp.clamp_max(m - 1)
         mu = torch.gather(self.centres, 1, k[..., None].expand(g, n, d))
         sig = torch.gather(self.sigma, 1, k[..., None].expand(g, n, d))
@@ -110,15 +115,48 @@ class KernelBase:
         xu = uniform(g * n, (d,), generator, dev).double().reshape(g, n, d)
         x = torch.where((comp == self.weights.shape[-1] - 1)[..., None], xu, x)
         for f, mix in enumerate(self.gauss):
-            which = torch.multinomial(mix.weights, n, replacement=True, generator=generator)
-            x = torch.where((comp == m + f)[..., None], mix.sample(which, generator), x)
+            sub = (torch.multinomial(mix.weights, n, replacement=True, generator=generator) if which is None
+                   else which[f])
+            x = torch.where((comp == m + f)[..., None], mix.sample(sub, generator), x)
         return x.reshape(g * n, d), comp
 
+    def _stratified(self, n, block, generator):
+        """`sample`'s components [G, n], and for each fitted mixture its own component [G, n] (used where the
+        first is that mixture's), allotted by `stratified` over every component of every mixture at once."""
+        m = self.centres.shape[1]
+        parts = [self.weights[:, :m], *(self.weights[:, m + f, None] * mix.weights for f, mix in enumerate(self.gauss)),
+                 self.weights[:, -1:]]                                        # kernels, mixtures' components, uniform
+        pick = stratified(torch.cat(parts, 1), n, block, generator)
+        first = torch.as_tensor(np.cumsum([0] + [q.shape[1] for q in parts]), device=pick.device)
+        comp = torch.where(pick < m, pick, torch.bucketize(pick, first[1:], right=True) - 1 + m)
+        which = [(pick - first[1 + f]).clamp(0, mix.components - 1) for f, mix in enumerate(self.gauss)]
+        return comp, which
 
-def start_states(base: KernelBase, n: int, generator, shape):
+
+def stratified(weights, n: int, block: int, generator):
+    """Component indices [G, n] with law weights [G, K] at every draw, allotted by systematic sampling within
+    each run of `block` consecutive draws (the last run may be shorter) and shuffled there: a component's count
+    in a run is within 1 of its expectation, where independent draws leave it binomial (a phase the base holds
+    with 10% of 32 draws: 3.2 +- 1.7). Runs are independent, so statistics over runs keep their meaning."""
+    g, k = weights.shape
+    dev = weights.device
+    slot = torch.arange(n, device=dev)
+    run = slot // block
+    size = torch.clamp(n - run * block, max=block).double()
+    offset = torch.rand((g, int(run[-1]) + 1), generator=generator, device=dev, dtype=torch.float64)
+    pos = (offset[:, run] + (slot - run * block).double()) / size
+    cdf = torch.cumsum(weights.double(), -1)
+    cdf = cdf / cdf[:, -1:]
+    pick = torch.searchsorted(cdf, pos.contiguous(), right=True).clamp_max(k - 1)
+    key = run.double() + torch.rand((g, n), generator=generator, device=dev, dtype=torch.float64)
+    return torch.gather(pick, 1, torch.argsort(key, dim=-1))
+
+
+def start_states(base: KernelBase, n: int, generator, shape, block: int | None = None):
     """Draws of q_t as chain states [G * n, *shape] (float32, in the box) and their initial log-weights [G * n]
-    (0, or -inf for a Gaussian draw outside the box, where the target has no mass), and their components."""
-    x, comp = base.sample(n, generator)
+    (0, or -inf for a Gaussian draw outside the box, where the target has no mass), and their components;
+    block: see `KernelBase.sample`."""
+    x, comp = base.sample(n, generator, block)
     inside = (x.abs() <= 1.0).all(-1)
     lw0 = torch.where(inside, torch.zeros_like(x[:, 0]), torch.full_like(x[:, 0], -math.inf))
     return x.clamp(-1.0, 1.0).float().reshape(-1, *shape), lw0, comp

@@ -228,7 +228,7 @@ def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, n_steps=None
     n_steps = np.broadcast_to(np.asarray(lam.shape[0] - 1 if n_steps is None else n_steps, dtype=int), (g,)).copy()
     idx = np.arange(g)   # the groups in the batch
     path, dirs, lam_t, step_t, sub_t = _batch(s, base, betas, idx, lam, step, sub, n)
-    x, logw, _ = path.start(g * n, s.generator, s.device)
+    x, logw, _ = path.start(g * n, s.generator, s.device, block=pop)  # each population holds the base's mix
     p = path.evaluate(x)
     acc_sum = torch.zeros(g, device=s.device)
     bad = torch.zeros(g, device=s.device)

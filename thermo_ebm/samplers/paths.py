@@ -83,9 +83,10 @@ class Bridge:
         self.n = n
         self.beta = per_chain(betas, n, base.centres.device)
 
-    def start(self, n, generator, device):
-        """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n]."""
-        x, lw0, comp = start_states(self.base, n // self.base.groups, generator, (self.d,))
+    def start(self, n, generator, device, block=None):
+        """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n];
+        block: components allotted within runs of that many chains (`KernelBase.sample`)."""
+        x, lw0, comp = start_states(self.base, n // self.base.groups, generator, (self.d,), block)
         return x, lw0.to(device), comp.reshape(-1).to(device)
 
     def evaluate(self, x) -> Particles:
