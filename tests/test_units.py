@@ -333,7 +333,7 @@ def test_sweep_loop_takes_device_tensors_and_matches_run_sweep():
     ref = run_sweep(Sampler(model, ens, (3,), torch.Generator().manual_seed(1), "cpu"), init, betas, step0, **kw)
     out = sweep_loop(Sampler(model, ens, (3,), torch.Generator().manual_seed(1), "cpu"), init,
                      torch.tensor(betas, dtype=torch.float32), torch.tensor(step0), **kw)
-    np.testing.assert_array_equal((out["sums"] / 6).reshape(3, 8, -1).numpy(), ref.chain_means)
+    np.testing.assert_array_equal((sum(out["chunks"]) / 6).reshape(3, 8, -1).numpy(), ref.chain_means)
     np.testing.assert_array_equal(out["state"].x.numpy(), ref.final.x.numpy())
     np.testing.assert_array_equal(out["step"].numpy(), ref.step)
 
@@ -438,3 +438,44 @@ def test_class_mix_se_covers_the_mix_sweep_chains_inherit_from_the_weights():
     assert 0.9 < z[:, 1].std() < 1.12 and abs(z[:, 1].mean()) < 0.1, (z[:, 1].std(), z[:, 1].mean())
     # C is quadratic in the mix and its 16 replicas' SE is itself noisy: SD 1.15 here (1.13-1.16 over seeds)
     assert 0.9 < z[:, 3].std() < 1.25 and abs(z[:, 3].mean()) < 0.15, (z[:, 3].std(), z[:, 3].mean())
+
+
+def test_sweep_length_runs_a_short_sweep_on_and_drops_its_start():
+    """An AR(1) trace (a = 0.95; Sokal's tau from 200 steps ~14): 200 samples and 50 burn-in are short (10 tau,
+    5 tau), so the sweep runs on to 1.5 x both, its first production steps dropped in whole chunks; capped by `most`
+    it keeps at least what it had; a white-noise trace leaves the sweep as it was."""
+    from thermo_ebm.samplers.sweep import CHUNK, SweepLength, sweep_length
+    rng = np.random.default_rng(0)
+    a, n = 0.95, 200
+    x = np.zeros((n, 2, 64))
+    for i in range(1, n):
+        x[i] = a * x[i - 1] + rng.standard_normal((2, 64))
+    tau = max(integrated_autocorr_time(x[:, t]) for t in range(2))
+    got = sweep_length(x, 50, n, most=10_000)
+    drop = got.burn_in - 50
+    assert drop % CHUNK == 0 and drop >= 7.5 * tau - 50 > drop - CHUNK
+    assert got.samples >= 15 * tau and got.burn_in >= 7.5 * tau
+    capped = sweep_length(x, 50, n, most=250)  # 250 production steps in all: 50 dropped, 200 kept
+    assert capped == SweepLength(100, n)
+    assert sweep_length(rng.standard_normal((n, 2, 64)), 50, n, most=10_000) == SweepLength(50, n)
+
+
+def test_a_sweep_short_against_tau_runs_on_until_its_chains_mix():
+    """DoubleWells(64) with 10 burn-in and 60 production steps (tau_E ~ 5-9): flag_poor_mixing at the defaults'
+    factor 1 (the sweep as asked); with sweep_max_factor 4 the sweep runs on, drops its start, says how long it
+    ran, clears the flag, and U and C agree with the exact values within 4 SE."""
+    from thermo_ebm import measure
+    from thermo_ebm.samplers.sweep import CHUNK
+    from thermo_ebm.testing import DoubleWells
+    system, temps = DoubleWells(64), [0.5, 1.0, 2.0]
+    exact = system.exact(temps, "marginal")
+    kw = dict(ensemble="marginal", seed=1, chains=16, burn_in=10, samples=60, ais_chains=128)
+    short = measure(system, temps, sweep_max_factor=1.0, **kw)
+    assert short.flag_poor_mixing.values.any() and (short.attrs["sweep_burn_in"], short.attrs["sweep_samples"]) == (10, 60)
+    ds = measure(system, temps, **kw)
+    burn, kept = ds.attrs["sweep_burn_in"], ds.attrs["sweep_samples"]
+    assert (burn - 10) % CHUNK == 0 and burn > 10 and kept > 60 and burn + kept <= 4 * 70
+    assert not ds.flag_poor_mixing.values.any() and np.all(kept >= 10 * ds.tau_E.values)
+    for q in ("U", "C"):
+        z = (ds[q].values - exact[q]) / ds[f"{q}_err"].values
+        assert np.all(np.abs(z) < 4), (q, z)

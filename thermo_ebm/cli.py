@@ -252,6 +252,9 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--chains", type=int, help="Sweep chains per temperature.")
 @budget_option("--burn-in", type=int, help="Sweep burn-in steps.")
 @budget_option("--samples", type=int, help="Sweep production steps.")
+@budget_option("--sweep-max-factor", type=float, help="A sweep short against tau_E (flag_poor_mixing) runs on at "
+               "its frozen steps, dropping its first steps as more burn-in, up to this x (burn-in + samples) steps "
+               "(1: never).")
 @budget_option("--replicas", type=int, help="Independent replica groups of chains for the SEs.")
 @budget_option("--reverse-steps", type=int, help="Reverse-AIS betas.")
 @budget_option("--data-refs", type=int, help="Data-seeded kernel centres per temperature.")

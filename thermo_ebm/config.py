@@ -122,6 +122,7 @@ class MeasureConfig:
     chains: int = 64            # sweep chains per temperature
     burn_in: int = 300
     samples: int = 1000         # production steps per sweep chain
+    sweep_max_factor: float = 4.0  # a sweep short against tau_E runs on, up to this x (burn_in + samples) steps
     exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
     thin: int = 5               # keep logits every `thin` production steps for MBAR
     reverse_steps: int = 500    # total reverse-AIS betas across all segments
@@ -177,6 +178,9 @@ class MeasureConfig:
                 raise ThermoEBMError(f"{o(name)} ({getattr(self, name)}) must split into {o('smc_populations')} "
                                      f"({self.smc_populations} >= 2) equal populations, a whole number per shard "
                                      f"({self.shards})")
+        if not (isinstance(self.sweep_max_factor, (int, float)) and 1.0 <= self.sweep_max_factor < math.inf):
+            raise ThermoEBMError(f"{o('sweep_max_factor')} must be a number >= 1 (1: the sweep never runs on), "
+                                 f"got {self.sweep_max_factor!r}")
         if not 0.0 < self.bridge_uniform < 1.0:
             raise ThermoEBMError(f"{o('bridge_uniform')} must lie in (0, 1), got {self.bridge_uniform!r}")
         if (self.chains < 2 or self.ais_chains < 2 * self.replicas or self.crosscheck_chains < 2 * self.replicas

@@ -18,7 +18,7 @@ from ..samplers import ais, bridge, paths, smc
 from ..samplers.base import KernelBase, population_weights
 from ..samplers.kernels import MalaState, Sampler
 from ..samplers.rng import stream_seed
-from ..samplers.sweep import run_sweep
+from ..samplers.sweep import SweepLength, run_sweep
 from .inputs import Problem
 from .records import ForwardRecord, Pooled, ReverseRecord, SeededRecord, SweepRecord
 
@@ -178,9 +178,11 @@ def _smc_from_data(p: Problem, base, make_base, population, s: Sampler):
     return states, out
 
 
-def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
+def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength | None = None) -> Pooled:
     """Forward AIS, (with data) the anneal from the data-informed base, sweep and reverse AIS for one shard of
-    the chains (its own generator), as the shard's records."""
+    the chains (its own generator), as the shard's records. The sweep runs on where it is short against tau_E
+    (`sweep_length`, up to sweep_max_factor x its steps): as long as `length` when given, else as long as this
+    shard's own chains ask (under torchrun: rank 0's), so that every shard's chains run equally long."""
     cfg, betas = p.cfg, p.betas
     gen = torch.Generator(device=p.device)
     gen.manual_seed(shard_seed(p.seed, shard))
@@ -208,8 +210,10 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
         init, seeded = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
                                          s)
     lap()
+    most = int(cfg.sweep_max_factor * (cfg.burn_in + cfg.samples)) - cfg.burn_in
     sw = run_sweep(s, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in, n_prod=cfg.samples,
-                   exchange=cfg.exchange, thin=cfg.thin)
+                   exchange=cfg.exchange, thin=cfg.thin, most=most,
+                   agree=(lambda own: length) if length is not None else dist.broadcast)
     lap()
     rev_lw = ais.run_reverse(s, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps)
     lap()
@@ -220,7 +224,7 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False) -> Pooled:
         labels = torch.multinomial(pr.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
     sweep = SweepRecord(sw.chain_means, sw.u_trace, sw.logits, sw.accept[None], sw.swap_accept[None],
                         sw.nonfinite[None], sw.step[None], sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy(),
-                        labels)
+                        labels, np.array([[sw.length.burn_in, sw.length.samples]]))
     return Pooled(forward, seeded, sweep, ReverseRecord(rev_lw), np.diff(clock)[None])
 
 
@@ -232,5 +236,8 @@ def _keep_first(states: MalaState, n_t: int, n: int) -> MalaState:
 
 def pool(p: Problem, pl: Plan, progress) -> Pooled:
     """Every shard's records: under torchrun this rank's shard, gathered in rank order; else all shards here."""
-    shards = [dist.rank()] if dist.active() else range(p.cfg.shards)
-    return Pooled.cat([anneal(p, pl, s, progress) for s in shards])
+    if dist.active():
+        return Pooled.cat([anneal(p, pl, dist.rank(), progress)])
+    first = anneal(p, pl, 0, progress)  # its sweep's length is every shard's (as rank 0's is under torchrun)
+    length = SweepLength(*map(int, first.sweep.length[0]))
+    return Pooled.cat([first] + [anneal(p, pl, s, progress, length) for s in range(1, p.cfg.shards)])

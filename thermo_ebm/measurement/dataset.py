@@ -52,6 +52,7 @@ def to_dataset(p: Problem, pl: Plan, th: Thermo, flags: dict, extra: dict, poole
         "device": str(p.device), "settings": json.dumps(asdict(cfg)), **provenance(),
         "ais_schedule_length": len(pl.schedule), "thermodynamic_length": pl.length, "mbar_ok": int(th.mbar_ok),
         "ais_schedule_capped": int(pl.capped),
+        "sweep_burn_in": int(pooled.sweep.length[0, 0]), "sweep_samples": int(pooled.sweep.length[0, 1]),
         "seconds": seconds, "units": "log_Z, S, C and likelihoods in nats (k_B = 1), names ending in _bits in bits, F and U in "
                  "energy_units, temperatures in temperature_units (each variable's units and units_metadata say which)",
         "T_train": p.t_train, "temperature_units": p.units, "energy_units": energy_units,

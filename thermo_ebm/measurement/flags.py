@@ -82,7 +82,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
     # the SE of log mean w needs enough effective chains and a light tail (Pareto k) of the weights
     low_ess = too_few_effective(rep, n_chains, cfg.smc_populations) | bridge_capped(cfg, b)
     heavy = rep.k_hat > heavy_tail_limit(n_chains)  # nan (too few finite weights): left to the ESS flag
-    poor_mix = (cfg.samples < 10 * th.tau) | (cfg.burn_in < 5 * th.tau)
+    burn_in, samples = sw.length[0]  # as the sweep ran (run on where it was short against tau_E)
+    poor_mix = (samples < 10 * th.tau) | (burn_in < 5 * th.tau)
     flags = {"flag_nonfinite": bad > 0, "flag_low_acceptance": (sw_acc < 0.05) | (acc < 0.05),
              "flag_low_ess": low_ess, "flag_heavy_tails": heavy, "flag_poor_mixing": poor_mix}
     # the sweep chains disagree with the annealing weights on U: the chains hold the wrong mix of phases
@@ -118,7 +119,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
                   f"{cfg.smc_populations} populations")
     remedy = {"flag_nonfinite": "proposals with a non-finite log density (rejected and counted)",
               "flag_low_acceptance": "sampler acceptance below 5%", "flag_low_ess": longer, "flag_heavy_tails": longer,
-              "flag_poor_mixing": "raise --samples and --burn-in (the sweep chains are short against tau_E)",
+              "flag_poor_mixing": "raise --samples and --burn-in, or --sweep-max-factor (the sweep chains are short "
+                                  "against tau_E even after running on)",
               "flag_inconsistent": "U (U_resid) or, joint with data, p_T(y) (label_mix_z) of the "
                                    "sweep chains and of the annealing weights differ beyond 4 SE: the chains hold the wrong mix of phases; "
                                    "a longer sweep (--burn-in) or more chains",

@@ -1,7 +1,8 @@
 """Temperature-sweep chains: all temperatures in one batch with a per-chain beta, reflected MALA,
 replica-exchange swaps between neighbouring temperatures, burn-in (step sizes adapted per temperature,
-then frozen) and production (per-chain sums of the statistics the estimators need).
-Chains are laid out [T, C] (ascending beta) and flattened to [T * C].
+then frozen) and production (per-chain sums of the statistics the estimators need, in chunks of CHUNK steps).
+A sweep that is short against tau_E runs on at its frozen steps and drops its first chunks as more burn-in
+(`sweep_length`). Chains are laid out [T, C] (ascending beta) and flattened to [T * C].
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..estimators import integrated_autocorr_time
 from ..progress import progress_bar
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_step, take
 
@@ -26,6 +28,31 @@ class SweepResult:
     nonfinite: np.ndarray     # [T] non-finite proposal densities (burn-in + production)
     step: np.ndarray          # [T] frozen step sizes
     final: MalaState          # [T * C] final states
+    length: "SweepLength"     # the burn-in and kept production steps it ran
+
+
+CHUNK = 25  # production steps per partial sum: the unit in which a sweep's first steps can be dropped
+MARGIN = 1.5  # a sweep run on aims at MARGIN x the poor-mixing thresholds (10 tau_E kept, 5 tau_E burn-in)
+
+
+@dataclass(frozen=True)
+class SweepLength:
+    """Steps per chain before the kept samples (the adapted burn-in plus dropped production) and kept samples."""
+    burn_in: int
+    samples: int
+
+
+def sweep_length(u_trace, n_burn: int, n_prod: int, most: int) -> SweepLength:
+    """How long a sweep with production trace u_trace [n_prod, T, C] should run: as it is when every temperature
+    has 10 tau_E samples and 5 tau_E burn-in; else MARGIN x both, its first production steps (whole chunks) dropped
+    as burn-in, with at most `most` production steps in all (then at least n_prod kept)."""
+    tau = max(integrated_autocorr_time(u_trace[:, t, :]) for t in range(u_trace.shape[1]))
+    if not np.isfinite(tau) or (n_prod >= 10 * tau and n_burn >= 5 * tau):
+        return SweepLength(n_burn, n_prod)
+    drop = CHUNK * int(np.ceil(max(0.0, MARGIN * 5 * tau - n_burn) / CHUNK))
+    total = min(max(most, n_prod), max(n_prod, drop + int(np.ceil(MARGIN * 10 * tau))))
+    drop = min(drop, CHUNK * ((total - n_prod) // CHUNK)) if total - drop < n_prod else drop
+    return SweepLength(n_burn + drop, total - drop)
 
 
 def _stats(ensemble, logits, beta):
@@ -63,28 +90,56 @@ def _swap(state, ensemble, beta, n_t, c, phase, generator):
     return take(state, perm), acc.float().reshape(-1, c).mean(1), lo_t
 
 
-def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin) -> SweepResult:
-    """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes."""
-    ensemble = s.ensemble
-    t = sweep_loop(s, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin)
+def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin, most=None,
+              agree=None) -> SweepResult:
+    """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes. most: the
+    most production steps a sweep short against tau_E may run (`sweep_length`; None: n_prod, as asked); agree:
+    maps this sweep's SweepLength to the one to run (e.g. the first shard's, so that shards pool)."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
+    t = sweep_loop(s, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin)
+    length = SweepLength(n_burn, n_prod)
+    if most is not None and most > n_prod:
+        length = sweep_length(t["u_trace"].reshape(n_prod, n_t, c).cpu().numpy(), n_burn, n_prod, most)
+    if agree is not None:
+        length = agree(length)
+    more = length.burn_in + length.samples - n_burn - n_prod
+    if more > 0:
+        t = _go_on(s, t, betas, more, exchange, thin)
+    n_prod = n_prod + max(more, 0)
+    drop = min(start for start in t["starts"] if start >= length.burn_in - n_burn)  # a chunk's first step
+    keep = [i for i, start in enumerate(t["starts"]) if start >= drop]
+    length = SweepLength(n_burn + drop, n_prod - drop)
     return SweepResult(
-        chain_means=(t["sums"] / n_prod).reshape(n_t, c, -1).cpu().numpy(),
-        stat_names=stat_names(ensemble),
-        u_trace=t["u_trace"].reshape(n_prod, n_t, c).cpu().numpy(),
-        logits=t["logits"].reshape(len(t["logits"]), n_t, c, -1).cpu().double().numpy(),
+        chain_means=(sum(t["chunks"][i] for i in keep) / (n_prod - drop)).reshape(n_t, c, -1).cpu().numpy(),
+        stat_names=stat_names(s.ensemble),
+        u_trace=t["u_trace"][drop:].reshape(n_prod - drop, n_t, c).cpu().numpy(),
+        logits=t["logits"][torch.as_tensor(np.flatnonzero(t["logit_steps"] >= drop), device=t["logits"].device)]
+        .reshape(-1, n_t, c, t["logits"].shape[-1]).cpu().double().numpy(),
         accept=(t["acc_sum"] / n_prod).cpu().numpy(),
         swap_accept=(t["swap_sum"] / t["swap_n"].clamp_min(1)).cpu().numpy()[: n_t - 1],
         nonfinite=t["bad"].cpu().numpy(),
         step=t["step"].cpu().numpy(),
         final=t["state"],
+        length=length,
     )
+
+
+def _go_on(s: Sampler, t: dict, betas, n_more: int, exchange, thin) -> dict:
+    """`sweep_loop`'s output t run on by n_more production steps at its frozen step sizes."""
+    u = sweep_loop(s, t["state"], betas, t["step"], n_burn=0, n_prod=n_more, exchange=exchange, thin=thin)
+    n_prod = t["u_trace"].shape[0]
+    return dict(chunks=t["chunks"] + u["chunks"], starts=t["starts"] + [n_prod + k for k in u["starts"]],
+                u_trace=torch.cat([t["u_trace"], u["u_trace"]]), logits=torch.cat([t["logits"], u["logits"]]),
+                logit_steps=np.concatenate([t["logit_steps"], n_prod + u["logit_steps"]]),
+                **{k: t[k] + u[k] for k in ("acc_sum", "swap_sum", "swap_n", "bad")}, step=t["step"],
+                state=u["state"])
 
 
 def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin) -> dict:
     """The step loop of `run_sweep` (same arguments; betas and step0 may already be device tensors): device
-    tensors out, and nothing in the loop waits for the device (`perf.py gpu` runs it under CUDA's sync debug
+    tensors out (the statistics' sums over each chunk of CHUNK production steps, `chunks`, from the steps
+    `starts`), and nothing in the loop waits for the device (`perf.py gpu` runs it under CUDA's sync debug
     mode "error")."""
     model, ensemble, generator, device = s.model, s.ensemble, s.generator, s.device
     n_t = len(betas)
@@ -96,7 +151,7 @@ def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exc
     swap_n = torch.zeros_like(swap_sum)
     acc_sum = torch.zeros(n_t, device=device)
     bad = torch.zeros(n_t, device=device)
-    sums, u_trace, logits = None, [], []
+    chunks, starts, u_trace, logits = [], [], [], []
     total = n_burn + n_prod
     for i in progress_bar(range(total), desc="sweep", enabled=s.progress):
         step = step_t.repeat_interleave(c)
@@ -113,9 +168,14 @@ def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exc
         if i >= n_burn:
             acc_sum += acc_t
             st = _stats(ensemble, state.logits, beta)
-            sums = st if sums is None else sums + st
+            if (i - n_burn) % CHUNK == 0:
+                chunks.append(st)
+                starts.append(i - n_burn)
+            else:
+                chunks[-1] = chunks[-1] + st
             u_trace.append(st[:, 0].float())
             if (i - n_burn) % thin == 0:
                 logits.append(state.logits)
-    return dict(sums=sums, u_trace=torch.stack(u_trace), logits=torch.stack(logits), acc_sum=acc_sum,
-                swap_sum=swap_sum, swap_n=swap_n, bad=bad, step=step_t, state=state)
+    return dict(chunks=chunks, starts=starts, u_trace=torch.stack(u_trace), logits=torch.stack(logits),
+                logit_steps=np.arange(0, n_prod, thin),
+                acc_sum=acc_sum, swap_sum=swap_sum, swap_n=swap_n, bad=bad, step=step_t, state=state)
