@@ -134,19 +134,26 @@ def test_rotated_gaussian_exact_values_and_sampler():
     assert exact["log_Z"][0] == pytest.approx(direct, abs=1e-6)
 
 
-def test_kernel_base_with_a_fitted_mixture_is_normalised(monkeypatch):
-    """Kernels + a two-component low-rank-plus-diagonal Gaussian mixture (normalised on R^2) + uniform: q
-    integrates to w_kernels + w_u + w_g sum_c pi_c P_c(box) on the box, its gradient matches finite differences,
-    and draws of each component have its moments."""
-    from scipy.stats import multivariate_normal
-    g = torch.Generator().manual_seed(0)
+def _base_with_mixture():
+    """A 2-d base: one kernel (0.3), a two-component low-rank-plus-diagonal Gaussian mixture (0.5; components 0.7
+    and 0.3), uniform (0.2). Returns the base and the mixture."""
     centres = torch.tensor([[[0.5, -0.2]]], dtype=torch.float64)
     sigma = torch.tensor([[[0.3, 0.2]]], dtype=torch.float64)
     mean = torch.tensor([[[0.1, 0.2], [-0.4, -0.3]]], dtype=torch.float64)
     diag = torch.tensor([[[0.05, 0.02], [0.01, 0.04]]], dtype=torch.float64)
     factor = torch.tensor([[[[0.2], [0.25]], [[-0.15], [0.1]]]], dtype=torch.float64)
     mix = GaussMixture(torch.tensor([[0.7, 0.3]], dtype=torch.float64), mean, diag, factor)
-    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), (mix,))
+    return KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), (mix,)), mix
+
+
+def test_kernel_base_with_a_fitted_mixture_is_normalised(monkeypatch):
+    """Kernels + a two-component low-rank-plus-diagonal Gaussian mixture (normalised on R^2) + uniform: q
+    integrates to w_kernels + w_u + w_g sum_c pi_c P_c(box) on the box, its gradient matches finite differences,
+    and draws of each component have its moments."""
+    from scipy.stats import multivariate_normal
+    g = torch.Generator().manual_seed(0)
+    base, mix = _base_with_mixture()
+    mean, diag, factor = mix.mean, mix.diag, mix.factor
     n = 801
     h = 2.0 / n
     c = torch.linspace(-1 + h / 2, 1 - h / 2, n, dtype=torch.float64)
@@ -189,13 +196,7 @@ def test_stratified_draws_keep_the_law_of_the_base_and_fix_each_populations_mix(
     for start, size in ((0, 32), (32, 32), (64, 16)):
         counts = torch.nn.functional.one_hot(picks[..., start:start + size], 4).sum(-2).double()
         assert torch.all((counts - size * w).abs() < 1 + 1e-9)
-    centres = torch.tensor([[[0.5, -0.2]]], dtype=torch.float64)
-    sigma = torch.tensor([[[0.3, 0.2]]], dtype=torch.float64)
-    mean = torch.tensor([[[0.1, 0.2], [-0.4, -0.3]]], dtype=torch.float64)
-    diag = torch.tensor([[[0.05, 0.02], [0.01, 0.04]]], dtype=torch.float64)
-    factor = torch.tensor([[[[0.2], [0.25]], [[-0.15], [0.1]]]], dtype=torch.float64)
-    mix = GaussMixture(torch.tensor([[0.7, 0.3]], dtype=torch.float64), mean, diag, factor)
-    base = KernelBase(centres, sigma, torch.tensor([[0.3, 0.5, 0.2]]), (mix,))
+    base, _ = _base_with_mixture()
     k = 401
     h = 2.0 / k
     c = torch.linspace(-1 + h / 2, 1 - h / 2, k, dtype=torch.float64)
