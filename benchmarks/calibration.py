@@ -145,9 +145,9 @@ for name in args.systems.split(","):
             for f, text in AFFECTS.items():
                 if f in ds and (q in text or text.startswith("all")):
                     flagged |= ds[f].values.astype(bool)
-            z = (ds[q].values - exact[q]) / ds[q + "_err"].values
-            rows += [dict(system=name, seed=seed, T=t, quantity=q, z=float(zz), flagged=bool(fl))
-                     for t, zz, fl in zip(temps, z, flagged)]
+            err, se = ds[q].values - exact[q], ds[q + "_err"].values
+            rows += [dict(system=name, seed=seed, T=t, quantity=q, z=float(e / s), err=float(e), se=float(s), flagged=bool(fl))
+                     for t, e, s, fl in zip(temps, err, se, flagged)]
         write(out, rows, summary + summarise(name, rows, (time.perf_counter() - t0) / (i + 1)),
               {**{r["system"]: args.seeds for r in summary}, name: i + 1})
     sec = (time.perf_counter() - t0) / args.seeds
