@@ -8,6 +8,7 @@ log Z gap, the reverse-AIS gap, the C-peak temperature +- SE, I(X;Y) and info at
     (measure runs with max_time = --max-time, 240 s by default: flagged runs are repeated with doubled schedules)
     python benchmarks/measure_trained.py --ckpt checkpoints/mnist_j_ebm.pt --name mnist
     python benchmarks/measure_trained.py --ckpt ... --name mnist_raw --raw-temps 4e-3:1:16 --max-time 0   # raw scale
+    python benchmarks/measure_trained.py ... --raw-temps 4e-3:1:16 --add-raw-temps 0.0064,0.007   # a finer grid there
     python benchmarks/measure_trained.py ... --set samples=4000 --set burn_in=1500   # MeasureConfig fields (a longer sweep)
 """
 import argparse
@@ -35,6 +36,8 @@ p.add_argument("--max-time", type=float, default=240.0,
 p.add_argument("--engine", default="ais", choices=["ais", "smc"], help="measure's engine")
 p.add_argument("--raw-temps", default=None, metavar="START:STOP:N",
                help="N geometrically spaced temperatures on the logits' scale instead of the design card's")
+p.add_argument("--add-raw-temps", default="", metavar="T1,T2,...",
+               help="temperatures on the logits' scale added to --raw-temps' grid (e.g. between two around a transition)")
 p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                help="a MeasureConfig field for this run, e.g. --set samples=4000 --set burn_in=1500")
 a = p.parse_args()
@@ -54,6 +57,8 @@ temps = np.round(np.arange(0.5, 2.0001, 0.1), 3)
 if a.raw_temps:
     lo, hi, n = a.raw_temps.split(":")
     units, temps = "raw", np.geomspace(float(lo), float(hi), int(n))
+    if a.add_raw_temps:
+        temps = np.unique(np.concatenate([temps, [float(t) for t in a.add_raw_temps.split(",")]]))
 t0 = time.perf_counter()
 ds = measure(ckpt, temps, ensemble="joint", units=units, device="cpu", seed=0, max_time=a.max_time or None,
              engine=a.engine, **budget)
@@ -79,7 +84,9 @@ row = dict(
     origin_gap=[float(v) for v in ds.origin_gap.values] if "origin_gap" in ds else None,
     log_Z_gap_reverse=[float(v) for v in ds.log_Z_gap.values],
     C=[[float(v), float(e)] for v, e in zip(ds.C.values, ds.C_err.values)],
-    ess=[float(v) for v in ds.ess.values], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
+    ess=[float(v) for v in ds.ess.values], tau_E=[float(v) for v in ds.tau_E.values],
+    swap_accept=[float(v) for v in ds.swap_accept.values] if "swap_accept" in ds else None,
+    sweep_length=[ds.attrs.get("sweep_burn_in"), ds.attrs.get("sweep_samples")], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
     bridge_schedule_lengths=json.loads(ds.attrs.get("bridge_schedule_lengths", "null")),
     ais_schedule_length=ds.attrs["ais_schedule_length"], figure=str(Path(fig).relative_to(ROOT)),
     engine=a.engine, max_time=a.max_time, settings=budget, attempts=int(ds.attrs["attempts"]), attempt_seconds=json.loads(ds.attrs["attempt_seconds"]),

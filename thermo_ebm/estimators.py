@@ -141,11 +141,7 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]
 
     def parts(lw, a, a2):
-        w = np.exp(lw - lw.max(-1, keepdims=True))
-        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
-        inside = (a >= lo) & (a <= hi)
-        wi = w * inside
-        wi = wi / np.maximum(wi.sum(-1, keepdims=True), 1e-300)
+        w, inside, wi = _inside_weights(lw, a, lo, hi)
         u_all, u_in = (w * a).sum(-1), (wi * a).sum(-1)
         c_all = b2 * ((w * a2).sum(-1) - u_all ** 2)
         c_in = b2 * ((wi * a2).sum(-1) - u_in ** 2)
@@ -158,7 +154,8 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     du_se, dc_se = replica_se(reps[0], logw, r, k), replica_se(reps[1], logw, r, k)
     # at least the delta-method SE over single particles: a part carried by a few heavy weights has relative
     # error ~ 1 / sqrt(their ESS), which replicas that all hold a few of them can understate
-    du_lin, dc_lin = _missed_phase_delta_se(logw, u, m2, lo, hi, b2)
+    w, _, wi = _inside_weights(logw, u, lo, hi)
+    du_lin, dc_lin = _missed_phase_delta_se(w, wi, u, m2, b2)
     du_se, dc_se = np.fmax(du_se, du_lin), np.fmax(dc_se, dc_lin)
     part = replica_weights(logw, r, k, (u < lo) | (u > hi))  # each replica's part of the mass outside
     with np.errstate(invalid="ignore"):
@@ -166,14 +163,20 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     return est[0], du_se, est[1], dc_se, est[2], ess / r
 
 
-def _missed_phase_delta_se(logw, u, m2, lo, hi, b2):
-    """Delta-method SEs [T] of `missed_phase`'s dU and dC over independent particles: the root sum of squares of
-    each particle's influence on U_w - U_w(inside) and C_w - C_w(inside)."""
+def _inside_weights(logw, u, lo, hi):
+    """(w, inside, w_inside) [T, N]: normalised weights, whether <E | x> lies in [lo, hi], and the weights
+    renormalised over those inside."""
     w = np.exp(logw - logw.max(-1, keepdims=True))
     w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
     inside = (u >= lo) & (u <= hi)
     wi = w * inside
-    wi = wi / np.maximum(wi.sum(-1, keepdims=True), 1e-300)
+    return w, inside, wi / np.maximum(wi.sum(-1, keepdims=True), 1e-300)
+
+
+def _missed_phase_delta_se(w, wi, u, m2, b2):
+    """Delta-method SEs [T] of `missed_phase`'s dU and dC over independent particles, from the normalised weights
+    w and wi (inside the visited range) [T, N]: the root sum of squares of each particle's influence on
+    U_w - U_w(inside) and C_w - C_w(inside)."""
 
     def influence(v):  # of U_v and C_v = b2 (M2_v - U_v^2) under normalised weights v
         mu, s2 = (v * u).sum(-1, keepdims=True), (v * m2).sum(-1, keepdims=True)
