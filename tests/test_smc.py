@@ -101,40 +101,6 @@ def test_subspace_move_keeps_a_multimodal_target_on_the_box():
     assert (p.x - x0).norm(dim=-1).mean() > 0.3 and (p.x.abs() <= 1).all()
 
 
-def test_sweep_with_the_subspace_move_keeps_each_temperature_exact():
-    """The sweep's subspace move (`sweep.Subspace`) beside reflected MALA and swaps, on exact draws of the
-    four-mode d = 6 target at two temperatures: U and the classes' shares stay exact at both (within 4 SE over
-    1,000 chains), and the move is accepted and moves the chains. Directions per temperature and class."""
-    from thermo_ebm.samplers.gaussians import GaussMixture
-    from thermo_ebm.samplers.kernels import mala_init
-    from thermo_ebm.samplers.subspace import factors
-    from thermo_ebm.samplers.sweep import Subspace, run_sweep
-    system = ModeSwitch(6, s_wide=0.5, s_narrow=0.2, corner=0.6, n_exact=20_000)
-    ens = Ensemble("joint", system.k)
-    temps, n, d, r = [1.0, 1.25], 1000, 6, 3
-    g = torch.Generator().manual_seed(5)
-    x = torch.cat([system.sample(t, n, seed=6 + i)[0] for i, t in enumerate(temps)])
-    q = torch.linalg.qr(torch.randn(2, system.k, d, r, generator=g, dtype=torch.float64))[0]
-    mix = GaussMixture(torch.full((2, system.k), 0.25, dtype=torch.float64),
-                       torch.zeros(2, system.k, d, dtype=torch.float64),
-                       torch.full((2, system.k, d), 1e-2, dtype=torch.float64), 0.4 * q)
-    sub = Subspace(factors(mix), np.full(2, 0.8))
-    betas = 1.0 / np.asarray(temps)[::-1]
-    init = mala_init(system, ens, torch.cat([x[n:], x[:n]]))  # ascending beta: T = 1.25 first
-    res = run_sweep(Sampler(system, ens, system.shape, g, "cpu"), init, betas, np.full(2, 0.3), n_burn=20,
-                    n_prod=40, exchange=True, thin=10, sub=sub)
-    exact = system.exact(temps[::-1])
-    u = res.chain_means[..., res.stat_names.index("u")]                         # [T, C]
-    assert np.all(np.abs(u.mean(1) - exact["U"]) < 4 * u.std(1) / np.sqrt(n)), (u.mean(1), exact["U"])
-    classes = res.final.logits.argmax(-1).reshape(2, n).numpy()
-    for t in range(2):
-        p_y = exact["p_y"][t]
-        shares = np.bincount(classes[t], minlength=system.k) / n
-        assert np.all(np.abs(shares - p_y) < 4 * np.sqrt(p_y * (1 - p_y) / n) + 1e-3), (t, shares, p_y)
-    assert np.all((res.sub_accept > 0.2) & (res.sub_accept < 0.95)), res.sub_accept
-    assert (res.final.x.reshape(2 * n, -1) - init.x.reshape(2 * n, -1)).norm(dim=-1).mean() > 0.3
-
-
 @pytest.mark.parametrize("make, kind", [
     (lambda: TruncatedGaussian(64), "marginal"),
     (lambda: DoubleWells(64), "marginal"),

@@ -264,8 +264,6 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")
 @budget_option("--exchange/--no-exchange", help="Replica-exchange swaps between neighbouring temperatures.")
-@budget_option("--sweep-subspace/--no-sweep-subspace", help="With data (engine ais): after every MALA step of the "
-               "sweep, a MALA move along the data-informed base's fitted directions of the chain's class.")
 @budget_option("--mbar/--no-mbar", help="MBAR cross-check of log Z on the sweep samples.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "

@@ -124,8 +124,6 @@ class MeasureConfig:
     samples: int = 1000         # production steps per sweep chain
     sweep_max_factor: float = 4.0  # a sweep short against tau_E runs on, up to this x (burn_in + samples) steps
     exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
-    sweep_subspace: bool = True  # with data (engine ais): a subspace-MALA move along the base's fitted directions
-                                 # after every sweep MALA step
     thin: int = 5               # keep logits every `thin` production steps for MBAR
     reverse_steps: int = 500    # total reverse-AIS betas across all segments
     mbar: bool = True

@@ -18,7 +18,7 @@ from ..samplers import ais, bridge, paths, smc
 from ..samplers.base import KernelBase, population_weights
 from ..samplers.kernels import MalaState, Sampler
 from ..samplers.rng import stream_seed
-from ..samplers.sweep import Subspace, SweepLength, run_sweep
+from ..samplers.sweep import SweepLength, run_sweep
 from .inputs import Problem
 from .records import ForwardRecord, Pooled, ReverseRecord, SeededRecord, SweepRecord
 
@@ -97,8 +97,7 @@ def sampler(p: Problem, generator, progress) -> Sampler:
 
 
 def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
-    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard): (states for
-    the sweep, SeededRecord, the sweep's subspace move along the base's directions or None). The base
+    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
     mixes five populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian per
     predicted class and one pooled Gaussian fitted to the data-seeded chains, uniform; the pilot sets each
     population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
@@ -134,8 +133,7 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
                        res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],
                        n_steps[None], length[None], bt.shares[None], np.array([res.resampled]))
-    dirs = bridge.directions_of(base)  # the sweep moves along them too, from the pilot's step at lambda = 1
-    return res.states, out, None if dirs is None else Subspace(dirs, np.exp(bt.log_sub[-1]))
+    return res.states, out
 
 
 def _smc_forward(p: Problem, pl: Plan, n_keep: int, s: Sampler) -> ais.ForwardResult:
@@ -177,7 +175,7 @@ def _smc_from_data(p: Problem, base, make_base, population, s: Sampler):
                        res.accept[0].numpy()[None], res.nonfinite[0].numpy()[None], np.full((1, n_t), len(sched.lambdas)),
                        np.full((1, n_t), np.nan), np.asarray(shares)[None], np.array([res.resampled]))
     states = smc.resampled_states(s, q, lw, n_t, cfg.chains // cfg.shards)
-    return states, out, None
+    return states, out
 
 
 def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength | None = None) -> Pooled:
@@ -206,20 +204,16 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength
     n_t = len(betas)
     forward = ForwardRecord(fwd.logw.cpu().numpy(), fwd.energy.cpu().numpy(), fwd.energy2.cpu().numpy(),
                             fwd.accept.cpu().numpy()[None], fwd.nonfinite.cpu().numpy()[None])
-    init, seeded, sub = fwd.states, None, None  # [T * c] without data
+    init, seeded = fwd.states, None  # [T * c] without data
     lap()
     if p.data is not None:
-        init, seeded, sub = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
+        init, seeded = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
                                          s)
     lap()
     most = int(cfg.sweep_max_factor * (cfg.burn_in + cfg.samples)) - cfg.burn_in
     sw = run_sweep(s, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in, n_prod=cfg.samples,
                    exchange=cfg.exchange, thin=cfg.thin, most=most,
-                   agree=(lambda own: length) if length is not None else dist.broadcast,
-                   sub=sub if cfg.sweep_subspace else None)
-    if np.isfinite(sw.sub_accept).any():
-        log.info("sweep: subspace move along the base's directions accepted %.0f-%.0f%% (by temperature)",
-                 100 * np.nanmin(sw.sub_accept), 100 * np.nanmax(sw.sub_accept))
+                   agree=(lambda own: length) if length is not None else dist.broadcast)
     lap()
     rev_lw = ais.run_reverse(s, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps)
     lap()

@@ -29,9 +29,10 @@ from .gaussians import directions, fit
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take
 from .paths import Bridge, mala_move, per_chain, reweight, weighted_pick
 from .smc import stage
-from .subspace import SUB_STEP, factors, subspace_move
+from .subspace import factors, subspace_move
 
 COV_SNAPSHOTS = 12  # states per data-seeded pilot chain that enter the fitted mixture
+SUB_STEP = (1e-3, 4.0)  # bounds of the subspace move's step, in units of the component's SD along a direction
 DATA_STATES = 4096  # most data states whose principal directions the fitted mixture uses
 
 
@@ -109,7 +110,7 @@ def _data_directions(s: Sampler, data, n_labels):
     return directions(flat, labels, n_labels), directions(flat, torch.zeros_like(labels), 1)
 
 
-def directions_of(base: KernelBase):
+def _directions(base: KernelBase):
     """The per-class fitted mixture's scaled directions for `subspace_move`, or None where it resolved none (the
     move would stand still: no evaluation is spent on it)."""
     if not base.gauss:
@@ -139,7 +140,7 @@ def tune_bridge(s: Sampler, base: KernelBase, betas, step0, population, *, n_cha
     chains started where the target has no mass (most uniform draws at low T) would otherwise dominate it.
     population: [M + 1] population index of each mixture component (for `shares`)."""
     g = base.groups
-    dirs = directions_of(base)
+    dirs = _directions(base)
     sub_t = torch.ones(g, device=s.device)
     lambdas = np.unique(np.concatenate([[0.0], np.geomspace(1e-4, 1.0, n_stages)]))
     path = Bridge(s, base, betas, n_chains)
@@ -281,5 +282,5 @@ def _batch(s: Sampler, base: KernelBase, betas, idx, lam, step, sub, n):
 
     def per(a, dtype):
         return torch.as_tensor(np.repeat(a[:, idx], n, axis=1), dtype=dtype, device=s.device)
-    return (Bridge(s, b, np.asarray(betas)[idx], n), directions_of(b), per(lam, torch.float64), per(step, torch.float32),
+    return (Bridge(s, b, np.asarray(betas)[idx], n), _directions(b), per(lam, torch.float64), per(step, torch.float32),
             per(sub, torch.float32))

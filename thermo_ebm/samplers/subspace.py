@@ -18,8 +18,6 @@ from .gaussians import GaussMixture
 from .kernels import MalaInfo
 from .paths import Particles, select
 
-SUB_STEP = (1e-3, 4.0)  # bounds of the move's step, in units of the component's SD along a direction
-
 
 class Directions(NamedTuple):
     """L of every component, [G, C, D, r] float32 (C: the model's classes, or 1 for one component that serves every

@@ -1,5 +1,5 @@
-"""Temperature-sweep chains: all temperatures in one batch with a per-chain beta, reflected MALA (with data,
-followed by a subspace-MALA move along the base's fitted directions, `Subspace`), replica-exchange swaps between neighbouring temperatures, burn-in (step sizes adapted per temperature,
+"""Temperature-sweep chains: all temperatures in one batch with a per-chain beta, reflected MALA,
+replica-exchange swaps between neighbouring temperatures, burn-in (step sizes adapted per temperature,
 then frozen) and production (per-chain sums of the statistics the estimators need, in chunks of CHUNK steps).
 A sweep that is short against tau_E runs on at its frozen steps and drops its first chunks as more burn-in
 (`sweep_length`). Chains are laid out [T, C] (ascending beta) and flattened to [T * C].
@@ -14,8 +14,6 @@ import torch
 from ..estimators import integrated_autocorr_time
 from ..progress import progress_bar
 from .kernels import MAX_STEP, MIN_STEP, MalaState, Sampler, adapt_step, mala_step, take
-from .paths import Particles, Tempering
-from .subspace import SUB_STEP, Directions, subspace_move
 
 
 @dataclass
@@ -26,30 +24,11 @@ class SweepResult:
     u_trace: np.ndarray       # [n_prod, T, C] per-sample <E|x>, for autocorrelation times
     logits: np.ndarray        # [n_thin, T, C, K] thinned logits (for MBAR)
     accept: np.ndarray        # [T] production acceptance rate
-    sub_accept: np.ndarray    # [T] production acceptance rate of the subspace move (nan without one)
     swap_accept: np.ndarray   # [T-1] swap acceptance between temperature t and t+1
     nonfinite: np.ndarray     # [T] non-finite proposal densities (burn-in + production)
     step: np.ndarray          # [T] frozen step sizes
     final: MalaState          # [T * C] final states
     length: "SweepLength"     # the burn-in and kept production steps it ran
-
-
-@dataclass(frozen=True)
-class Subspace:
-    """The sweep's second move: subspace MALA (subspace.py) at each temperature t along directions dirs [T, C, D, r]
-    (a chain moves along its predicted class's), from step sizes step [T] (adapted in burn-in, then frozen)."""
-    dirs: Directions
-    step: object  # [T] numpy or device tensor
-
-
-def _subspace_step(path: Tempering, state: MalaState, beta, step, sub: Subspace, generator):
-    """One subspace-MALA move of every sweep chain on p_beta (beta, step: [T * C]); (state, MalaInfo)."""
-    n = state.x.shape[0]
-    zero = torch.zeros(n, dtype=torch.float64, device=state.x.device)
-    g = state.ugrad.reshape(n, -1)
-    q, info = subspace_move(path, Particles(state.x.reshape(n, -1), state.logits, zero, g, zero, torch.zeros_like(g)),
-                            beta, step, sub.dirs, generator)
-    return MalaState(q.x.reshape(state.x.shape), q.logits, q.gp.reshape(state.ugrad.shape)), info
 
 
 CHUNK = 25  # production steps per partial sum: the unit in which a sweep's first steps can be dropped
@@ -112,14 +91,13 @@ def _swap(state, ensemble, beta, n_t, c, phase, generator):
 
 
 def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin, most=None,
-              agree=None, sub: Subspace | None = None) -> SweepResult:
+              agree=None) -> SweepResult:
     """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes. most: the
     most production steps a sweep short against tau_E may run (`sweep_length`; None: n_prod, as asked); agree:
-    maps this sweep's SweepLength to the one to run (e.g. the first shard's, so that shards pool); sub: a subspace
-    move after every MALA step (None: none)."""
+    maps this sweep's SweepLength to the one to run (e.g. the first shard's, so that shards pool)."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
-    t = sweep_loop(s, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin, sub=sub)
+    t = sweep_loop(s, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin)
     length = SweepLength(n_burn, n_prod)
     if most is not None and most > n_prod:
         length = sweep_length(t["u_trace"].reshape(n_prod, n_t, c).cpu().numpy(), n_burn, n_prod, most)
@@ -127,7 +105,7 @@ def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exch
         length = agree(length)
     more = length.burn_in + length.samples - n_burn - n_prod
     if more > 0:
-        t = _go_on(s, t, betas, more, exchange, thin, sub)
+        t = _go_on(s, t, betas, more, exchange, thin)
     n_prod = n_prod + max(more, 0)
     drop = min(start for start in t["starts"] if start >= length.burn_in - n_burn)  # a chunk's first step
     keep = [i for i, start in enumerate(t["starts"]) if start >= drop]
@@ -139,7 +117,6 @@ def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exch
         logits=t["logits"][torch.as_tensor(np.flatnonzero(t["logit_steps"] >= drop), device=t["logits"].device)]
         .reshape(-1, n_t, c, t["logits"].shape[-1]).cpu().double().numpy(),
         accept=(t["acc_sum"] / n_prod).cpu().numpy(),
-        sub_accept=(t["sub_acc_sum"] / n_prod).cpu().numpy() if sub is not None else np.full(n_t, np.nan),
         swap_accept=(t["swap_sum"] / t["swap_n"].clamp_min(1)).cpu().numpy()[: n_t - 1],
         nonfinite=t["bad"].cpu().numpy(),
         step=t["step"].cpu().numpy(),
@@ -148,19 +125,18 @@ def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exch
     )
 
 
-def _go_on(s: Sampler, t: dict, betas, n_more: int, exchange, thin, sub) -> dict:
+def _go_on(s: Sampler, t: dict, betas, n_more: int, exchange, thin) -> dict:
     """`sweep_loop`'s output t run on by n_more production steps at its frozen step sizes."""
-    sub = None if sub is None else Subspace(sub.dirs, t["sub_step"])
-    u = sweep_loop(s, t["state"], betas, t["step"], n_burn=0, n_prod=n_more, exchange=exchange, thin=thin, sub=sub)
+    u = sweep_loop(s, t["state"], betas, t["step"], n_burn=0, n_prod=n_more, exchange=exchange, thin=thin)
     n_prod = t["u_trace"].shape[0]
     return dict(chunks=t["chunks"] + u["chunks"], starts=t["starts"] + [n_prod + k for k in u["starts"]],
                 u_trace=torch.cat([t["u_trace"], u["u_trace"]]), logits=torch.cat([t["logits"], u["logits"]]),
                 logit_steps=np.concatenate([t["logit_steps"], n_prod + u["logit_steps"]]),
-                **{k: t[k] + u[k] for k in ("acc_sum", "sub_acc_sum", "swap_sum", "swap_n", "bad")}, step=t["step"],
-                sub_step=t["sub_step"], state=u["state"])
+                **{k: t[k] + u[k] for k in ("acc_sum", "swap_sum", "swap_n", "bad")}, step=t["step"],
+                state=u["state"])
 
 
-def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin, sub=None) -> dict:
+def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin) -> dict:
     """The step loop of `run_sweep` (same arguments; betas and step0 may already be device tensors): device
     tensors out (the statistics' sums over each chunk of CHUNK production steps, `chunks`, from the steps
     `starts`), and nothing in the loop waits for the device (`perf.py gpu` runs it under CUDA's sync debug
@@ -170,13 +146,10 @@ def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exc
     c = init.x.shape[0] // n_t
     beta = torch.as_tensor(betas, dtype=torch.float32, device=device).repeat_interleave(c)
     step_t = torch.as_tensor(step0, dtype=torch.float32, device=device).clamp(MIN_STEP, MAX_STEP)
-    path = Tempering(s) if sub is not None else None
-    sub_t = torch.as_tensor(sub.step, dtype=torch.float32, device=device).clamp(*SUB_STEP) if sub is not None else None
     state = init
     swap_sum = torch.zeros(max(n_t - 1, 1), device=device)
     swap_n = torch.zeros_like(swap_sum)
     acc_sum = torch.zeros(n_t, device=device)
-    sub_acc_sum = torch.zeros(n_t, device=device)
     bad = torch.zeros(n_t, device=device)
     chunks, starts, u_trace, logits = [], [], [], []
     total = n_burn + n_prod
@@ -187,14 +160,6 @@ def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exc
         bad += (~info.finite).float().reshape(n_t, c).sum(1)
         if i < n_burn:
             step_t = adapt_step(step_t, acc_t)
-        if sub is not None:
-            state, sinfo = _subspace_step(path, state, beta, sub_t.repeat_interleave(c), sub, generator)
-            sacc_t = sinfo.accepted.float().reshape(n_t, c).mean(1)
-            bad += (~sinfo.finite).float().reshape(n_t, c).sum(1)
-            if i < n_burn:
-                sub_t = adapt_step(sub_t, sacc_t, *SUB_STEP)
-            else:
-                sub_acc_sum += sacc_t
         if exchange and n_t > 1:
             state, sacc, lo_t = _swap(state, ensemble, beta, n_t, c, i % 2, generator)
             if sacc is not None and i >= n_burn:
@@ -213,5 +178,4 @@ def sweep_loop(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exc
                 logits.append(state.logits)
     return dict(chunks=chunks, starts=starts, u_trace=torch.stack(u_trace), logits=torch.stack(logits),
                 logit_steps=np.arange(0, n_prod, thin),
-                acc_sum=acc_sum, sub_acc_sum=sub_acc_sum, swap_sum=swap_sum, swap_n=swap_n, bad=bad, step=step_t,
-                sub_step=sub_t, state=state)
+                acc_sum=acc_sum, swap_sum=swap_sum, swap_n=swap_n, bad=bad, step=step_t, state=state)
