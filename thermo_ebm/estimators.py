@@ -140,22 +140,21 @@ def missed_phase(logw, u, m2, lo, hi, betas, n_replicas: int):
     b2 = np.asarray(betas, dtype=np.float64) ** 2
     lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]
 
-    def parts(lw, a, a2):
-        w, inside, wi = _inside_weights(lw, a, lo, hi)
+    def parts(w, inside, wi, a, a2):
         u_all, u_in = (w * a).sum(-1), (wi * a).sum(-1)
         c_all = b2 * ((w * a2).sum(-1) - u_all ** 2)
         c_in = b2 * ((wi * a2).sum(-1) - u_in ** 2)
         return np.stack([u_all - u_in, c_all - c_in, (w * ~inside).sum(-1)])
-    est = parts(logw, u, m2)
+    full = _inside_weights(logw, u, lo, hi)
+    est = parts(*full, u, m2)
     r, k = replica_split(logw.shape[-1], n_replicas)
     m = k // r
-    reps = np.stack([parts(logw[:, i * m:(i + 1) * m], u[:, i * m:(i + 1) * m], m2[:, i * m:(i + 1) * m])
-                     for i in range(r)], -1)
+    reps = np.stack([parts(*_inside_weights(logw[:, i * m:(i + 1) * m], u[:, i * m:(i + 1) * m], lo, hi),
+                           u[:, i * m:(i + 1) * m], m2[:, i * m:(i + 1) * m]) for i in range(r)], -1)
     du_se, dc_se = replica_se(reps[0], logw, r, k), replica_se(reps[1], logw, r, k)
     # at least the delta-method SE over single particles: a part carried by a few heavy weights has relative
     # error ~ 1 / sqrt(their ESS), which replicas that all hold a few of them can understate
-    w, _, wi = _inside_weights(logw, u, lo, hi)
-    du_lin, dc_lin = _missed_phase_delta_se(w, wi, u, m2, b2)
+    du_lin, dc_lin = _missed_phase_delta_se(full[0], full[2], u, m2, b2)
     du_se, dc_se = np.fmax(du_se, du_lin), np.fmax(dc_se, dc_lin)
     part = replica_weights(logw, r, k, (u < lo) | (u > hi))  # each replica's part of the mass outside
     with np.errstate(invalid="ignore"):
