@@ -86,6 +86,7 @@ row = dict(
     C=[[float(v), float(e)] for v, e in zip(ds.C.values, ds.C_err.values)],
     ess=[float(v) for v in ds.ess.values], tau_E=[float(v) for v in ds.tau_E.values],
     swap_accept=[float(v) for v in ds.swap_accept.values] if "swap_accept" in ds else None,
+    sweep_helpers=[float(v) for v in ds.sweep_helpers.values] if "sweep_helpers" in ds else None,
     sweep_length=[ds.attrs.get("sweep_burn_in"), ds.attrs.get("sweep_samples")], bridge_schedule_length=ds.attrs.get("bridge_schedule_length"),
     bridge_schedule_lengths=json.loads(ds.attrs.get("bridge_schedule_lengths", "null")),
     ais_schedule_length=ds.attrs["ais_schedule_length"], figure=str(Path(fig).relative_to(ROOT)),

@@ -264,6 +264,10 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")
 @budget_option("--exchange/--no-exchange", help="Replica-exchange swaps between neighbouring temperatures.")
+@budget_option("--swap-target", type=float, help="Helper temperatures are inserted into the sweep where the "
+               "predicted swap acceptance between neighbours is below this (0: none).")
+@budget_option("--sweep-helpers", type=int, help="Most helper temperatures in the sweep (each costs one "
+               "temperature's chains).")
 @budget_option("--mbar/--no-mbar", help="MBAR cross-check of log Z on the sweep samples.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the MALA proposal (drawing its own noise, on CPU) and density with torch.compile "

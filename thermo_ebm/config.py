@@ -124,6 +124,9 @@ class MeasureConfig:
     samples: int = 1000         # production steps per sweep chain
     sweep_max_factor: float = 4.0  # a sweep short against tau_E runs on, up to this x (burn_in + samples) steps
     exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
+    swap_target: float = 0.2    # ... with helper temperatures inserted where the predicted swap acceptance is lower
+                                # (0: none; sweep.ladder)
+    sweep_helpers: int = 32     # most helper temperatures (each costs one temperature's sweep chains)
     thin: int = 5               # keep logits every `thin` production steps for MBAR
     reverse_steps: int = 500    # total reverse-AIS betas across all segments
     mbar: bool = True
@@ -165,6 +168,9 @@ class MeasureConfig:
                 raise ThermoEBMError(f"{o(f.name)} must be a positive integer, got {v!r}")
         if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
             raise ThermoEBMError(f"{o('ais_steps_per_l2')} must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
+        if not (isinstance(self.swap_target, (int, float)) and 0.0 <= self.swap_target < 1.0):
+            raise ThermoEBMError(f"{o('swap_target')} must lie in [0, 1) (0: no helper temperatures), "
+                                 f"got {self.swap_target!r}")
         if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
             raise ThermoEBMError(f"{o('max_time')} must be a number of seconds > 0, got {self.max_time!r}")
         if self.max_bridge_steps is not None and not (isinstance(self.max_bridge_steps, int) and self.max_bridge_steps >= 1):

@@ -247,7 +247,10 @@ VARIABLES = {
     "pareto_k": ("Pareto k-hat of the reported log Z weights (SMC: relative to each population's mean)", "1"),
     "population_ess": ("SMC: ESS of the populations' Z estimates (flagged below half the populations)", "1"),
     "ais_accept": ("annealing acceptance rate", "1"), "accept": ("sweep acceptance rate", "1"),
-    "swap_accept": ("replica-exchange acceptance with the next temperature", "1"),
+    "swap_accept": ("replica-exchange acceptance with the next temperature (the lowest on the helper ladder "
+                    "between them)", "1"),
+    "sweep_helpers": ("helper temperatures the sweep inserted between this temperature and the next (mean over "
+                      "shards)", "1"),
     "tau_E": ("integrated autocorrelation time of E in the sweep", "sweeps"),
     "step_size": ("sweep MALA step size", "1"),
     "C_peak_T": ("temperature of the heat-capacity maximum", "T"),

@@ -213,7 +213,8 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength
     most = int(cfg.sweep_max_factor * (cfg.burn_in + cfg.samples)) - cfg.burn_in
     sw = run_sweep(s, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in, n_prod=cfg.samples,
                    exchange=cfg.exchange, thin=cfg.thin, most=most,
-                   agree=(lambda own: length) if length is not None else dist.broadcast)
+                   agree=(lambda own: length) if length is not None else dist.broadcast,
+                   swap_target=cfg.swap_target, max_helpers=cfg.sweep_helpers)
     lap()
     rev_lw = ais.run_reverse(s, sw.final, betas, pl.tuning, n_steps=cfg.reverse_steps)
     lap()
@@ -224,7 +225,7 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength
         labels = torch.multinomial(pr.reshape(n_t * keep, -1), 1, generator=gen).reshape(n_t, keep).cpu().numpy()
     sweep = SweepRecord(sw.chain_means, sw.u_trace, sw.logits, sw.accept[None], sw.swap_accept[None],
                         sw.nonfinite[None], sw.step[None], sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy(),
-                        labels, np.array([[sw.length.burn_in, sw.length.samples]]))
+                        labels, np.array([[sw.length.burn_in, sw.length.samples]]), sw.helpers[None])
     return Pooled(forward, seeded, sweep, ReverseRecord(rev_lw), np.diff(clock)[None])
 
 

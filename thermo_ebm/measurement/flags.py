@@ -144,6 +144,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
     n_t = len(p.betas)
     swap = sw.swap_accept.mean(0)
     extra["swap_accept"] = np.concatenate([swap, [np.nan]]) if n_t > 1 else np.array([np.nan])
+    extra["sweep_helpers"] = np.concatenate([sw.helpers.mean(0), [np.nan]]) if n_t > 1 else np.array([np.nan])
     if previous is not None:
         extra["log_Z_shift"] = shift
     return Diagnosis(flags, extra, warnings)

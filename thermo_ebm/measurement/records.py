@@ -69,8 +69,9 @@ class SweepRecord(Record):
     samples: np.ndarray      # [T, keep, *shape] final states kept for the results file
     labels: np.ndarray | None  # [T, keep] labels drawn from p_T(y | x) (joint ensemble)
     length: np.ndarray       # [S, 2] burn-in and kept production steps per chain (`sweep.SweepLength`)
+    helpers: np.ndarray      # [S, T - 1] helper temperatures inserted between neighbours (`sweep.ladder`)
     AXES = dict(chain_means=1, u_trace=2, logits=2, accept=0, swap_accept=0, nonfinite=0, step=0, samples=1,
-                labels=1, length=0)
+                labels=1, length=0, helpers=0)
 
 
 @dataclass

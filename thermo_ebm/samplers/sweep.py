@@ -1,6 +1,8 @@
 """Temperature-sweep chains: all temperatures in one batch with a per-chain beta, reflected MALA,
 replica-exchange swaps between neighbouring temperatures, burn-in (step sizes adapted per temperature,
 then frozen) and production (per-chain sums of the statistics the estimators need, in chunks of CHUNK steps).
+Where neighbouring temperatures are too far apart for swaps to be accepted, helper temperatures are inserted
+between them (`ladder`): their chains only carry states along the ladder and are not reported.
 A sweep that is short against tau_E runs on at its frozen steps and drops its first chunks as more burn-in
 (`sweep_length`). Chains are laid out [T, C] (ascending beta) and flattened to [T * C].
 """
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import log_ndtr, ndtr
 
 from ..estimators import integrated_autocorr_time
 from ..progress import progress_bar
@@ -24,7 +27,9 @@ class SweepResult:
     u_trace: np.ndarray       # [n_prod, T, C] per-sample <E|x>, for autocorrelation times
     logits: np.ndarray        # [n_thin, T, C, K] thinned logits (for MBAR)
     accept: np.ndarray        # [T] production acceptance rate
-    swap_accept: np.ndarray   # [T-1] swap acceptance between temperature t and t+1
+    swap_accept: np.ndarray   # [T-1] swap acceptance between temperature t and t+1 (with helpers: the lowest on
+                              # the ladder between them)
+    helpers: np.ndarray       # [T-1] helper temperatures inserted between temperature t and t+1
     nonfinite: np.ndarray     # [T] non-finite proposal densities (burn-in + production)
     step: np.ndarray          # [T] frozen step sizes
     final: MalaState          # [T * C] final states
@@ -53,6 +58,64 @@ def sweep_length(u_trace, n_burn: int, n_prod: int, most: int) -> SweepLength:
     total = min(max(most, n_prod), max(n_prod, drop + int(np.ceil(MARGIN * 10 * tau))))
     drop = min(drop, CHUNK * ((total - n_prod) // CHUNK)) if total - drop < n_prod else drop
     return SweepLength(n_burn + drop, total - drop)
+
+
+def swap_acceptance(beta_a, beta_b, u_a, u_b, var_a, var_b):
+    """Predicted replica-exchange acceptance E[min(1, exp(log a))] between inverse temperatures beta_a and beta_b
+    (arrays broadcast), to first order in the gap: log a = (beta_a - beta_b) (u(x_a) - u(x_b)) with u = <E | x>
+    (d log p_beta(x) / d beta = -u for both ensembles) Gaussian across states, mean u_t and variance var_t at each
+    end. The mean of log a is taken as -|(beta_a - beta_b)(u_a - u_b)| (U falls as beta rises)."""
+    db = np.abs(np.asarray(beta_a, np.float64) - beta_b)
+    mu = -np.abs(db * (np.asarray(u_a, np.float64) - u_b))
+    s = db * np.sqrt(np.maximum(np.asarray(var_a, np.float64) + var_b, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = mu / s
+        acc = ndtr(r) + np.exp(mu + s * s / 2 + log_ndtr(-r - s))
+    return np.where(s > 0, np.clip(acc, 0.0, 1.0), np.exp(mu))
+
+
+def ladder(betas, u, var, target: float, most: int):
+    """Helper temperatures for replica exchange: betas [T] ascending, u and var [T] the mean and variance of
+    <E | x> over each temperature's states. Helpers go one at a time into the gap with the lowest predicted swap
+    acceptance (`swap_acceptance`, u and var interpolated linearly in log beta, the gap split into equal steps
+    of log beta) until every step reaches `target` or `most` helpers are placed. Returns (the ladder's betas
+    [T + H] ascending, the index of each given temperature in it [T], helpers per gap [T - 1])."""
+    betas, u, var = (np.asarray(a, np.float64) for a in (betas, u, var))
+    lb = np.log(betas)
+
+    def lowest(g, k):  # lowest predicted acceptance in gap g split into k + 1 equal steps of log beta
+        f = np.linspace(0.0, 1.0, k + 2)
+        b = np.exp(lb[g] + f * (lb[g + 1] - lb[g]))
+        uu, vv = u[g] + f * (u[g + 1] - u[g]), var[g] + f * (var[g + 1] - var[g])
+        return float(np.min(swap_acceptance(b[1:], b[:-1], uu[1:], uu[:-1], vv[1:], vv[:-1])))
+
+    h = np.zeros(max(len(betas) - 1, 0), dtype=int)
+    acc = np.array([lowest(g, 0) for g in range(len(h))])
+    while len(h) and h.sum() < most:
+        g = int(np.argmin(acc))
+        if not acc[g] < target:
+            break
+        h[g] += 1
+        acc[g] = lowest(g, h[g])
+    parts = [np.exp(lb[g] + np.linspace(0.0, 1.0, h[g] + 2)[:-1] * (lb[g + 1] - lb[g])) for g in range(len(h))]
+    full, idx = np.concatenate(parts + [betas[-1:]]), np.concatenate([[0], np.cumsum(h + 1)])
+    full[idx] = betas  # the given temperatures exactly
+    return full, idx, h
+
+
+def _with_helpers(s: Sampler, init: MalaState, betas, step0, target: float, most: int):
+    """The ladder (`ladder`) from the initial states' <E | x> at each temperature, its initial states (a helper's
+    chains start as copies of the nearest given temperature's, in log beta) and step sizes (interpolated in
+    log beta). Returns (ladder betas, index of the given temperatures, helpers per gap, states, steps)."""
+    n_t = len(betas)
+    c = init.x.shape[0] // n_t
+    beta = torch.as_tensor(betas, dtype=init.logits.dtype, device=init.logits.device).repeat_interleave(c)
+    u = s.ensemble.energy_moments(init.logits, beta)[0].double().reshape(n_t, c).cpu().numpy()
+    full, idx, h = ladder(betas, u.mean(1), u.var(1, ddof=1), target, most)
+    near = np.abs(np.log(full)[:, None] - np.log(betas)[None]).argmin(1)
+    perm = torch.as_tensor((near[:, None] * c + np.arange(c)).reshape(-1), device=init.x.device)
+    steps = np.exp(np.interp(np.log(full), np.log(betas), np.log(np.asarray(step0, np.float64))))
+    return full, idx, h, take(init, perm), steps
 
 
 def _stats(ensemble, logits, beta):
@@ -91,36 +154,46 @@ def _swap(state, ensemble, beta, n_t, c, phase, generator):
 
 
 def run_sweep(s: Sampler, init: MalaState, betas, step0, *, n_burn, n_prod, exchange, thin, most=None,
-              agree=None) -> SweepResult:
+              agree=None, swap_target: float = 0.0, max_helpers: int = 0) -> SweepResult:
     """betas: [T] ascending; init: [T * C] states grouped by temperature; step0: [T] initial step sizes. most: the
     most production steps a sweep short against tau_E may run (`sweep_length`; None: n_prod, as asked); agree:
-    maps this sweep's SweepLength to the one to run (e.g. the first shard's, so that shards pool)."""
+    maps this sweep's SweepLength to the one to run (e.g. the first shard's, so that shards pool). With exchange,
+    up to max_helpers helper temperatures are inserted where the predicted swap acceptance is below swap_target
+    (`ladder`); everything returned is at the given temperatures."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
-    t = sweep_loop(s, init, betas, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin)
+    full, idx, helpers = np.asarray(betas, np.float64), np.arange(n_t), np.zeros(max(n_t - 1, 0), dtype=int)
+    if exchange and n_t > 1 and swap_target > 0 and max_helpers > 0:
+        full, idx, helpers, init, step0 = _with_helpers(s, init, betas, step0, swap_target, max_helpers)
+    n_l = len(full)
+    t = sweep_loop(s, init, full, step0, n_burn=n_burn, n_prod=n_prod, exchange=exchange, thin=thin)
     length = SweepLength(n_burn, n_prod)
     if most is not None and most > n_prod:
-        length = sweep_length(t["u_trace"].reshape(n_prod, n_t, c).cpu().numpy(), n_burn, n_prod, most)
+        length = sweep_length(t["u_trace"].reshape(n_prod, n_l, c)[:, idx].cpu().numpy(), n_burn, n_prod, most)
     if agree is not None:
         length = agree(length)
     more = length.burn_in + length.samples - n_burn - n_prod
     if more > 0:
-        t = _go_on(s, t, betas, more, exchange, thin)
+        t = _go_on(s, t, full, more, exchange, thin)
     n_prod = n_prod + max(more, 0)
     drop = min(start for start in t["starts"] if start >= length.burn_in - n_burn)  # a chunk's first step
     keep = [i for i, start in enumerate(t["starts"]) if start >= drop]
     length = SweepLength(n_burn + drop, n_prod - drop)
+    dev = t["u_trace"].device
+    rows = torch.as_tensor((idx[:, None] * c + np.arange(c)).reshape(-1), device=dev)  # the given temperatures' chains
+    swap = (t["swap_sum"] / t["swap_n"].clamp_min(1)).cpu().numpy()[: n_l - 1]
     return SweepResult(
-        chain_means=(sum(t["chunks"][i] for i in keep) / (n_prod - drop)).reshape(n_t, c, -1).cpu().numpy(),
+        chain_means=(sum(t["chunks"][i] for i in keep) / (n_prod - drop))[rows].reshape(n_t, c, -1).cpu().numpy(),
         stat_names=stat_names(s.ensemble),
-        u_trace=t["u_trace"][drop:].reshape(n_prod - drop, n_t, c).cpu().numpy(),
-        logits=t["logits"][torch.as_tensor(np.flatnonzero(t["logit_steps"] >= drop), device=t["logits"].device)]
+        u_trace=t["u_trace"][drop:][:, rows].reshape(n_prod - drop, n_t, c).cpu().numpy(),
+        logits=t["logits"][torch.as_tensor(np.flatnonzero(t["logit_steps"] >= drop), device=dev)][:, rows]
         .reshape(-1, n_t, c, t["logits"].shape[-1]).cpu().double().numpy(),
-        accept=(t["acc_sum"] / n_prod).cpu().numpy(),
-        swap_accept=(t["swap_sum"] / t["swap_n"].clamp_min(1)).cpu().numpy()[: n_t - 1],
-        nonfinite=t["bad"].cpu().numpy(),
-        step=t["step"].cpu().numpy(),
-        final=t["state"],
+        accept=(t["acc_sum"] / n_prod).cpu().numpy()[idx],
+        swap_accept=np.array([swap[idx[g]:idx[g + 1]].min() for g in range(n_t - 1)]),
+        helpers=helpers,
+        nonfinite=t["bad"].cpu().numpy()[idx],
+        step=t["step"].cpu().numpy()[idx],
+        final=take(t["state"], rows),
         length=length,
     )
 
