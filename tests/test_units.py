@@ -514,6 +514,23 @@ def test_ladder_fills_only_the_gaps_swaps_cannot_cross():
     assert ladder(betas, u, var, 0.0, 100)[2].sum() == 0
 
 
+def test_ladder_puts_no_helpers_across_a_latent_heat():
+    """U consistent with dU = -Var dbeta within each phase; a jump of U between 0.8 and 1.25 (as at a first-order
+    switch) that the ends' variances cannot account for: that gap gets no helpers, the smooth one does."""
+    from thermo_ebm.samplers.sweep import ladder, transitions
+    betas = 1.0 / np.array([1.25, 0.8, 0.6])
+    var = np.array([4.0, 30.0, 30.0])
+    u = np.array([10.0, 10.0 - 30.0 * (betas[1] - betas[0]), 0.0])
+    u[2] = u[1] - 30.0 * (betas[2] - betas[1])
+    assert not transitions(betas, u, var).any()
+    full, idx, h = ladder(betas, u, var, 0.3, 100)
+    assert h[0] > 0 and h[1] > 0
+    u_jump = u - np.array([0.0, 40.0, 40.0])  # a latent heat of 40 between T = 1.25 and 0.8
+    np.testing.assert_array_equal(transitions(betas, u_jump, var), [True, False])
+    h = ladder(betas, u_jump, var, 0.3, 100)[2]
+    assert h[0] == 0 and h[1] > 0
+
+
 def test_sweep_helpers_carry_swaps_across_a_wide_gap_and_stay_exact():
     """16-d double wells at T = 2, 1, 0.25 from equilibrated states: without helpers swaps across the cold gap are
     almost never accepted; with them every gap's acceptance reaches near the target, only the given temperatures

@@ -168,7 +168,7 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     log_Z, F, U, S, C, info_bits (joint: H_Y_bits, H_Y_given_X_bits, I_XY_bits), each with `<name>_err`;
     cross-checks log_Z_forward, log_Z_reverse, log_Z_gap, log_Z_mbar, U_resid, C_resid (with data also
     origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
-    swap_accept, tau_E, step_size (engine smc: population_ess; joint with data: label_mix_z, the largest
+    swap_accept, sweep_helpers, tau_E, step_size (engine smc: population_ess; joint with data: label_mix_z, the largest
     disagreement in p_T(y) between the sweep chains and the data-seeded weights, in SEs); int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
     flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_rare_phase, flag_hysteresis (with data; a phase one origin
     missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and

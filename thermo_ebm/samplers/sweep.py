@@ -74,11 +74,27 @@ def swap_acceptance(beta_a, beta_b, u_a, u_b, var_a, var_b):
     return np.where(s > 0, np.clip(acc, 0.0, 1.0), np.exp(mu))
 
 
+JUMP = 1.5  # a gap whose U changes by more than this x max(Var) x its beta width holds a phase transition
+
+
+def transitions(betas, u, var) -> np.ndarray:
+    """[T - 1] gaps between neighbouring betas (ascending) across which U jumps: within one phase U changes by
+    dU = -Var(u) dbeta, so |U_b - U_a| <= max(var_a, var_b) |beta_b - beta_a| wherever the variance is monotone
+    across the gap; a latent heat adds a jump that the ends' variances do not account for (MNIST j_ebm at its
+    freezing point: 4.2 x; smooth gaps 0.7-1.0 x). Swaps across such a gap cannot equalise the phases' shares in
+    a sweep's length; helpers there would carry a few states of one phase into the other's temperatures, and the
+    chains would then visit, without holding its share, a phase that the annealing weights otherwise supply
+    (`estimators.missed_phase`)."""
+    betas, u, var = (np.asarray(a, np.float64) for a in (betas, u, var))
+    return np.abs(np.diff(u)) > JUMP * np.abs(np.diff(betas)) * np.maximum(var[1:], var[:-1])
+
+
 def ladder(betas, u, var, target: float, most: int):
     """Helper temperatures for replica exchange: betas [T] ascending, u and var [T] the mean and variance of
     <E | x> over each temperature's states. Helpers go one at a time into the gap with the lowest predicted swap
     acceptance (`swap_acceptance`, u and var interpolated linearly in log beta, the gap split into equal steps
-    of log beta) until every step reaches `target` or `most` helpers are placed. Returns (the ladder's betas
+    of log beta) until every step reaches `target` or `most` helpers are placed; none across a phase transition
+    (`transitions`). Returns (the ladder's betas
     [T + H] ascending, the index of each given temperature in it [T], helpers per gap [T - 1])."""
     betas, u, var = (np.asarray(a, np.float64) for a in (betas, u, var))
     lb = np.log(betas)
@@ -91,6 +107,7 @@ def ladder(betas, u, var, target: float, most: int):
 
     h = np.zeros(max(len(betas) - 1, 0), dtype=int)
     acc = np.array([lowest(g, 0) for g in range(len(h))])
+    acc[transitions(betas, u, var)] = np.inf  # no helpers across a phase transition
     while len(h) and h.sum() < most:
         g = int(np.argmin(acc))
         if not acc[g] < target:
@@ -104,18 +121,29 @@ def ladder(betas, u, var, target: float, most: int):
 
 
 def _with_helpers(s: Sampler, init: MalaState, betas, step0, target: float, most: int):
-    """The ladder (`ladder`) from the initial states' <E | x> at each temperature, its initial states (a helper's
-    chains start as copies of the nearest given temperature's, in log beta) and step sizes (interpolated in
-    log beta). Returns (ladder betas, index of the given temperatures, helpers per gap, states, steps)."""
+    """The ladder (`ladder`) from the initial states' <E | x> at each temperature, its initial states and step sizes
+    (interpolated in log beta). A helper's chains are drawn from the nearest given temperature's (in log beta) by
+    weight p_helper(x) / p_given(x): copies alone would start it with that temperature's mix of phases, which the
+    swaps would then carry into its neighbours. Returns (ladder betas, index of the given temperatures, helpers
+    per gap, states, steps)."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
-    beta = torch.as_tensor(betas, dtype=init.logits.dtype, device=init.logits.device).repeat_interleave(c)
+    dev, dt = init.logits.device, init.logits.dtype
+    beta = torch.as_tensor(betas, dtype=dt, device=dev).repeat_interleave(c)
     u = s.ensemble.energy_moments(init.logits, beta)[0].double().reshape(n_t, c).cpu().numpy()
     full, idx, h = ladder(betas, u.mean(1), u.var(1, ddof=1), target, most)
     near = np.abs(np.log(full)[:, None] - np.log(betas)[None]).argmin(1)
-    perm = torch.as_tensor((near[:, None] * c + np.arange(c)).reshape(-1), device=init.x.device)
+    rows = []
+    for j, k in enumerate(near):
+        own = torch.arange(k * c, (k + 1) * c, device=dev)
+        if j not in idx:
+            lg = init.logits[own]
+            log_w = (s.ensemble.logp(lg, torch.full((c,), float(full[j]), dtype=dt, device=dev))
+                     - s.ensemble.logp(lg, torch.full((c,), float(betas[k]), dtype=dt, device=dev)))
+            own = own[torch.multinomial(torch.softmax(log_w.double(), 0), c, replacement=True, generator=s.generator)]
+        rows.append(own)
     steps = np.exp(np.interp(np.log(full), np.log(betas), np.log(np.asarray(step0, np.float64))))
-    return full, idx, h, take(init, perm), steps
+    return full, idx, h, take(init, torch.cat(rows)), steps
 
 
 def _stats(ensemble, logits, beta):
