@@ -265,7 +265,8 @@ def parse_temps(spec: str) -> np.ndarray:
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")
 @budget_option("--exchange/--no-exchange", help="Replica-exchange swaps between neighbouring temperatures.")
 @budget_option("--swap-target", type=float, help="Helper temperatures are inserted into the sweep where the "
-               "predicted swap acceptance between neighbours is below this (0: none).")
+               "predicted swap acceptance between neighbours is below this, e.g. 0.2 (0: none; not for models whose "
+               "modes the chains cannot cross, docs/estimators.md).")
 @budget_option("--sweep-helpers", type=int, help="Most helper temperatures in the sweep (each costs one "
                "temperature's chains).")
 @budget_option("--mbar/--no-mbar", help="MBAR cross-check of log Z on the sweep samples.")

@@ -124,8 +124,8 @@ class MeasureConfig:
     samples: int = 1000         # production steps per sweep chain
     sweep_max_factor: float = 4.0  # a sweep short against tau_E runs on, up to this x (burn_in + samples) steps
     exchange: bool = True       # replica-exchange swaps between neighbouring temperatures
-    swap_target: float = 0.2    # ... with helper temperatures inserted where the predicted swap acceptance is lower
-                                # (0: none; sweep.ladder)
+    swap_target: float = 0.0    # ... with helper temperatures inserted where the predicted swap acceptance is below
+                                # this (0: none; sweep.ladder; off by default: docs/estimators.md)
     sweep_helpers: int = 32     # most helper temperatures (each costs one temperature's sweep chains)
     thin: int = 5               # keep logits every `thin` production steps for MBAR
     reverse_steps: int = 500    # total reverse-AIS betas across all segments

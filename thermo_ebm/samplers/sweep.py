@@ -1,8 +1,8 @@
 """Temperature-sweep chains: all temperatures in one batch with a per-chain beta, reflected MALA,
 replica-exchange swaps between neighbouring temperatures, burn-in (step sizes adapted per temperature,
 then frozen) and production (per-chain sums of the statistics the estimators need, in chunks of CHUNK steps).
-Where neighbouring temperatures are too far apart for swaps to be accepted, helper temperatures are inserted
-between them (`ladder`): their chains only carry states along the ladder and are not reported.
+Optionally, where neighbouring temperatures are too far apart for swaps to be accepted, helper temperatures are
+inserted between them (`ladder`): their chains only carry states along the ladder and are not reported.
 A sweep that is short against tau_E runs on at its frozen steps and drops its first chunks as more burn-in
 (`sweep_length`). Chains are laid out [T, C] (ascending beta) and flattened to [T * C].
 """
