@@ -94,8 +94,8 @@ def ladder(betas, u, var, target: float, most: int):
     <E | x> over each temperature's states. Helpers go one at a time into the gap with the lowest predicted swap
     acceptance (`swap_acceptance`, u and var interpolated linearly in log beta, the gap split into equal steps
     of log beta) until every step reaches `target` or `most` helpers are placed; none across a phase transition
-    (`transitions`). Returns (the ladder's betas
-    [T + H] ascending, the index of each given temperature in it [T], helpers per gap [T - 1])."""
+    (`transitions`). Returns (the ladder's betas [T + H] ascending, the index of each given temperature in it [T],
+    helpers per gap [T - 1])."""
     betas, u, var = (np.asarray(a, np.float64) for a in (betas, u, var))
     lb = np.log(betas)
 
@@ -124,7 +124,9 @@ def _with_helpers(s: Sampler, init: MalaState, betas, step0, target: float, most
     """The ladder (`ladder`) from the initial states' <E | x> at each temperature, its initial states and step sizes
     (interpolated in log beta). A helper's chains are drawn from the nearest given temperature's (in log beta) by
     weight p_helper(x) / p_given(x): copies alone would start it with that temperature's mix of phases, which the
-    swaps would then carry into its neighbours. Returns (ladder betas, index of the given temperatures, helpers
+    swaps would then carry into its neighbours. The draw is degenerate where the swap it replaces is unlikely, so a
+    helper can hold the wrong mix of modes the chains cannot leave (why helpers are opt-in: docs/estimators.md).
+    Returns (ladder betas, index of the given temperatures, helpers
     per gap, states, steps)."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
