@@ -376,6 +376,8 @@ def test_messages_name_command_line_options():
         measure(TruncatedGaussian(2), [1.0], max_time=-1, data=None)
     with pytest.raises(thermo_ebm.ThermoEBMError, match=r"--ais-chains \(ais_chains\) must be a positive integer"):
         measure(TruncatedGaussian(2), [1.0], ais_chains=0, data=None)
+    with pytest.raises(thermo_ebm.ThermoEBMError, match=r"--swap-target \(swap_target\) must lie in \[0, 1\)"):
+        measure(TruncatedGaussian(2), [1.0], swap_target=1.5, data=None)
 
 
 def test_unwritable_folders_are_refused_before_any_work(tmp_path, small_measurement):
