@@ -141,10 +141,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
              "accept": sw_acc, "tau_E": th.tau, "step_size": sw.step.mean(0), "missed_phase_replicas": th.missed_carried}
     if th.label_z is not None:
         extra["label_mix_z"] = th.label_z
-    n_t = len(p.betas)
-    swap = sw.swap_accept.mean(0)
-    extra["swap_accept"] = np.concatenate([swap, [np.nan]]) if n_t > 1 else np.array([np.nan])
-    extra["sweep_helpers"] = np.concatenate([sw.helpers.mean(0), [np.nan]]) if n_t > 1 else np.array([np.nan])
+    # [T - 1] values between neighbours -> [T], nan at the last temperature (the only one when T = 1)
+    extra["swap_accept"] = np.append(sw.swap_accept.mean(0), np.nan)
+    extra["sweep_helpers"] = np.append(sw.helpers.mean(0), np.nan)
     if previous is not None:
         extra["log_Z_shift"] = shift
     return Diagnosis(flags, extra, warnings)

@@ -126,8 +126,7 @@ def _with_helpers(s: Sampler, init: MalaState, betas, step0, target: float, most
     weight p_helper(x) / p_given(x): copies alone would start it with that temperature's mix of phases, which the
     swaps would then carry into its neighbours. The draw is degenerate where the swap it replaces is unlikely, so a
     helper can hold the wrong mix of modes the chains cannot leave (why helpers are opt-in: docs/estimators.md).
-    Returns (ladder betas, index of the given temperatures, helpers
-    per gap, states, steps)."""
+    Returns (ladder betas, index of the given temperatures, helpers per gap, states, steps)."""
     n_t = len(betas)
     c = init.x.shape[0] // n_t
     dev, dt = init.logits.device, init.logits.dtype
