@@ -7,6 +7,7 @@ Three phases, in this order:
    with every requested sweep beta inserted exactly; step sizes interpolated from the pilot and frozen.
 3. `run_forward`: the counted anneal; log-weights at each sweep beta give log Z there (with replicas).
 `run_reverse` anneals sweep samples downwards between consecutive sweep betas (BDMC-style upper bound).
+Both counted anneals are the SMC stage (`smc.stage`) without resampling, with `mala_moves` as the move.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from ..estimators import thermodynamic_length
 from ..progress import progress_bar
 from .kernels import MAX_STEP, MalaState, Sampler, adapt_step, mala_init, mala_step, take, uniform
-from .paths import weighted_pick
+from .paths import Tempering, weighted_pick
+from .smc import stage
 
 
 @dataclass
@@ -78,14 +80,30 @@ class ForwardResult:
     nonfinite: torch.Tensor      # [T] number of non-finite proposal densities in that segment
 
 
+def mala_moves(s: Sampler, beta, step, n_steps: int):
+    """The anneals' move for `smc.stage`: n_steps reflected-MALA steps at beta [N] with frozen step sizes [N];
+    returns (state, acceptance [N], non-finite proposals [N]) averaged / summed over the steps."""
+    def move(state, logw):
+        acc = torch.zeros(len(beta), device=beta.device)
+        bad = torch.zeros_like(acc)
+        for _ in range(n_steps):
+            state, info = mala_step(state, s.model, s.ensemble, beta, step, s.generator, s.kernel)
+            acc += info.accepted.float()
+            bad += (~info.finite).float()
+        return state, acc / max(n_steps, 1), bad
+    return move
+
+
 def run_forward(s: Sampler, schedule, step_sizes, sweep_betas, *, n_chains, n_keep, mcmc_steps) -> ForwardResult:
-    """Counted AIS with frozen schedule and step sizes; resamples n_keep states by weight at each sweep beta."""
-    model, ensemble, generator, device = s.model, s.ensemble, s.generator, s.device
+    """Counted AIS with frozen schedule and step sizes, one `smc.stage` per beta (reweight, no resampling,
+    mcmc_steps MALA steps); resamples n_keep states by weight at each sweep beta."""
+    ensemble, generator, device = s.ensemble, s.generator, s.device
+    path = Tempering(s)
     betas = torch.as_tensor(schedule, dtype=torch.float32, device=device)
     steps = torch.as_tensor(step_sizes, dtype=torch.float32, device=device)
     is_sweep = np.isin(schedule, sweep_betas)
     n_t = int(is_sweep.sum())
-    state = mala_init(model, ensemble, uniform(n_chains, s.shape, generator, device))
+    state = mala_init(s.model, ensemble, uniform(n_chains, s.shape, generator, device))
     logw = torch.zeros(n_chains, dtype=torch.float64, device=device)
     ones = torch.ones(n_chains, device=device)
     logws, kept, energies = [], [], []
@@ -94,13 +112,13 @@ def run_forward(s: Sampler, schedule, step_sizes, sweep_betas, *, n_chains, n_ke
     bad = torch.zeros(n_t, device=device)
     seg = 0
     for k in progress_bar(range(1, len(schedule)), desc="AIS", enabled=s.progress):
-        b_prev, b = betas[k - 1] * ones, betas[k] * ones
-        logw += (ensemble.logp(state.logits, b) - ensemble.logp(state.logits, b_prev)).double()
-        for _ in range(mcmc_steps):
-            state, info = mala_step(state, model, ensemble, b, steps[k] * ones, generator, s.kernel)
-            acc_sum[seg] += info.acceptance
-            acc_n[seg] += 1
-            bad[seg] += (~info.finite).sum()
+        b = betas[k] * ones
+        st = stage(path, state, logw, betas[k - 1] * ones, b, None, generator,
+                   mala_moves(s, b, steps[k] * ones, mcmc_steps))
+        state, logw = st.particles, st.logw
+        acc_sum[seg] += st.accept.mean()
+        acc_n[seg] += 1
+        bad[seg] += st.nonfinite.sum()
         if is_sweep[k]:
             lw = torch.where(torch.isnan(logw), torch.full_like(logw, -np.inf), logw)
             logws.append(lw.clone())
@@ -120,7 +138,7 @@ def run_reverse(s: Sampler, states: MalaState, sweep_betas, tuning: Tuning, *, n
     Returns reverse log-weights [T, C]: -logmeanexp over chains is a stochastic upper bound of
     log Z(beta_k) - log Z(beta_{k-1}).
     """
-    model, ensemble, device = s.model, s.ensemble, s.device
+    device = s.device
     sweep = np.asarray(sweep_betas, dtype=np.float64)
     n_t = len(sweep)
     c = states.x.shape[0] // n_t
@@ -140,9 +158,9 @@ def run_reverse(s: Sampler, states: MalaState, sweep_betas, tuning: Tuning, *, n
     betas = torch.as_tensor(np.repeat(grid, c, axis=1), dtype=torch.float32, device=device)
     steps = torch.as_tensor(np.repeat(steps, c, axis=1), dtype=torch.float32, device=device)
     logw = torch.zeros(n_t * c, dtype=torch.float64, device=device)
-    state = states
+    state, path = states, Tempering(s)
     for j in progress_bar(range(1, n_max + 1), desc="reverse AIS", enabled=s.progress):
-        logw += (ensemble.logp(state.logits, betas[j]) - ensemble.logp(state.logits, betas[j - 1])).double()
-        state, _ = mala_step(state, model, ensemble, betas[j], steps[j], s.generator, s.kernel)
+        st = stage(path, state, logw, betas[j - 1], betas[j], None, s.generator, mala_moves(s, betas[j], steps[j], 1))
+        state, logw = st.particles, st.logw
     lw = logw.reshape(n_t, c).cpu().numpy()
     return np.where(np.isnan(lw), -np.inf, lw)

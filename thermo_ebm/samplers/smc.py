@@ -1,5 +1,6 @@
 """Sequential Monte Carlo along a path of densities on the box (paths.py: `Tempering` from uniform, `Bridge` from a
-data-informed base), with one stage function for every anneal.
+data-informed base), with one stage function for every anneal: this engine's, the data-seeded anneal's
+(bridge.py) and engine ais's forward and reverse AIS (ais.py: the stage without resampling, MALA moves).
 
 The stage (`stage`, the pilot's and the counted run's): reweight (incremental weights to the next lambda) ->
 resample (systematic, per population, when its ESS falls below half its size) -> move (reflective HMC in a
@@ -138,8 +139,14 @@ class Stage(NamedTuple):
 
 def stage(path, p: Particles, logw, lam, lam_new, pop, generator, move) -> Stage:
     """The SMC stage: reweight from lam to lam_new [N], resample each population of `pop` chains whose ESS fell
-    below half, then move(p, logw) -> (particles, accepted fraction [N], non-finite proposals [N])."""
-    idx, logw, n_res = resample(reweight(path, p, logw, lam, lam_new), pop, generator)
+    below half (pop None: never, i.e. AIS), then move(p, logw) -> (particles, accepted fraction [N], non-finite
+    proposals [N]). p may be any per-chain NamedTuple the path's log_gamma reads (Particles, or MalaState for
+    `Tempering`)."""
+    logw = reweight(path, p, logw, lam, lam_new)
+    if pop is None:
+        idx, n_res = torch.arange(len(logw), device=logw.device), 0
+    else:
+        idx, logw, n_res = resample(logw, pop, generator)
     if n_res:
         p = take(p, idx)
     p, acc, bad = move(p, logw)
