@@ -32,6 +32,7 @@ TRIALS = {
     "je_r003_cos": {"reg": 0.003, "lr_schedule": "cosine"},
     "je_T0.01": {"sgld_noise": 0.0316},                      # a colder sampler: T_train = 0.01
     "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
+    "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
 }
 
 
