@@ -6,9 +6,10 @@ benchmarks/results/train_defaults.json.
     python benchmarks/train_defaults.py --data-dir ../shared/data                 # train + eval every trial
     python benchmarks/train_defaults.py --collect results/ --data-dir ../shared/data  # tabulate runs already made
 
-A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` followed by
-`thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads results/NAME.h5 of runs made
-that way (group 'training' and 'evaluation'). Run it alone: two heavy jobs on 2 cores distort the times.
+A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` (settings may name another
+objective) followed by `thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads
+results/NAME.h5 of runs made that way (group 'training' and 'evaluation'). Run it alone: two heavy jobs on 2 cores
+distort the times.
 """
 import argparse
 import json
@@ -22,7 +23,8 @@ import torch
 from thermo_ebm import evaluate, train
 from thermo_ebm.files.results import list_groups, read_group, write_group
 
-# name: settings beyond the defaults (the defaults are TrainConfig's: reg 0.1, lr 1e-3, constant, 10 epochs)
+# name: settings beyond the defaults (the defaults are TrainConfig's: reg 0.1, lr 1e-3, constant, 10 epochs; objective
+# j_ebm unless given)
 TRIALS = {
     "hyb": {},                                               # the defaults (j_ebm, exact estimator)
     "je_reg0.01": {"reg": 0.01},
@@ -33,6 +35,7 @@ TRIALS = {
     "je_T0.01": {"sgld_noise": 0.0316},                      # a colder sampler: T_train = 0.01
     "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
+    "gcl": {"objective": "gcl"},                             # gcl with the defaults
 }
 
 
@@ -78,7 +81,7 @@ for name in names:
             continue
     else:
         t0 = time.perf_counter()
-        out = train(name=name, objective="j_ebm", data_dir=args.data_dir, overwrite=True, **settings)
+        out = train(name=name, data_dir=args.data_dir, overwrite=True, **{"objective": "j_ebm", **settings})
         res = out["results"]
         ds = evaluate(out["checkpoint"], data_dir=args.data_dir, chain_steps=(10000,))
         write_group(res, "evaluation", ds, replace=True)
