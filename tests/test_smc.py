@@ -251,3 +251,25 @@ def test_label_entropy_se_follows_the_replicas_weight_shares():
         z.append((h[0] - exact) / se[0])
     z = np.asarray(z)
     assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.2, (z.mean(), z.std())
+
+
+def test_stage_without_populations_is_ais():
+    """`smc.stage` with pop None (engine ais's forward and reverse anneals) reweights and moves but never resamples,
+    however degenerate the weights; with populations it resamples the degenerate ones (and keeps each
+    population's log mean weight)."""
+    system = TruncatedGaussian(4)
+    path = paths.Tempering(Sampler(system, Ensemble("marginal", 1), system.shape, torch.Generator().manual_seed(0), "cpu"))
+    g = torch.Generator().manual_seed(1)
+    p = path.evaluate(torch.rand(64, 4, generator=g) * 2 - 1)
+    logw = torch.zeros(64, dtype=torch.float64)
+    logw[0] = 50.0  # one chain holds all the weight
+    lam, lam_new = torch.zeros(64, dtype=torch.float64), torch.full((64,), 0.5, dtype=torch.float64)
+
+    def still(q, lw):
+        return q, torch.ones(len(q.x)), torch.zeros(len(q.x))
+    ais = smc.stage(path, p, logw, lam, lam_new, None, g, still)
+    assert ais.resampled == 0 and torch.equal(ais.ancestors, torch.arange(64)) and torch.equal(ais.particles.x, p.x)
+    assert torch.allclose(ais.logw, logw + path.log_gamma(p, lam_new) - path.log_gamma(p, lam))
+    res = smc.stage(path, p, logw, lam, lam_new, 32, g, still)
+    assert res.resampled == 1 and (res.ancestors[:32] == 0).all()  # the degenerate population
+    assert torch.allclose(torch.logsumexp(res.logw[:32], 0), torch.logsumexp(ais.logw[:32], 0))
