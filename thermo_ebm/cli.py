@@ -260,6 +260,8 @@ def parse_temps(spec: str) -> np.ndarray:
 @budget_option("--data-refs", type=int, help="Data-seeded kernel centres per temperature.")
 @budget_option("--bridge-chains", type=int, help="Chains per temperature annealed from the data-informed base "
                "(engine ais).")
+@budget_option("--bridge-moves", type=int, help="Move pairs (a MALA step, a subspace move) per lambda of the anneal "
+               "from the data-informed base (engine ais).")
 @budget_option("--auto-temps", type=int, help="Temperatures placed by --temps auto.")
 @budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")

@@ -142,6 +142,7 @@ class MeasureConfig:
     bridge_steps: int = 300     # minimum number of lambdas of each temperature's path (raised to ais_steps_per_l2 x
                                 # its L^2)
     max_bridge_steps: int | None = None  # most lambdas of a path (None: no cap; a capped path raises flag_low_ess)
+    bridge_moves: int = 2       # move pairs (reflected MALA, then the subspace move) per lambda of the counted anneal
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
     crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
     crosscheck_chains: int = 256  # with data and that cap reached: its chains (at most ais_chains; a one-sided check)

@@ -129,7 +129,7 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
     pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
     res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_steps, n_chains=cfg.bridge_chains // cfg.shards,
-                            n_keep=cfg.chains // cfg.shards, pop=pop)
+                            n_keep=cfg.chains // cfg.shards, pop=pop, n_moves=cfg.bridge_moves)
     out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
                        res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],
                        n_steps[None], length[None], bt.shares[None], np.array([res.resampled]))

@@ -21,8 +21,8 @@ import numpy as np
 
 SCAN = dict(ais_chains=128, replicas=8, ais_steps=500, tune_stages=60, chains=16, burn_in=100, samples=200,
             reverse_steps=64, mbar=False, keep_samples=1, bridge_chains=64, data_refs=32, gauss_refs=64,
-            reference_steps=200, crosscheck_steps=5000, max_bridge_steps=2000, smc_chains=256, smc_data_chains=64,
-            smc_crosscheck_chains=64, smc_populations=4, smc_pilot_chains=128)
+            reference_steps=200, crosscheck_steps=5000, max_bridge_steps=2000, bridge_moves=1, smc_chains=256,
+            smc_data_chains=64, smc_crosscheck_chains=64, smc_populations=4, smc_pilot_chains=128)
 SCAN_FACTOR = 4.0      # ratio of neighbouring scan temperatures
 SCAN_HALF = 2          # scan temperatures on each side of the reference in the first block
 SCAN_EXTEND = 4        # most blocks added on each side

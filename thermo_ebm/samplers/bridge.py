@@ -10,9 +10,9 @@ instead of leaving the estimate to one lucky weight. Pipeline, in this order:
 `references` (pilot chains from data and forward-AIS states; kernel centres and widths) -> `tune_bridge`
 (pilot anneal through the same stage, `smc.stage`: step sizes and Var(log g - log q) per lambda, then frozen) ->
 `bridge_schedule` (lambdas equally spaced in thermodynamic length per group) -> `run_bridge` (the counted anneal:
-per lambda the SMC stage `smc.stage`, reweight -> resample -> move, the move one reflected-MALA step
-`paths.mala_move` and one MALA step along the fitted mixture's principal directions of the chain's class,
-`subspace.subspace_move`).
+per lambda the SMC stage `smc.stage`, reweight -> resample -> move, the move `bridge_moves` pairs of a
+reflected-MALA step `paths.mala_move` and a MALA step along the fitted mixture's principal directions of the
+chain's class, `subspace.subspace_move`).
 Chains are laid out [G, n] (G groups = ascending sweep betas) and flattened to [G * n].
 """
 from __future__ import annotations
@@ -217,11 +217,12 @@ class BridgeResult:
 
 
 def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, n_steps=None, *, n_chains, n_keep,
-               pop) -> BridgeResult:
+               pop, n_moves=1) -> BridgeResult:
     """The counted anneal from q_t to p_beta_t, group t on its frozen lambdas and step sizes of both moves
     ([K + 1, G]) for n_steps[t] stages (default: K): reweight, resample (populations of `pop` consecutive chains,
-    see `resample`), move. Every group starts at lambda = 0 together; a group that reaches lambda = 1 leaves the
-    batch, so the anneal costs sum_t n_steps[t] group-stages, not G K."""
+    see `resample`), move (n_moves pairs of a MALA step and a subspace move). Every group starts at lambda = 0
+    together; a group that reaches lambda = 1 leaves the batch, so the anneal costs sum_t n_steps[t] group-stages,
+    not G K."""
     if n_chains % pop:
         raise ValueError(f"populations of {pop} chains do not divide {n_chains} chains")
     g, n = base.groups, n_chains
@@ -235,14 +236,16 @@ def run_bridge(s: Sampler, base: KernelBase, betas, lam, step, sub, n_steps=None
     done = {}  # group -> (log-weights, <E | x>, <E^2 | x>, p_T(y | x), x) at lambda = 1
     resampled = 0
 
-    def moves(k):  # a MALA step, then (where the base resolves directions) a subspace move, at lambda_k
+    def moves(k):  # n_moves x (a MALA step, then, where the base resolves directions, a subspace move) at lambda_k
         def move(p, logw):
-            p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
-            bad = (~info.finite).float()
-            if dirs is not None:
-                p, sub_info = subspace_move(path, p, lam_t[k], sub_t[k], dirs, s.generator)
-                bad = bad + (~sub_info.finite).float()
-            return p, info.accepted.float(), bad
+            acc, bad = 0.0, 0.0
+            for _ in range(n_moves):
+                p, info = mala_move(path, p, lam_t[k], step_t[k], s.generator, s.kernel)
+                acc, bad = acc + info.accepted.float(), bad + (~info.finite).float()
+                if dirs is not None:
+                    p, sub_info = subspace_move(path, p, lam_t[k], sub_t[k], dirs, s.generator)
+                    bad = bad + (~sub_info.finite).float()
+            return p, acc / n_moves, bad
         return move
     bar = progress_bar(total=int(n_steps.sum()), desc="bridge SMC", enabled=s.progress)
     for k in range(1, lam.shape[0]):
