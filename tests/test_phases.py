@@ -356,8 +356,9 @@ def test_bridge_from_the_exact_target_has_zero_variance_weights():
 
 def test_bridge_paths_of_their_own_lengths_leave_the_batch_when_done(monkeypatch):
     """Each temperature anneals over its own number of lambdas (its own 8 L^2): the short path's chains leave the
-    batch at lambda = 1, so the anneal evaluates n (G + sum_t K_t) states, and every group's results (log-weights,
-    energies, states) come back in its own place: with q_t = p_beta_t each weight is exactly that group's Z."""
+    batch at lambda = 1, so the anneal evaluates n (G + m sum_t K_t) states with m move pairs per lambda, and every
+    group's results (log-weights, energies, states) come back in its own place: with q_t = p_beta_t each weight is
+    exactly that group's Z."""
     system = TruncatedGaussian(8, seed=0)
     betas = np.array([1.0, 2.0, 4.0])
     mu = torch.tensor(system.m)[None, None].repeat(3, 1, 1)
@@ -380,6 +381,12 @@ def test_bridge_paths_of_their_own_lengths_leave_the_batch_when_done(monkeypatch
     se = res.energy.numpy().std(1) / math.sqrt(32)
     assert np.all(np.abs(u - exact["U"]) < 5 * se), (u, exact["U"], se)
     assert res.states.x.shape[0] == 3 * 4 and np.all(res.accept.numpy() > 0.5)
+    seen.clear()  # n_moves move pairs per lambda (here MALA only: the base has no fitted directions)
+    res = run_bridge(s, base, betas, lam, np.full_like(lam, 0.2), np.ones_like(lam), n_steps, n_chains=32, n_keep=4,
+                     pop=8, n_moves=3)
+    assert sum(seen) == 32 * (3 + 3 * n_steps.sum())
+    np.testing.assert_allclose(res.logw.numpy(), exact["log_Z"][:, None].repeat(32, 1), atol=2e-4)
+    assert np.all(res.accept.numpy() > 0.5) and np.all(res.accept.numpy() <= 1.0)
 
 
 def test_smc_resampling_keeps_each_population_estimate():
