@@ -515,6 +515,27 @@ def test_max_time_lengthens_a_flagged_run_and_reports_what_it_spent(caplog):
     assert any("beyond --max-time" in r.getMessage() for r in caplog.records)
 
 
+def test_lengthen_doubles_the_data_seeded_moves_and_the_retry_time_follows_the_stages():
+    """A flag of the anneals doubles the schedules and the data-seeded anneal's move pairs per lambda (so that
+    stage costs about 4x), a mixing flag only the sweep; the retry's expected time weighs each stage's seconds by
+    its growth, so a run spent in the data-seeded anneal is not expected to take only twice as long."""
+    from thermo_ebm.config import MeasureConfig
+    from thermo_ebm.measurement.flags import growth, lengthen
+    cfg = MeasureConfig()
+    assert lengthen(cfg, {"flag_heavy_tails": np.array([0, 0])}) is None
+    new = lengthen(cfg, {"flag_heavy_tails": np.array([0, 1])})
+    assert (new.bridge_moves, new.ais_steps_per_l2, new.samples) == (2 * cfg.bridge_moves, 2 * cfg.ais_steps_per_l2,
+                                                                     cfg.samples)
+    mix = lengthen(cfg, {"flag_poor_mixing": np.array([1, 0])})
+    assert (mix.bridge_moves, mix.ais_steps, mix.samples) == (cfg.bridge_moves, cfg.ais_steps, 2 * cfg.samples)
+    # forward, data-seeded, sweep, reverse seconds and a 2 s pilot: (2 + 2 * 10 + 4 * 100 + 5 + 2 * 1) / 118
+    assert growth(cfg, new, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(429.0 / 118.0)
+    assert growth(cfg, mix, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(123.0 / 118.0)
+    smc = MeasureConfig(engine="smc")
+    assert growth(smc, lengthen(smc, {"flag_low_ess": np.array([1])}), [10.0, 100.0, 5.0, 1.0], 2.0) == \
+        pytest.approx(229.0 / 118.0)
+
+
 def test_non_separable_784_dimensional_system_with_data():
     """A rotated (non-separable) 784-d Gaussian on the box with an exact log Z (~4,000 to 4,700 bits of
     information): with exact data at T = 0.5, every quantity within 4 SE or its temperature flagged, and log Z

@@ -107,8 +107,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
         n_sched = int(b.steps.max())
         longer = (f"anneal longer (data-seeded paths: each max(bridge_steps {cfg.bridge_steps}, ais_steps_per_l2 "
                   f"{cfg.ais_steps_per_l2:g} x its L^2) lambdas, the longest {n_sched} for L^2 "
-                  f"{float(b.length.max()) ** 2:.0f}); "
-                  "raise --ais-steps-per-l2 or --bridge-chains)")
+                  f"{float(b.length.max()) ** 2:.0f}, {cfg.bridge_moves} move pairs per lambda); "
+                  "raise --bridge-moves (at d = 784 more moves per lambda, not more lambdas, shrink this error), "
+                  "--ais-steps-per-l2 or --bridge-chains, or set --max-time)")
     else:
         longer = (f"anneal longer (schedule {len(pl.schedule)} betas = max(ais_steps {cfg.ais_steps}, ais_steps_per_l2 "
                   f"{cfg.ais_steps_per_l2:g} x L^2 {pl.length ** 2:.0f}) + sweep betas; 4x the betas fixed the "
@@ -178,7 +179,9 @@ def scale_hint(p: Problem, flags: dict) -> str | None:
 
 
 def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
-    """The next attempt's budget for the flags raised (the schedules or the sweep doubled), or None."""
+    """The next attempt's budget for the flags raised, or None: for the anneals, the schedules doubled and, on the
+    data-seeded anneal (engine ais), the move pairs per lambda as well (at d = 784 more moves per lambda, not more
+    lambdas, shrink the error there: docs/estimators.md); for mixing flags, the sweep doubled."""
     raised = {LENGTHEN[name] for name, f in flags.items() if name in LENGTHEN and np.any(f)}
     if not raised:
         return None
@@ -188,9 +191,22 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
         new.smc_cess = 1.0 - (1.0 - cfg.smc_cess) / 2
         new.ais_steps_per_l2 = 2 * cfg.ais_steps_per_l2
         new.ais_steps, new.bridge_steps, new.crosscheck_steps = 2 * cfg.ais_steps, 2 * cfg.bridge_steps, 2 * cfg.crosscheck_steps
+        new.bridge_moves = 2 * cfg.bridge_moves
     if "sweep" in raised:
         new.samples, new.burn_in = 2 * cfg.samples, 2 * cfg.burn_in
     return new
+
+
+def growth(cfg: MeasureConfig, new: MeasureConfig, stage_seconds, plan_seconds: float) -> float:
+    """The expected ratio of the next attempt's wall time to this one's under the budget `new` (`lengthen`), from
+    this attempt's seconds per stage (anneal.STAGES: forward, data-seeded, sweep, reverse) and of its pilot (whose
+    budget `lengthen` leaves alone): each anneal grows with its schedule, the data-seeded one of engine ais also
+    with its move pairs per lambda, and the sweep with its samples."""
+    anneal = new.ais_steps / cfg.ais_steps
+    seeded = anneal * new.bridge_moves / cfg.bridge_moves if cfg.engine == "ais" else anneal
+    factors = np.array([anneal, seeded, new.samples / cfg.samples, anneal])
+    sec = np.asarray(stage_seconds, dtype=np.float64)
+    return float((plan_seconds + (factors * sec).sum()) / max(plan_seconds + sec.sum(), 1e-12))
 
 
 def peak_flagged(c, flags: dict, t_star: float) -> bool:

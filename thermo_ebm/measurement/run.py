@@ -27,7 +27,7 @@ from ..models import EBM
 from . import temperatures
 from .anneal import STAGES, Plan, plan, pool
 from .dataset import add_likelihood, to_dataset
-from .flags import LENGTHEN, Diagnosis, diagnose, lengthen, scale_hint
+from .flags import LENGTHEN, Diagnosis, diagnose, growth, lengthen, scale_hint
 from .inputs import Problem, prepare
 from .records import Pooled
 from .thermo import Thermo, thermodynamics
@@ -92,7 +92,7 @@ class Attempts:
 def attempts(p: Problem, t0: float, progress) -> Attempts:
     """Measure once; with `max_time`, measure again with doubled schedules (`lengthen`) while a flag that more
     sampling can clear is raised, a first run being always checked by one doubling, and the next attempt
-    (about 2.2x the last) fits within max_time counted from t0."""
+    (`growth` times the last, with a 10% margin) fits within max_time counted from t0."""
     cfg, seconds, previous = p.cfg, [], None
     while True:
         t_run = time.perf_counter()
@@ -105,16 +105,16 @@ def attempts(p: Problem, t0: float, progress) -> Attempts:
         if cfg.max_time is None:
             return Attempts(p, pl, pooled, th, dg, seconds, t_plan, "")
         longer = lengthen(p.cfg, dg.flags if previous is not None else {**dg.flags, "flag_unconverged": True})
-        need = 2.2 * seconds[-1]
+        need = 1.1 * seconds[-1] * (growth(p.cfg, longer, pooled.seconds.sum(0), t_plan) if longer is not None else 2.0)
         # under torchrun rank 0 decides for every rank (their clocks differ; their pooled flags do not)
         again = dist.broadcast(longer is not None and time.perf_counter() - t0 + need <= cfg.max_time)
         if not again:
             note = (f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
                     if longer is not None else "")
             return Attempts(p, pl, pooled, th, dg, seconds, t_plan, note)
-        log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (--max-time %.0f s)",
+        log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (~%.0f s expected; --max-time %.0f s)",
                  len(seconds), seconds[-1], ", ".join(n for n, f in dg.flags.items() if n in LENGTHEN and np.any(f))
-                 or "checking convergence", cfg.max_time)
+                 or "checking convergence", need / 1.1, cfg.max_time)
         previous, p = th.reported, replace(p, cfg=longer)
 
 
@@ -157,7 +157,8 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     device : "auto", "cpu", "cuda" or "cuda:N".
     progress : progress bars (a terminal) or periodic log lines (elsewhere).
     config, **budget : a MeasureConfig and/or its fields as keywords (ais_chains=..., samples=...). With
-        max_time (seconds), the run is repeated with the anneals (or, for mixing flags, the sweep) doubled while
+        max_time (seconds), the run is repeated with the anneals (the data-seeded one's lambdas and move pairs per
+        lambda; for mixing flags, the sweep) doubled while
         flags fire or the last doubling moved log Z beyond 4 SE (flag_unconverged, log_Z_shift), as long as the
         doubled run fits in the time left; attributes attempts, attempt_seconds and settings (the final budget)
         record what was spent, and a surviving flag's warning says what the next doubling would take.
