@@ -531,9 +531,10 @@ def test_lengthen_doubles_the_data_seeded_moves_and_the_retry_time_follows_the_s
     # forward, data-seeded, sweep, reverse seconds and a 2 s pilot: (2 + 2 * 10 + 4 * 100 + 5 + 2 * 1) / 118
     assert growth(cfg, new, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(429.0 / 118.0)
     assert growth(cfg, mix, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(123.0 / 118.0)
-    smc = MeasureConfig(engine="smc")
-    assert growth(smc, lengthen(smc, {"flag_low_ess": np.array([1])}), [10.0, 100.0, 5.0, 1.0], 2.0) == \
-        pytest.approx(229.0 / 118.0)
+    smc = MeasureConfig(engine="smc")  # its data-seeded anneal grows with its chains, not with bridge_moves
+    longer = lengthen(smc, {"flag_low_ess": np.array([1])})
+    assert (longer.bridge_moves, longer.smc_data_chains) == (smc.bridge_moves, 2 * smc.smc_data_chains)
+    assert growth(smc, longer, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(229.0 / 118.0)
 
 
 def test_non_separable_784_dimensional_system_with_data():

@@ -191,7 +191,7 @@ def lengthen(cfg: MeasureConfig, flags: dict) -> MeasureConfig | None:
         new.smc_cess = 1.0 - (1.0 - cfg.smc_cess) / 2
         new.ais_steps_per_l2 = 2 * cfg.ais_steps_per_l2
         new.ais_steps, new.bridge_steps, new.crosscheck_steps = 2 * cfg.ais_steps, 2 * cfg.bridge_steps, 2 * cfg.crosscheck_steps
-        new.bridge_moves = 2 * cfg.bridge_moves
+        new.bridge_moves = 2 * cfg.bridge_moves if cfg.engine == "ais" else cfg.bridge_moves
     if "sweep" in raised:
         new.samples, new.burn_in = 2 * cfg.samples, 2 * cfg.burn_in
     return new
@@ -203,7 +203,7 @@ def growth(cfg: MeasureConfig, new: MeasureConfig, stage_seconds, plan_seconds: 
     budget `lengthen` leaves alone): each anneal grows with its schedule, the data-seeded one of engine ais also
     with its move pairs per lambda, and the sweep with its samples."""
     anneal = new.ais_steps / cfg.ais_steps
-    seeded = anneal * new.bridge_moves / cfg.bridge_moves if cfg.engine == "ais" else anneal
+    seeded = anneal * new.bridge_moves / cfg.bridge_moves
     factors = np.array([anneal, seeded, new.samples / cfg.samples, anneal])
     sec = np.asarray(stage_seconds, dtype=np.float64)
     return float((plan_seconds + (factors * sec).sum()) / max(plan_seconds + sec.sum(), 1e-12))
