@@ -36,6 +36,7 @@ TRIALS = {
     "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "gcl": {"objective": "gcl"},                             # gcl with the defaults
+    "je_chains": {"joint_estimator": "chains"},              # JEM's class-conditional chains instead of the exact estimator
 }
 
 
