@@ -37,6 +37,10 @@ TRIALS = {
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "gcl": {"objective": "gcl"},                             # gcl with the defaults
     "je_chains": {"joint_estimator": "chains"},              # JEM's class-conditional chains instead of the exact estimator
+    "m_ebm": {"objective": "m_ebm"},                         # the generative objective with the defaults
+    "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001},
+    "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine"},
+    "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
 }
 
 
