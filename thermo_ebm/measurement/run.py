@@ -105,16 +105,18 @@ def attempts(p: Problem, t0: float, progress) -> Attempts:
         if cfg.max_time is None:
             return Attempts(p, pl, pooled, th, dg, seconds, t_plan, "")
         longer = lengthen(p.cfg, dg.flags if previous is not None else {**dg.flags, "flag_unconverged": True})
-        need = 1.1 * seconds[-1] * (growth(p.cfg, longer, pooled.seconds.sum(0), t_plan) if longer is not None else 2.0)
+        # the next attempt's expected seconds (inf: no attempt to make); need adds a 10% margin
+        expected = seconds[-1] * growth(p.cfg, longer, pooled.seconds.sum(0), t_plan) if longer is not None else np.inf
+        need = 1.1 * expected
         # under torchrun rank 0 decides for every rank (their clocks differ; their pooled flags do not)
-        again = dist.broadcast(longer is not None and time.perf_counter() - t0 + need <= cfg.max_time)
+        again = dist.broadcast(time.perf_counter() - t0 + need <= cfg.max_time)
         if not again:
             note = (f" (the next doubling would take ~{need:.0f} s beyond --max-time {cfg.max_time:.0f} s)"
                     if longer is not None else "")
             return Attempts(p, pl, pooled, th, dg, seconds, t_plan, note)
         log.info("attempt %d (%.0f s): %s; measuring again with doubled schedules (~%.0f s expected; --max-time %.0f s)",
                  len(seconds), seconds[-1], ", ".join(n for n, f in dg.flags.items() if n in LENGTHEN and np.any(f))
-                 or "checking convergence", need / 1.1, cfg.max_time)
+                 or "checking convergence", expected, cfg.max_time)
         previous, p = th.reported, replace(p, cfg=longer)
 
 
