@@ -19,8 +19,7 @@ test: venv
 	$(BIN)/python -m pytest -q -n auto --durations=15
 
 demo: venv
-	$(BIN)/thermo-ebm train --name demo --objective j_ebm --dataset digits --epochs 15 --buffer-size 1000 \
-		--lr-schedule cosine --overwrite
+	$(BIN)/thermo-ebm train --name demo --objective j_ebm --dataset digits --overwrite
 	$(BIN)/thermo-ebm measure --ckpt checkpoints/demo.pt --temps 0.5:2:0.1 --out results/demo.h5
 	$(BIN)/thermo-ebm eval --ckpt checkpoints/demo.pt --out results/demo.h5
 	$(BIN)/thermo-ebm plot results/demo.h5

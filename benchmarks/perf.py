@@ -166,7 +166,7 @@ def sweep(quick, device="cpu"):
 def train_step(quick):
     from thermo_ebm.training.loop import TrainConfig, Trainer
     cfg = TrainConfig(objective="j_ebm", dataset="digits", model_size=512, depth=3, batch_size=64,
-                      mc_steps=20, buffer_size=1000, reg=0.1, device="cpu")
+                      mc_steps=20, buffer_size=1000, reg=0.1, device="cpu").validate()
     tr = Trainer(cfg, progress=False)
     xb, yb = tr.data.x_train[:64], tr.data.y_train[:64]
     ref_model = build_model("shallow", tr.data.shape, 10, 512, depth=3)

@@ -23,8 +23,9 @@ import torch
 from thermo_ebm import evaluate, train
 from thermo_ebm.files.results import list_groups, read_group, write_group
 
-# name: settings beyond the defaults (the defaults are TrainConfig's: reg 0.1, lr 1e-3, constant, 10 epochs; objective
-# j_ebm unless given)
+# name: settings beyond the defaults (TrainConfig's and, for MNIST, PRESETS' "*" rows: reg 0.1, lr 1e-3, constant,
+# 10 epochs; objective j_ebm unless given). m_ebm trials name every preset setting, since m_ebm on MNIST has a row
+# of its own (the m_ebm_r001_e30 settings).
 TRIALS = {
     "hyb": {},                                               # the defaults (j_ebm, exact estimator)
     "je_reg0.01": {"reg": 0.01},
@@ -37,7 +38,7 @@ TRIALS = {
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "gcl": {"objective": "gcl"},                             # gcl with the defaults
     "je_chains": {"joint_estimator": "chains"},              # JEM's class-conditional chains instead of the exact estimator
-    "m_ebm": {"objective": "m_ebm"},                         # the generative objective with the defaults
+    "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10},  # the j_ebm defaults
     "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001},
     "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine"},
     "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30},

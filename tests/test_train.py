@@ -88,7 +88,7 @@ def _params(path):
 
 
 def test_resume_is_bit_identical():
-    kw = dict(TINY, objective="gcl", max_steps=None)
+    kw = dict(TINY, objective="gcl", max_steps=None, lr_schedule="constant")  # cosine's length is --epochs
     a = train(name="straight", epochs=2, checkpoint_dir="a", results_dir="a", **kw)
     train(name="split", epochs=1, checkpoint_dir="b", results_dir="b", **kw)
     b = train(name="split", epochs=2, checkpoint_dir="b", results_dir="b", resume=True, progress=False)
@@ -97,6 +97,39 @@ def test_resume_is_bit_identical():
     ha = xr.open_dataset(a["results"], group="training", engine="h5netcdf")
     hb = xr.open_dataset(b["results"], group="training", engine="h5netcdf")
     np.testing.assert_array_equal(ha.loss.values, hb.loss.values)
+
+
+def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path):
+    """PRESETS: the first matching row that names a setting gives it; explicit settings win; a resume keeps the
+    checkpoint's values even where the table has changed since; `train --help` prints the table."""
+    from click.testing import CliRunner
+    from thermo_ebm import config
+    from thermo_ebm.cli import cli
+    from thermo_ebm.config import TrainConfig
+    cases = {("mnist", "j_ebm"): (10, "constant", 0.1, 10000), ("mnist", "m_ebm"): (30, "cosine", 0.001, 10000),
+             ("mnist", "dcl"): (10, "constant", 0.0, 10000), ("digits", "j_ebm"): (15, "cosine", 0.1, 1000),
+             ("digits", "dcl"): (15, "cosine", 0.0, 1000), ("cifar10", "m_ebm"): (10, "constant", 0.1, 10000)}
+    for (ds, obj), want in cases.items():
+        c = TrainConfig(dataset=ds, objective=obj).validate()
+        assert (c.epochs, c.lr_schedule, c.reg, c.buffer_size) == want, (ds, obj)
+    c = TrainConfig(dataset="mnist", objective="m_ebm", reg=0.5, epochs=3).validate()
+    assert (c.epochs, c.lr_schedule, c.reg) == (3, "cosine", 0.5)
+    kw = dict(TINY, objective="dcl", max_steps=2, checkpoint_dir=str(tmp_path), results_dir=str(tmp_path))
+    train(name="p", epochs=1, **kw)
+    saved = load_checkpoint(tmp_path / "p.pt")["config"]
+    assert (saved["epochs"], saved["lr_schedule"], saved["reg"], saved["buffer_size"]) == (1, "cosine", 0.0, 256)
+    old = config.PRESETS
+    try:
+        config.PRESETS = (("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.7, "buffer_size": 10000}),)
+        train(name="p", epochs=2, max_steps=4, checkpoint_dir=str(tmp_path), results_dir=str(tmp_path),
+              resume=True, progress=False)
+        st = load_checkpoint(tmp_path / "p.pt")
+        assert st["step"] == 4 and (st["config"]["reg"], st["config"]["buffer_size"]) == (0.0, 256)
+    finally:
+        config.PRESETS = old
+    out = CliRunner().invoke(cli, ["train", "--help"]).output
+    assert "--reg" in out and "by dataset and objective" in out
+    assert "mnist    m_ebm   --epochs 30, --lr-schedule cosine, --reg 0.001" in out
 
 
 def test_resume_refuses_conflicting_options(digits_ckpt):

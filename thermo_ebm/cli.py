@@ -17,7 +17,7 @@ import numpy as np
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DATASETS, OBJECTIVES, MeasureConfig, TrainConfig
+from .config import DATASETS, OBJECTIVES, MeasureConfig, TrainConfig, presets_help
 from .errors import ThermoEBMError, TrainingDiverged
 from .files.results import invoked_as
 
@@ -114,7 +114,10 @@ def _explicit(ctx, names):
     return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
 
 
-@cli.command()
+BY_PRESET = " [default: by dataset and objective, below]"
+
+
+@cli.command(epilog=presets_help())
 @train_option("--name", help="Run name: CHECKPOINT_DIR/NAME.pt, RESULTS_DIR/NAME.h5.")
 @train_option("--objective", type=click.Choice(OBJECTIVES), help="Training objective (docs/training.md).")
 @train_option("--dataset", type=click.Choice(DATASETS), help="Training data (digits: sklearn's 8x8, offline).")
@@ -125,13 +128,14 @@ def _explicit(ctx, names):
 @train_option("--model-size", type=int, help="MLP width / CNN base channels [default: per dataset].")
 @train_option("--depth", type=int, help="Hidden layers of the MLP.")
 @train_option("--spectral-norm/--no-spectral-norm", help="Spectral normalisation of the weights.")
-@train_option("--epochs", type=int, help="Total epochs (also when resuming).")
+@train_option("--epochs", type=int, help="Total epochs (also when resuming)." + BY_PRESET)
 @train_option("--max-steps", type=int, help="Stop after this many optimizer steps in total.")
 @train_option("--batch-size", type=int, help="Data examples per optimizer step.")
 @train_option("--lr", type=float, help="Adam learning rate.")
 @train_option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
-              help="cosine: decay to 0.1 x lr over the run (--epochs / --max-steps).")
-@train_option("--reg", type=float, help="L2 energy penalty [default: 0.1, 0 for dcl].")
+              help="cosine: decay to 0.1 x lr over the run (--epochs / --max-steps)." + BY_PRESET)
+@train_option("--reg", type=float, help="L2 energy penalty (reg x mean squared energy of data and model samples)."
+              + BY_PRESET)
 @train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
 @train_option("--sgld-noise", type=float, help="Langevin noise n.")
@@ -141,7 +145,7 @@ def _explicit(ctx, names):
 @train_option("--joint-estimator", type=click.Choice(["exact", "chains"]),
               help="j_ebm's estimator of the gradient of log p(x, y): exact (cross-entropy exactly plus marginal "
                    "chains for log p(x)) or chains (class-conditional chains, JEM-style).")
-@train_option("--buffer-size", type=int, help="Persistent chains in the replay buffer.")
+@train_option("--buffer-size", type=int, help="Persistent chains in the replay buffer." + BY_PRESET)
 @train_option("--from-scratch", type=float, help="Fraction of chains restarted from uniform noise each step.")
 @train_option("--short-run", is_flag=True, help="Non-persistent chains from noise.")
 @train_option("--seed", type=int, help="Seed of every random stream of the run.")

@@ -11,6 +11,33 @@ from .errors import ThermoEBMError
 OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 
+# The defaults of `train` that depend on the dataset and the objective (the search behind them:
+# benchmarks/train_defaults.py, docs/training.md). A setting left at None takes its value from the first row that
+# matches the run's dataset and objective ("*": any) and names that setting.
+PRESETS = (
+    ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "buffer_size": 1000}),
+    ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001}),
+    ("*", "dcl", {"reg": 0.0}),
+    ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "buffer_size": 10000}),
+)
+
+
+def preset(dataset: str, objective: str) -> dict:
+    """The PRESETS values of a dataset and objective: {setting: value} for every setting the table names."""
+    out = {}
+    for ds, obj, values in PRESETS:
+        if ds in ("*", dataset) and obj in ("*", objective):
+            out = {**values, **out}
+    return out
+
+
+def presets_help() -> str:
+    """PRESETS as the lines `train --help` shows."""
+    rows = [f"{ds:<8} {obj:<7} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+            for ds, obj, values in PRESETS]
+    return ("Defaults by dataset and objective (the first matching row that names a setting gives it; *: any):\n\n"
+            "\b\n" + "\n".join(rows))
+
 
 def option_name(name: str) -> str:
     """How a message names a setting: its command-line option, then its Python keyword."""
@@ -45,19 +72,19 @@ class TrainConfig:
     model_size: int | None = None
     depth: int = 2
     spectral_norm: bool = False
-    epochs: int = 10
+    epochs: int | None = None         # None: from PRESETS (dataset, objective)
     max_steps: int | None = None      # stop after this many optimizer steps in total
     batch_size: int = 64
     lr: float = 1e-3
-    lr_schedule: str = "constant"     # or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
-    reg: float | None = None          # default 0.1 for EBM objectives, 0 for dcl
+    lr_schedule: str | None = None    # "constant" or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
+    reg: float | None = None          # L2 energy penalty
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float = 0.1
     mc_steps: int = 40
     joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
     joint_estimator: str = "exact"    # j_ebm: "exact" (CE + marginal chains) or "chains" (class-conditional chains)
-    buffer_size: int = 10000
+    buffer_size: int | None = None
     from_scratch: float = 0.05
     short_run: bool = False
     seed: int = 0
@@ -79,10 +106,14 @@ class TrainConfig:
             raise ThermoEBMError(f"invalid run name {self.name!r}")
 
     def validate(self):
+        """Check every setting (one-line errors) and fill the ones left at None from PRESETS."""
         if self.objective not in OBJECTIVES:
             raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.dataset not in DATASETS:
             raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for name, value in preset(self.dataset, self.objective).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.lr_schedule not in ("constant", "cosine"):
             raise ThermoEBMError("--lr-schedule must be constant or cosine")
         if self.joint_labels not in ("fixed", "gibbs"):
@@ -102,8 +133,6 @@ class TrainConfig:
             raise ThermoEBMError("--buffer-size must be at least --batch-size")
         self.check_name()
         self.labels = parse_labels(self.labels)
-        if self.reg is None:
-            self.reg = 0.0 if self.objective == "dcl" else 0.1
         return self
 
 

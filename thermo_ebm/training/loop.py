@@ -200,8 +200,9 @@ class Trainer:
                                    "seconds": seconds})
         grid = save_grid(self.chains, self.cfg, self.epoch) if dist.is_main() else None
         if dist.is_main():
-            log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s", self.epoch,
-                     self.step, acc, ce, f", samples {grid}" if grid else "")
+            untrained = " (m_ebm trains no labels)" if self.cfg.objective == "m_ebm" else ""
+            log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s%s", self.epoch,
+                     self.step, acc, ce, untrained, f", samples {grid}" if grid else "")
         self.save()
         self.snapshot = train_state.capture(self)
 
