@@ -38,6 +38,7 @@ TRIALS = {
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "gcl": {"objective": "gcl"},                             # gcl with the defaults
     "je_chains": {"joint_estimator": "chains"},              # JEM's class-conditional chains instead of the exact estimator
+    "je_T1": {"sgld_step": 0.005, "reg": 0.001},            # T_train = 1, where the exact estimator is joint ML
     "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10},  # the j_ebm defaults
     "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001},
     "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine"},

@@ -168,26 +168,46 @@ def test_gcl_gradient_equals_cross_entropy_gradient_in_expectation():
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_j_ebm_estimators_have_the_same_gradient_in_expectation():
-    """j_ebm's exact estimator (CE + marginal ML) and its chains estimator (joint ML) are two estimators of the
-    gradient of log p(x, y): with exact model expectations (quadrature weights) their gradients agree."""
+@pytest.mark.parametrize("T", [1.0, 0.3])
+def test_j_ebm_estimators_and_the_models_they_train(T):
+    """With chains at temperature T (T_train) and exact model expectations (quadrature weights): the chains
+    estimator is the gradient of -T log p_T(x, y), p_T proportional to exp(f(x)[y] / T); the exact estimator is the
+    gradient of CE(f) - T log q_T(x), q_T proportional to exp(logsumexp f(x) / T). At T = 1 these are one model
+    (log p(x, y) = log p(y|x) + log p(x)) and the two gradients agree; at any other T they are different models
+    (the exact estimator's is hybrid's) and the gradients differ (docs/training.md)."""
     m = Tiny()
     x_data = torch.tensor([[-0.5], [0.2], [0.9]], dtype=torch.float64)
     y_data = torch.tensor([0, 2, 1])
     xs = torch.linspace(-1, 1, 4001, dtype=torch.float64)[:, None]
+    dx = 2.0 / 4000
     with torch.no_grad():
         lg = m(xs)
-        pj = torch.softmax(lg.reshape(-1), 0).reshape(lg.shape)
-        pm = pj.sum(1)
+        pj = torch.softmax((lg / T).reshape(-1), 0).reshape(lg.shape)  # what joint chains at T sample
+        pm = torch.softmax(torch.logsumexp(lg, 1) / T, 0)                # what marginal chains at T sample
     k = lg.shape[1]
     chains, _ = loss_terms("j_ebm", m(x_data), y_data, logits_joint=m(xs.repeat_interleave(k, 0)),
                            y_joint=torch.arange(k).repeat(len(xs)), reg=0.0, w_joint=pj.reshape(-1),
                            joint_estimator="chains")
     exact, terms = loss_terms("j_ebm", m(x_data), y_data, logits_marginal=m(xs), reg=0.0, w_marginal=pm,
                               joint_estimator="exact")
+    hybrid, _ = loss_terms("hybrid", m(x_data), y_data, logits_marginal=m(xs), reg=0.0, w_marginal=pm)
     assert "ce" in terms and "marginal_ml" in terms and "joint_ml" not in terms
-    for a, b in zip(_grad(m, chains), _grad(m, exact)):
+    def log_p():  # log p_T(x, y) of the data, normalised by quadrature
+        f_d, f_g = m(x_data), m(xs)
+        return f_d.gather(1, y_data[:, None])[:, 0] / T - torch.logsumexp((f_g / T).reshape(-1), 0) - math.log(dx)
+
+    def log_q():  # log q_T(x) of the data
+        f_d, f_g = m(x_data), m(xs)
+        return torch.logsumexp(f_d, 1) / T - torch.logsumexp(torch.logsumexp(f_g, 1) / T, 0) - math.log(dx)
+
+    ce = torch.nn.functional.cross_entropy(m(x_data), y_data)
+    g_chains, g_exact, g_hybrid = _grad(m, chains), _grad(m, exact), _grad(m, hybrid)
+    for a, b in zip(g_chains, _grad(m, -T * log_p().mean())):
         assert torch.allclose(a, b, atol=1e-10)
+    for a, b, c in zip(g_exact, _grad(m, ce - T * log_q().mean()), g_hybrid):
+        assert torch.allclose(a, b, atol=1e-10) and torch.allclose(a, c, atol=1e-12)
+    gap = max(float((a - b).abs().max()) for a, b in zip(g_chains, g_exact))
+    assert gap < 1e-10 if T == 1.0 else gap > 1e-2
 
 
 @pytest.mark.parametrize("objective", ["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"])
