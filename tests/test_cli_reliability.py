@@ -127,6 +127,11 @@ def test_show_table_and_json(measured):
     assert len(doc["groups"]["measure_marginal"]["rows"]) == 4
     assert "C_peak_T" in doc["groups"]["measure_marginal"] and "heat-capacity peak" in text
     assert "held-out likelihood (" in text and "temperatures (in units of T_train): T_train = 1" in text
+    # the training chains of this j_ebm (exact estimator, T_train = 0.1) sampled the marginal ensemble only
+    assert text.index("[measure_marginal]") < text.index("[measure_joint]")  # the order they were written in
+    marginal, joint = text.split("[measure_joint]")
+    assert "T = 1: the distribution the training chains targeted" in marginal
+    assert "they sampled the marginal ensemble, not this one" in joint
     refs = doc["groups"]["measure_joint"]["reference_temperatures"]
     assert refs["T_train"]["value"] == 1.0 and "T_ML" in refs
     assert "log_lik_heldout" in doc["groups"]["measure_joint"]["rows"][0]

@@ -32,8 +32,15 @@ def scale_line(ds) -> str:
     """Which temperature scale a measurement is on (and where the training distribution sits)."""
     t_train = float(ds.attrs.get("T_train", 1.0))
     if ds.attrs.get("temperature_units") == "train" and t_train != 1.0:
-        return (f"T in units of T_train = {t_train:.4g} (T = 1: the distribution the training chains targeted; "
-                f"raw T = T x T_train); U, F in units of T_train")
+        chains = ds.attrs.get("training_chains")
+        if chains is None or ds.attrs.get("ensemble") in chains.split(" and "):
+            where = "the distribution the training chains targeted"
+        elif chains == "none":
+            where = "T_train, nominal: this model was trained without chains"
+        else:
+            where = (f"the training chains' temperature, but they sampled the {chains} ensemble, not this one "
+                     f"(docs/training.md, Objectives)")
+        return f"T in units of T_train = {t_train:.4g} (T = 1: {where}; raw T = T x T_train); U, F in units of T_train"
     return f"T on the logits' scale (T_train = {t_train:.4g})" if "T_train" in ds.attrs else "T on the logits' scale"
 
 
