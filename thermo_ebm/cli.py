@@ -144,7 +144,8 @@ BY_PRESET = " [default: by dataset and objective, below]"
               help="Joint chains keep their label, or redraw it from p(y|x) after each x update (Gibbs).")
 @train_option("--joint-estimator", type=click.Choice(["exact", "chains"]),
               help="j_ebm's estimator of the gradient of log p(x, y): exact (cross-entropy exactly plus marginal "
-                   "chains for log p(x)) or chains (class-conditional chains, JEM-style).")
+                   "chains for log p(x)) or chains (class-conditional chains, JEM-style); the same model only at "
+                   "T_train = 1 (docs/training.md).")
 @train_option("--buffer-size", type=int, help="Persistent chains in the replay buffer." + BY_PRESET)
 @train_option("--from-scratch", type=float, help="Fraction of chains restarted from uniform noise each step.")
 @train_option("--short-run", is_flag=True, help="Non-persistent chains from noise.")

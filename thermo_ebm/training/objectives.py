@@ -3,11 +3,13 @@
 Energies (nats): marginal E(x) = -logsumexp f(x); joint E(x, y) = -f(x)[y].
   dcl    : CE(f(x_data), y_data)
   m_ebm  : <E(x_data)> - <E(x_m)>,                       x_m ~ marginal chains
-  j_ebm  : maximum likelihood of p(x, y), by one of two estimators of the same gradient (joint_estimator):
+  j_ebm  : maximum likelihood of p(x, y), by one of two estimators (joint_estimator):
            "exact":  CE + m_ebm, since log p(x, y) = log p(y | x) + log p(x): the p(y | x) part exactly, the
                      p(x) part from marginal chains (no class-conditional sampling noise in the classifier);
            "chains": <E(x_data, y_data)> - <E(x_j, y_j)>,  (x_j, y_j) ~ class-conditional chains (JEM-style)
-  gcl    : j_ebm - gamma * m_ebm (gamma = 1: expected gradient of CE, i.e. of -log p(y|x))
+           With chains at T = T_train these have the same expected gradient only at T = 1: "chains" is ML of
+           p(x, y) ~ exp(f[y] / T), "exact" is CE on the logits' scale plus ML of q(x) ~ exp(logsumexp f / T).
+  gcl    : j_ebm - gamma * m_ebm (gamma = 1, T = 1: expected gradient of CE, i.e. of -log p(y|x))
   hybrid : CE + m_ebm
 plus reg * (mean of squared data and model energies of every EBM term), always added as a penalty.
 Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
