@@ -153,6 +153,9 @@ class Trainer:
         self.save()
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
+        if dist.is_main():
+            log.info("calibration, OOD scores and the long-run check (chains of 10,000 steps at T_train from the "
+                     "buffer, their Fréchet distance against the buffer's): thermo-ebm eval --ckpt %s", ckpt)
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
                 "heldout_acc": self.history.last("heldout_acc"),
                 "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0]}
