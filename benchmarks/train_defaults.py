@@ -36,6 +36,7 @@ TRIALS = {
     "je_T0.01": {"sgld_noise": 0.0316},                      # a colder sampler: T_train = 0.01
     "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
+    "je_r003_e60": {"reg": 0.003, "lr_schedule": "cosine", "epochs": 60},
     "gcl": {"objective": "gcl"},                             # gcl with the defaults
     "je_chains": {"joint_estimator": "chains"},              # JEM's class-conditional chains instead of the exact estimator
     "je_T1": {"sgld_step": 0.005, "reg": 0.001},            # T_train = 1, where the exact estimator is joint ML
