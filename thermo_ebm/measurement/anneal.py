@@ -124,6 +124,10 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
     n_steps = np.maximum(cfg.bridge_steps, np.ceil(cfg.ais_steps_per_l2 * length ** 2)).astype(int)
     if cfg.max_bridge_steps is not None:  # under-annealed where the rule asks for more (flags.bridge_capped)
         n_steps = np.minimum(n_steps, max(cfg.max_bridge_steps, cfg.bridge_steps))
+    log.info("data-seeded anneal: thermodynamic length up to %.1f asks for %d lambdas in all (%d-%d per temperature, "
+             "%d move pairs each)%s", float(length.max()), int(n_steps.sum()), int(n_steps.min()), int(n_steps.max()),
+             cfg.bridge_moves, "; deep energies: --device cuda, or fewer --temps, shortens it" if n_steps.sum() > 20000
+             else "")
     lam, steps, sub = bridge.bridge_schedule(bt, n_steps)
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
     n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
