@@ -86,6 +86,12 @@ def training_temperature(config: dict) -> float:
     return noise * noise / (2.0 * step) if step > 0 and noise > 0 else 1.0
 
 
+def training_config(ckpt: dict) -> dict:
+    """The `train` settings a checkpoint records ({} if none), settings added since it was written at the values it
+    trained with (joint_estimator: "chains", the only estimator before "exact" existed)."""
+    return {"joint_estimator": "chains", **ckpt["config"]} if "config" in ckpt else {}
+
+
 def checkpoint_temperature(ckpt: dict) -> float:
     """The training temperature a checkpoint records (derived from its config for older checkpoints)."""
     t = ckpt.get("training_temperature")

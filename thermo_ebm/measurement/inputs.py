@@ -16,7 +16,7 @@ from ..config import MeasureConfig
 from ..data import check_states, load_data, load_states_file
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
-from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
+from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint, training_config
 from ..files.results import file_sha256
 from ..models import EBM, ScaledLogits
 from ..samplers.kernels import MalaKernel, mala_kernel
@@ -174,9 +174,9 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
     for key, f in (("data_sha256", data), ("heldout_sha256", heldout)):  # files given by path: their content
         if isinstance(f, (str, Path)) and f not in ("auto", "none") and Path(f).is_file():
             desc[key] = file_sha256(f)
-    c = ckpt.get("config", {}) if ckpt is not None else {}
+    c = training_config(ckpt) if ckpt is not None else {}
     if c.get("objective") in NEEDS:  # which ensembles the training chains sampled at T_train (docs/training.md)
-        desc["training_chains"] = " and ".join(needs(c.get("objective"), c.get("joint_estimator", "chains"))) or "none"
+        desc["training_chains"] = " and ".join(needs(c["objective"], c["joint_estimator"])) or "none"
     log.info("ensemble: %s%s", ensemble, " (auto)" if ensemble_arg == "auto" else "")
     if isinstance(net, torch.nn.Module):
         net = net.to(dev)

@@ -23,7 +23,8 @@ from ..config import TrainConfig, parse_labels
 from ..data import load_data
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError, TrainingDiverged
-from ..files.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, training_temperature
+from ..files.checkpoint import (load_checkpoint, model_from_checkpoint, save_checkpoint, training_config,
+                                training_temperature)
 from ..files.fileio import check_writable_folder, file_lock, lock_path, remove_stale_tmp
 from ..files.results import annotate_training, provenance, write_group
 from ..measurement.likelihood import quick_t_ml
@@ -359,7 +360,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
             if resume:
                 path = cfg.paths()[0]
                 st = load_checkpoint(path)
-                saved = {"joint_estimator": "chains", **st["config"]}  # written before the exact estimator existed
+                saved = training_config(st)
                 conflicts = [k for k in options if k not in RESUMABLE and k in saved and options[k] != saved[k]
                              and not (k == "labels" and parse_labels(options[k]) == saved[k])]
                 if conflicts:
