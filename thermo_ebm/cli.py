@@ -125,7 +125,7 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--labels", help="Subset of classes, e.g. 0,1,2 [default: all].")
 @train_option("--noise", type=float, help="Std of Gaussian noise added to the data.")
 @train_option("--arch", type=click.Choice(["shallow", "cnn"]), help="Network: MLP (shallow) or CNN.")
-@train_option("--model-size", type=int, help="MLP width / CNN base channels [default: per dataset].")
+@train_option("--model-size", type=int, help="MLP width / CNN base channels [default: 256 for the MLP, 32 for the CNN].")
 @train_option("--depth", type=int, help="Hidden layers of the MLP.")
 @train_option("--spectral-norm/--no-spectral-norm", help="Spectral normalisation of the weights.")
 @train_option("--epochs", type=int, help="Total epochs (also when resuming)." + BY_PRESET)
