@@ -9,7 +9,9 @@ benchmarks/results/train_defaults.json.
 A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` (settings may name another
 objective) followed by `thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads
 results/NAME.h5 of runs made that way (group 'training' and 'evaluation'). Run it alone: two heavy jobs on 2 cores
-distort the times.
+distort the times. The JSON names the energy penalty it ran with: the files without that key (train_defaults.json,
+_T1, _chains, _m_ebm, _r003_e60) come from the magnitude penalty reg x (<E_data^2> + <E_model^2>) that
+`--reg` used before the variance-and-gap form (docs/training.md, Energy penalty).
 """
 import argparse
 import json
@@ -101,5 +103,7 @@ for name in names:
           f"(x{r['long_run_ratio']:.2f})  T_ML/T_train {t_ml(r)}  {settings}", flush=True)
 Path(args.out).parent.mkdir(exist_ok=True)
 Path(args.out).write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, "
-                                          f"{torch.get_num_threads()} threads", rows=rows), indent=1))
+                                          f"{torch.get_num_threads()} threads",
+                                          penalty="reg x (Var E_data + Var E_model + (<E_data> - <E_model>)^2)",
+                                          rows=rows), indent=1))
 print("->", args.out)

@@ -224,12 +224,30 @@ def test_every_objective_loss(objective):
         ce = torch.nn.functional.cross_entropy(m(xd), yd)
         jml = -m(xd)[[0, 1], yd].mean() + m(xj)[[0, 1], yj].mean()
         mml = -lse(xd).mean() + lse(xm).mean()
-        jreg = (m(xd)[[0, 1], yd] ** 2).mean() + (m(xj)[[0, 1], yj] ** 2).mean()
-        mreg = (lse(xd) ** 2).mean() + (lse(xm) ** 2).mean()
+        pen = lambda a, b: a.var(unbiased=False) + b.var(unbiased=False) + (a.mean() - b.mean()) ** 2  # noqa: E731
+        jreg = pen(m(xd)[[0, 1], yd], m(xj)[[0, 1], yj])
+        mreg = pen(lse(xd), lse(xm))
     expect = {"dcl": ce, "m_ebm": mml + 0.1 * mreg, "j_ebm": jml + 0.1 * jreg,
               "gcl": jml - 0.5 * mml + 0.1 * (jreg + mreg), "hybrid": ce + mml + 0.1 * mreg}[objective]
     assert torch.allclose(loss, expect)
     assert torch.allclose(t["loss"], loss)
+
+
+@pytest.mark.parametrize("objective", ["m_ebm", "j_ebm", "gcl", "hybrid"])
+def test_every_loss_ignores_the_energies_additive_constant(objective):
+    """Adding c to every logit shifts every energy by -c and changes no probability, so no term of the loss may see
+    it, the penalty included (a penalty on the energies' magnitude would push the class that holds the chains upward)."""
+    m = Tiny()
+    xd, yd = torch.tensor([[-0.5], [0.3], [0.9]], dtype=torch.float64), torch.tensor([0, 1, 2])
+    xj, yj = torch.tensor([[0.1], [0.7], [-0.2]], dtype=torch.float64), torch.tensor([2, 0, 0])
+    xm = torch.tensor([[-0.9], [0.4], [0.0]], dtype=torch.float64)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        runs = [loss_terms(objective, m(xd) + c, yd, logits_joint=m(xj) + c, y_joint=yj, logits_marginal=m(xm) + c,
+                           reg=0.3, w_joint=w, w_marginal=w.flip(0), joint_estimator="chains")[1] for c in (0.0, 7.5)]
+    assert runs[0]["reg"] > 0 and runs[0]["marginal_e_data" if objective != "j_ebm" else "joint_e_data"] != 0
+    for k in [k for k in runs[0] if not k.endswith(("_e_data", "_e_model"))]:
+        assert torch.allclose(runs[0][k], runs[1][k]), k
 
 
 def test_compiled_mala_kernel_matches_eager():

@@ -134,7 +134,8 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--lr", type=float, help="Adam learning rate.")
 @train_option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
               help="cosine: decay to 0.1 x lr over the run (--epochs / --max-steps)." + BY_PRESET)
-@train_option("--reg", type=float, help="L2 energy penalty (reg x mean squared energy of data and model samples)."
+@train_option("--reg", type=float, help="Energy penalty: reg x (variances of data and model energies + squared gap of their means); "
+              "the energies' additive constant stays free."
               + BY_PRESET)
 @train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")

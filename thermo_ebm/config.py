@@ -77,7 +77,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     lr_schedule: str | None = None    # "constant" or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
-    reg: float | None = None          # L2 energy penalty
+    reg: float | None = None          # energy penalty: energies' variances + data-model gap^2 (objectives.py)
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float = 0.1

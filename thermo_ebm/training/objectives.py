@@ -11,7 +11,11 @@ Energies (nats): marginal E(x) = -logsumexp f(x); joint E(x, y) = -f(x)[y].
            p(x, y) ~ exp(f[y] / T), "exact" is CE on the logits' scale plus ML of q(x) ~ exp(logsumexp f / T).
   gcl    : j_ebm - gamma * m_ebm (gamma = 1, T = 1: expected gradient of CE, i.e. of -log p(y|x))
   hybrid : CE + m_ebm
-plus reg * (mean of squared data and model energies of every EBM term), always added as a penalty.
+plus reg * penalty for every EBM term, always added: the within-population variances of the data and the model
+energies plus the squared data-model gap of their means. It bounds the energies' spread and the contrast, and
+leaves their additive constant free: a shift of every energy changes no probability, and a penalty on the
+energies' magnitude (mean of squared energies) turns such a shift of the class that holds the chains into a
+force against the bias gradient that balances the classes (its trained models put >= 0.99 of p(y) on one class).
 Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
 """
 from __future__ import annotations
@@ -39,6 +43,12 @@ def _mean(e, w):
     return e.mean() if w is None else (e * w).sum()
 
 
+def _penalty(ed, em, w):
+    """Variance of data energies ed [N] and of model energies em [M] (weights w or None) plus their mean gap^2."""
+    md, mm = ed.mean(), _mean(em, w)
+    return ((ed - md) ** 2).mean() + _mean((em - mm) ** 2, w) + (md - mm) ** 2
+
+
 def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
                gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains"):
     """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors."""
@@ -58,13 +68,13 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         terms["joint_e_data"], terms["joint_e_model"] = ed.mean(), _mean(em, w_joint)
         terms["joint_ml"] = terms["joint_e_data"] - terms["joint_e_model"]
         loss = loss + terms["joint_ml"]
-        penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_joint)
+        penalty = penalty + _penalty(ed, em, w_joint)
     if "marginal" in pops:
         ed, em = marginal_energy(logits_data), marginal_energy(logits_marginal)
         terms["marginal_e_data"], terms["marginal_e_model"] = ed.mean(), _mean(em, w_marginal)
         terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]
         loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
-        penalty = penalty + (ed ** 2).mean() + _mean(em ** 2, w_marginal)
+        penalty = penalty + _penalty(ed, em, w_marginal)
     terms["reg"] = reg * penalty
     loss = loss + terms["reg"]
     terms["loss"] = loss
