@@ -9,9 +9,8 @@ benchmarks/results/train_defaults.json.
 A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` (settings may name another
 objective) followed by `thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads
 results/NAME.h5 of runs made that way (group 'training' and 'evaluation'). Run it alone: two heavy jobs on 2 cores
-distort the times. The JSON names the energy penalty it ran with: the files without that key (train_defaults.json,
-_T1, _chains, _m_ebm, _r003_e60) come from the magnitude penalty reg x (<E_data^2> + <E_model^2>) that
-`--reg` used before the variance-and-gap form (docs/training.md, Energy penalty).
+distort the times. Each row records its settings, the energy penalty included (rows without one ran with the
+magnitude penalty, the only one before `--penalty` existed).
 """
 import argparse
 import json
@@ -25,27 +24,34 @@ import torch
 from thermo_ebm import evaluate, train
 from thermo_ebm.files.results import list_groups, read_group, write_group
 
-# name: settings beyond the defaults (TrainConfig's and, for MNIST, PRESETS' "*" rows: reg 0.1, lr 1e-3, constant,
-# 10 epochs; objective j_ebm unless given). m_ebm trials name every preset setting, since m_ebm on MNIST has a row
-# of its own (the m_ebm_r001_e30 settings).
+# name: settings beyond the defaults (TrainConfig's and, for MNIST, PRESETS' "*" rows: reg 0.1 with the centred penalty,
+# lr 1e-3, constant, 10 epochs; objective j_ebm unless given). m_ebm trials name every preset setting, since m_ebm on
+# MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are the search
+# as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files, whose
+# "hyb" row is hyb_magnitude here); train_defaults_penalty.json holds the runs with the centred penalty.
+MAG = {"penalty": "magnitude"}
 TRIALS = {
-    "hyb": {},                                               # the defaults (j_ebm, exact estimator)
-    "je_reg0.01": {"reg": 0.01},
-    "je_reg0.003": {"reg": 0.003},
-    "hyb_reg0": {"reg": 0.001},
-    "je_r001_lr3": {"reg": 0.001, "lr": 3e-4, "lr_schedule": "cosine"},
-    "je_r003_cos": {"reg": 0.003, "lr_schedule": "cosine"},
-    "je_T0.01": {"sgld_noise": 0.0316},                      # a colder sampler: T_train = 0.01
-    "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
-    "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
-    "je_r003_e60": {"reg": 0.003, "lr_schedule": "cosine", "epochs": 60},
+    "hyb": {},                                               # the defaults (j_ebm, exact estimator, centred penalty)
     "gcl": {"objective": "gcl"},                             # gcl with the defaults
-    "je_chains": {"joint_estimator": "chains"},              # JEM's class-conditional chains instead of the exact estimator
-    "je_T1": {"sgld_step": 0.005, "reg": 0.001},            # T_train = 1, where the exact estimator is joint ML
-    "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10},  # the j_ebm defaults
-    "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001},
-    "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine"},
-    "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30},
+    "hyb_magnitude": {**MAG},                                # the defaults with the magnitude penalty
+    "je_reg0.01": {"reg": 0.01, **MAG},
+    "je_reg0.003": {"reg": 0.003, **MAG},
+    "hyb_reg0": {"reg": 0.001, **MAG},
+    "je_r001_lr3": {"reg": 0.001, "lr": 3e-4, "lr_schedule": "cosine", **MAG},
+    "je_r003_cos": {"reg": 0.003, "lr_schedule": "cosine", **MAG},
+    "je_T0.01": {"sgld_noise": 0.0316, **MAG},               # a colder sampler: T_train = 0.01
+    "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30, **MAG},
+    "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60, **MAG},
+    "je_r003_e60": {"reg": 0.003, "lr_schedule": "cosine", "epochs": 60, **MAG},
+    "gcl_magnitude": {"objective": "gcl", **MAG},
+    "je_chains": {"joint_estimator": "chains", **MAG},       # JEM's class-conditional chains instead of the exact estimator
+    "je_T1": {"sgld_step": 0.005, "reg": 0.001, **MAG},      # T_train = 1, where the exact estimator is joint ML
+    "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10, **MAG},  # the j_ebm defaults
+    "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001, **MAG},
+    "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", **MAG},
+    "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30, **MAG},
+    "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
+                               "penalty": "centred"},
 }
 
 
@@ -59,6 +65,7 @@ def row(name, settings, res):
     long = fid.get("mala_10000", float("nan"))
     cfg = json.loads(tr.attrs["config"])
     return dict(name=name, settings=settings, objective=cfg["objective"], joint_estimator=cfg.get("joint_estimator"),
+                penalty=cfg.get("penalty", "magnitude"),
                 epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),
                 ece=float(ev.ece), ece_err=float(ev.ece_err), t_cal_raw=float(ev.t_cal),
                 T_train=float(tr.attrs["training_temperature"]), train_seconds=float(tr.seconds.values[-1]),
@@ -104,6 +111,5 @@ for name in names:
 Path(args.out).parent.mkdir(exist_ok=True)
 Path(args.out).write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, "
                                           f"{torch.get_num_threads()} threads",
-                                          penalty="reg x (Var E_data + Var E_model + (<E_data> - <E_model>)^2)",
                                           rows=rows), indent=1))
 print("->", args.out)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import xarray as xr
 
-from thermo_ebm.files.checkpoint import load_checkpoint, load_model
-from thermo_ebm.errors import TrainingDiverged
+from thermo_ebm.files.checkpoint import load_checkpoint, load_model, save_checkpoint
+from thermo_ebm.errors import ThermoEBMError, TrainingDiverged
 from thermo_ebm.training.objectives import needs
 from thermo_ebm.training.loop import train
 
@@ -112,10 +112,15 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     for (ds, obj), want in cases.items():
         c = TrainConfig(dataset=ds, objective=obj).validate()
         assert (c.epochs, c.lr_schedule, c.reg, c.buffer_size) == want, (ds, obj)
-    c = TrainConfig(dataset="mnist", objective="m_ebm", reg=0.5, epochs=3).validate()
-    assert (c.epochs, c.lr_schedule, c.reg) == (3, "cosine", 0.5)
+    for (ds, obj), want in {("mnist", "m_ebm"): "magnitude", ("mnist", "j_ebm"): "centred",
+                            ("digits", "j_ebm"): "magnitude", ("fashion-mnist", "gcl"): "centred"}.items():
+        assert TrainConfig(dataset=ds, objective=obj).validate().penalty == want, (ds, obj)
+    c = TrainConfig(dataset="mnist", objective="m_ebm", reg=0.5, epochs=3, penalty="centred").validate()
+    assert (c.epochs, c.lr_schedule, c.reg, c.penalty) == (3, "cosine", 0.5, "centred")
+    with pytest.raises(ThermoEBMError, match="--penalty"):
+        TrainConfig(penalty="l2").validate()
     kw = dict(TINY, objective="dcl", max_steps=2, checkpoint_dir=str(tmp_path), results_dir=str(tmp_path))
-    train(name="p", epochs=1, **kw)
+    train(name="p", epochs=1, penalty="centred", **kw)
     saved = load_checkpoint(tmp_path / "p.pt")["config"]
     assert (saved["epochs"], saved["lr_schedule"], saved["reg"], saved["buffer_size"]) == (1, "cosine", 0.0, 256)
     old = config.PRESETS
@@ -125,6 +130,13 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
               resume=True, progress=False)
         st = load_checkpoint(tmp_path / "p.pt")
         assert st["step"] == 4 and (st["config"]["reg"], st["config"]["buffer_size"]) == (0.0, 256)
+        assert st["config"]["penalty"] == "centred"
+        # a checkpoint from before --penalty existed trained with the magnitude penalty, and its resume keeps it
+        del st["config"]["penalty"]
+        save_checkpoint(tmp_path / "p.pt", st)
+        train(name="p", epochs=2, max_steps=5, checkpoint_dir=str(tmp_path), results_dir=str(tmp_path),
+              resume=True, progress=False)
+        assert load_checkpoint(tmp_path / "p.pt")["config"]["penalty"] == "magnitude"
     finally:
         config.PRESETS = old
     out = CliRunner().invoke(cli, ["train", "--help"]).output

@@ -210,21 +210,25 @@ def test_j_ebm_estimators_and_the_models_they_train(T):
     assert gap < 1e-10 if T == 1.0 else gap > 1e-2
 
 
+@pytest.mark.parametrize("penalty", ["centred", "magnitude"])
 @pytest.mark.parametrize("objective", ["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"])
-def test_every_objective_loss(objective):
+def test_every_objective_loss(objective, penalty):
     m = Tiny()
     xd = torch.tensor([[-0.5], [0.3]], dtype=torch.float64)
     yd = torch.tensor([0, 1])
     xj, yj = torch.tensor([[0.1], [0.7]], dtype=torch.float64), torch.tensor([2, 0])
     xm = torch.tensor([[-0.9], [0.4]], dtype=torch.float64)
     loss, t = loss_terms(objective, m(xd), yd, logits_joint=m(xj), y_joint=yj, logits_marginal=m(xm), gamma=0.5, reg=0.1,
-                         joint_estimator="chains")
+                         joint_estimator="chains", penalty=penalty)
     with torch.no_grad():
         lse = lambda z: torch.logsumexp(m(z), 1)  # noqa: E731
         ce = torch.nn.functional.cross_entropy(m(xd), yd)
         jml = -m(xd)[[0, 1], yd].mean() + m(xj)[[0, 1], yj].mean()
         mml = -lse(xd).mean() + lse(xm).mean()
-        pen = lambda a, b: a.var(unbiased=False) + b.var(unbiased=False) + (a.mean() - b.mean()) ** 2  # noqa: E731
+        if penalty == "magnitude":
+            pen = lambda a, b: (a ** 2).mean() + (b ** 2).mean()  # noqa: E731
+        else:  # variances plus half the gap^2, written out
+            pen = lambda a, b: ((a - a.mean()) ** 2).mean() + ((b - b.mean()) ** 2).mean() + (a.mean() - b.mean()) ** 2 / 2  # noqa: E731,E501
         jreg = pen(m(xd)[[0, 1], yd], m(xj)[[0, 1], yj])
         mreg = pen(lse(xd), lse(xm))
     expect = {"dcl": ce, "m_ebm": mml + 0.1 * mreg, "j_ebm": jml + 0.1 * jreg,
@@ -234,20 +238,23 @@ def test_every_objective_loss(objective):
 
 
 @pytest.mark.parametrize("objective", ["m_ebm", "j_ebm", "gcl", "hybrid"])
-def test_every_loss_ignores_the_energies_additive_constant(objective):
-    """Adding c to every logit shifts every energy by -c and changes no probability, so no term of the loss may see
-    it, the penalty included (a penalty on the energies' magnitude would push the class that holds the chains upward)."""
+def test_centred_penalty_ignores_the_energies_additive_constant(objective):
+    """Adding c to every logit shifts every energy by -c and changes no probability: no term of the loss sees it under
+    the centred penalty; the magnitude penalty does (it pushes the class that holds the chains upward)."""
     m = Tiny()
     xd, yd = torch.tensor([[-0.5], [0.3], [0.9]], dtype=torch.float64), torch.tensor([0, 1, 2])
     xj, yj = torch.tensor([[0.1], [0.7], [-0.2]], dtype=torch.float64), torch.tensor([2, 0, 0])
     xm = torch.tensor([[-0.9], [0.4], [0.0]], dtype=torch.float64)
     w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
-    with torch.no_grad():
-        runs = [loss_terms(objective, m(xd) + c, yd, logits_joint=m(xj) + c, y_joint=yj, logits_marginal=m(xm) + c,
-                           reg=0.3, w_joint=w, w_marginal=w.flip(0), joint_estimator="chains")[1] for c in (0.0, 7.5)]
+    def terms(c, penalty):
+        with torch.no_grad():
+            return loss_terms(objective, m(xd) + c, yd, logits_joint=m(xj) + c, y_joint=yj, logits_marginal=m(xm) + c,
+                              reg=0.3, w_joint=w, w_marginal=w.flip(0), joint_estimator="chains", penalty=penalty)[1]
+    runs = [terms(c, "centred") for c in (0.0, 7.5)]
     assert runs[0]["reg"] > 0 and runs[0]["marginal_e_data" if objective != "j_ebm" else "joint_e_data"] != 0
     for k in [k for k in runs[0] if not k.endswith(("_e_data", "_e_model"))]:
         assert torch.allclose(runs[0][k], runs[1][k]), k
+    assert not torch.allclose(terms(0.0, "magnitude")["reg"], terms(7.5, "magnitude")["reg"])
 
 
 def test_compiled_mala_kernel_matches_eager():

@@ -17,7 +17,7 @@ import numpy as np
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DATASETS, OBJECTIVES, MeasureConfig, TrainConfig, presets_help
+from .config import DATASETS, OBJECTIVES, PENALTIES, MeasureConfig, TrainConfig, presets_help
 from .errors import ThermoEBMError, TrainingDiverged
 from .files.results import invoked_as
 
@@ -134,9 +134,11 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--lr", type=float, help="Adam learning rate.")
 @train_option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
               help="cosine: decay to 0.1 x lr over the run (--epochs / --max-steps)." + BY_PRESET)
-@train_option("--reg", type=float, help="Energy penalty: reg x (variances of data and model energies + squared gap of their means); "
-              "the energies' additive constant stays free."
-              + BY_PRESET)
+@train_option("--reg", type=float, help="Weight of the energy penalty (--penalty)." + BY_PRESET)
+@train_option("--penalty", type=click.Choice(list(PENALTIES)),
+              help="Energy penalty: magnitude (mean squared energy of data and model samples, IGEBM/JEM) or centred "
+                   "(the same less its part that sees the energies' additive constant: their variances plus half "
+                   "the squared gap of their means; it leaves the class balance to the likelihood)." + BY_PRESET)
 @train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
 @train_option("--sgld-noise", type=float, help="Langevin noise n.")

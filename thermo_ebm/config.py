@@ -10,15 +10,16 @@ from .errors import ThermoEBMError
 
 OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
+PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/objectives.py)
 
 # The defaults of `train` that depend on the dataset and the objective (the search behind them:
 # benchmarks/train_defaults.py, docs/training.md). A setting left at None takes its value from the first row that
 # matches the run's dataset and objective ("*": any) and names that setting.
 PRESETS = (
-    ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "buffer_size": 1000}),
-    ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001}),
+    ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "penalty": "magnitude", "buffer_size": 1000}),
+    ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001, "penalty": "magnitude"}),
     ("*", "dcl", {"reg": 0.0}),
-    ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "buffer_size": 10000}),
+    ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000}),
 )
 
 
@@ -77,7 +78,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     lr_schedule: str | None = None    # "constant" or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
-    reg: float | None = None          # energy penalty: energies' variances + data-model gap^2 (objectives.py)
+    reg: float | None = None          # weight of the energy penalty
+    penalty: str | None = None        # "centred" (variances + data-model gap^2 / 2) or "magnitude" (<E^2>); objectives.py
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float = 0.1
@@ -120,6 +122,8 @@ class TrainConfig:
             raise ThermoEBMError("--joint-labels must be fixed or gibbs")
         if self.joint_estimator not in ("exact", "chains"):
             raise ThermoEBMError("--joint-estimator must be exact or chains")
+        if self.penalty not in PENALTIES:
+            raise ThermoEBMError(f"--penalty must be one of {', '.join(PENALTIES)}")
         if self.on_divergence not in ("rollback", "stop"):
             raise ThermoEBMError("--on-divergence must be rollback or stop")
         for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):

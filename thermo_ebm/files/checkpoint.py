@@ -88,8 +88,9 @@ def training_temperature(config: dict) -> float:
 
 def training_config(ckpt: dict) -> dict:
     """The `train` settings a checkpoint records ({} if none), settings added since it was written at the values it
-    trained with (joint_estimator: "chains", the only estimator before "exact" existed)."""
-    return {"joint_estimator": "chains", **ckpt["config"]} if "config" in ckpt else {}
+    trained with (joint_estimator: "chains", the only estimator before "exact" existed; penalty: "magnitude", the
+    only energy penalty before "centred")."""
+    return {"joint_estimator": "chains", "penalty": "magnitude", **ckpt["config"]} if "config" in ckpt else {}
 
 
 def checkpoint_temperature(ckpt: dict) -> float:

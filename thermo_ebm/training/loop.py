@@ -108,7 +108,8 @@ class Trainer:
         loss, terms = loss_terms(
             cfg.objective, split["data"], yb,
             logits_joint=split.get("joint"), y_joint=moved["joint"].y if "joint" in moved else None,
-            logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg, joint_estimator=cfg.joint_estimator)
+            logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg, joint_estimator=cfg.joint_estimator,
+            penalty=cfg.penalty)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -11,18 +11,20 @@ Energies (nats): marginal E(x) = -logsumexp f(x); joint E(x, y) = -f(x)[y].
            p(x, y) ~ exp(f[y] / T), "exact" is CE on the logits' scale plus ML of q(x) ~ exp(logsumexp f / T).
   gcl    : j_ebm - gamma * m_ebm (gamma = 1, T = 1: expected gradient of CE, i.e. of -log p(y|x))
   hybrid : CE + m_ebm
-plus reg * penalty for every EBM term, always added: the within-population variances of the data and the model
-energies plus the squared data-model gap of their means. It bounds the energies' spread and the contrast, and
-leaves their additive constant free: a shift of every energy changes no probability, and a penalty on the
-energies' magnitude (mean of squared energies) turns such a shift of the class that holds the chains into a
-force against the bias gradient that balances the classes (its trained models put >= 0.99 of p(y) on one class).
+plus reg * penalty for every EBM term, always added, in one of two forms (`penalty`):
+  magnitude: <E_data^2> + <E_model^2> (IGEBM/JEM);
+  centred:   Var E_data + Var E_model + (<E_data> - <E_model>)^2 / 2, the magnitude penalty less its part
+             2 ((<E_data> + <E_model>) / 2)^2, the only part that sees the energies' additive constant.
+A shift of every energy changes no probability; the magnitude penalty turns a shift of the class that holds the
+chains into a force against the bias gradient that balances the classes (its trained MNIST j_ebm models put >= 0.99 of
+p(y) on one class), which the centred form leaves out.
 Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..config import OBJECTIVES
+from ..config import OBJECTIVES, PENALTIES
 from ..errors import ThermoEBMError
 from ..models import joint_energy, marginal_energy
 
@@ -43,22 +45,26 @@ def _mean(e, w):
     return e.mean() if w is None else (e * w).sum()
 
 
-def _penalty(ed, em, w):
-    """Variance of data energies ed [N] and of model energies em [M] (weights w or None) plus their mean gap^2."""
+def _penalty(ed, em, w, form):
+    """The energy penalty of data energies ed [N] and model energies em [M] (weights w or None), 0-d."""
+    if form == "magnitude":
+        return (ed ** 2).mean() + _mean(em ** 2, w)
     md, mm = ed.mean(), _mean(em, w)
-    return ((ed - md) ** 2).mean() + _mean((em - mm) ** 2, w) + (md - mm) ** 2
+    return ((ed - md) ** 2).mean() + _mean((em - mm) ** 2, w) + 0.5 * (md - mm) ** 2
 
 
 def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
-               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains"):
+               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains", penalty="centred"):
     """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors."""
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if joint_estimator not in JOINT_ESTIMATORS:
         raise ThermoEBMError(f"unknown joint estimator {joint_estimator!r}; choose exact or chains")
+    if penalty not in PENALTIES:
+        raise ThermoEBMError(f"unknown penalty {penalty!r}; choose one of {', '.join(PENALTIES)}")
     terms = {}
     loss = logits_data.new_zeros(())
-    penalty = logits_data.new_zeros(())
+    penalty_sum = logits_data.new_zeros(())
     pops = needs(objective, joint_estimator)
     if objective in ("dcl", "hybrid") or (objective == "j_ebm" and joint_estimator == "exact"):
         terms["ce"] = F.cross_entropy(logits_data, y_data)
@@ -68,14 +74,14 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         terms["joint_e_data"], terms["joint_e_model"] = ed.mean(), _mean(em, w_joint)
         terms["joint_ml"] = terms["joint_e_data"] - terms["joint_e_model"]
         loss = loss + terms["joint_ml"]
-        penalty = penalty + _penalty(ed, em, w_joint)
+        penalty_sum = penalty_sum + _penalty(ed, em, w_joint, penalty)
     if "marginal" in pops:
         ed, em = marginal_energy(logits_data), marginal_energy(logits_marginal)
         terms["marginal_e_data"], terms["marginal_e_model"] = ed.mean(), _mean(em, w_marginal)
         terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]
         loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
-        penalty = penalty + _penalty(ed, em, w_marginal)
-    terms["reg"] = reg * penalty
+        penalty_sum = penalty_sum + _penalty(ed, em, w_marginal, penalty)
+    terms["reg"] = reg * penalty_sum
     loss = loss + terms["reg"]
     terms["loss"] = loss
     return loss, terms
