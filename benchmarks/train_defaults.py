@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from thermo_ebm import evaluate, train
+from thermo_ebm.files.checkpoint import training_config
 from thermo_ebm.files.results import list_groups, read_group, write_group
 
 # name: settings beyond the defaults (TrainConfig's and, for MNIST, PRESETS' "*" rows: reg 0.1 with the centred penalty,
@@ -63,9 +64,9 @@ def row(name, settings, res):
     fid = {k: float(ev.mnist_feature_frechet[i]) for i, k in enumerate(kinds)} if "mnist_feature_frechet" in ev else {}
     buf = next((v for k, v in fid.items() if k.startswith("buffer")), float("nan"))
     long = fid.get("mala_10000", float("nan"))
-    cfg = json.loads(tr.attrs["config"])
+    cfg = training_config({"config": json.loads(tr.attrs["config"])})  # settings added since: as they trained
     return dict(name=name, settings=settings, objective=cfg["objective"], joint_estimator=cfg.get("joint_estimator"),
-                penalty=cfg.get("penalty", "magnitude"),
+                penalty=cfg["penalty"],
                 epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),
                 ece=float(ev.ece), ece_err=float(ev.ece_err), t_cal_raw=float(ev.t_cal),
                 T_train=float(tr.attrs["training_temperature"]), train_seconds=float(tr.seconds.values[-1]),
