@@ -190,7 +190,7 @@ def thermodynamics(p: Problem, pooled: Pooled) -> Thermo:
     mbar_ok = False
     if cfg.mbar and n_t > 1:
         try:
-            diag["log_Z_mbar"] = _mbar_log_z(sw.logits, betas, ens, log_z[0], log_z_se[0], np.max(tau) / cfg.thin)
+            diag["log_Z_mbar"] = _mbar_log_z(sw.logits, betas, ens, log_z, log_z_se[0], np.max(tau) / cfg.thin)
             mbar_ok = True
         except Exception as e:  # MBAR failing (no overlap) is a diagnostic, not a fatal error
             log.warning("MBAR cross-check failed: %s", " ".join(str(e).split())[:200])
@@ -243,16 +243,21 @@ def _no_overlap(u_kn, n_per, betas):
     return None
 
 
-def _mbar_delta_f(lg, betas, ensemble):
-    """MBAR f_k - f_0 (f = -log Z; state 0 = lowest beta) from logits lg [steps, T, chains, K]."""
+def _mbar_delta_f(lg, betas, ensemble, f_init):
+    """MBAR f_k - f_0 (f = -log Z; state 0 = lowest beta) from logits lg [steps, T, chains, K], its solver started
+    from f_init [T] (the AIS values). MBAR's solution does not depend on the start; from zeros, with f spread
+    over hundreds of nats at d = 784, its solver can stop short of it (pymbar's "Should have sum_n W_nk = 1")."""
     pymbar = _pymbar()
     u_kn, n_per = _reduced_potentials(lg, betas, ensemble)
     with contextlib.redirect_stdout(io.StringIO()):
-        return pymbar.MBAR(u_kn, np.full(len(betas), n_per)).compute_free_energy_differences()["Delta_f"][0]
+        start = f_init - f_init[0] if np.all(np.isfinite(f_init)) else None
+        mbar = pymbar.MBAR(u_kn, np.full(len(betas), n_per), initial_f_k=start)
+        return mbar.compute_free_energy_differences()["Delta_f"][0]
 
 
-def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
-    """log Z at every sweep beta from MBAR on the sweep samples, anchored at the lowest beta's AIS value. The SE
+def _mbar_log_z(logits, betas, ensemble, log_z_ais, anchor_se, tau):
+    """log Z at every sweep beta from MBAR on the sweep samples, anchored at the lowest beta's AIS value
+    (log_z_ais [T], which also starts the solver). The SE
     comes from MBAR_GROUPS independent groups of chain ladders (each chain slot keeps its own replica-exchange
     ladder), not from MBAR's asymptotic covariance, which takes the thinned samples as independent and was
     2-3x too small on the 2-d neural joint system."""
@@ -263,10 +268,11 @@ def _mbar_log_z(logits, betas, ensemble, log_z_anchor, anchor_se, tau):
     if gap is not None:  # MBAR would iterate to its limit (minutes at d = 784) for a number that means nothing
         raise ValueError(f"no overlap between the samples at T = {gap[0]:.3g} and {gap[1]:.3g}: the sweep "
                          "temperatures are too far apart for MBAR (the other estimates do not need it)")
-    f = _mbar_delta_f(lg, betas, ensemble)
+    f_init = -np.asarray(log_z_ais, dtype=np.float64)
+    f = _mbar_delta_f(lg, betas, ensemble, f_init)
     b = min(MBAR_GROUPS, lg.shape[2])
     if b < 2:
         raise ValueError("MBAR's SE needs at least two chains per temperature")
-    parts = np.stack([_mbar_delta_f(g, betas, ensemble) for g in np.array_split(lg, b, axis=2)])
+    parts = np.stack([_mbar_delta_f(g, betas, ensemble, f_init) for g in np.array_split(lg, b, axis=2)])
     df = parts.std(0, ddof=1) / math.sqrt(b)
-    return log_z_anchor - f, np.sqrt(df ** 2 + anchor_se ** 2)
+    return log_z_ais[0] - f, np.sqrt(df ** 2 + anchor_se ** 2)
