@@ -29,7 +29,9 @@ from thermo_ebm.files.results import list_groups, read_group, write_group
 # lr 1e-3, constant, 10 epochs; objective j_ebm unless given). m_ebm trials name every preset setting, since m_ebm on
 # MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are the search
 # as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files, whose
-# "hyb" row is hyb_magnitude here); train_defaults_penalty.json holds the runs with the centred penalty.
+# "hyb" row is hyb_magnitude here); train_defaults_penalty.json and train_defaults_penalty_alternatives.json (the
+# *_centred j_ebm trials: the settings docs/training.md names as alternatives, under the centred penalty) hold the runs
+# with the centred penalty.
 MAG = {"penalty": "magnitude"}
 TRIALS = {
     "hyb": {},                                               # the defaults (j_ebm, exact estimator, centred penalty)
@@ -51,6 +53,9 @@ TRIALS = {
     "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001, **MAG},
     "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", **MAG},
     "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30, **MAG},
+    "je_T0.01_centred": {"sgld_noise": 0.0316},              # the colder sampler under the default (centred) penalty
+    "je_reg0.01_centred": {"reg": 0.01},
+    "je_r001_e60_centred": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
 }
