@@ -103,14 +103,16 @@ def test_data_does_not_raise_false_alarms_on_a_single_phase():
 
 def test_ill_conditioned_rotated_gaussian_pays_for_information_once():
     """d = 64, variance condition number 400, ~350 bits at T = 1 (380 at T = 0.5): with exact data at T = 0.5
-    the base's fitted Gaussian makes the path short, the anneal from uniform is capped (a one-sided cross-check),
-    and every quantity lands within 4 SE at each temperature or is flagged there."""
+    the base's fitted Gaussian makes the path short, the anneal from uniform is capped (a one-sided cross-check;
+    capped at 5,000 betas, where it lies ~60 nats low, not at the default 20,000 with ~6: the same rule, a harder
+    case for false alarms, in 60% of the time), and every quantity lands within 4 SE at each temperature or is
+    flagged there."""
     system = RotatedGaussian(64, cond=400.0)
     temps = [0.5, 1.0, 2.0]
     exact = system.exact(temps)
     assert 340 < exact["info_bits"][1] < 360
-    ds = measure(system, temps, data=system.sample(0.5, 2000, seed=2), device="cpu", seed=4)
-    assert ds.attrs["ais_schedule_capped"] == 1 and ds.attrs["ais_schedule_length"] <= 20003
+    ds = measure(system, temps, data=system.sample(0.5, 2000, seed=2), device="cpu", seed=4, crosscheck_steps=5000)
+    assert ds.attrs["ais_schedule_capped"] == 1 and ds.attrs["ais_schedule_length"] <= 5003
     assert ds.attrs["bridge_schedule_length"] < 5000
     flagged = np.any([ds[f].values for f in FLAGS], axis=0)
     for key, value in exact.items():
