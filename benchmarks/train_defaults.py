@@ -54,6 +54,13 @@ TRIALS = {
     "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", **MAG},
     "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30, **MAG},
     "je_T0.01_centred": {"sgld_noise": 0.0316},              # the colder sampler under the default (centred) penalty
+    "je_T0.01_r0.01_centred": {"sgld_noise": 0.0316, "reg": 0.01},
+    "je_T0.01_r0.03_centred": {"sgld_noise": 0.0316, "reg": 0.03},
+    "je_T0.01_r0.3_centred": {"sgld_noise": 0.0316, "reg": 0.3},
+    "je_T0.01_r1_centred": {"sgld_noise": 0.0316, "reg": 1.0},
+    "je_T0.01_r3_centred": {"sgld_noise": 0.0316, "reg": 3.0},
+    "je_r1_centred": {"reg": 1.0},
+    "je_r3_centred": {"reg": 3.0},
     "je_reg0.01_centred": {"reg": 0.01},
     "je_r001_e60_centred": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
