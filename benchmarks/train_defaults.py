@@ -59,6 +59,8 @@ TRIALS = {
     "je_T0.01_r0.3_centred": {"sgld_noise": 0.0316, "reg": 0.3},
     "je_T0.01_r1_centred": {"sgld_noise": 0.0316, "reg": 1.0},
     "je_T0.01_r3_centred": {"sgld_noise": 0.0316, "reg": 3.0},
+    "je_T0.01_r1_centred_seed1": {"sgld_noise": 0.0316, "reg": 1.0, "seed": 1},
+    "je_T0.01_r3_centred_seed1": {"sgld_noise": 0.0316, "reg": 3.0, "seed": 1},
     "je_r1_centred": {"reg": 1.0},
     "je_r3_centred": {"reg": 3.0},
     "je_reg0.01_centred": {"reg": 0.01},
