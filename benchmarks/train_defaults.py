@@ -1,6 +1,8 @@
 """The search behind `train`'s MNIST defaults: settings tried, held-out accuracy, ECE, wall time, and the sample
 figures of issue #26 (T_ML / T_train from held-out-seeded chains; MNIST-feature Fréchet distance of the replay
-buffer and of 10,000-step chains at T_train started from it, whose ratio is the long-run check). Writes
+buffer and of 10,000-step chains at T_train started from it, whose ratio is the long-run check), and the mean
+data-model energy gap <E_model> - <E_data> of the marginal chains over the last epoch (raw units) with reg times it
+(1 where the centred penalty cancels the likelihood gradient, docs/training.md). Writes
 benchmarks/results/train_defaults.json.
 
     python benchmarks/train_defaults.py --data-dir ../shared/data                 # train + eval every trial
@@ -30,8 +32,8 @@ from thermo_ebm.files.results import list_groups, read_group, write_group
 # MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are the search
 # as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files, whose
 # "hyb" row is hyb_magnitude here); train_defaults_penalty.json and train_defaults_penalty_alternatives.json (the
-# *_centred j_ebm trials: the settings docs/training.md names as alternatives, under the centred penalty) hold the runs
-# with the centred penalty.
+# *_centred j_ebm trials: the settings docs/training.md names as alternatives, under the centred penalty, and the
+# je_T0.001, je_s0.5 and r0.01_cos_e30 trials of the energy gap's role) hold the runs with the centred penalty.
 MAG = {"penalty": "magnitude"}
 TRIALS = {
     "hyb": {},                                               # the defaults (j_ebm, exact estimator, centred penalty)
@@ -65,6 +67,9 @@ TRIALS = {
     "je_r3_centred": {"reg": 3.0},
     "je_reg0.01_centred": {"reg": 0.01},
     "je_r001_e60_centred": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
+    "je_s0.5_T0.01_r1": {"sgld_step": 0.5, "sgld_noise": 0.1, "reg": 1.0},  # 10x the Langevin time per step, T_train 0.01
+    "je_T0.001_centred": {"sgld_noise": 0.01},                             # T_train 0.001, the default penalty
+    "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
 }
@@ -79,6 +84,8 @@ def row(name, settings, res):
     buf = next((v for k, v in fid.items() if k.startswith("buffer")), float("nan"))
     long = fid.get("mala_10000", float("nan"))
     cfg = training_config({"config": json.loads(tr.attrs["config"])})  # settings added since: as they trained
+    last = tr.step > tr.epoch_end_step.values[-2] if tr.sizes["epoch"] > 1 else tr.step > 0
+    gap = float((tr.marginal_e_model - tr.marginal_e_data)[last].mean()) if "marginal_e_model" in tr else float("nan")
     return dict(name=name, settings=settings, objective=cfg["objective"], joint_estimator=cfg.get("joint_estimator"),
                 penalty=cfg["penalty"],
                 epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),
@@ -87,7 +94,8 @@ def row(name, settings, res):
                 buffer_frechet=buf, long_run_frechet=long, long_run_ratio=long / buf if buf else float("nan"),
                 T_ML_over_T_train=float(tr.attrs.get("T_ML_quick", float("nan"))),
                 T_ML_over_T_train_err=float(tr.attrs.get("T_ML_quick_err", float("nan"))),
-                T_ML_side=str(tr.attrs.get("T_ML_quick_side", "not estimated")))
+                T_ML_side=str(tr.attrs.get("T_ML_quick_side", "not estimated")),
+                energy_gap=gap, reg_times_gap=cfg["reg"] * gap)
 
 
 def t_ml(r):
@@ -122,7 +130,8 @@ for name in names:
     rows.append(r)
     print(f"{name:<14} acc {r['heldout_acc']:.4f}  ECE {r['ece']:.3f}  T_train {r['T_train']:.3g}  "
           f"train {r['train_seconds']:.0f} s  Fréchet buffer {r['buffer_frechet']:.0f} long-run {r['long_run_frechet']:.0f} "
-          f"(x{r['long_run_ratio']:.2f})  T_ML/T_train {t_ml(r)}  {settings}", flush=True)
+          f"(x{r['long_run_ratio']:.2f})  T_ML/T_train {t_ml(r)}  gap {r['energy_gap']:.3g} (reg x gap {r['reg_times_gap']:.2f})  "
+          f"{settings}", flush=True)
 Path(args.out).parent.mkdir(exist_ok=True)
 Path(args.out).write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, "
                                           f"{torch.get_num_threads()} threads",

@@ -257,6 +257,28 @@ def test_centred_penalty_ignores_the_energies_additive_constant(objective):
     assert not torch.allclose(terms(0.0, "magnitude")["reg"], terms(7.5, "magnitude")["reg"])
 
 
+@pytest.mark.parametrize("reg", [0.1, 1.0])
+def test_centred_penalty_scales_the_likelihood_gradient_by_one_minus_reg_times_the_gap(reg):
+    """The centred penalty's gap term and the likelihood term are functions of the same two means, so the
+    gradient of m_ebm's loss is (1 - reg g)(grad <E_data> - grad <E_model>) + reg grad(Var E_data + Var E_model),
+    g = <E_model> - <E_data>: at g = 1 / reg (where training's gap settles, docs/training.md) the likelihood
+    gradient is cancelled."""
+    m = Tiny()
+    xd = torch.tensor([[-0.5], [0.3], [0.9], [0.1]], dtype=torch.float64)
+    xm = torch.tensor([[-0.9], [0.4], [0.0]], dtype=torch.float64)
+    loss = loss_terms("m_ebm", m(xd), None, logits_marginal=m(xm), reg=reg, penalty="centred")[0]
+    def energies():
+        return -torch.logsumexp(m(xd), -1), -torch.logsumexp(m(xm), -1)
+    ed, em = energies()
+    g = float(em.mean() - ed.mean())
+    contrast = _grad(m, ed.mean() - em.mean())
+    ed, em = energies()
+    spread = _grad(m, ed.var(unbiased=False) + em.var(unbiased=False))
+    for a, c, v in zip(_grad(m, loss), contrast, spread):
+        torch.testing.assert_close(a, (1 - reg * g) * c + reg * v)
+    assert abs(1 - reg * g) > 0.1  # the identity is tested away from the cancellation
+
+
 def test_compiled_mala_kernel_matches_eager():
     from thermo_ebm.samplers.kernels import EAGER
     g = torch.Generator().manual_seed(0)

@@ -209,30 +209,27 @@ QUICK_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # temperatures of the quick estimate
 @torch.no_grad()
 def quick_t_ml(model, ensemble, x, t_train: float, generator, device, n_chains=64, n_tune=100, n_steps=200):
     """A quick T_ML / T_train after training: reflected-MALA chains (MH-corrected; step tuned for n_tune steps,
-    then frozen) started from held-out images x [M, *shape] at QUICK_FACTORS x T_train; U(T) is the chains'
-    mean energy over the last n_steps, compared with the images' own energy. Chains started at the data and run
-    briefly stay close to it, so this is a screening number (the measurement gives T_ML with its SE).
+    then frozen) started from held-out images x [M, *shape] at QUICK_FACTORS x T_train, all temperatures in one
+    batch (a beta per chain, a step per temperature); U(T) is the chains' mean energy over the last n_steps,
+    compared with the images' own energy. Chains started at the data and run briefly stay close to it, so this
+    is a screening number (the measurement gives T_ML with its SE).
     Returns (T_ML / T_train or nan, SE, side) as `t_ml_root`."""
     from ..samplers.kernels import adapt_step, mala_init, mala_step
     x = x[:n_chains].to(device)
-    n = len(x)
+    n, k = len(x), len(QUICK_FACTORS)
     temps = np.asarray(QUICK_FACTORS)
-    u, u_se, e, e_se = [], [], [], []
-    for f in temps:
-        beta = torch.full((n,), 1.0 / (f * t_train), device=device)
-        st = mala_init(model, ensemble, x.clone())
-        e0 = ensemble.energy_moments(st.logits.double(), beta.double())[0].cpu().numpy()
-        step = torch.full((n,), 0.01, device=device)
-        trace = []
-        for i in range(n_tune + n_steps):
-            st, info = mala_step(st, model, ensemble, beta, step, generator)
-            if i < n_tune:
-                step = adapt_step(step, info.acceptance)
-            else:
-                trace.append(ensemble.energy_moments(st.logits.double(), beta.double())[0].cpu().numpy())
-        per_chain = np.mean(trace, axis=0)
-        u.append(per_chain.mean())
-        u_se.append(per_chain.std(ddof=1) / math.sqrt(n))
-        e.append(e0.mean())
-        e_se.append(e0.std(ddof=1) / math.sqrt(n))
-    return t_ml_root(temps, np.array(u), np.array(u_se), np.array(e), np.array(e_se))
+    beta = torch.tensor([1.0 / (float(f) * t_train) for f in temps], device=device).repeat_interleave(n)  # [k n]
+    st = mala_init(model, ensemble, x.repeat(k, *([1] * (x.dim() - 1))))
+    e0 = ensemble.energy_moments(st.logits.double(), beta.double())[0].cpu().numpy().reshape(k, n)
+    step = torch.full((k, 1), 0.01, device=device)
+    trace = []
+    for i in range(n_tune + n_steps):
+        st, info = mala_step(st, model, ensemble, beta, step.expand(k, n).reshape(-1), generator)
+        if i < n_tune:
+            step = adapt_step(step, info.accepted.float().reshape(k, n).mean(1, keepdim=True))
+        else:
+            trace.append(ensemble.energy_moments(st.logits.double(), beta.double())[0].cpu().numpy())
+    per_chain = np.mean(trace, axis=0).reshape(k, n)
+    u, u_se = per_chain.mean(1), per_chain.std(1, ddof=1) / math.sqrt(n)
+    e, e_se = e0.mean(1), e0.std(1, ddof=1) / math.sqrt(n)
+    return t_ml_root(temps, u, u_se, e, e_se)
