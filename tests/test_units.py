@@ -270,7 +270,7 @@ def test_centred_penalty_scales_the_likelihood_gradient_by_one_minus_reg_times_t
     def energies():
         return -torch.logsumexp(m(xd), -1), -torch.logsumexp(m(xm), -1)
     ed, em = energies()
-    g = float(em.mean() - ed.mean())
+    g = float((em.mean() - ed.mean()).detach())
     contrast = _grad(m, ed.mean() - em.mean())
     ed, em = energies()
     spread = _grad(m, ed.var(unbiased=False) + em.var(unbiased=False))
