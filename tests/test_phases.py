@@ -101,6 +101,7 @@ def test_data_does_not_raise_false_alarms_on_a_single_phase():
     assert np.all(np.abs(ds.origin_gap.values / ds.origin_gap_err.values) < 4)
 
 
+@pytest.mark.heavy
 def test_ill_conditioned_rotated_gaussian_pays_for_information_once():
     """d = 64, variance condition number 400, ~350 bits at T = 1 (380 at T = 0.5): with exact data at T = 0.5
     the base's fitted Gaussian makes the path short, the anneal from uniform is capped (a one-sided cross-check;
@@ -539,6 +540,7 @@ def test_lengthen_doubles_the_data_seeded_moves_and_the_retry_time_follows_the_s
     assert growth(smc, longer, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(229.0 / 118.0)
 
 
+@pytest.mark.heavy
 def test_non_separable_784_dimensional_system_with_data():
     """A rotated (non-separable) 784-d Gaussian on the box with an exact log Z (~4,000 to 4,700 bits of
     information): with exact data at T = 0.5, every quantity within 4 SE or its temperature flagged, and log Z
