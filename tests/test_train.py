@@ -276,3 +276,20 @@ def test_gibbs_joint_labels_follow_the_model_conditional():
         counts += np.bincount(y, minlength=10)
         assert np.allclose(tr.chains.pops["joint"]["e_last"].numpy(), -np.log(p[y]), atol=1e-5)
     assert chisquare(counts, counts.sum() * p).pvalue > 1e-4
+
+
+def test_train_reports_the_energy_gap_the_centred_penalty_holds(caplog):
+    """With the centred penalty the data-model energy gap goes to 1 / reg, where the penalty cancels the likelihood
+    gradient (objectives.py): `train` returns the gap of the last epoch's steps and says so when reg x gap is near
+    1 (reg 3, 132 steps); at reg 0.01 the gap stays far below 1 / reg and nothing is said."""
+    with caplog.at_level("INFO", logger="thermo_ebm"):
+        held = train(name="held", objective="j_ebm", epochs=3, reg=3.0, penalty="centred", **TINY)
+    ds = xr.open_dataset(held["results"], group="training", engine="h5netcdf")
+    gap = float((ds.marginal_e_model - ds.marginal_e_data).values[-44:].mean())
+    assert held["energy_gap"] == pytest.approx(gap) and held["reg_times_gap"] == pytest.approx(3.0 * gap)
+    assert 0.9 < held["reg_times_gap"] < 1.2 and "cancels the likelihood gradient" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="thermo_ebm"):
+        free = train(name="free", objective="j_ebm", epochs=2, reg=0.01, penalty="centred", **TINY)
+    assert free["reg_times_gap"] < 0.5 and "reg x gap" in caplog.text
+    assert "cancels the likelihood gradient" not in caplog.text

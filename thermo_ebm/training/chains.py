@@ -165,6 +165,15 @@ class History:
     def last(self, key, default=float("nan")):
         return self.epochs.get(key, [default])[-1]
 
+    def energy_gap(self, n: int) -> float:
+        """<E_model> - <E_data> (logit units) over the last n steps, of the marginal chains (else the joint
+        ones); nan without chains."""
+        for pop in ("marginal", "joint"):
+            em, ed = self.steps.get(f"{pop}_e_model"), self.steps.get(f"{pop}_e_data")
+            if em and ed:
+                return float(np.nanmean(np.asarray(em[-n:]) - np.asarray(ed[-n:])))
+        return float("nan")
+
     def state_dict(self) -> dict:
         return {"j0": {k: float(v) for k, v in self.j0.items()},
                 "history": {k: torch.tensor(v, dtype=torch.float64) for k, v in self.steps.items()},

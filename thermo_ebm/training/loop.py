@@ -150,8 +150,10 @@ class Trainer:
         while self.epoch < cfg.epochs and not self._at_max_steps():
             if self.run_epoch(n_batches, total) == "done":
                 self._end_epoch(time.perf_counter() - t0)
+        gap = self.history.energy_gap(n_batches)
         if dist.is_main() and self.cfg.objective != "dcl":
             self.t_ml = quick_t_ml_of(self)
+            log_energy_gap(cfg, gap, min(n_batches, self.step))
         self.save()
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
@@ -160,7 +162,8 @@ class Trainer:
                      "buffer, their Fréchet distance against the buffer's): thermo-ebm eval --ckpt %s", ckpt)
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
                 "heldout_acc": self.history.last("heldout_acc"),
-                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0]}
+                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0],
+                "energy_gap": gap, "reg_times_gap": cfg.reg * gap}
 
     def _at_max_steps(self):
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
@@ -295,6 +298,18 @@ def quick_t_ml_of(tr):
              "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
     log.info("%s (quick: held-out-seeded chains at 0.25-4 T_train; `measure` gives it with its error bar)", where)
     return t
+
+
+def log_energy_gap(cfg, gap: float, n: int) -> None:
+    """Log the data-model energy gap of the last n steps and reg times it: near 1 the penalty cancels the
+    likelihood gradient (objectives.py), and p(x) no longer learns except through the energies' spread."""
+    if not math.isfinite(gap):
+        return
+    stalled = cfg.penalty == "centred" and cfg.reg * gap > 0.9
+    log.info("energy gap <E_model> - <E_data> = %.3g (logits' scale, last %d steps), reg x gap = %.2f%s", gap, n,
+             cfg.reg * gap, ": the centred penalty holds the gap at 1 / reg, where it cancels the likelihood "
+             "gradient, so p(x) learns only through the energies' spread (a smaller --reg lets it learn; "
+             "docs/training.md)" if stalled else "")
 
 
 def training_seeds(seed: int, rank: int, rollbacks: int) -> tuple[int, int]:
