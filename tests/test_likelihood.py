@@ -110,3 +110,23 @@ def test_quick_t_ml_of_held_out_seeded_chains():
         exact = 2 * float((-s(x)[:, 0]).double().mean()) / 16
     t, se, side = quick_t_ml(s, Ensemble("marginal", 1), x, 1.0, torch.Generator().manual_seed(0), "cpu")
     assert side == "inside" and abs(t - exact) < 4 * se, (t, se, exact)
+
+
+def test_t_ml_root_standard_error_over_repeated_draws():
+    """The held-out images are the same at every temperature, so their energy's error is common to both ends of
+    the bracket: over 4,000 draws of U [T] (independent errors) and of one common image energy, the root's
+    spread matches the SE `t_ml_root` reports (within 5%, the draws' own error ~1%), with the root mid-bracket."""
+    from thermo_ebm.measurement.likelihood import t_ml_root
+    temps = np.array([0.25, 0.5, 1.0, 2.0, 4.0])
+    u_true, u_se, e_true, e_se = 8.0 * temps, 0.05 * temps, 12.0, 0.3
+    rng = np.random.default_rng(0)
+    roots, ses = [], []
+    for _ in range(4000):
+        u = u_true + u_se * rng.normal(size=temps.size)
+        e = np.full(temps.size, e_true + e_se * rng.normal())
+        t, se, side = t_ml_root(temps, u, u_se, e, np.full(temps.size, e_se))
+        assert side == "inside"
+        roots.append(t)
+        ses.append(se)
+    assert abs(np.mean(roots) - 1.5) < 0.01
+    assert np.std(roots) == pytest.approx(np.mean(ses), rel=0.05)

@@ -146,10 +146,10 @@ class Likelihood:
 
 def t_ml_root(temps, u, u_se, e, e_se):
     """(T_ML, SE, side) from h(T) = U - <E>_heldout on ascending temps [T]: the root by linear interpolation
-    at the bracketing sign change (the one of largest slope if noise makes several), SE = SE(h) / slope; side is
-    "inside", "below" (h > 0 everywhere: T_ML under the lowest T) or "above"."""
+    at the bracketing sign change (the one of largest slope if noise makes several), SE = SE(h) / slope with the
+    held-out energies' error common to every temperature (the same images); side is "inside", "below" (h > 0
+    everywhere: T_ML under the lowest T) or "above"."""
     h = u - e
-    h_se = np.sqrt(u_se ** 2 + e_se ** 2)
     if len(temps) < 2 or np.all(h > 0):
         return math.nan, math.nan, "below" if np.all(h > 0) else "undetermined"
     if np.all(h < 0):
@@ -162,7 +162,8 @@ def t_ml_root(temps, u, u_se, e, e_se):
     s = (h[i + 1] - h[i]) / (temps[i + 1] - temps[i])
     w = -h[i] / (h[i + 1] - h[i])
     t = temps[i] + w * (temps[i + 1] - temps[i])
-    se_h = math.hypot((1 - w) * h_se[i], w * h_se[i + 1])
+    # the images are the same at every temperature: their energy's error is common to both ends of the bracket
+    se_h = math.sqrt(((1 - w) * u_se[i]) ** 2 + (w * u_se[i + 1]) ** 2 + ((1 - w) * e_se[i] + w * e_se[i + 1]) ** 2)
     return float(t), float(se_h / s), "inside"
 
 
