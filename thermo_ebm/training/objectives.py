@@ -17,7 +17,9 @@ plus reg * penalty for every EBM term, always added, in one of two forms (`penal
              2 ((<E_data> + <E_model>) / 2)^2, the only part that sees the energies' additive constant.
 A shift of every energy changes no probability; the magnitude penalty turns a shift of the class that holds the
 chains into a force against the bias gradient that balances the classes (its trained MNIST j_ebm models put >= 0.99 of
-p(y) on one class), which the centred form leaves out.
+p(y) on one class), which the centred form leaves out. The centred form's gap term and the likelihood term share
+the two means, so the gradient is (1 - reg g)(grad <E_data> - grad <E_model>) + reg grad(variances) with
+g = <E_model> - <E_data>: training holds g at 1 / reg, where the likelihood gradient cancels.
 Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
 """
 from __future__ import annotations
