@@ -144,11 +144,14 @@ class Likelihood:
     t_ml_side: str
 
 
-def t_ml_root(temps, u, u_se, e, e_se):
+def t_ml_root(temps, u, u_se, e, e_se, paired=None):
     """(T_ML, SE, side) from h(T) = U - <E>_heldout on ascending temps [T]: the root by linear interpolation
-    at the bracketing sign change (the one of largest slope if noise makes several), SE = SE(h) / slope with the
+    at the bracketing sign change (the one of largest slope if noise makes several), SE = SE(h at the root) / slope
+    (the delta method for the interpolated root: the slope's error enters through the two ends' weights) with the
     held-out energies' error common to every temperature (the same images); side is "inside", "below" (h > 0
-    everywhere: T_ML under the lowest T) or "above"."""
+    everywhere: T_ML under the lowest T) or "above". paired [T, n]: h per independent unit (a chain and the image
+    it started from, at every temperature), whose correlations across temperatures and with the image's energy
+    then give SE(h) directly."""
     h = u - e
     if len(temps) < 2 or np.all(h > 0):
         return math.nan, math.nan, "below" if np.all(h > 0) else "undetermined"
@@ -163,7 +166,12 @@ def t_ml_root(temps, u, u_se, e, e_se):
     w = -h[i] / (h[i + 1] - h[i])
     t = temps[i] + w * (temps[i + 1] - temps[i])
     # the images are the same at every temperature: their energy's error is common to both ends of the bracket
-    se_h = math.sqrt(((1 - w) * u_se[i]) ** 2 + (w * u_se[i + 1]) ** 2 + ((1 - w) * e_se[i] + w * e_se[i + 1]) ** 2)
+    if paired is not None:
+        at_root = (1 - w) * paired[i] + w * paired[i + 1]
+        se_h = float(at_root.std(ddof=1)) / math.sqrt(at_root.size)
+    else:
+        se_h = math.sqrt(((1 - w) * u_se[i]) ** 2 + (w * u_se[i + 1]) ** 2
+                         + ((1 - w) * e_se[i] + w * e_se[i + 1]) ** 2)
     return float(t), float(se_h / s), "inside"
 
 
@@ -233,4 +241,5 @@ def quick_t_ml(model, ensemble, x, t_train: float, generator, device, n_chains=6
     per_chain = np.mean(trace, axis=0).reshape(k, n)
     u, u_se = per_chain.mean(1), per_chain.std(1, ddof=1) / math.sqrt(n)
     e, e_se = e0.mean(1), e0.std(1, ddof=1) / math.sqrt(n)
-    return t_ml_root(temps, u, u_se, e, e_se)
+    # each chain's energy is correlated with its image's and with its own copies' at the other temperatures
+    return t_ml_root(temps, u, u_se, e, e_se, paired=per_chain - e0)
