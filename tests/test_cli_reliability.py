@@ -305,3 +305,25 @@ def test_measure_refuses_an_existing_group_and_a_bad_output_before_work(digits_c
                          "--group", "training", "--replace-group", "--device", "cpu", "--data", "none", *SMALL])
     assert code == 0, err
     assert read_group(out, "training").attrs["kind"] == "measurement"
+
+
+def test_measure_prints_where_the_structure_is(digits_ckpt, tmp_path):
+    """`measure` ends with the flags, I(X;Y) at T_train, the heat-capacity peak and the reference temperatures,
+    each read from the group it wrote."""
+    import contextlib
+    import io
+    out, text = tmp_path / "run.h5", io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(io.StringIO()):
+        main(["measure", "--ckpt", digits_ckpt["checkpoint"], "--temps", "0.5,1,1.5", "--out", str(out),
+              "--device", "cpu", *SMALL])
+    ds = xr.open_dataset(out, group="measure_joint", engine="h5netcdf")
+    lines = text.getvalue().splitlines()
+    flagged = [t for i, t in enumerate(ds.temperature.values)
+               if any(int(ds[v].values[i]) for v in ds.data_vars if v.startswith("flag_"))]
+    assert f"unflagged at {3 - len(flagged)} of 3 temperatures" in text.getvalue()
+    i_xy = float(ds.I_XY_bits.sel(temperature=1.0))
+    assert any(line.startswith(f"at T_train: I(X;Y) = {i_xy:.3g} ±") for line in lines), lines
+    peak = (f"heat-capacity peak T* = {float(ds.C_peak_T):.4g}" if np.isfinite(float(ds.C_peak_T))
+            else "heat-capacity peak: ")
+    assert any(line.startswith(peak) for line in lines), lines
+    assert lines[-1].startswith("temperatures (in units of T_train): T_train = 1")

@@ -291,6 +291,7 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
     from .files.results import check_group, reserve_group
     from .measurement.dataset import save_measurement
     from .measurement.run import measure as run
+    from .reporting.report import summary_lines
     t = parse_temps(temps)
     check_checkpoint_file(ckpt)
     path = Path(out) if out else Path("results") / (Path(ckpt).stem + ".h5")
@@ -312,6 +313,7 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
     scale = f"T / T_train, T_train = {ds.attrs['T_train']:.3g}" if units == "train" else "raw T"
     click.echo(f"wrote group '{g}' of {path} ({ds.sizes['temperature']} temperatures in {scale}, "
                f"{ds.attrs['seconds']:.0f} s)")
+    click.echo("\n".join(summary_lines(ds)))
 
 
 @cli.command("eval")

@@ -190,6 +190,44 @@ def _flags(ds, i):
     return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
 
 
+def peak_line(ds) -> str:
+    """The heat-capacity peak T* with its SE (and its flag), or where the maximum lies outside the range."""
+    if "C_peak_T" in ds and np.isfinite(float(ds.C_peak_T)):
+        bad = " (flagged: C is flagged at or next to its maximum)" if bool(ds.get("C_peak_flag", 0)) else ""
+        return f"heat-capacity peak T* = {float(ds.C_peak_T):.4g} ±{float(ds.C_peak_T_err):.2g}{bad}"
+    return peak_outside(ds)
+
+
+def flags_line(ds) -> str:
+    """How many temperatures are unflagged, and the flags of the others."""
+    marks = [_flags(ds, i) for i in range(ds.sizes["temperature"])]
+    bad = [f"{t:g} ({m})" for t, m in zip(ds.temperature.values, marks) if m != "ok"]
+    return (f"unflagged at {len(marks) - len(bad)} of {len(marks)} temperatures"
+            + (f"; flagged: T = {', '.join(bad)} (docs/estimators.md, Flags)" if bad else ""))
+
+
+def information_line(ds) -> str | None:
+    """A joint measurement's class information at the training temperature (T = 1 on the T_train scale), when
+    the grid holds it."""
+    if "I_XY_bits" not in ds or ds.attrs.get("temperature_units") != "train":
+        return None
+    at = np.flatnonzero(np.isclose(ds.temperature.values, 1.0))
+    if not len(at):
+        return None
+    i = int(at[0])
+    mark = _flags(ds, i)
+    return (f"at T_train: I(X;Y) = {float(ds.I_XY_bits.values[i]):.3g} ±{float(ds.I_XY_bits_err.values[i]):.2g} bits, "
+            f"H(Y) = {float(ds.H_Y_bits.values[i]):.3g} ±{float(ds.H_Y_bits_err.values[i]):.2g} bits"
+            + (f" (flagged: {mark})" if mark != "ok" else ""))
+
+
+def summary_lines(ds) -> list:
+    """What `measure` prints when it is done: flags, the class information at T_train, a class holding the
+    ensemble, the heat-capacity peak and the reference temperatures."""
+    one = class_share_line(ds) if "p_y" in ds else None
+    return [line for line in (flags_line(ds), information_line(ds), one, peak_line(ds), reference_line(ds)) if line]
+
+
 def report(path, as_json=False, diff=None, groups=None) -> str:
     """The text (or JSON) `show` prints; diff=(T1, T2) adds F(T2) - F(T1) with its SE per measurement; groups:
     the names to print (default all)."""
@@ -248,13 +286,9 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
                              f"log Z({dd['T2']:g}) - log Z({dd['T1']:g}) = {dd['dlog_Z']:.6g} ±{dd['dlog_Z_err']:.2g} "
                              "(SEs from log_Z_cov)")
             if "C_peak_T" in ds:
-                t_star, se = float(ds.C_peak_T), float(ds.C_peak_T_err)
-                doc["groups"][name].update(C_peak_T=t_star, C_peak_T_err=se)
-                bad = bool(ds.get("C_peak_flag", 0))
-                doc["groups"][name]["C_peak_flag"] = bad
-                lines.append((f"heat-capacity peak T* = {t_star:.4g} ±{se:.2g}"
-                              + (" (flagged: C is flagged at or next to its maximum)" if bad else ""))
-                             if np.isfinite(t_star) else peak_outside(ds))
+                doc["groups"][name].update(C_peak_T=float(ds.C_peak_T), C_peak_T_err=float(ds.C_peak_T_err),
+                                           C_peak_flag=bool(ds.get("C_peak_flag", 0)))
+                lines.append(peak_line(ds))
             refs = reference_temperatures(ds, t_cal)
             doc["groups"][name]["reference_temperatures"] = {k: {"value": v, "se": e, "note": n.strip()}
                                                              for k, (v, e, n) in refs.items()}
