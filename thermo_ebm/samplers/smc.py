@@ -207,6 +207,7 @@ def tune(s: Sampler, path, stops, groups, *, n_chains, target_cess, n_leap, max_
         hit = (new.numpy() >= stops[np.minimum(k, len(stops) - 1), np.arange(groups)]) & (k < len(stops))
         before = int(k.min())
         k = k + hit
+        bar.set_postfix(stages=len(rows), lam=f"{float(new.min()):.3g}")  # a stop can be many stages away
         bar.update(int(k.min()) - before)
         lam = new
     bar.close()
