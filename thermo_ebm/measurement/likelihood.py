@@ -165,11 +165,10 @@ def t_ml_root(temps, u, u_se, e, e_se, paired=None):
     s = (h[i + 1] - h[i]) / (temps[i + 1] - temps[i])
     w = -h[i] / (h[i + 1] - h[i])
     t = temps[i] + w * (temps[i + 1] - temps[i])
-    # the images are the same at every temperature: their energy's error is common to both ends of the bracket
     if paired is not None:
         at_root = (1 - w) * paired[i] + w * paired[i + 1]
         se_h = float(at_root.std(ddof=1)) / math.sqrt(at_root.size)
-    else:
+    else:  # the images are the same at every temperature: their energy's error is common to both ends
         se_h = math.sqrt(((1 - w) * u_se[i]) ** 2 + (w * u_se[i + 1]) ** 2
                          + ((1 - w) * e_se[i] + w * e_se[i + 1]) ** 2)
     return float(t), float(se_h / s), "inside"
