@@ -2,16 +2,17 @@
 figures of issue #26 (T_ML / T_train from held-out-seeded chains; MNIST-feature Fréchet distance of the replay
 buffer and of 10,000-step chains at T_train started from it, whose ratio is the long-run check), and the mean
 data-model energy gap <E_model> - <E_data> of the marginal chains over the last epoch (raw units) with reg times it
-(1 where the centred penalty cancels the likelihood gradient, docs/training.md). Writes
-benchmarks/results/train_defaults.json.
+(1 where the centred penalty cancels the likelihood gradient, docs/training.md), and the class holding most of the
+replay buffer's softmax(f / T_train) mass (near 1: the chains, and the joint ensemble at T_train, sit in one class).
+Writes benchmarks/results/train_defaults.json.
 
     python benchmarks/train_defaults.py --data-dir ../shared/data                 # train + eval every trial
     python benchmarks/train_defaults.py --collect results/ --data-dir ../shared/data  # tabulate runs already made
 
 A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` (settings may name another
 objective) followed by `thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads
-results/NAME.h5 of runs made that way (group 'training' and 'evaluation'). Run it alone: two heavy jobs on 2 cores
-distort the times. Each row records its settings, the energy penalty included (rows without one ran with the
+results/NAME.h5 of runs made that way (group 'training' and 'evaluation') and checkpoints/NAME.pt beside that
+folder. Run it alone: two heavy jobs on 2 cores distort the times. Each row records its settings, the energy penalty included (rows without one ran with the
 magnitude penalty, the only one before `--penalty` existed).
 """
 import argparse
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from thermo_ebm import evaluate, train
-from thermo_ebm.files.checkpoint import training_config
+from thermo_ebm.files.checkpoint import (checkpoint_temperature, load_checkpoint, model_from_checkpoint,
+                                         training_config)
 from thermo_ebm.files.results import list_groups, read_group, write_group
 
 # name: settings beyond the defaults (TrainConfig's and, for MNIST, PRESETS' "*" rows: reg 0.1 with the centred penalty,
@@ -37,7 +39,7 @@ from thermo_ebm.files.results import list_groups, read_group, write_group
 MAG = {"penalty": "magnitude"}
 TRIALS = {
     "hyb": {},                                               # the defaults (j_ebm, exact estimator, centred penalty)
-    "gcl": {"objective": "gcl"},                             # gcl with the defaults
+    "gcl": {"objective": "gcl", "penalty": "centred"},       # gcl under the centred penalty (j_ebm's default)
     "hyb_magnitude": {**MAG},                                # the defaults with the magnitude penalty
     "je_reg0.01": {"reg": 0.01, **MAG},
     "je_reg0.003": {"reg": 0.003, **MAG},
@@ -48,7 +50,7 @@ TRIALS = {
     "je_r001_e30": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30, **MAG},
     "je_r001_e60": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60, **MAG},
     "je_r003_e60": {"reg": 0.003, "lr_schedule": "cosine", "epochs": 60, **MAG},
-    "gcl_magnitude": {"objective": "gcl", **MAG},
+    "gcl_magnitude": {"objective": "gcl", **MAG},            # gcl's MNIST default (train_defaults_gcl.json)
     "je_chains": {"joint_estimator": "chains", **MAG},       # JEM's class-conditional chains instead of the exact estimator
     "je_T1": {"sgld_step": 0.005, "reg": 0.001, **MAG},      # T_train = 1, where the exact estimator is joint ML
     "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10, **MAG},  # the j_ebm defaults
@@ -72,10 +74,14 @@ TRIALS = {
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
+    # persistent chains that keep up with the model: a buffer of one batch moves all its chains every step
+    # (train_defaults_buffer.json)
+    "je_buf64": {"buffer_size": 64},
+    "je_buf64_r0.01": {"buffer_size": 64, "reg": 0.01},
 }
 
 
-def row(name, settings, res):
+def row(name, settings, res, ckpt):
     """One trial's figures from its results file (training and evaluation groups)."""
     tr = read_group(res, "training")
     ev = read_group(res, "evaluation")
@@ -95,7 +101,19 @@ def row(name, settings, res):
                 T_ML_over_T_train=float(tr.attrs.get("T_ML_quick", float("nan"))),
                 T_ML_over_T_train_err=float(tr.attrs.get("T_ML_quick_err", float("nan"))),
                 T_ML_side=str(tr.attrs.get("T_ML_quick_side", "not estimated")),
-                energy_gap=gap, reg_times_gap=cfg["reg"] * gap)
+                energy_gap=gap, reg_times_gap=cfg["reg"] * gap,
+                **dict(zip(("buffer_top_class", "buffer_top_class_mass"), buffer_classes(ckpt))))
+
+
+def buffer_classes(ckpt):
+    """The class holding most of the replay buffer at T_train: (class, its mean softmax(f / T_train) mass) over the
+    marginal buffer (the joint one where there is none). A joint model whose chains sit in one class has mass ~1."""
+    st = load_checkpoint(ckpt)
+    model, t_train = model_from_checkpoint(st, ckpt).eval(), checkpoint_temperature(st)
+    x = st["buffers"].get("marginal/x", st["buffers"].get("joint/x"))
+    with torch.no_grad():
+        mass = torch.cat([(model(b.float()) / t_train).softmax(-1) for b in x.split(1000)]).mean(0)
+    return int(mass.argmax()), float(mass.max())
 
 
 def t_ml(r):
@@ -116,21 +134,23 @@ for name in names:
     settings = TRIALS[name]
     if args.collect:
         res = Path(args.collect) / f"{name}.h5"
-        if not res.is_file() or "evaluation" not in list_groups(res):
-            print(f"{name}: no trained and evaluated run at {res}; skipped")
+        ckpt = Path(args.collect).parent / "checkpoints" / f"{name}.pt"
+        if not res.is_file() or not ckpt.is_file() or "evaluation" not in list_groups(res):
+            print(f"{name}: no trained and evaluated run at {res} with its checkpoint; skipped")
             continue
     else:
         t0 = time.perf_counter()
         out = train(name=name, data_dir=args.data_dir, overwrite=True, **{"objective": "j_ebm", **settings})
-        res = out["results"]
+        res, ckpt = out["results"], out["checkpoint"]
         ds = evaluate(out["checkpoint"], data_dir=args.data_dir, chain_steps=(10000,))
         write_group(res, "evaluation", ds, replace=True)
         print(f"{name}: {time.perf_counter() - t0:.0f} s train + eval")
-    r = row(name, settings, res)
+    r = row(name, settings, res, ckpt)
     rows.append(r)
     print(f"{name:<14} acc {r['heldout_acc']:.4f}  ECE {r['ece']:.3f}  T_train {r['T_train']:.3g}  "
           f"train {r['train_seconds']:.0f} s  Fréchet buffer {r['buffer_frechet']:.0f} long-run {r['long_run_frechet']:.0f} "
-          f"(x{r['long_run_ratio']:.2f})  T_ML/T_train {t_ml(r)}  gap {r['energy_gap']:.3g} (reg x gap {r['reg_times_gap']:.2f})  "
+          f"(x{r['long_run_ratio']:.2f})  buffer in class {r['buffer_top_class']} ({r['buffer_top_class_mass']:.2f})  "
+          f"T_ML/T_train {t_ml(r)}  gap {r['energy_gap']:.3g} (reg x gap {r['reg_times_gap']:.2f})  "
           f"{settings}", flush=True)
 Path(args.out).parent.mkdir(exist_ok=True)
 Path(args.out).write_text(json.dumps(dict(date=str(date.today()), machine=f"{platform.machine()}, "

@@ -322,7 +322,7 @@ def test_measure_prints_where_the_structure_is(measured):
                if any(int(ds[v].values[i]) for v in ds.data_vars if v.startswith("flag_"))]
     assert f"unflagged at {n - len(flagged)} of {n} temperatures" in text
     i_xy = float(ds.I_XY_bits.sel(temperature=1.0))
-    assert any(line.startswith(f"at T_train: I(X;Y) = {i_xy:.3g} ±") for line in lines), lines
+    assert any(line.startswith(f"at T_train: I(X;Y) = {round(i_xy, 3) + 0.0:.3f} ±") for line in lines), lines
     peak = (f"heat-capacity peak T* = {float(ds.C_peak_T):.4g}" if np.isfinite(float(ds.C_peak_T))
             else "heat-capacity peak: ")
     assert any(line.startswith(peak) for line in lines), lines

@@ -303,6 +303,19 @@ def test_show_explains_a_negative_mutual_information(tmp_path):
     assert "I_XY_bits below 0 at T = 0.5:" in text and "1:" not in text.split("below 0")[1].split("\n")[0]
 
 
+def test_information_at_t_train_is_printed_to_a_thousandth_of_a_bit():
+    """A one-class ensemble's I(X;Y) is zero up to rounding (-1e-15 bits with an SE of 1e-16): the summary line
+    prints it as 0.000, and a real value to the same precision."""
+    from thermo_ebm.reporting.report import information_line
+    ds = xr.Dataset({"I_XY_bits": ("temperature", [1.2234, -9.61e-16]), "I_XY_bits_err": ("temperature", [0.0512, 8.3e-17]),
+                     "H_Y_bits": ("temperature", [2.5, 1e-15]), "H_Y_bits_err": ("temperature", [0.01, 1e-16])},
+                    coords={"temperature": [0.5, 1.0]}, attrs={"temperature_units": "train"})
+    assert information_line(ds) == "at T_train: I(X;Y) = 0.000 ±0.000 bits, H(Y) = 0.000 ±0.000 bits"
+    ds["I_XY_bits"].values[:] = [0.0, 1.2234]
+    assert information_line(ds).startswith("at T_train: I(X;Y) = 1.223 ±0.000 bits")
+    assert information_line(ds.assign_attrs(temperature_units="raw")) is None
+
+
 def test_show_says_where_one_class_holds_the_joint_ensemble(tmp_path):
     """p_T(y) is stored per class; where one class holds >= 99% of the mass, H(Y) ~ 0 and so I(X;Y) ~ 0, and
     `show` names the class and the temperatures (and stays silent where the classes share the mass)."""

@@ -113,7 +113,8 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
         c = TrainConfig(dataset=ds, objective=obj).validate()
         assert (c.epochs, c.lr_schedule, c.reg, c.buffer_size) == want, (ds, obj)
     for (ds, obj), want in {("mnist", "m_ebm"): "magnitude", ("mnist", "j_ebm"): "centred",
-                            ("digits", "j_ebm"): "magnitude", ("fashion-mnist", "gcl"): "centred"}.items():
+                            ("digits", "j_ebm"): "magnitude", ("fashion-mnist", "gcl"): "centred",
+                            ("mnist", "gcl"): "magnitude"}.items():
         assert TrainConfig(dataset=ds, objective=obj).validate().penalty == want, (ds, obj)
     c = TrainConfig(dataset="mnist", objective="m_ebm", reg=0.5, epochs=3, penalty="centred").validate()
     assert (c.epochs, c.lr_schedule, c.reg, c.penalty) == (3, "cosine", 0.5, "centred")

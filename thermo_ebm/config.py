@@ -18,6 +18,7 @@ PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/ob
 PRESETS = (
     ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "penalty": "magnitude", "buffer_size": 1000}),
     ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001, "penalty": "magnitude"}),
+    ("mnist", "gcl", {"penalty": "magnitude"}),
     ("*", "dcl", {"reg": 0.0}),
     ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000}),
 )

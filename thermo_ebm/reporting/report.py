@@ -216,8 +216,10 @@ def information_line(ds) -> str | None:
         return None
     i = int(at[0])
     mark = _flags(ds, i)
-    return (f"at T_train: I(X;Y) = {float(ds.I_XY_bits.values[i]):.3g} ±{float(ds.I_XY_bits_err.values[i]):.2g} bits, "
-            f"H(Y) = {float(ds.H_Y_bits.values[i]):.3g} ±{float(ds.H_Y_bits_err.values[i]):.2g} bits"
+
+    def bits(name):  # to a thousandth of a bit: a one-class ensemble reads 0.000, not -1e-15
+        return f"{round(float(ds[name].values[i]), 3) + 0.0:.3f} ±{float(ds[name + '_err'].values[i]):.3f} bits"
+    return (f"at T_train: I(X;Y) = {bits('I_XY_bits')}, H(Y) = {bits('H_Y_bits')}"
             + (f" (flagged: {mark})" if mark != "ok" else ""))
 
 
