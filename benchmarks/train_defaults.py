@@ -74,6 +74,10 @@ TRIALS = {
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
+    # the defaults over seeds (train_defaults_seeds.json)
+    "hyb_seed1": {"seed": 1},
+    "hyb_seed2": {"seed": 2},
+    "gcl_magnitude_seed1": {"objective": "gcl", "seed": 1, **MAG},
     # persistent chains that keep up with the model: a buffer of one batch moves all its chains every step
     # (train_defaults_buffer.json)
     "je_buf64": {"buffer_size": 64},
