@@ -74,6 +74,9 @@ TRIALS = {
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
+    # capacity: does a wider network keep the classifier where the energies deepen? (train_defaults_width.json)
+    "je_w1024_r0.01": {"model_size": 1024, "reg": 0.01},
+    "je_w1024_r0.01_cos": {"model_size": 1024, "reg": 0.01, "lr_schedule": "cosine"},
     # the defaults over seeds (train_defaults_seeds.json)
     "hyb_seed1": {"seed": 1},
     "hyb_seed2": {"seed": 2},
