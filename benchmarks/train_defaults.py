@@ -12,8 +12,8 @@ Writes benchmarks/results/train_defaults.json.
 A trial is `thermo-ebm train --objective j_ebm --data-dir DIR --name NAME <settings>` (settings may name another
 objective) followed by `thermo-ebm eval --ckpt checkpoints/NAME.pt --chain-steps 10000`; --collect reads
 results/NAME.h5 of runs made that way (group 'training' and 'evaluation') and checkpoints/NAME.pt beside that
-folder. Run it alone: two heavy jobs on 2 cores distort the times. Each row records its settings, the energy penalty included (rows without one ran with the
-magnitude penalty, the only one before `--penalty` existed).
+folder. Run it alone: two heavy jobs on 2 cores distort the times. Each row records its settings, the energy penalty
+included (rows without one ran with the magnitude penalty, the only one before `--penalty` existed).
 """
 import argparse
 import json
