@@ -48,12 +48,15 @@ print(f"held-out >= {TARGET_ACC} with a digit-like buffer (Fréchet <= {DIGITS:.
       + (", ".join(r["name"] for r in both) or "none"))
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-style = {"centred": dict(marker="o", color="C0"), "magnitude": dict(marker="s", color="C1")}
+ARCHS = {"shallow": ("MLP", "o"), "cnn": ("CNN", "^")}   # network: (name, marker); the penalty sets the colour
+COLOURS = {"centred": "C0", "magnitude": "C1"}
+groups = sorted({(r["settings"].get("arch", "shallow"), r["penalty"]) for r in rows})
 for ax, key in zip(axes, ("buffer_frechet", "T_ML_over_T_train")):
-    for pen, st in style.items():
-        sel = [r for r in rows if r["penalty"] == pen]
+    for arch, pen in groups:
+        sel = [r for r in rows if (r["settings"].get("arch", "shallow"), r["penalty"]) == (arch, pen)]
         y = [r[key] if key == "buffer_frechet" or r["T_ML_side"] == "inside" else 0.25 for r in sel]
-        ax.scatter([r["heldout_acc"] for r in sel], y, label=f"{pen} penalty", alpha=0.8, **st)
+        ax.scatter([r["heldout_acc"] for r in sel], y, label=f"{ARCHS[arch][0]}, {pen} penalty", alpha=0.8,
+                   marker=ARCHS[arch][1], color=COLOURS[pen])
     for r in rows:
         label, offset = LABELS.get((r["penalty"], r["name"]), (None, None))
         if label and not (r["name"] == "hyb" and r["file"] != "train_defaults_penalty.json"):
@@ -70,7 +73,7 @@ axes[0].fill_between([TARGET_ACC, 1.0], 10, DIGITS, color="C2", alpha=0.1, label
 axes[0].set_xlim(X_MIN, 0.97)
 axes[0].set_ylim(15, 1000)
 axes[0].set_ylabel("replay buffer: MNIST-feature Fréchet distance")
-axes[0].legend(fontsize=8, loc="center left")
+axes[0].legend(fontsize=8, loc="upper left")
 axes[1].axhspan(0.5, 2.0, color="C2", alpha=0.1, label="T_ML / T_train in [1/2, 2]")
 axes[1].set_ylim(0.2, 1.0)
 axes[1].set_xlim(X_MIN, 0.97)
