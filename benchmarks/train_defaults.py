@@ -91,6 +91,7 @@ TRIALS = {
     "je_cnn8_r0.001": {"arch": "cnn", "model_size": 8, "reg": 0.001},
     "je_cnn8_r0.001_cos": {"arch": "cnn", "model_size": 8, "reg": 0.001, "lr_schedule": "cosine"},
     "je_cnn8_r0.001_e20": {"arch": "cnn", "model_size": 8, "reg": 0.001, "epochs": 20},
+    "je_cnn8_T0.01_r0.03": {"arch": "cnn", "model_size": 8, "sgld_noise": 0.0316, "reg": 0.03},
 }
 
 
