@@ -22,7 +22,7 @@ LABELS = {  # (penalty, trial): the settings docs/training.md names, and where e
     ("magnitude", "je_r001_e60"): ("--penalty magnitude --reg 0.001\n--lr-schedule cosine --epochs 60", (-170, -22)),
     ("centred", "je_T0.01_r0.01_centred"): ("--sgld-noise 0.0316 --reg 0.01", (6, 4)),
 }
-X_MIN = 0.7  # trials below this accuracy (JEM's class-conditional chains, 0.351) are listed, not drawn
+X_MIN, X_MAX = 0.7, 0.98  # the accuracy axis; trials below X_MIN (JEM's class-conditional chains, 0.351) are listed, not drawn
 TARGET_ACC, DIGITS = 0.93, 100.0   # item 1 of the defaults' brief; a buffer below this distance draws digits
 
 p = argparse.ArgumentParser()
@@ -33,7 +33,8 @@ rows = []
 for f in sorted(RESULTS.glob("train_defaults*.json")):
     for r in json.loads(f.read_text())["rows"]:
         if r["objective"] == "j_ebm":
-            rows.append({**r, "penalty": r.get("penalty", "magnitude"), "file": f.name})
+            rows.append({**r, "penalty": r.get("penalty", "magnitude"), "arch": r["settings"].get("arch", "shallow"),
+                         "file": f.name})
 front = [r for r in rows if not any(q["heldout_acc"] >= r["heldout_acc"] and q["buffer_frechet"] <= r["buffer_frechet"]
                                     and q is not r and (q["heldout_acc"], q["buffer_frechet"])
                                     != (r["heldout_acc"], r["buffer_frechet"]) for q in rows)]
@@ -50,10 +51,10 @@ print(f"held-out >= {TARGET_ACC} with a digit-like buffer (Fréchet <= {DIGITS:.
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
 ARCHS = {"shallow": ("MLP", "o"), "cnn": ("CNN", "^")}   # network: (name, marker); the penalty sets the colour
 COLOURS = {"centred": "C0", "magnitude": "C1"}
-groups = sorted({(r["settings"].get("arch", "shallow"), r["penalty"]) for r in rows})
+groups = sorted({(r["arch"], r["penalty"]) for r in rows})
 for ax, key in zip(axes, ("buffer_frechet", "T_ML_over_T_train")):
     for arch, pen in groups:
-        sel = [r for r in rows if (r["settings"].get("arch", "shallow"), r["penalty"]) == (arch, pen)]
+        sel = [r for r in rows if (r["arch"], r["penalty"]) == (arch, pen)]
         y = [r[key] if key == "buffer_frechet" or r["T_ML_side"] == "inside" else 0.25 for r in sel]
         ax.scatter([r["heldout_acc"] for r in sel], y, label=f"{ARCHS[arch][0]}, {pen} penalty", alpha=0.8,
                    marker=ARCHS[arch][1], color=COLOURS[pen])
@@ -70,13 +71,13 @@ for ax, key in zip(axes, ("buffer_frechet", "T_ML_over_T_train")):
 axes[0].set_yscale("log")
 axes[0].axhline(DIGITS, color="grey", ls=":", lw=1)
 axes[0].fill_between([TARGET_ACC, 1.0], 10, DIGITS, color="C2", alpha=0.1, label="accurate, digit-like buffer")
-axes[0].set_xlim(X_MIN, 0.98)
+axes[0].set_xlim(X_MIN, X_MAX)
 axes[0].set_ylim(15, 1000)
 axes[0].set_ylabel("replay buffer: MNIST-feature Fréchet distance")
 axes[0].legend(fontsize=8, loc="upper left")
 axes[1].axhspan(0.5, 2.0, color="C2", alpha=0.1, label="T_ML / T_train in [1/2, 2]")
 axes[1].set_ylim(0.2, 1.0)
-axes[1].set_xlim(X_MIN, 0.98)
+axes[1].set_xlim(X_MIN, X_MAX)
 axes[1].set_ylabel("T_ML / T_train (quick; 0.25: below the range)")
 axes[1].legend(fontsize=8, loc="upper left")
 drawn = sum(r["heldout_acc"] >= X_MIN for r in rows)
