@@ -248,6 +248,25 @@ def test_fitted_mixture_recovers_low_rank_classes_and_its_density_is_exact():
         np.testing.assert_allclose(logs[0, :, k].numpy(), ref, rtol=0, atol=1e-4)  # float32 products
 
 
+def test_fit_resolves_every_direction_when_the_states_do():
+    """Where the states resolve all D directions (D below `rank`, many states), no variance is left for the rest:
+    `fit` returns a finite mixture whose covariance is the states' (within sampling error, plus the diagonal's
+    floor), whatever the sign of the rounding in var.sum() - lam.sum()."""
+    from thermo_ebm.samplers.gaussians import VAR_FLOOR, fit
+    rng = np.random.default_rng(4)
+    d, n = 16, 4000
+    a = rng.normal(size=(d, d)) * 0.1
+    cov = a @ a.T + 0.01 * np.diag(np.linspace(0.1, 1, d))
+    x = torch.tensor(rng.multivariate_normal(np.zeros(d), cov, size=n))
+    for scale in (1.0, 1.0 + 1e-15, 1.0 - 1e-15):  # nudges the rounding either way
+        mix = fit((x * scale)[None], torch.zeros(1, n, dtype=torch.long), 1, rank=20)
+        assert mix.factor.shape[-1] == d and bool(torch.isfinite(mix.factor).all())
+        fitted = (torch.diag(mix.diag[0, 0]) + mix.factor[0, 0] @ mix.factor[0, 0].T).numpy()
+        sample = np.cov(x.numpy().T)
+        np.testing.assert_allclose(fitted - np.diag(VAR_FLOOR * np.diag(sample)), sample, rtol=0,
+                                   atol=1e-9)
+
+
 def test_fit_takes_the_variance_along_directions_the_data_resolve():
     """A few correlated states (60, counted as 6 chains) cannot resolve a 200-d mode's stretched directions, so
     `fit` alone leaves the base isotropic there (a base narrower than the target: heavy-tailed weights); with the

@@ -163,7 +163,7 @@ def _principal(u, rank, per_chain, full):
     lam = sv[:rank] ** 2 / (n - 1)
     edge = (1.0 + math.sqrt(d * per_chain / n)) ** 2
     k = len(lam) if full else 0
-    while k < len(lam) and lam[k] > edge * (var.sum() - lam[:k + 1].sum()) / (d - k - 1):
+    while k < len(lam) and lam[k] > edge * (var.sum() - lam[:k + 1].sum()).clamp_min(0.0) / max(d - k - 1, 1):
         k += 1
     return vt[:len(lam)].T, k
 
@@ -208,7 +208,7 @@ def fit(states, labels, n_labels: int, per_chain: int = 1, rank: int = RANK, ful
             v = torch.cat([v, own[:, :k]], 1)
             k = v.shape[1]
             lam = ((u @ v) ** 2).sum(0) / (len(xs) - 1)                                    # variance along each
-            rest = 0.0 if full else (var.sum() - lam.sum()) / (d - k)
+            rest = 0.0 if full or k == d else float((var.sum() - lam.sum()).clamp_min(0.0)) / (d - k)
             w = v * (lam - rest).clamp_min(0.0).sqrt()                                     # [D, k]
             mean[t, c], weights[t, c] = m, float(len(xs))
             factor[t, c, :, :k] = w
