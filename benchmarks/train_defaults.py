@@ -85,6 +85,7 @@ TRIALS = {
     # (train_defaults_buffer.json)
     "je_buf64": {"buffer_size": 64},
     "je_buf64_r0.01": {"buffer_size": 64, "reg": 0.01},
+    "je_buf64_mag_r0.001": {"buffer_size": 64, "reg": 0.001, **MAG},  # the same in the digit-drawing regime
     # a convolutional energy (models.py `cnn`, 8 base channels: 26,058 parameters against the MLP's 270,000)
     "je_cnn8_r0.01": {"arch": "cnn", "model_size": 8, "reg": 0.01},
     "je_cnn8_r0.003": {"arch": "cnn", "model_size": 8, "reg": 0.003},
