@@ -559,13 +559,14 @@ def test_lengthen_doubles_the_data_seeded_moves_and_the_retry_time_follows_the_s
     assert growth(smc, longer, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(229.0 / 118.0)
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_non_separable_784_dimensional_system_with_data():
     """A rotated (non-separable) 784-d Gaussian on the box with an exact log Z (~4,000 to 4,700 bits of
     information): with exact data at T = 0.5, every quantity within 4 SE or its temperature flagged, and log Z
     within 1 nat of ~2,000 at every temperature. Populations of 32 chains, the size the engine is calibrated at
     (docs/estimators.md): with 16 the SE of log Z at T = 0.5 is about half the error's spread (7 seeds: z from
-    -4.7 to 3.3)."""
+    -4.7 to 3.3). About 10 minutes on one core, longer than the rest of the suite on the other:
+    `benchmarks/measure_accuracy.py --systems rotated_data` runs the same measurement and records it."""
     system = RotatedGaussian(784, cond=4.0, sd_max=0.05, seed=1)
     temps = [0.5, 1.0, 2.0]
     exact = system.exact(temps)
