@@ -71,6 +71,9 @@ TRIALS = {
     "je_r001_e60_centred": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 60},
     "je_s0.5_T0.01_r1": {"sgld_step": 0.5, "sgld_noise": 0.1, "reg": 1.0},  # 10x the Langevin time per step, T_train 0.01
     "je_T0.001_centred": {"sgld_noise": 0.01},                             # T_train 0.001, the default penalty
+    "je_T0.03_r0.3_centred": {"sgld_noise": 0.0562, "reg": 0.3},          # T_train 0.0316, between the two above
+    "je_T0.03_r1_centred": {"sgld_noise": 0.0562, "reg": 1.0},
+    "je_T0.03_r3_centred": {"sgld_noise": 0.0562, "reg": 3.0},
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
