@@ -580,6 +580,23 @@ def test_non_separable_784_dimensional_system_with_data():
     assert np.all(np.abs(ds.log_Z.values - exact["log_Z"]) < 1.0), ds.log_Z.values - exact["log_Z"]
 
 
+@pytest.mark.heavy
+def test_non_separable_784_dimensional_system_at_one_temperature():
+    """The default run's d = 784 measurement: the rotated Gaussian of the slow test above at T = 1 alone, with 2,000
+    exact draws there as data and 4 populations of 32 chains: every quantity within 4 SE or flagged, and log Z
+    within 1 nat (~2,000 nats). About 2.5 minutes on one core."""
+    system = RotatedGaussian(784, cond=4.0, sd_max=0.05, seed=1)
+    exact = system.exact([1.0])
+    ds = measure(system, [1.0], data=system.sample(1.0, 2000, seed=3), device="cpu", seed=3, ais_chains=64,
+                 replicas=4, crosscheck_steps=2000, chains=32, burn_in=200, samples=500, reverse_steps=100,
+                 bridge_chains=128)
+    flagged = np.any([ds[f].values for f in FLAGS], axis=0)
+    for key, value in exact.items():
+        z = _z(ds, key, value)
+        assert np.all((np.abs(z) < 4) | flagged), (key, z, flagged)
+    assert np.all(np.abs(ds.log_Z.values - exact["log_Z"]) < 1.0), ds.log_Z.values - exact["log_Z"]
+
+
 def test_a_schedule_that_cannot_run_is_refused_with_its_length():
     """T = 1e-12 would need ~1e15 annealing betas: refused after the pilot (seconds), naming the length."""
     with pytest.raises(ThermoEBMError, match="needs .* betas .*at most 2,000,000"):
