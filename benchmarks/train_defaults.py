@@ -74,6 +74,8 @@ TRIALS = {
     "je_T0.03_r0.3_centred": {"sgld_noise": 0.0562, "reg": 0.3},          # T_train 0.0316, between the two above
     "je_T0.03_r1_centred": {"sgld_noise": 0.0562, "reg": 1.0},
     "je_T0.03_r3_centred": {"sgld_noise": 0.0562, "reg": 3.0},
+    "je_T0.03_r3_centred_seed1": {"sgld_noise": 0.0562, "reg": 3.0, "seed": 1},
+    "je_T0.03_r3_centred_seed2": {"sgld_noise": 0.0562, "reg": 3.0, "seed": 2},
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},
