@@ -559,6 +559,22 @@ def test_lengthen_doubles_the_data_seeded_moves_and_the_retry_time_follows_the_s
     assert growth(smc, longer, [10.0, 100.0, 5.0, 1.0], 2.0) == pytest.approx(229.0 / 118.0)
 
 
+def _rotated_784_within_errors(temps, data_temp, seed, replicas):
+    """`measure` on the rotated (non-separable) 784-d Gaussian with 2,000 exact draws at data_temp as data and
+    `replicas` populations of 32 chains: every quantity within 4 SE or its temperature flagged, and log Z within
+    1 nat (of ~2,000) at every temperature."""
+    system = RotatedGaussian(784, cond=4.0, sd_max=0.05, seed=1)
+    exact = system.exact(temps)
+    ds = measure(system, temps, data=system.sample(data_temp, 2000, seed=3), device="cpu", seed=seed, ais_chains=64,
+                 replicas=replicas, crosscheck_steps=2000, chains=32, burn_in=200, samples=500, reverse_steps=100,
+                 bridge_chains=32 * replicas)
+    flagged = np.any([ds[f].values for f in FLAGS], axis=0)
+    for key, value in exact.items():
+        z = _z(ds, key, value)
+        assert np.all((np.abs(z) < 4) | flagged), (key, z, flagged)
+    assert np.all(np.abs(ds.log_Z.values - exact["log_Z"]) < 1.0), ds.log_Z.values - exact["log_Z"]
+
+
 @pytest.mark.slow
 def test_non_separable_784_dimensional_system_with_data():
     """A rotated (non-separable) 784-d Gaussian on the box with an exact log Z (~4,000 to 4,700 bits of
@@ -567,34 +583,14 @@ def test_non_separable_784_dimensional_system_with_data():
     (docs/estimators.md): with 16 the SE of log Z at T = 0.5 is about half the error's spread (7 seeds: z from
     -4.7 to 3.3). About 10 minutes on one core, longer than the rest of the suite on the other:
     `benchmarks/measure_accuracy.py --systems rotated_data` runs the same measurement and records it."""
-    system = RotatedGaussian(784, cond=4.0, sd_max=0.05, seed=1)
-    temps = [0.5, 1.0, 2.0]
-    exact = system.exact(temps)
-    ds = measure(system, temps, data=system.sample(0.5, 2000, seed=3), device="cpu", seed=5, ais_chains=64,
-                 replicas=8, crosscheck_steps=2000, chains=32, burn_in=200, samples=500, reverse_steps=100,
-                 bridge_chains=256)
-    flagged = np.any([ds[f].values for f in FLAGS], axis=0)
-    for key, value in exact.items():
-        z = _z(ds, key, value)
-        assert np.all((np.abs(z) < 4) | flagged), (key, z, flagged)
-    assert np.all(np.abs(ds.log_Z.values - exact["log_Z"]) < 1.0), ds.log_Z.values - exact["log_Z"]
+    _rotated_784_within_errors([0.5, 1.0, 2.0], data_temp=0.5, seed=5, replicas=8)
 
 
 @pytest.mark.heavy
 def test_non_separable_784_dimensional_system_at_one_temperature():
     """The default run's d = 784 measurement: the rotated Gaussian of the slow test above at T = 1 alone, with 2,000
-    exact draws there as data and 4 populations of 32 chains: every quantity within 4 SE or flagged, and log Z
-    within 1 nat (~2,000 nats). About 2.5 minutes on one core."""
-    system = RotatedGaussian(784, cond=4.0, sd_max=0.05, seed=1)
-    exact = system.exact([1.0])
-    ds = measure(system, [1.0], data=system.sample(1.0, 2000, seed=3), device="cpu", seed=3, ais_chains=64,
-                 replicas=4, crosscheck_steps=2000, chains=32, burn_in=200, samples=500, reverse_steps=100,
-                 bridge_chains=128)
-    flagged = np.any([ds[f].values for f in FLAGS], axis=0)
-    for key, value in exact.items():
-        z = _z(ds, key, value)
-        assert np.all((np.abs(z) < 4) | flagged), (key, z, flagged)
-    assert np.all(np.abs(ds.log_Z.values - exact["log_Z"]) < 1.0), ds.log_Z.values - exact["log_Z"]
+    exact draws there as data and 4 populations of 32 chains (same assertions). About 2.5 minutes on one core."""
+    _rotated_784_within_errors([1.0], data_temp=1.0, seed=3, replicas=4)
 
 
 def test_a_schedule_that_cannot_run_is_refused_with_its_length():
