@@ -29,18 +29,20 @@ from thermo_ebm.files.checkpoint import (checkpoint_temperature, load_checkpoint
                                          training_config)
 from thermo_ebm.files.results import list_groups, read_group, write_group
 
-# name: settings beyond the defaults (TrainConfig's and, for MNIST, PRESETS' "*" rows: reg 0.1 with the centred penalty,
-# lr 1e-3, constant, 10 epochs; objective j_ebm unless given). m_ebm trials name every preset setting, since m_ebm on
-# MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are the search
-# as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files, whose
-# "hyb" row is hyb_magnitude here); train_defaults_penalty.json and train_defaults_penalty_alternatives.json (the
-# *_centred j_ebm trials: the settings docs/training.md names as alternatives, under the centred penalty, and the
-# je_T0.001, je_s0.5 and r0.01_cos_e30 trials of the energy gap's role) hold the runs with the centred penalty.
+# name: settings beyond BASE, PRESETS' "*" rows on MNIST (reg 0.1 with the centred penalty, SGLD noise 0.1 at step
+# 0.05: T_train 0.1, lr 1e-3, constant, 10 epochs; objective j_ebm unless given), which were the j_ebm defaults until
+# the search chose je_T0.03_r3_centred (now PRESETS' mnist j_ebm row). m_ebm trials name every preset setting, since
+# m_ebm on MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are
+# the search as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files,
+# whose "hyb" row is hyb_magnitude here); train_defaults_penalty.json and train_defaults_penalty_alternatives.json
+# (the *_centred j_ebm trials: the settings docs/training.md names as alternatives, under the centred penalty, and
+# the je_T0.001, je_s0.5 and r0.01_cos_e30 trials of the energy gap's role) hold the runs with the centred penalty.
+BASE = {"objective": "j_ebm", "sgld_noise": 0.1, "reg": 0.1}
 MAG = {"penalty": "magnitude"}
 TRIALS = {
-    "hyb": {},                                               # the defaults (j_ebm, exact estimator, centred penalty)
+    "hyb": {},                                               # BASE (j_ebm, exact estimator, centred penalty)
     "gcl": {"objective": "gcl", "penalty": "centred"},       # gcl under the centred penalty (j_ebm's default)
-    "hyb_magnitude": {**MAG},                                # the defaults with the magnitude penalty
+    "hyb_magnitude": {**MAG},                                # BASE with the magnitude penalty
     "je_reg0.01": {"reg": 0.01, **MAG},
     "je_reg0.003": {"reg": 0.003, **MAG},
     "hyb_reg0": {"reg": 0.001, **MAG},
@@ -53,7 +55,7 @@ TRIALS = {
     "gcl_magnitude": {"objective": "gcl", **MAG},            # gcl's MNIST default (train_defaults_gcl.json)
     "je_chains": {"joint_estimator": "chains", **MAG},       # JEM's class-conditional chains instead of the exact estimator
     "je_T1": {"sgld_step": 0.005, "reg": 0.001, **MAG},      # T_train = 1, where the exact estimator is joint ML
-    "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10, **MAG},  # the j_ebm defaults
+    "m_ebm": {"objective": "m_ebm", "reg": 0.1, "lr_schedule": "constant", "epochs": 10, **MAG},  # BASE's j_ebm settings
     "m_ebm_r001": {"objective": "m_ebm", "reg": 0.001, **MAG},
     "m_ebm_r001_cos": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", **MAG},
     "m_ebm_r001_e30": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30, **MAG},
@@ -73,7 +75,7 @@ TRIALS = {
     "je_T0.001_centred": {"sgld_noise": 0.01},                             # T_train 0.001, the default penalty
     "je_T0.03_r0.3_centred": {"sgld_noise": 0.0562, "reg": 0.3},          # T_train 0.0316, between the two above
     "je_T0.03_r1_centred": {"sgld_noise": 0.0562, "reg": 1.0},
-    "je_T0.03_r3_centred": {"sgld_noise": 0.0562, "reg": 3.0},
+    "je_T0.03_r3_centred": {"sgld_noise": 0.0562, "reg": 3.0},             # the j_ebm defaults on MNIST
     "je_T0.03_r3_centred_seed1": {"sgld_noise": 0.0562, "reg": 3.0, "seed": 1},
     "je_T0.03_r3_centred_seed2": {"sgld_noise": 0.0562, "reg": 3.0, "seed": 2},
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
@@ -82,7 +84,7 @@ TRIALS = {
     # capacity: does a wider network keep the classifier where the energies deepen? (train_defaults_width.json)
     "je_w1024_r0.01": {"model_size": 1024, "reg": 0.01},
     "je_w1024_r0.01_cos": {"model_size": 1024, "reg": 0.01, "lr_schedule": "cosine"},
-    # the defaults over seeds (train_defaults_seeds.json)
+    # BASE over seeds (train_defaults_seeds.json)
     "hyb_seed1": {"seed": 1},
     "hyb_seed2": {"seed": 2},
     "gcl_magnitude_seed1": {"objective": "gcl", "seed": 1, **MAG},
@@ -160,7 +162,7 @@ for name in names:
             continue
     else:
         t0 = time.perf_counter()
-        out = train(name=name, data_dir=args.data_dir, overwrite=True, **{"objective": "j_ebm", **settings})
+        out = train(name=name, data_dir=args.data_dir, overwrite=True, **{**BASE, **settings})
         res, ckpt = out["results"], out["checkpoint"]
         ds = evaluate(out["checkpoint"], data_dir=args.data_dir, chain_steps=(10000,))
         write_group(res, "evaluation", ds, replace=True)

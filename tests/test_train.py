@@ -106,12 +106,15 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     from thermo_ebm import config
     from thermo_ebm.cli import cli
     from thermo_ebm.config import TrainConfig
-    cases = {("mnist", "j_ebm"): (10, "constant", 0.1, 10000), ("mnist", "m_ebm"): (30, "cosine", 0.001, 10000),
+    cases = {("mnist", "j_ebm"): (10, "constant", 3.0, 10000), ("mnist", "m_ebm"): (30, "cosine", 0.001, 10000),
              ("mnist", "dcl"): (10, "constant", 0.0, 10000), ("digits", "j_ebm"): (15, "cosine", 0.1, 1000),
              ("digits", "dcl"): (15, "cosine", 0.0, 1000), ("cifar10", "m_ebm"): (10, "constant", 0.1, 10000)}
     for (ds, obj), want in cases.items():
         c = TrainConfig(dataset=ds, objective=obj).validate()
         assert (c.epochs, c.lr_schedule, c.reg, c.buffer_size) == want, (ds, obj)
+    for (ds, obj), want in {("mnist", "j_ebm"): 0.0562, ("mnist", "gcl"): 0.1, ("digits", "j_ebm"): 0.1}.items():
+        assert TrainConfig(dataset=ds, objective=obj).validate().sgld_noise == want, (ds, obj)
+    assert TrainConfig(sgld_noise=0.2).validate().sgld_noise == 0.2
     for (ds, obj), want in {("mnist", "m_ebm"): "magnitude", ("mnist", "j_ebm"): "centred",
                             ("digits", "j_ebm"): "magnitude", ("fashion-mnist", "gcl"): "centred",
                             ("mnist", "gcl"): "magnitude"}.items():
@@ -143,6 +146,7 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     assert "--reg" in out and "by dataset and objective" in out
     assert "mnist    m_ebm   --epochs 30, --lr-schedule cosine, --reg 0.001" in out
+    assert "mnist    j_ebm   --sgld-noise 0.0562, --reg 3.0" in out
 
 
 def test_resume_refuses_conflicting_options(digits_ckpt):

@@ -141,7 +141,7 @@ BY_PRESET = " [default: by dataset and objective, below]"
                    "the squared gap of their means; it leaves the class balance to the likelihood)." + BY_PRESET)
 @train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
-@train_option("--sgld-noise", type=float, help="Langevin noise n.")
+@train_option("--sgld-noise", type=float, help="Langevin noise n." + BY_PRESET)
 @train_option("--mc-steps", type=int, help="Langevin steps per optimizer step.")
 @train_option("--joint-labels", type=click.Choice(["fixed", "gibbs"]),
               help="Joint chains keep their label, or redraw it from p(y|x) after each x update (Gibbs).")

@@ -18,9 +18,11 @@ PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/ob
 PRESETS = (
     ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "penalty": "magnitude", "buffer_size": 1000}),
     ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001, "penalty": "magnitude"}),
+    ("mnist", "j_ebm", {"sgld_noise": 0.0562, "reg": 3.0}),
     ("mnist", "gcl", {"penalty": "magnitude"}),
     ("*", "dcl", {"reg": 0.0}),
-    ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000}),
+    ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000,
+                "sgld_noise": 0.1}),
 )
 
 
@@ -83,7 +85,7 @@ class TrainConfig:
     penalty: str | None = None        # "centred" (variances + data-model gap^2 / 2) or "magnitude" (<E^2>); objectives.py
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
-    sgld_noise: float = 0.1
+    sgld_noise: float | None = None   # None: from PRESETS
     mc_steps: int = 40
     joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
     joint_estimator: str = "exact"    # j_ebm: "exact" (CE + marginal chains) or "chains" (class-conditional chains)
