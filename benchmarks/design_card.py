@@ -68,10 +68,10 @@ def collect(workdir: Path) -> dict:
             row[v], row[v + "_err"] = finite(ms[v].values[i]), finite(ms[v + "_err"].values[i])
         row["flags"] = [v[len("flag_"):] for v in AFFECTS if v in ms and bool(ms[v].values[i])]
         rows.append(row)
-    frechet = {str(s): finite(f) for s, f in zip(ev["chain_samples"].values, ev["mnist_feature_frechet"].values)}
+    frechet = {str(k): finite(f) for k, f in zip(ev["chain_kind"].values, ev["mnist_feature_frechet"].values)}
     return dict(
         date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads, run alone",
-        commands={k: "thermo-ebm " + " ".join(a) for k, a in COMMANDS.items()}, seconds=seconds,
+        commands={k: g.attrs["command_line"] for k, g in (("train", tr), ("measure", ms), ("eval", ev))}, seconds=seconds,
         T_train=float(ms.attrs["T_train"]),
         heldout_acc=finite(acc[-1]) if acc is not None else None,
         ece=finite(ev["ece"]), ece_err=finite(ev["ece_err"]),

@@ -31,7 +31,7 @@ from thermo_ebm.files.results import list_groups, read_group, write_group
 
 # name: settings beyond BASE, PRESETS' "*" rows on MNIST (reg 0.1 with the centred penalty, SGLD noise 0.1 at step
 # 0.05: T_train 0.1, lr 1e-3, constant, 10 epochs; objective j_ebm unless given), which were the j_ebm defaults until
-# the search chose je_T0.03_r3_centred (now PRESETS' mnist j_ebm row). m_ebm trials name every preset setting, since
+# the search chose je_T0.02_r3_centred (now PRESETS' mnist j_ebm row). m_ebm trials name every preset setting, since
 # m_ebm on MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are
 # the search as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files,
 # whose "hyb" row is hyb_magnitude here); train_defaults_penalty.json and train_defaults_penalty_alternatives.json
@@ -75,9 +75,13 @@ TRIALS = {
     "je_T0.001_centred": {"sgld_noise": 0.01},                             # T_train 0.001, the default penalty
     "je_T0.03_r0.3_centred": {"sgld_noise": 0.0562, "reg": 0.3},          # T_train 0.0316, between the two above
     "je_T0.03_r1_centred": {"sgld_noise": 0.0562, "reg": 1.0},
-    "je_T0.03_r3_centred": {"sgld_noise": 0.0562, "reg": 3.0},             # the j_ebm defaults on MNIST
+    "je_T0.03_r3_centred": {"sgld_noise": 0.0562, "reg": 3.0},
     "je_T0.03_r3_centred_seed1": {"sgld_noise": 0.0562, "reg": 3.0, "seed": 1},
     "je_T0.03_r3_centred_seed2": {"sgld_noise": 0.0562, "reg": 3.0, "seed": 2},
+    "je_T0.03_r10_centred": {"sgld_noise": 0.0562, "reg": 10.0},         # a heavier weight at the default T_train
+    "je_T0.02_r3_centred": {"sgld_noise": 0.0447, "reg": 3.0},           # T_train 0.02: the j_ebm defaults on MNIST
+    "je_T0.02_r3_centred_seed1": {"sgld_noise": 0.0447, "reg": 3.0, "seed": 1},
+    "je_T0.02_r3_centred_seed2": {"sgld_noise": 0.0447, "reg": 3.0, "seed": 2},
     "je_T0.01_r0.01_cos_e30": {"sgld_noise": 0.0316, "reg": 0.01, "lr_schedule": "cosine", "epochs": 30},
     "m_ebm_r001_e30_centred": {"objective": "m_ebm", "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
                                "penalty": "centred"},

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LABELS = {  # (penalty, trial): the settings docs/training.md names, and where each label sits (points)
-    ("centred", "hyb"): ("defaults", (-60, -14)),
+    ("centred", "hyb"): ("base (reg 0.1, T_train 0.1)", (-130, -14)),
+    ("centred", "je_T0.02_r3_centred"): ("defaults: --sgld-noise 0.0447 --reg 3", (-230, -48)),
     ("centred", "je_T0.01_r3_centred"): ("--sgld-noise 0.0316 --reg 3", (-150, 8)),
     ("magnitude", "je_r001_e60"): ("--penalty magnitude --reg 0.001\n--lr-schedule cosine --epochs 60", (-170, -22)),
     ("centred", "je_T0.01_r0.01_centred"): ("--sgld-noise 0.0316 --reg 0.01", (6, 4)),
@@ -62,7 +63,7 @@ for ax, key in zip(axes, ("buffer_frechet", "T_ML_over_T_train")):
         label, offset = LABELS.get((r["penalty"], r["name"]), (None, None))
         if label and not (r["name"] == "hyb" and r["file"] != "train_defaults_penalty.json"):
             if key != "buffer_frechet" and r["T_ML_side"] != "inside" and r["name"] != "hyb":
-                continue  # below the quick range: one crowded row; the defaults stand for it
+                continue  # below the quick range: one crowded row; the base stands for it
             y = r[key] if key == "buffer_frechet" or r["T_ML_side"] == "inside" else 0.25
             ax.annotate(label, (r["heldout_acc"], y), xytext=offset, textcoords="offset points", fontsize=7,
                         arrowprops=dict(arrowstyle="-", lw=0.5, color="grey"))

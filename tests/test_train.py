@@ -112,7 +112,7 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     for (ds, obj), want in cases.items():
         c = TrainConfig(dataset=ds, objective=obj).validate()
         assert (c.epochs, c.lr_schedule, c.reg, c.buffer_size) == want, (ds, obj)
-    for (ds, obj), want in {("mnist", "j_ebm"): 0.0562, ("mnist", "gcl"): 0.1, ("digits", "j_ebm"): 0.1}.items():
+    for (ds, obj), want in {("mnist", "j_ebm"): 0.0447, ("mnist", "gcl"): 0.1, ("digits", "j_ebm"): 0.1}.items():
         assert TrainConfig(dataset=ds, objective=obj).validate().sgld_noise == want, (ds, obj)
     assert TrainConfig(sgld_noise=0.2).validate().sgld_noise == 0.2
     for (ds, obj), want in {("mnist", "m_ebm"): "magnitude", ("mnist", "j_ebm"): "centred",
@@ -146,7 +146,7 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     assert "--reg" in out and "by dataset and objective" in out
     assert "mnist    m_ebm   --epochs 30, --lr-schedule cosine, --reg 0.001" in out
-    assert "mnist    j_ebm   --sgld-noise 0.0562, --reg 3.0" in out
+    assert "mnist    j_ebm   --sgld-noise 0.0447, --reg 3.0" in out
 
 
 def test_resume_refuses_conflicting_options(digits_ckpt):

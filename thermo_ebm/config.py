@@ -18,7 +18,7 @@ PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/ob
 PRESETS = (
     ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "penalty": "magnitude", "buffer_size": 1000}),
     ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001, "penalty": "magnitude"}),
-    ("mnist", "j_ebm", {"sgld_noise": 0.0562, "reg": 3.0}),
+    ("mnist", "j_ebm", {"sgld_noise": 0.0447, "reg": 3.0}),
     ("mnist", "gcl", {"penalty": "magnitude"}),
     ("*", "dcl", {"reg": 0.0}),
     ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000,
