@@ -155,3 +155,28 @@ def test_t_ml_root_paired_standard_error_over_repeated_draws():
     assert abs(np.mean(roots) - 1.5) < 0.01
     assert np.std(roots) == pytest.approx(np.mean(paired_se), rel=0.05)
     assert np.mean(unpaired_se) > 1.3 * np.std(roots)
+
+
+def test_a_checkpoints_relative_data_dir_is_found_from_another_folder(tmp_path, monkeypatch):
+    """`measure` and `eval` run elsewhere than `train` still find its dataset: a relative data_dir is looked up from
+    the folder train ran in (CHECKPOINT_DIR/NAME.pt below it) when it exists there; otherwise, and for an absolute
+    checkpoint_dir or a checkpoint given as a dict, data_dir stays as given."""
+    from thermo_ebm.files.checkpoint import checkpoint_data_dir
+    run = tmp_path / "run"
+    (run / "checkpoints" / "nested").mkdir(parents=True)
+    (run / "shared" / "data").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = {"config": {"data_dir": "shared/data", "checkpoint_dir": "checkpoints"}}
+    assert checkpoint_data_dir(ckpt, run / "checkpoints" / "r.pt") == str(run / "shared" / "data")
+    assert checkpoint_data_dir(ckpt, str(run / "checkpoints" / "r.pt")) == str(run / "shared" / "data")
+    nested = {"config": {"data_dir": "shared/data", "checkpoint_dir": "checkpoints/nested"}}
+    assert checkpoint_data_dir(nested, run / "checkpoints" / "nested" / "r.pt") == str(run / "shared" / "data")
+    assert checkpoint_data_dir(ckpt, "checkpoint") == "shared/data"      # not found there either: unchanged
+    assert checkpoint_data_dir(ckpt, {"config": {}}) == "shared/data"    # not a path
+    absolute = {"config": {"data_dir": "shared/data", "checkpoint_dir": str(run / "checkpoints")}}
+    assert checkpoint_data_dir(absolute, run / "checkpoints" / "r.pt") == "shared/data"
+    (elsewhere / "shared" / "data").mkdir(parents=True)                   # a folder of that name here, too
+    assert checkpoint_data_dir(ckpt, run / "checkpoints" / "r.pt") == str(run / "shared" / "data")
+    assert checkpoint_data_dir(ckpt, elsewhere / "checkpoints" / "r.pt") == str(elsewhere / "shared" / "data")

@@ -25,7 +25,7 @@ from scipy.special import log_softmax, softmax
 from .. import distributed as dist
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
-from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
+from ..files.checkpoint import checkpoint_data_dir, checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from ..files.fileio import atomic_path
 from ..files.results import annotate, file_sha256, provenance
 from ..measurement.likelihood import quick_t_ml
@@ -308,7 +308,7 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
     if conf_.get("objective") == "m_ebm":
         log.warning("evaluating an m_ebm checkpoint: its labels were never trained, so accuracy, calibration and "
                     "max-softmax scores describe an arbitrary split of the logits (log p(x) scores are meaningful)")
-    data_dir = data_dir or conf_.get("data_dir", "data")
+    data_dir = data_dir or checkpoint_data_dir(st, ckpt)
     data = load_data(conf_["dataset"], data_dir, conf_.get("labels"))
     n = min(cfg.n_ood, len(data.x_test))
     x, y = data.x_test[:n], data.y_test[:n].numpy()

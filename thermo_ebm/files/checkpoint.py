@@ -14,6 +14,7 @@ Layout (format_version 1), the one place it is written down:
 """
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -91,6 +92,22 @@ def training_config(ckpt: dict) -> dict:
     trained with (joint_estimator: "chains", the only estimator before "exact" existed; penalty: "magnitude", the
     only energy penalty before "centred")."""
     return {"joint_estimator": "chains", "penalty": "magnitude", **ckpt["config"]} if "config" in ckpt else {}
+
+
+def checkpoint_data_dir(ckpt: dict, path) -> str:
+    """Where the checkpoint's dataset lives, seen from here. A relative data_dir was relative to the folder `train`
+    ran in (the checkpoint at TRAIN_FOLDER/checkpoint_dir/NAME.pt): that path when it exists, else data_dir as given
+    (absolute, or relative to here)."""
+    cfg = ckpt.get("config", {})
+    data_dir = str(cfg.get("data_dir", "data"))
+    ckpt_dir = Path(str(cfg.get("checkpoint_dir", "checkpoints")))
+    if not isinstance(path, (str, Path)) or Path(data_dir).is_absolute() or ckpt_dir.is_absolute():
+        return data_dir
+    folder = Path(path).resolve().parent
+    for _ in ckpt_dir.parts:
+        folder = folder.parent
+    there = Path(os.path.normpath(folder / data_dir))
+    return str(there) if there.is_dir() else data_dir
 
 
 def checkpoint_temperature(ckpt: dict) -> float:

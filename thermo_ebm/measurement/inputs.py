@@ -16,7 +16,8 @@ from ..config import MeasureConfig
 from ..data import check_states, load_data, load_states_file
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
-from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint, training_config
+from ..files.checkpoint import (checkpoint_data_dir, checkpoint_temperature, load_checkpoint, model_from_checkpoint,
+                               training_config)
 from ..files.results import file_sha256
 from ..models import EBM, ScaledLogits
 from ..samplers.kernels import MalaKernel, mala_kernel
@@ -102,7 +103,7 @@ def _checkpoint_data(ckpt, path):
     parts, notes = [], []
     cfg = ckpt.get("config", {})
     try:
-        tr = load_data(cfg["dataset"], cfg.get("data_dir", "data"), cfg.get("labels"))
+        tr = load_data(cfg["dataset"], checkpoint_data_dir(ckpt, path), cfg.get("labels"))
         parts.append(tr.x_train.reshape(len(tr.x_train), -1))
         notes.append(f"{len(tr.x_train)} training images ({cfg['dataset']})")
     except Exception as e:  # the dataset is not readable here: the stored chains alone

@@ -69,8 +69,9 @@ def resolve_heldout(heldout, shape, ckpt, path, n_classes, seed, n_max=None) -> 
             return None, None
         cfg = ckpt.get("config", {})
         from ..data import load_data
+        from ..files.checkpoint import checkpoint_data_dir
         try:
-            data = load_data(cfg["dataset"], cfg.get("data_dir", "data"), cfg.get("labels"))
+            data = load_data(cfg["dataset"], checkpoint_data_dir(ckpt, path), cfg.get("labels"))
         except Exception as e:  # the dataset is not readable here: no likelihood, and the log says why
             log.info("held-out likelihood: the held-out split of %s is not readable here (%s)", path,
                      " ".join(str(e).split())[:120])
