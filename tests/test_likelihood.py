@@ -180,3 +180,27 @@ def test_a_checkpoints_relative_data_dir_is_found_from_another_folder(tmp_path, 
     (elsewhere / "shared" / "data").mkdir(parents=True)                   # a folder of that name here, too
     assert checkpoint_data_dir(ckpt, run / "checkpoints" / "r.pt") == str(run / "shared" / "data")
     assert checkpoint_data_dir(ckpt, elsewhere / "checkpoints" / "r.pt") == str(elsewhere / "shared" / "data")
+
+
+def test_a_checkpoints_dataset_is_read_once_for_the_reference_states_and_the_heldout_set(digits_ckpt, monkeypatch):
+    from thermo_ebm.config import MeasureConfig
+    from thermo_ebm.measurement import inputs
+    calls, real = [], inputs.load_data
+
+    def counted(*args, **kw):
+        calls.append(args)
+        return real(*args, **kw)
+    monkeypatch.setattr(inputs, "load_data", counted)
+    kw = dict(shape=None, ensemble="auto", units="train", t_train=None, device="cpu", seed=0, cfg=MeasureConfig())
+    p = inputs.prepare(digits_ckpt["checkpoint"], [1.0], data="auto", heldout="auto", **kw)
+    assert len(calls) == 1
+    assert p.data_source.startswith("1438 training images (digits)") and len(p.data) == 1438 + 256
+    assert len(p.heldout.x) == len(p.train_split.x) == 359 and p.heldout.y is not None
+    p = inputs.prepare(digits_ckpt["checkpoint"], [1.0], data="none", heldout="none", **kw)
+    assert len(calls) == 1 and p.data is None and p.heldout is None  # neither asks for it: not read
+
+    def unreadable(*args, **kw):
+        raise ThermoEBMError("no such dataset here")
+    monkeypatch.setattr(inputs, "load_data", unreadable)
+    p = inputs.prepare(digits_ckpt["checkpoint"], [1.0], data="auto", heldout="auto", **kw)
+    assert p.data_source == "256 stored marginal chains" and p.heldout is None

@@ -98,17 +98,24 @@ def check_temps(temps) -> np.ndarray:
     return t
 
 
-def _checkpoint_data(ckpt, path):
-    """The training split of a checkpoint's dataset (when readable here) and its stored sampler chains."""
-    parts, notes = [], []
+def checkpoint_dataset(ckpt, path):
+    """(the checkpoint's dataset as data.Data, "") when it is readable here, else (None, why: one line)."""
     cfg = ckpt.get("config", {})
     try:
-        tr = load_data(cfg["dataset"], checkpoint_data_dir(ckpt, path), cfg.get("labels"))
-        parts.append(tr.x_train.reshape(len(tr.x_train), -1))
-        notes.append(f"{len(tr.x_train)} training images ({cfg['dataset']})")
-    except Exception as e:  # the dataset is not readable here: the stored chains alone
-        log.info("reference data: training split of %s not readable here (%s); using the stored chains",
-                 path, " ".join(str(e).split())[:120])
+        return load_data(cfg["dataset"], checkpoint_data_dir(ckpt, path), cfg.get("labels")), ""
+    except Exception as e:
+        return None, f"the dataset of {path} is not readable here ({' '.join(str(e).split())[:120]})"
+
+
+def _checkpoint_data(ckpt, dataset, why):
+    """The training split of a checkpoint's dataset (None where it is not readable here: `why`) and its stored
+    sampler chains."""
+    parts, notes = [], []
+    if dataset is not None:
+        parts.append(dataset.x_train.reshape(len(dataset.x_train), -1))
+        notes.append(f"{len(dataset.x_train)} training images ({dataset.meta['dataset']})")
+    else:
+        log.info("reference data: %s; using the stored chains", why)
     for key, v in ckpt.get("buffers", {}).items():
         if key.endswith("/x") and v.numel():
             parts.append(v.float().reshape(len(v), -1))
@@ -118,15 +125,20 @@ def _checkpoint_data(ckpt, path):
     return torch.cat(parts), ", ".join(notes)
 
 
-def resolve_data(data, shape, ckpt, path):
-    """Reference states [M, D] (float32, in the box) and a description; data: None, 'auto', a tensor/array
-    [M, *shape] or a .pt file holding one (or a dict with key 'x')."""
+def _is_auto(v) -> bool:
+    return isinstance(v, str) and v == "auto"
+
+
+def resolve_data(data, shape, ckpt, dataset=None, why=""):
+    """Reference states [M, D] (float32, in the box) and a description; data: None, 'auto' (the checkpoint's
+    `dataset`, from `checkpoint_dataset`, and stored chains), a tensor/array [M, *shape] or a .pt file holding one
+    (or a dict with key 'x')."""
     if data is None or (isinstance(data, str) and data == "none"):
         return None, "none"
     if isinstance(data, str) and data == "auto":
         if ckpt is None:
             return None, "none (auto: not a checkpoint)"
-        return _checkpoint_data(ckpt, path)
+        return _checkpoint_data(ckpt, dataset, why)
     src = "array"
     if isinstance(data, (str, Path)):
         src = str(data)
@@ -170,8 +182,11 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         t_train = checkpoint_temperature(ckpt) if ckpt is not None else float(getattr(net, "training_temperature", 1.0))
     if not (isinstance(t_train, (int, float)) and 0 < t_train < math.inf):
         raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
-    states, source = resolve_data(data, shape, ckpt, model)
-    held, train_split = resolve_heldout(heldout, shape, ckpt, model, k, seed)
+    # the checkpoint's dataset, read once for both the reference states and the held-out likelihood
+    dataset, why = checkpoint_dataset(ckpt, model) if ckpt is not None and (_is_auto(data) or _is_auto(heldout)) \
+        else (None, "")
+    states, source = resolve_data(data, shape, ckpt, dataset, why)
+    held, train_split = resolve_heldout(heldout, shape, ckpt, dataset, why, k, seed)
     for key, f in (("data_sha256", data), ("heldout_sha256", heldout)):  # files given by path: their content
         if isinstance(f, (str, Path)) and f not in ("auto", "none") and Path(f).is_file():
             desc[key] = file_sha256(f)

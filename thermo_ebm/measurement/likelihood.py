@@ -55,11 +55,13 @@ def dequantise(x: torch.Tensor, levels: int, generator: torch.Generator) -> torc
     return (-1.0 + (2.0 / levels) * (k + u)).float()
 
 
-def resolve_heldout(heldout, shape, ckpt, path, n_classes, seed, n_max=None) -> tuple[HeldOut | None, HeldOut | None]:
-    """(held-out set, training-split set of the same size or None). heldout: None; "auto" (a checkpoint's
-    held-out split, with its training split for the generalisation gap; none for other models or where the
-    dataset is not readable here, which the log says); a tensor/array [M, *shape]; a tuple (x, y); or a .pt
-    file holding one of these or a dict with keys 'x' (and 'y')."""
+def resolve_heldout(heldout, shape, ckpt, dataset, why, n_classes, seed,
+                    n_max=None) -> tuple[HeldOut | None, HeldOut | None]:
+    """(held-out set, training-split set of the same size or None). heldout: None; "auto" (the held-out split of
+    a checkpoint's `dataset`, from measurement.inputs.checkpoint_dataset, with its training split for the
+    generalisation gap; none for other models or where the dataset is not readable here, which the log says with
+    `why`); a tensor/array [M, *shape]; a tuple (x, y); or a .pt file holding one of these or a dict with keys
+    'x' (and 'y')."""
     if heldout is None or (isinstance(heldout, str) and heldout == "none"):
         return None, None
     gen = torch.Generator().manual_seed(int(seed) + 7919)
@@ -67,15 +69,10 @@ def resolve_heldout(heldout, shape, ckpt, path, n_classes, seed, n_max=None) -> 
     if isinstance(heldout, str) and heldout == "auto":
         if ckpt is None:
             return None, None
-        cfg = ckpt.get("config", {})
-        from ..data import load_data
-        from ..files.checkpoint import checkpoint_data_dir
-        try:
-            data = load_data(cfg["dataset"], checkpoint_data_dir(ckpt, path), cfg.get("labels"))
-        except Exception as e:  # the dataset is not readable here: no likelihood, and the log says why
-            log.info("held-out likelihood: the held-out split of %s is not readable here (%s)", path,
-                     " ".join(str(e).split())[:120])
+        if dataset is None:  # no likelihood, and the log says why
+            log.info("held-out likelihood: %s", why)
             return None, None
+        cfg, data = ckpt.get("config", {}), dataset
         levels = LEVELS.get(cfg["dataset"])
         n = len(data.x_test) if n_max is None else min(n_max, len(data.x_test))
         pick = torch.randperm(len(data.x_train), generator=gen)[:n]

@@ -10,8 +10,6 @@ from ..errors import ThermoEBMError
 from ..files.results import file_sha256, list_groups, read_group
 
 COLS = ["F", "U", "S", "C", "info_bits"]
-FLAGS = ["flag_nonfinite", "flag_low_acceptance", "flag_low_ess", "flag_heavy_tails", "flag_poor_mixing",
-         "flag_inconsistent", "flag_hysteresis", "flag_rare_phase", "flag_unconverged"]
 
 
 # the attributes `show --json` carries for every group: how and from what it was made
@@ -187,7 +185,8 @@ def class_share_line(ds) -> str | None:
 
 
 def _flags(ds, i):
-    return ",".join(f.replace("flag_", "") for f in FLAGS if f in ds and int(ds[f].values[i])) or "ok"
+    """The names of the flags raised at temperature i, in the order the results file holds them, or "ok"."""
+    return ",".join(f.replace("flag_", "") for f in ds.data_vars if f.startswith("flag_") and int(ds[f].values[i])) or "ok"
 
 
 def peak_line(ds) -> str:
