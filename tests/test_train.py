@@ -298,3 +298,31 @@ def test_train_reports_the_energy_gap_the_centred_penalty_holds(caplog):
         free = train(name="free", objective="j_ebm", epochs=2, reg=0.01, penalty="centred", **TINY)
     assert free["reg_times_gap"] < 0.5 and "reg x gap" in caplog.text
     assert "cancels the likelihood gradient" not in caplog.text
+
+
+def test_train_reports_how_its_chains_split_over_the_classes(digits_ckpt, caplog):
+    """`train` returns (and the results file keeps) the chains' mean softmax(f / T_train) over the classes, and
+    warns when one class holds more than 0.9 of it: the joint ensemble at T_train then holds ~0 bits of I(X;Y)."""
+    from types import SimpleNamespace
+    from thermo_ebm.config import TrainConfig
+    from thermo_ebm.training.loop import chains_class_mass, log_chain_classes
+    mass = np.asarray(digits_ckpt["chains_class_mass"])
+    assert mass.shape == (10,) and mass.sum() == pytest.approx(1.0)
+    ds = xr.open_dataset(digits_ckpt["results"], group="training", engine="h5netcdf")
+    assert np.allclose(__import__("json").loads(ds.attrs["chains_class_mass"]), mass, atol=1e-4)
+    # exact on a linear model: logits (2 x_0, 0, 0) at T_train 0.5 -> softmax (4 x_0, 0, 0), averaged over the states
+    lin = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 0] = 2.0
+    x = torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [0.0, 0, 0, 0]])
+    e = np.exp([4.0, -4.0, 0.0])
+    expected = np.array([np.mean(e / (e + 2)), np.mean(1 / (e + 2)), np.mean(1 / (e + 2))])
+    assert np.allclose(chains_class_mass(lin, x, 0.5), expected)
+    # at T_train = 0.1 states (0.2, 0, 0, 0) put e^4 / (e^4 + 2) = 0.965 of their mass on class 0 (named 3)
+    tr = SimpleNamespace(cfg=TrainConfig(objective="j_ebm", sgld_noise=0.1, sgld_step=0.05), model=lin,
+                         data=SimpleNamespace(n_classes=3, classes=[3, 5, 7]),
+                         chains=SimpleNamespace(pops={"marginal": {"x": 0.1 * (x[:1] + 1).repeat(8, 1)}}))
+    with caplog.at_level("INFO", logger="thermo_ebm"):
+        assert log_chain_classes(tr)[0] == pytest.approx(np.exp(4) / (np.exp(4) + 2))
+    assert "the training chains sit in class 3 (0.96" in caplog.text

@@ -646,3 +646,37 @@ def test_sweep_helpers_carry_swaps_across_a_wide_gap_and_stay_exact():
     assert r.chain_means.shape[:2] == (3, c) and r.u_trace.shape[1:] == (3, c) and r.final.x.shape == (3 * c, d)
     u, se = jackknife(r.chain_means, lambda m: m[..., 0])
     assert np.all(np.abs(u - exact) < 4 * se), (u, se, exact)
+
+
+def _write_idx(path, a):
+    """An unsigned-byte idx file of array `a` (gzip-compressed when the name ends in .gz)."""
+    import gzip
+    raw = bytes([0, 0, 8, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape) + a.astype(np.uint8).tobytes()
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(raw)
+
+
+def test_mnist_idx_files_give_the_official_splits_or_split_the_test_set(tmp_path):
+    """Both forms torchvision leaves (uncompressed and .gz) are read into the box [-1, 1] without warnings; with
+    the test split alone, it is split 80 / 20 with a fixed permutation and the note says so."""
+    import warnings
+    from thermo_ebm.data import load_data
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    xt, yt = rng.integers(0, 256, (20, 28, 28)), np.arange(20) % 10  # every class in either part of a split
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", xt)
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", yt)
+    d = load_data("mnist", tmp_path)
+    assert (len(d.y_train), len(d.y_test)) == (16, 4) and "only the official mnist test split" in d.note
+    x, y = rng.integers(0, 256, (30, 28, 28)), rng.permutation(30) % 10
+    _write_idx(raw / "train-images-idx3-ubyte", x)
+    _write_idx(raw / "train-labels-idx1-ubyte", y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = load_data("mnist", tmp_path)
+    assert d.note == "mnist: official train/test splits" and d.x_train.shape == (30, 1, 28, 28)
+    assert torch.allclose(d.x_train[:, 0], torch.from_numpy(x / 255.0 * 2 - 1).float(), atol=1e-6)
+    assert torch.equal(d.y_train, torch.from_numpy(y)) and torch.equal(d.y_test, torch.from_numpy(yt))
+    _write_idx(raw / "train-labels-idx1-ubyte", y[:29])
+    with pytest.raises(ThermoEBMError, match="different numbers of items"):
+        load_data("mnist", tmp_path)

@@ -75,7 +75,7 @@ def _idx_split(raw: Path, prefix: str):
 
 
 def _to_unit(x_uint8: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(x_uint8)).float() / 255.0 * 2.0 - 1.0
+    x = torch.from_numpy(np.array(x_uint8)).float() / 255.0 * 2.0 - 1.0  # a writable copy of the read-only buffer
     return x[:, None] if x.ndim == 3 else x
 
 

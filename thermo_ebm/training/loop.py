@@ -84,6 +84,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
         self.lr = cfg.lr
         self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
+        self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) after the last epoch
         self.snapshot = None  # the last good state (train_state.capture), which a divergence restores
 
     # ---------------------------------------------------------------- pieces of a step
@@ -154,6 +155,7 @@ class Trainer:
         if dist.is_main() and self.cfg.objective != "dcl":
             self.t_ml = quick_t_ml_of(self)
             log_energy_gap(cfg, gap, min(n_batches, self.step))
+            self.class_mass = log_chain_classes(self)
         self.save()
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
@@ -163,7 +165,8 @@ class Trainer:
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
                 "heldout_acc": self.history.last("heldout_acc"),
                 "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0],
-                "energy_gap": gap, "reg_times_gap": cfg.reg * gap}
+                "energy_gap": gap, "reg_times_gap": cfg.reg * gap,
+                "chains_class_mass": None if self.class_mass is None else self.class_mass.tolist()}
 
     def _at_max_steps(self):
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
@@ -284,6 +287,7 @@ def history_dataset(tr) -> xr.Dataset:
         "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
         "training_temperature": training_temperature(asdict(tr.cfg)),
         "T_ML_quick": tr.t_ml[0], "T_ML_quick_err": tr.t_ml[1], "T_ML_quick_side": tr.t_ml[2],
+        **({} if tr.class_mass is None else {"chains_class_mass": json.dumps(np.round(tr.class_mass, 4).tolist())}),
         **provenance()}))
 
 
@@ -298,6 +302,36 @@ def quick_t_ml_of(tr):
              "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
     log.info("%s (quick: held-out-seeded chains at 0.25-4 T_train; `measure` gives it with its error bar)", where)
     return t
+
+
+@torch.no_grad()
+def chains_class_mass(model, x: torch.Tensor, t_train: float, batch: int = 1000) -> np.ndarray:
+    """The mean softmax(f(x) / T_train) of chain states x [N, *shape]: how the chains, and so the joint ensemble at
+    T_train, split over the K classes ([K], sums to 1)."""
+    return torch.cat([(model(b.float()) / t_train).softmax(-1).double() for b in x.split(batch)]).mean(0).cpu().numpy()
+
+
+ONE_CLASS_CHAINS = 0.9  # the chains' largest class mass beyond which train warns
+
+
+def log_chain_classes(tr) -> np.ndarray | None:
+    """The class mass of a joint model's training chains (the marginal population where there is one), logged
+    with a warning when one class holds more than ONE_CLASS_CHAINS of it; None for m_ebm and dcl."""
+    pops = tr.chains.pops
+    if tr.cfg.objective in ("m_ebm", "dcl") or tr.data.n_classes < 2 or not pops:
+        return None
+    x = pops["marginal"]["x"] if "marginal" in pops else pops["joint"]["x"]
+    mass = chains_class_mass(tr.model.eval(), x, training_temperature(asdict(tr.cfg)))
+    tr.model.train()
+    top = int(mass.argmax())
+    if mass[top] > ONE_CLASS_CHAINS:
+        log.warning("the training chains sit in class %s (%.2f of their softmax(f / T_train) mass): the joint ensemble "
+                    "at T_train holds next to no class information (I(X;Y) near 0; docs/training.md)",
+                    tr.data.classes[top], mass[top])
+    else:
+        log.info("the training chains' class mass: %.2f to %.2f (class %s the largest)", mass.min(), mass[top],
+                 tr.data.classes[top])
+    return mass
 
 
 def log_energy_gap(cfg, gap: float, n: int) -> None:
