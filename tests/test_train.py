@@ -310,6 +310,9 @@ def test_train_reports_how_its_chains_split_over_the_classes(digits_ckpt, caplog
     assert mass.shape == (10,) and mass.sum() == pytest.approx(1.0)
     ds = xr.open_dataset(digits_ckpt["results"], group="training", engine="h5netcdf")
     assert np.allclose(__import__("json").loads(ds.attrs["chains_class_mass"]), mass, atol=1e-4)
+    from thermo_ebm.reporting.report import report
+    top = int(mass.argmax())
+    assert f"the training chains' largest class: {top}, {mass[top]:.2f} of their" in report(digits_ckpt["results"])
     # exact on a linear model: logits (2 x_0, 0, 0) at T_train 0.5 -> softmax (4 x_0, 0, 0), averaged over the states
     lin = torch.nn.Linear(4, 3, bias=False)
     with torch.no_grad():

@@ -182,11 +182,18 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         t_train = checkpoint_temperature(ckpt) if ckpt is not None else float(getattr(net, "training_temperature", 1.0))
     if not (isinstance(t_train, (int, float)) and 0 < t_train < math.inf):
         raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
-    # the checkpoint's dataset, read once for both the reference states and the held-out likelihood
-    dataset, why = checkpoint_dataset(ckpt, model) if ckpt is not None and (_is_auto(data) or _is_auto(heldout)) \
-        else (None, "")
-    states, source = resolve_data(data, shape, ckpt, dataset, why)
-    held, train_split = resolve_heldout(heldout, shape, ckpt, dataset, why, k, seed)
+    # the inputs given explicitly are checked first; then the checkpoint's dataset is read once, for whichever of
+    # the reference states and the held-out likelihood asks for it ("auto")
+    if not _is_auto(data):
+        states, source = resolve_data(data, shape, ckpt)
+    if not _is_auto(heldout):
+        held, train_split = resolve_heldout(heldout, shape, ckpt, None, "", k, seed)
+    if _is_auto(data) or _is_auto(heldout):
+        dataset, why = checkpoint_dataset(ckpt, model) if ckpt is not None else (None, "not a checkpoint")
+        if _is_auto(data):
+            states, source = resolve_data(data, shape, ckpt, dataset, why)
+        if _is_auto(heldout):
+            held, train_split = resolve_heldout(heldout, shape, ckpt, dataset, why, k, seed)
     for key, f in (("data_sha256", data), ("heldout_sha256", heldout)):  # files given by path: their content
         if isinstance(f, (str, Path)) and f not in ("auto", "none") and Path(f).is_file():
             desc[key] = file_sha256(f)

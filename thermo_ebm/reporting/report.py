@@ -305,9 +305,16 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
             info = {"kind": kind, "steps": int(ds.sizes.get("step", 0)), "epochs": int(ds.sizes.get("epoch", 0))}
             if "heldout_acc" in ds and ds.sizes.get("epoch", 0):
                 info["heldout_acc"] = float(ds.heldout_acc.values[-1])
+            chains = ""
+            if "chains_class_mass" in ds.attrs:  # how the training chains split over the classes (training/loop.py)
+                mass = json.loads(ds.attrs["chains_class_mass"])
+                classes, top = json.loads(ds.attrs.get("classes", "null")) or list(range(len(mass))), int(np.argmax(mass))
+                info["chains_class_mass"] = mass
+                chains = (f"; the training chains' largest class: {classes[top]}, {mass[top]:.2f} of their "
+                          "softmax(f / T_train) mass")
             doc["groups"][name] = info
             acc = f", held-out accuracy {info['heldout_acc']:.4f}" if "heldout_acc" in info else ""
-            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}")
+            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}{chains}")
         else:
             doc["groups"][name] = {"kind": kind}
             lines.append(f"\n[{name}] ({kind})")
