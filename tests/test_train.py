@@ -293,6 +293,10 @@ def test_train_reports_the_energy_gap_the_centred_penalty_holds(caplog):
     gap = float((ds.marginal_e_model - ds.marginal_e_data).values[-44:].mean())
     assert held["energy_gap"] == pytest.approx(gap) and held["reg_times_gap"] == pytest.approx(3.0 * gap)
     assert 0.9 < held["reg_times_gap"] < 1.2 and "cancels the likelihood gradient" in caplog.text
+    # the chains' largest class mass after every epoch; after the last, the one train returns
+    assert ds.chains_top_class_mass.sizes["epoch"] == 3 and np.all((ds.chains_top_class_mass >= 0.1 - 1e-9)
+                                                                    & (ds.chains_top_class_mass <= 1))
+    assert float(ds.chains_top_class_mass[-1]) == pytest.approx(max(held["chains_class_mass"]))
     caplog.clear()
     with caplog.at_level("INFO", logger="thermo_ebm"):
         free = train(name="free", objective="j_ebm", epochs=2, reg=0.01, penalty="centred", **TINY)
@@ -329,3 +333,15 @@ def test_train_reports_how_its_chains_split_over_the_classes(digits_ckpt, caplog
     with caplog.at_level("INFO", logger="thermo_ebm"):
         assert log_chain_classes(tr)[0] == pytest.approx(np.exp(4) / (np.exp(4) + 2))
     assert "the training chains sit in class 3 (0.96" in caplog.text
+
+
+def test_history_pads_an_epoch_metric_that_earlier_epochs_lack():
+    """A run resumed from a checkpoint written before a metric existed records nan for its earlier epochs."""
+    from thermo_ebm.training.chains import History
+    h = History()
+    h.record_epoch({"heldout_acc": 0.5})
+    h.record_epoch({"heldout_acc": 0.6, "chains_top_class_mass": 0.2})
+    h.record_epoch({"heldout_acc": 0.7})
+    ds = h.to_dataset({})
+    assert np.allclose(ds.heldout_acc, [0.5, 0.6, 0.7])
+    assert np.array_equal(np.isnan(ds.chains_top_class_mass.values), [True, False, True])

@@ -264,6 +264,9 @@ def training_figure(files, out):
                 axes[0].plot(s[:len(v)], v, ls=ls, color=col, lw=1, label=f"{name}: {var}")
         if "heldout_acc" in ds and ds.sizes.get("epoch", 0):
             axes[1].plot(ds.epoch_end_step.values, ds.heldout_acc.values, "-o", ms=3, color=col, label=name)
+        if "chains_top_class_mass" in ds and np.any(np.isfinite(ds.chains_top_class_mass.values)):
+            axes[1].plot(ds.epoch_end_step.values, ds.chains_top_class_mass.values, "--s", ms=3, color=col, lw=1,
+                         label=f"{name}: chains' largest class")
         for pop, ls in (("joint", "-"), ("marginal", "--")):
             for var, mk in (("e_data", "data"), ("e_model", "model")):
                 if f"{pop}_{var}" in ds:
@@ -275,7 +278,7 @@ def training_figure(files, out):
                 if f"{pop}_{key}" in ds and np.any(np.isfinite(ds[f"{pop}_{key}"].values)):
                     v = smooth(ds[f"{pop}_{key}"].values)
                     ax.plot(s[:len(v)], v, ls=ls, lw=1, color=col, label=f"{name}: {pop}")
-    titles = ["loss terms", "held-out accuracy", "mean energies (nats)", "cumulative work $W$ per walker (nats)",
+    titles = ["loss terms", "held-out accuracy; the chains' largest class mass", "mean energies (nats)", "cumulative work $W$ per walker (nats)",
               "cumulative heat $Q$ per walker (nats)", "Jarzynski $\\Delta F$ since start (nats)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title)

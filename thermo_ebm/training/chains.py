@@ -159,8 +159,11 @@ class History:
             self.steps.setdefault(k, [float("nan")] * (step - 1)).append(rec.get(k, float("nan")))
 
     def record_epoch(self, values: dict) -> None:
-        for k, v in values.items():
-            self.epochs.setdefault(k, []).append(v)
+        """One epoch's values; nan for a metric absent this epoch or in earlier ones (a run resumed from an older
+        checkpoint)."""
+        n = max((len(v) for v in self.epochs.values()), default=0)
+        for k in set(self.epochs) | set(values):
+            self.epochs.setdefault(k, [float("nan")] * n).append(values.get(k, float("nan")))
 
     def last(self, key, default=float("nan")):
         return self.epochs.get(key, [default])[-1]

@@ -207,8 +207,10 @@ class Trainer:
         acc, ce = heldout_accuracy(self.model, self.data, self.dev)
         self.epoch += 1
         self.perm = None
+        mass = chains_class_mass_of(self)
         self.history.record_epoch({"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
-                                   "seconds": seconds})
+                                   "seconds": seconds,
+                                   "chains_top_class_mass": float("nan") if mass is None else float(mass.max())})
         grid = save_grid(self.chains, self.cfg, self.epoch) if dist.is_main() else None
         if dist.is_main():
             untrained = " (m_ebm trains no labels)" if self.cfg.objective == "m_ebm" else ""
@@ -314,15 +316,23 @@ def chains_class_mass(model, x: torch.Tensor, t_train: float, batch: int = 1000)
 ONE_CLASS_CHAINS = 0.9  # the chains' largest class mass beyond which train warns
 
 
-def log_chain_classes(tr) -> np.ndarray | None:
-    """The class mass of a joint model's training chains (the marginal population where there is one), logged
-    with a warning when one class holds more than ONE_CLASS_CHAINS of it; None for m_ebm and dcl."""
+def chains_class_mass_of(tr) -> np.ndarray | None:
+    """chains_class_mass of a Trainer's chains (the marginal population where there is one, else the joint one);
+    None for m_ebm and dcl, whose labels mean nothing or which have no chains."""
     pops = tr.chains.pops
     if tr.cfg.objective in ("m_ebm", "dcl") or tr.data.n_classes < 2 or not pops:
         return None
     x = pops["marginal"]["x"] if "marginal" in pops else pops["joint"]["x"]
     mass = chains_class_mass(tr.model.eval(), x, training_temperature(asdict(tr.cfg)))
     tr.model.train()
+    return mass
+
+
+def log_chain_classes(tr) -> np.ndarray | None:
+    """chains_class_mass_of a Trainer, logged with a warning when one class holds more than ONE_CLASS_CHAINS of it."""
+    mass = chains_class_mass_of(tr)
+    if mass is None:
+        return None
     top = int(mass.argmax())
     if mass[top] > ONE_CLASS_CHAINS:
         log.warning("the training chains sit in class %s (%.2f of their softmax(f / T_train) mass): the joint ensemble "
