@@ -278,8 +278,9 @@ def training_figure(files, out):
                 if f"{pop}_{key}" in ds and np.any(np.isfinite(ds[f"{pop}_{key}"].values)):
                     v = smooth(ds[f"{pop}_{key}"].values)
                     ax.plot(s[:len(v)], v, ls=ls, lw=1, color=col, label=f"{name}: {pop}")
-    titles = ["loss terms", "held-out accuracy; the chains' largest class mass", "mean energies (nats)", "cumulative work $W$ per walker (nats)",
-              "cumulative heat $Q$ per walker (nats)", "Jarzynski $\\Delta F$ since start (nats)"]
+    titles = ["loss terms", "held-out accuracy; the chains' largest class mass", "mean energies (nats)",
+              "cumulative work $W$ per walker (nats)", "cumulative heat $Q$ per walker (nats)",
+              "Jarzynski $\\Delta F$ since start (nats)"]
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
