@@ -7,6 +7,7 @@ log-likelihood and the flags, with T_ML).
 
     python benchmarks/design_card.py --data-dir ../shared/data        # in a fresh --workdir: about 20 min on 2 CPU cores
     python benchmarks/design_card.py --collect WORKDIR                  # tabulate a run this script made there
+    python benchmarks/design_card.py --train-args "--class-balance 1"    # the same commands, train given more options
 
 Run it alone: two heavy jobs on 2 cores distort the times.
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -33,28 +35,31 @@ COMMANDS = {
 TIMES = "design_card_seconds.json"
 
 
-def run(workdir: Path, data_dir: str):
-    """Run the commands in `workdir` (which must not hold a run yet); their wall seconds go to workdir/TIMES."""
+def run(workdir: Path, data_dir: str, train_args: list):
+    """Run the commands in `workdir` (which must not hold a run yet), `train` with train_args after the defaults;
+    their wall seconds go to workdir/TIMES."""
     if (workdir / "checkpoints" / "run.pt").exists():
         sys.exit(f"{workdir} already holds checkpoints/run.pt; give a fresh --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     seconds = {}
     for name, args in COMMANDS.items():
         cmd = [sys.executable, "-m", "thermo_ebm"] + [a.format(data=data_dir) for a in args]
+        cmd += train_args if name == "train" else []
         t0 = time.perf_counter()
         with open(workdir / f"{name}.log", "w") as log:
             subprocess.run(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, check=True)
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {seconds[name]:.0f} s", flush=True)
-        (workdir / TIMES).write_text(json.dumps(seconds))
+        (workdir / TIMES).write_text(json.dumps({**seconds, "train_args": train_args}))
 
 
 def collect(workdir: Path) -> dict:
     """The JSON record of a run made by `run` in `workdir`."""
     seconds = json.loads((workdir / TIMES).read_text())
+    train_args, note = seconds.pop("train_args", []), seconds.pop("note", "run alone")
     results = json.loads(report(workdir / "results" / "run.h5", as_json=True))
-    return dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads, run alone",
-                seconds=seconds, results=results)
+    return dict(date=str(date.today()), machine=f"{platform.machine()}, {torch.get_num_threads()} threads, {note}",
+                train_args=train_args, seconds=seconds, results=results)
 
 
 def main():
@@ -62,6 +67,7 @@ def main():
     p.add_argument("--data-dir", default="../shared/data", help="MNIST's folder (MNIST/raw inside), from here")
     p.add_argument("--workdir", default=None, help="fresh folder for the run [default: a new temporary one]")
     p.add_argument("--collect", default=None, help="tabulate the run already made in this folder")
+    p.add_argument("--train-args", default="", help="options `train` takes after the defaults' (one string)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "design_card.json"))
     args = p.parse_args()
     if args.collect:
@@ -69,7 +75,7 @@ def main():
     else:
         import tempfile
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="design_card_"))
-        run(workdir, os.path.relpath(Path(args.data_dir).resolve(), workdir.resolve()))
+        run(workdir, os.path.relpath(Path(args.data_dir).resolve(), workdir.resolve()), shlex.split(args.train_args))
     out = collect(workdir)
     groups = out["results"]["groups"]
     rows = groups["measure_joint"]["rows"]

@@ -125,7 +125,7 @@ def row(name, settings, res, ckpt):
     last = tr.step > tr.epoch_end_step.values[-2] if tr.sizes["epoch"] > 1 else tr.step > 0
     gap = float((tr.marginal_e_model - tr.marginal_e_data)[last].mean()) if "marginal_e_model" in tr else float("nan")
     return dict(name=name, settings=settings, data=str(tr.attrs.get("split_note", "")), objective=cfg["objective"],
-                joint_estimator=cfg.get("joint_estimator"), penalty=cfg["penalty"],
+                joint_estimator=cfg.get("joint_estimator"), penalty=cfg["penalty"], class_balance=cfg["class_balance"],
                 epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),
                 ece=float(ev.ece), ece_err=float(ev.ece_err), t_cal_raw=float(ev.t_cal),
                 T_train=float(tr.attrs["training_temperature"]), train_seconds=float(tr.seconds.values[-1]),

@@ -50,6 +50,29 @@ def test_every_objective_learns(objective, estimator):
         gap = ds[f"{pop}_e_model"].values[-20:].mean() - ds[f"{pop}_e_data"].values[-20:].mean()
         assert gap > 0, (pop, gap)
     assert not [k for k in ds.data_vars if k.startswith("marg_")]  # one name per population: marginal_*
+    assert "class_kl" not in ds  # the label-marginal term is off by default
+
+
+@pytest.mark.parametrize("objective", ["j_ebm", "hybrid"])
+def test_label_marginal_term_trains_and_records_the_chains_class_kl(objective):
+    """--class-balance: the loss holds class_balance x the label-marginal term, and the history KL(data labels ||
+    the chains' class split) per step."""
+    out = train(name=objective, objective=objective, epochs=1, max_steps=8, class_balance=1.0, **TINY)
+    ds = xr.open_dataset(out["results"], group="training", engine="h5netcdf")
+    assert ds.class_kl.sizes["step"] == 8 and np.all(np.isfinite(ds.class_kl.values)) and np.all(ds.class_kl >= 0)
+    assert '"class_balance": 1.0' in ds.attrs["config"]
+
+
+def test_class_balance_applies_only_where_marginal_chains_train_classes():
+    from thermo_ebm.config import TrainConfig
+    assert TrainConfig(objective="j_ebm").validate().class_balance == 0.0
+    assert TrainConfig(objective="j_ebm", class_balance=1.0).validate().class_balance == 1.0
+    assert TrainConfig(objective="hybrid", class_balance=0.5).validate().class_balance == 0.5
+    for objective, estimator in (("j_ebm", "chains"), ("gcl", "exact"), ("m_ebm", "exact"), ("dcl", "exact")):
+        with pytest.raises(ThermoEBMError, match="--class-balance"):
+            TrainConfig(objective=objective, joint_estimator=estimator, class_balance=1.0).validate()
+    with pytest.raises(ThermoEBMError, match="--class-balance"):
+        TrainConfig(class_balance=-1.0).validate()
 
 
 def test_divergence_signals_are_explicit():

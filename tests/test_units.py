@@ -210,6 +210,38 @@ def test_j_ebm_estimators_and_the_models_they_train(T):
     assert gap < 1e-10 if T == 1.0 else gap > 1e-2
 
 
+@pytest.mark.parametrize("objective", ["j_ebm", "hybrid"])
+def test_label_marginal_term_is_the_likelihood_gradient_of_the_labels_marginal(objective):
+    """With exact expectations over p(x) (quadrature weights, T = 1), class_balance x the label-marginal term adds
+    class_balance x the gradient of -sum_y pi_y log p(y), p(y) = Z_y / Z the model's label marginal, and its kl term
+    is KL(pi || p(y)); at pi = p(y) it adds nothing."""
+    m = Tiny()
+    x_data = torch.tensor([[-0.5], [0.2], [0.9]], dtype=torch.float64)
+    y_data = torch.tensor([0, 2, 1])
+    xs = torch.linspace(-1, 1, 4001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        pm = torch.softmax(torch.logsumexp(m(xs), 1), 0)
+    prior = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+
+    def loss(balance, pi=prior):
+        return loss_terms(objective, m(x_data), y_data, logits_marginal=m(xs), reg=0.2, w_marginal=pm,
+                          joint_estimator="exact", class_balance=balance, class_prior=pi)
+
+    def log_p_y():  # the model's label marginal log Z_y - log Z, by quadrature
+        lz_y = torch.logsumexp(m(xs), 0)
+        return lz_y - torch.logsumexp(lz_y, 0)
+
+    (l0, _), (l1, terms) = loss(0.0), loss(2.5)
+    for a, b, c in zip(_grad(m, l1), _grad(m, l0), _grad(m, -(prior * log_p_y()).sum())):
+        torch.testing.assert_close(a - b, 2.5 * c, atol=1e-10, rtol=1e-8)
+    assert float(c.abs().max()) > 1e-2  # the test has something to see
+    with torch.no_grad():
+        q = log_p_y().exp()
+    torch.testing.assert_close(terms["class_kl"], (prior * (prior / q).log()).sum())
+    for a, b in zip(_grad(m, loss(2.5, q)[0]), _grad(m, loss(0.0, q)[0])):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("penalty", ["centred", "magnitude"])
 @pytest.mark.parametrize("objective", ["dcl", "m_ebm", "j_ebm", "gcl", "hybrid"])
 def test_every_objective_loss(objective, penalty):

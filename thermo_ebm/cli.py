@@ -139,6 +139,10 @@ BY_PRESET = " [default: by dataset and objective, below]"
               help="Energy penalty: magnitude (mean squared energy of data and model samples, IGEBM/JEM) or centred "
                    "(the same less its part that sees the energies' additive constant: their variances plus half "
                    "the squared gap of their means; it leaves the class balance to the likelihood)." + BY_PRESET)
+@train_option("--class-balance", type=float,
+              help="Weight of the label-marginal term: the likelihood gradient of the labels' marginal p(y), the "
+                   "chains' class split, towards the data's; j_ebm with --joint-estimator exact, and hybrid "
+                   "(docs/training.md).")
 @train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
 @train_option("--sgld-noise", type=float, help="Langevin noise n." + BY_PRESET)

@@ -83,6 +83,7 @@ class TrainConfig:
     lr_schedule: str | None = None    # "constant" or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
     reg: float | None = None          # weight of the energy penalty
     penalty: str | None = None        # "centred" (variances + data-model gap^2 / 2) or "magnitude" (<E^2>); objectives.py
+    class_balance: float = 0.0        # weight of the label-marginal term (objectives.py; marginal chains of classes)
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float | None = None   # None: from PRESETS
@@ -127,6 +128,10 @@ class TrainConfig:
             raise ThermoEBMError("--joint-estimator must be exact or chains")
         if self.penalty not in PENALTIES:
             raise ThermoEBMError(f"--penalty must be one of {', '.join(PENALTIES)}")
+        balanced = self.objective == "hybrid" or (self.objective == "j_ebm" and self.joint_estimator == "exact")
+        if self.class_balance < 0 or (self.class_balance > 0 and not balanced):
+            raise ThermoEBMError("--class-balance must be >= 0, and 0 unless marginal chains train classes (j_ebm with "
+                                 "--joint-estimator exact, or hybrid)")
         if self.on_divergence not in ("rollback", "stop"):
             raise ThermoEBMError("--on-divergence must be rollback or stop")
         for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):

@@ -79,6 +79,10 @@ class Trainer:
         n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
         self.chains = PersistentChains(needs(cfg.objective, cfg.joint_estimator), n, self.data.shape, self.data.n_classes, cfg, self.dev,
                                        g_mc)
+        # the data's class frequencies [K] (the label-marginal term's target) and the chains' temperature
+        self.class_prior = torch.bincount(self.data.y_train, minlength=self.data.n_classes).double().to(self.dev)
+        self.class_prior /= self.class_prior.sum()
+        self.t_train = training_temperature(asdict(cfg))
         self.history = History()
         self.guard = DivergenceGuard(cfg.max_energy_gap)
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
@@ -110,7 +114,8 @@ class Trainer:
             cfg.objective, split["data"], yb,
             logits_joint=split.get("joint"), y_joint=moved["joint"].y if "joint" in moved else None,
             logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg, joint_estimator=cfg.joint_estimator,
-            penalty=cfg.penalty)
+            penalty=cfg.penalty, class_balance=cfg.class_balance, class_prior=self.class_prior,
+            temperature=self.t_train)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -214,8 +219,9 @@ class Trainer:
         grid = save_grid(self.chains, self.cfg, self.epoch) if dist.is_main() else None
         if dist.is_main():
             untrained = " (m_ebm trains no labels)" if self.cfg.objective == "m_ebm" else ""
-            log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s%s", self.epoch,
-                     self.step, acc, ce, untrained, f", samples {grid}" if grid else "")
+            split = "" if mass is None else f", chains' largest class {mass.max():.2f}"
+            log.info("epoch %d step %d: held-out accuracy %.4f, cross-entropy %.4f%s%s%s", self.epoch,
+                     self.step, acc, ce, untrained, split, f", samples {grid}" if grid else "")
         self.save()
         self.snapshot = train_state.capture(self)
 

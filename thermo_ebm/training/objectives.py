@@ -20,10 +20,16 @@ chains into a force against the bias gradient that balances the classes (its tra
 p(y) on one class), which the centred form leaves out. The centred form's gap term and the likelihood term share
 the two means, so the gradient is (1 - reg g)(grad <E_data> - grad <E_model>) + reg grad(variances) with
 g = <E_model> - <E_data>: training holds g at 1 / reg, where the likelihood gradient cancels.
+plus, for the classes of a model trained with marginal chains (j_ebm "exact", hybrid), class_balance times the
+label-marginal term: the maximum-likelihood gradient of the labels' marginal, sum_y pi_y log p(y) with pi the data's
+class frequencies and p(y) = E_x p(y|x) the chains' class split, self-normalised over the chains (exact at T = 1).
+Maximum likelihood of p(x, y) holds p(y) = pi (the moment of the class biases), so the term leaves its optimum where
+it is; it keeps the chains' class split at the data's where the centred penalty cancels the likelihood gradient.
 Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..config import OBJECTIVES, PENALTIES
@@ -55,9 +61,25 @@ def _penalty(ed, em, w, form):
     return ((ed - md) ** 2).mean() + _mean((em - mm) ** 2, w) + 0.5 * (md - mm) ** 2
 
 
+def label_marginal(logits, prior, temperature=1.0, w=None):
+    """(surrogate, kl) of the label-marginal term from chain logits [M, K] and data class frequencies prior [K]:
+    the surrogate's gradient is -T grad sum_y prior_y log p(y), with p(y|x) = softmax(f / T) and p(y) its mean over
+    the chains (weights w [M] or None), the chains standing for p(x) (exact at T = 1); kl = KL(prior || p(y)), nats."""
+    p = torch.softmax(logits.detach().double() / temperature, 1)
+    wm = torch.full((len(p), 1), 1.0 / len(p), dtype=p.dtype, device=p.device) if w is None else w.double()[:, None]
+    q = (wm * p).sum(0)
+    prior = prior.to(p)
+    coef = wm * p * (prior / q.clamp_min(1e-300) - 1.0)
+    kl = (prior * (prior.clamp_min(1e-300).log() - q.clamp_min(1e-300).log())).sum()
+    return -(coef.to(logits.dtype) * logits).sum(), kl
+
+
 def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
-               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains", penalty="centred"):
-    """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors."""
+               gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains", penalty="centred",
+               class_balance=0.0, class_prior=None, temperature=1.0):
+    """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors.
+    class_balance > 0 adds the label-marginal term of the marginal chains (needs class_prior [K] and the chains'
+    temperature)."""
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if joint_estimator not in JOINT_ESTIMATORS:
@@ -83,6 +105,9 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]
         loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
         penalty_sum = penalty_sum + _penalty(ed, em, w_marginal, penalty)
+        if class_balance > 0:
+            surrogate, terms["class_kl"] = label_marginal(logits_marginal, class_prior, temperature, w_marginal)
+            loss = loss + class_balance * surrogate
     terms["reg"] = reg * penalty_sum
     loss = loss + terms["reg"]
     terms["loss"] = loss
