@@ -135,7 +135,7 @@ def resolve_data(data, shape, ckpt, dataset=None, why=""):
     (or a dict with key 'x')."""
     if data is None or (isinstance(data, str) and data == "none"):
         return None, "none"
-    if isinstance(data, str) and data == "auto":
+    if _is_auto(data):
         if ckpt is None:
             return None, "none (auto: not a checkpoint)"
         return _checkpoint_data(ckpt, dataset, why)

@@ -315,7 +315,8 @@ def quick_t_ml_of(tr):
 @torch.no_grad()
 def chains_class_mass(model, x: torch.Tensor, t_train: float, batch: int = 1000) -> np.ndarray:
     """The mean softmax(f(x) / T_train) of chain states x [N, *shape]: how the chains split over the K classes ([K],
-    sums to 1); for chains that sample the marginal ensemble at T_train, the joint ensemble's p(y) there."""
+    sums to 1); for chains that sample the joint ensemble's x-marginal at T_train (the exact estimator's marginal
+    chains at T_train = 1), its p(y) there."""
     return torch.cat([(model(b.float()) / t_train).softmax(-1).double() for b in x.split(batch)]).mean(0).cpu().numpy()
 
 
