@@ -7,7 +7,7 @@ import xarray as xr
 
 from thermo_ebm.files.checkpoint import load_checkpoint, load_model, save_checkpoint
 from thermo_ebm.errors import ThermoEBMError, TrainingDiverged
-from thermo_ebm.training.objectives import needs
+from thermo_ebm.config import needs
 from thermo_ebm.training.loop import train
 
 TINY = dict(dataset="digits", batch_size=32, buffer_size=256, mc_steps=5, model_size=32, progress=False)
@@ -350,7 +350,7 @@ def test_train_reports_how_its_chains_split_over_the_classes(digits_ckpt, caplog
     expected = np.array([np.mean(e / (e + 2)), np.mean(1 / (e + 2)), np.mean(1 / (e + 2))])
     assert np.allclose(chains_class_mass(lin, x, 0.5), expected)
     # at T_train = 0.1 states (0.2, 0, 0, 0) put e^4 / (e^4 + 2) = 0.965 of their mass on class 0 (named 3)
-    tr = SimpleNamespace(cfg=TrainConfig(objective="j_ebm", sgld_noise=0.1, sgld_step=0.05), model=lin,
+    tr = SimpleNamespace(cfg=TrainConfig(objective="j_ebm", sgld_noise=0.1, sgld_step=0.05), t_train=0.1, model=lin,
                          data=SimpleNamespace(n_classes=3, classes=[3, 5, 7]),
                          chains=SimpleNamespace(pops={"marginal": {"x": 0.1 * (x[:1] + 1).repeat(8, 1)}}))
     with caplog.at_level("INFO", logger="thermo_ebm"):

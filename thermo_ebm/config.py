@@ -11,6 +11,10 @@ from .errors import ThermoEBMError
 OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/objectives.py)
+JOINT_ESTIMATORS = ("exact", "chains")  # j_ebm's two estimators of the p(x, y) likelihood (training/objectives.py)
+# the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
+NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
+         "hybrid": ("marginal",)}
 
 # The defaults of `train` that depend on the dataset and the objective (the search behind them:
 # benchmarks/train_defaults.py, docs/training.md). A setting left at None takes its value from the first row that
@@ -41,6 +45,19 @@ def presets_help() -> str:
             for ds, obj, values in PRESETS]
     return ("Defaults by dataset and objective (the first matching row that names a setting gives it; *: any):\n\n"
             "\b\n" + "\n".join(rows))
+
+
+def needs(objective: str, joint_estimator: str = "chains") -> tuple:
+    """The chain populations an objective samples under a joint estimator."""
+    if objective == "j_ebm" and joint_estimator == "exact":
+        return ("marginal",)
+    return NEEDS[objective]
+
+
+def label_marginal_applies(objective: str, joint_estimator: str) -> bool:
+    """Whether the label-marginal term (--class-balance) has chains to act on: marginal chains of a model whose
+    classes the cross-entropy trains (j_ebm with the exact estimator, hybrid)."""
+    return objective in ("j_ebm", "hybrid") and "marginal" in needs(objective, joint_estimator)
 
 
 def option_name(name: str) -> str:
@@ -124,11 +141,11 @@ class TrainConfig:
             raise ThermoEBMError("--lr-schedule must be constant or cosine")
         if self.joint_labels not in ("fixed", "gibbs"):
             raise ThermoEBMError("--joint-labels must be fixed or gibbs")
-        if self.joint_estimator not in ("exact", "chains"):
-            raise ThermoEBMError("--joint-estimator must be exact or chains")
+        if self.joint_estimator not in JOINT_ESTIMATORS:
+            raise ThermoEBMError(f"--joint-estimator must be one of {', '.join(JOINT_ESTIMATORS)}")
         if self.penalty not in PENALTIES:
             raise ThermoEBMError(f"--penalty must be one of {', '.join(PENALTIES)}")
-        balanced = self.objective == "hybrid" or (self.objective == "j_ebm" and self.joint_estimator == "exact")
+        balanced = label_marginal_applies(self.objective, self.joint_estimator)
         if self.class_balance < 0 or (self.class_balance > 0 and not balanced):
             raise ThermoEBMError("--class-balance must be >= 0, and 0 unless marginal chains train classes (j_ebm with "
                                  "--joint-estimator exact, or hybrid)")

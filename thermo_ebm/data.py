@@ -163,6 +163,11 @@ def load_data(name: str, data_dir="data", labels=None, noise: float = 0.0) -> Da
     return data
 
 
+def is_auto(spec) -> bool:
+    """Whether a states option (measure's data= or heldout=) is the word "auto" rather than states or a file."""
+    return isinstance(spec, str) and spec == "auto"
+
+
 def load_states_file(path, what: str, choices: str):
     """The object a .pt file of states holds (torch.load, weights only); one-line errors naming `what`
     ("data", "held-out") and the accepted `choices`."""

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..config import MeasureConfig
-from ..data import check_states, load_data, load_states_file
+from ..config import NEEDS, MeasureConfig, needs
+from ..data import check_states, is_auto, load_data, load_states_file
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
 from ..files.checkpoint import (checkpoint_data_dir, checkpoint_temperature, load_checkpoint, model_from_checkpoint,
@@ -21,7 +21,6 @@ from ..files.checkpoint import (checkpoint_data_dir, checkpoint_temperature, loa
 from ..files.results import file_sha256
 from ..models import EBM, ScaledLogits
 from ..samplers.kernels import MalaKernel, mala_kernel
-from ..training.objectives import NEEDS, needs
 from .likelihood import HeldOut, resolve_heldout
 
 log = logging.getLogger("thermo_ebm")
@@ -125,17 +124,13 @@ def _checkpoint_data(ckpt, dataset, why):
     return torch.cat(parts), ", ".join(notes)
 
 
-def _is_auto(v) -> bool:
-    return isinstance(v, str) and v == "auto"
-
-
 def resolve_data(data, shape, ckpt, dataset=None, why=""):
     """Reference states [M, D] (float32, in the box) and a description; data: None, 'auto' (the checkpoint's
     `dataset`, from `checkpoint_dataset`, and stored chains), a tensor/array [M, *shape] or a .pt file holding one
     (or a dict with key 'x')."""
     if data is None or (isinstance(data, str) and data == "none"):
         return None, "none"
-    if _is_auto(data):
+    if is_auto(data):
         if ckpt is None:
             return None, "none (auto: not a checkpoint)"
         return _checkpoint_data(ckpt, dataset, why)
@@ -184,15 +179,15 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         raise ThermoEBMError(f"training temperature must be a finite number > 0, got {t_train!r}")
     # the inputs given explicitly are checked first; then the checkpoint's dataset is read once, for whichever of
     # the reference states and the held-out likelihood asks for it ("auto")
-    if not _is_auto(data):
+    if not is_auto(data):
         states, source = resolve_data(data, shape, ckpt)
-    if not _is_auto(heldout):
+    if not is_auto(heldout):
         held, train_split = resolve_heldout(heldout, shape, ckpt, None, "", k, seed)
-    if _is_auto(data) or _is_auto(heldout):
+    if is_auto(data) or is_auto(heldout):
         dataset, why = checkpoint_dataset(ckpt, model) if ckpt is not None else (None, "not a checkpoint")
-        if _is_auto(data):
+        if is_auto(data):
             states, source = resolve_data(data, shape, ckpt, dataset, why)
-        if _is_auto(heldout):
+        if is_auto(heldout):
             held, train_split = resolve_heldout(heldout, shape, ckpt, dataset, why, k, seed)
     for key, f in (("data_sha256", data), ("heldout_sha256", heldout)):  # files given by path: their content
         if isinstance(f, (str, Path)) and f not in ("auto", "none") and Path(f).is_file():

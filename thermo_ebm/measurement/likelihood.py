@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import check_states, load_states_file
+from ..data import check_states, is_auto, load_states_file
 from ..errors import ThermoEBMError
 
 log = logging.getLogger("thermo_ebm")
@@ -66,7 +66,7 @@ def resolve_heldout(heldout, shape, ckpt, dataset, why, n_classes, seed,
         return None, None
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     d = int(np.prod(shape))
-    if isinstance(heldout, str) and heldout == "auto":
+    if is_auto(heldout):
         if ckpt is None:
             return None, None
         if dataset is None:  # no likelihood, and the log says why

@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 
 from .. import distributed as dist
-from ..config import TrainConfig, parse_labels
+from ..config import TrainConfig, needs, parse_labels
 from ..data import load_data
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError, TrainingDiverged
@@ -33,7 +33,7 @@ from ..progress import progress_bar
 from ..samplers.rng import stream_seed
 from . import state as train_state
 from .chains import DivergenceGuard, History, PersistentChains
-from .objectives import loss_terms, needs
+from .objectives import loss_terms
 
 log = logging.getLogger("thermo_ebm")
 
@@ -88,7 +88,8 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
         self.lr = cfg.lr
         self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
-        self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) after the last epoch
+        self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) (chains_class_mass_of)
+        self.class_mass_step = -1  # the step at which class_mass was taken
         self.snapshot = None  # the last good state (train_state.capture), which a divergence restores
 
     # ---------------------------------------------------------------- pieces of a step
@@ -160,7 +161,7 @@ class Trainer:
         if dist.is_main() and self.cfg.objective != "dcl":
             self.t_ml = quick_t_ml_of(self)
             log_energy_gap(cfg, gap, min(n_batches, self.step))
-            self.class_mass = log_chain_classes(self)
+            self.class_mass = log_chain_classes(self, self.class_mass if self.class_mass_step == self.step else None)
         self.save()
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
@@ -212,7 +213,8 @@ class Trainer:
         acc, ce = heldout_accuracy(self.model, self.data, self.dev)
         self.epoch += 1
         self.perm = None
-        mass = chains_class_mass_of(self)
+        mass = self.class_mass = chains_class_mass_of(self)
+        self.class_mass_step = self.step
         self.history.record_epoch({"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
                                    "seconds": seconds,
                                    "chains_top_class_mass": float("nan") if mass is None else float(mass.max())})
@@ -293,7 +295,7 @@ def history_dataset(tr) -> xr.Dataset:
         "kind": "training", "config": json.dumps(asdict(tr.cfg)), "split_note": tr.data.note,
         "classes": json.dumps(tr.data.classes), "rollbacks": tr.rollbacks,
         "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
-        "training_temperature": training_temperature(asdict(tr.cfg)),
+        "training_temperature": tr.t_train,
         "T_ML_quick": tr.t_ml[0], "T_ML_quick_err": tr.t_ml[1], "T_ML_quick_side": tr.t_ml[2],
         **({} if tr.class_mass is None else {"chains_class_mass": json.dumps(np.round(tr.class_mass, 4).tolist())}),
         **provenance()}))
@@ -304,7 +306,7 @@ def quick_t_ml_of(tr):
     (value, SE, side)."""
     ens = Ensemble("marginal" if tr.cfg.objective == "m_ebm" else "joint", tr.data.n_classes)
     g = torch.Generator(device=tr.dev).manual_seed(tr.cfg.seed + 104729)
-    t = quick_t_ml(tr.model.eval(), ens, tr.data.x_test, training_temperature(asdict(tr.cfg)), g, tr.dev)
+    t = quick_t_ml(tr.model.eval(), ens, tr.data.x_test, tr.t_train, g, tr.dev)
     tr.model.train()
     where = {"inside": f"T_ML = {t[0]:.3g} ± {t[1]:.2g} T_train", "below": "T_ML below 0.25 T_train",
              "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
@@ -330,14 +332,15 @@ def chains_class_mass_of(tr) -> np.ndarray | None:
     if tr.cfg.objective in ("m_ebm", "dcl") or tr.data.n_classes < 2 or not pops:
         return None
     x = pops["marginal"]["x"] if "marginal" in pops else pops["joint"]["x"]
-    mass = chains_class_mass(tr.model.eval(), x, training_temperature(asdict(tr.cfg)))
+    mass = chains_class_mass(tr.model.eval(), x, tr.t_train)
     tr.model.train()
     return mass
 
 
-def log_chain_classes(tr) -> np.ndarray | None:
-    """chains_class_mass_of a Trainer, logged with a warning when one class holds more than ONE_CLASS_CHAINS of it."""
-    mass = chains_class_mass_of(tr)
+def log_chain_classes(tr, mass: np.ndarray | None = None) -> np.ndarray | None:
+    """chains_class_mass_of a Trainer (or `mass`, where it was taken at the current step), logged with a warning when
+    one class holds more than ONE_CLASS_CHAINS of it."""
+    mass = chains_class_mass_of(tr) if mass is None else mass
     if mass is None:
         return None
     top = int(mass.argmax())

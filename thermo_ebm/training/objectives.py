@@ -32,21 +32,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import OBJECTIVES, PENALTIES
+from ..config import JOINT_ESTIMATORS, OBJECTIVES, PENALTIES, label_marginal_applies, needs
 from ..errors import ThermoEBMError
 from ..models import joint_energy, marginal_energy
-
-# the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
-NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
-         "hybrid": ("marginal",)}
-JOINT_ESTIMATORS = ("exact", "chains")
-
-
-def needs(objective: str, joint_estimator: str = "chains") -> tuple:
-    """The chain populations an objective samples under a joint estimator."""
-    if objective == "j_ebm" and joint_estimator == "exact":
-        return ("marginal",)
-    return NEEDS[objective]
 
 
 def _mean(e, w):
@@ -105,7 +93,7 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]
         loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
         penalty_sum = penalty_sum + _penalty(ed, em, w_marginal, penalty)
-        if class_balance > 0:
+        if class_balance > 0 and label_marginal_applies(objective, joint_estimator):
             surrogate, terms["class_kl"] = label_marginal(logits_marginal, class_prior, temperature, w_marginal)
             loss = loss + class_balance * surrogate
     terms["reg"] = reg * penalty_sum
