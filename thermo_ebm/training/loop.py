@@ -88,8 +88,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
         self.lr = cfg.lr
         self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
-        self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) (chains_class_mass_of)
-        self.class_mass_step = -1  # the step at which class_mass was taken
+        self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) at the last epoch's end
         self.snapshot = None  # the last good state (train_state.capture), which a divergence restores
 
     # ---------------------------------------------------------------- pieces of a step
@@ -161,7 +160,8 @@ class Trainer:
         if dist.is_main() and self.cfg.objective != "dcl":
             self.t_ml = quick_t_ml_of(self)
             log_energy_gap(cfg, gap, min(n_batches, self.step))
-            self.class_mass = log_chain_classes(self, self.class_mass if self.class_mass_step == self.step else None)
+            at_epoch_end = self.class_mass is not None and self.history.last("epoch_end_step") == self.step
+            self.class_mass = log_chain_classes(self, self.class_mass if at_epoch_end else None)
         self.save()
         ckpt, res = self.cfg.paths()
         log.info("wrote %s and %s (group 'training')", ckpt, res)
@@ -214,7 +214,6 @@ class Trainer:
         self.epoch += 1
         self.perm = None
         mass = self.class_mass = chains_class_mass_of(self)
-        self.class_mass_step = self.step
         self.history.record_epoch({"heldout_acc": acc, "heldout_ce": ce, "epoch_end_step": self.step,
                                    "seconds": seconds,
                                    "chains_top_class_mass": float("nan") if mass is None else float(mass.max())})
