@@ -110,6 +110,17 @@ TRIALS = {
     "je_cnn8_r0.001_cos": {"arch": "cnn", "model_size": 8, "reg": 0.001, "lr_schedule": "cosine"},
     "je_cnn8_r0.001_e20": {"arch": "cnn", "model_size": 8, "reg": 0.001, "epochs": 20},
     "je_cnn8_T0.01_r0.03": {"arch": "cnn", "model_size": 8, "sgld_noise": 0.0316, "reg": 0.03},
+    # the digit-drawing setting with the label-marginal term, which keeps its chains' classes apart, at T_train 0.1 and
+    # at the MNIST j_ebm default's 0.02, there also with a buffer of 1,000 (each chain moved every 16 steps)
+    # (train_defaults_class_balance.json)
+    "je_r001_e30_cb": {"reg": 0.001, "lr_schedule": "cosine", "epochs": 30, "class_balance": 1.0, **MAG},
+    **{f"je_T0.02_r001_e30_cb{tail}": {"sgld_noise": 0.0447, "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
+                                        "class_balance": 1.0, **extra, **MAG}
+       for tail, extra in (("", {}), ("_buf1000", {"buffer_size": 1000}),
+                           ("_buf1000_seed1", {"buffer_size": 1000, "seed": 1}),
+                           ("_buf1000_seed2", {"buffer_size": 1000, "seed": 2}))},
+    "je_T1_r001_e30_cb_buf1000": {"sgld_step": 0.001, "sgld_noise": 0.04472, "reg": 0.001, "lr_schedule": "cosine",
+                                  "epochs": 30, "class_balance": 1.0, "buffer_size": 1000, **MAG},  # the same at T_train 1
 }
 
 

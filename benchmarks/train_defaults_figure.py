@@ -23,6 +23,8 @@ LABELS = {  # (penalty, trial): the settings docs/training.md names, and where e
     ("centred", "je_T0.01_r3_centred"): ("--sgld-noise 0.0316 --reg 3", (-150, 8)),
     ("magnitude", "je_r001_e60"): ("--penalty magnitude --reg 0.001\n--lr-schedule cosine --epochs 60", (-170, -22)),
     ("centred", "je_T0.01_r0.01_centred"): ("--sgld-noise 0.0316 --reg 0.01", (6, 4)),
+    ("magnitude", "je_T0.02_r001_e30_cb_buf1000"): ("--penalty magnitude --reg 0.001 --lr-schedule cosine\n"
+                                                    "--epochs 30 --class-balance 1 --buffer-size 1000", (-250, 26)),
 }
 X_MIN, X_MAX = 0.7, 0.98  # the accuracy axis; trials below X_MIN (JEM's class-conditional chains, 0.351) are listed, not drawn
 TARGET_ACC, DIGITS = 0.93, 100.0   # item 1 of the defaults' brief; a buffer below this distance draws digits
@@ -37,7 +39,7 @@ for f in sorted(RESULTS.glob("train_defaults*.json")):
     for r in record["rows"]:
         if r["objective"] == "j_ebm" and "official train/test splits" not in r.get("data", ""):  # the offline split
             rows.append({**r, "penalty": r.get("penalty", "magnitude"), "arch": r["settings"].get("arch", "shallow"),
-                         "file": f.name, "date": record["date"]})
+                         "balanced": r.get("class_balance", 0.0) > 0, "file": f.name, "date": record["date"]})
 front = [r for r in rows if not any(q["heldout_acc"] >= r["heldout_acc"] and q["buffer_frechet"] <= r["buffer_frechet"]
                                     and q is not r and (q["heldout_acc"], q["buffer_frechet"])
                                     != (r["heldout_acc"], r["buffer_frechet"]) for q in rows)]
@@ -54,13 +56,14 @@ print(f"held-out >= {TARGET_ACC} with a digit-like buffer (Fréchet <= {DIGITS:.
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
 ARCHS = {"shallow": ("MLP", "o"), "cnn": ("CNN", "^")}   # network: (name, marker); the penalty sets the colour
 COLOURS = {"centred": "C0", "magnitude": "C1"}
-groups = sorted({(r["arch"], r["penalty"]) for r in rows})
+groups = sorted({(r["arch"], r["penalty"], r["balanced"]) for r in rows})
 for ax, key in zip(axes, ("buffer_frechet", "T_ML_over_T_train")):
-    for arch, pen in groups:
-        sel = [r for r in rows if (r["arch"], r["penalty"]) == (arch, pen)]
+    for arch, pen, balanced in groups:
+        sel = [r for r in rows if (r["arch"], r["penalty"], r["balanced"]) == (arch, pen, balanced)]
         y = [r[key] if key == "buffer_frechet" or r["T_ML_side"] == "inside" else 0.25 for r in sel]
-        ax.scatter([r["heldout_acc"] for r in sel], y, label=f"{ARCHS[arch][0]}, {pen} penalty", alpha=0.8,
-                   marker=ARCHS[arch][1], color=COLOURS[pen])
+        ax.scatter([r["heldout_acc"] for r in sel], y, alpha=0.8, color=COLOURS[pen],
+                   label=f"{ARCHS[arch][0]}, {pen} penalty" + (", --class-balance 1" if balanced else ""),
+                   marker="D" if balanced else ARCHS[arch][1])
     for r in rows:
         label, offset = LABELS.get((r["penalty"], r["name"]), (None, None))
         if label and not (r["name"] == "hyb" and r["file"] != "train_defaults_penalty.json"):
