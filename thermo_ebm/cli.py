@@ -305,8 +305,7 @@ def measure(ckpt, temps, units, data, ensemble, heldout, out, group, replace_gro
         done = False
         try:
             with _log_file(log_file if dist.is_main() else None):
-                ds = run(ckpt, t, ensemble=ensemble, units=units, data=None if data == "none" else data, seed=seed,
-                         heldout=None if heldout == "none" else heldout,
+                ds = run(ckpt, t, ensemble=ensemble, units=units, data=data, seed=seed, heldout=heldout,
                          device=device, progress=dist.is_main(), compile=compile_, **budget)
             dist.synchronize()
             done = True

@@ -168,6 +168,11 @@ def is_auto(spec) -> bool:
     return isinstance(spec, str) and spec == "auto"
 
 
+def is_none(spec) -> bool:
+    """Whether a states option asks for no states: None or the word "none"."""
+    return spec is None or (isinstance(spec, str) and spec == "none")
+
+
 def load_states_file(path, what: str, choices: str):
     """The object a .pt file of states holds (torch.load, weights only); one-line errors naming `what`
     ("data", "held-out") and the accepted `choices`."""

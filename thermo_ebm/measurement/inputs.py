@@ -13,7 +13,7 @@ import torch
 
 from .. import distributed as dist
 from ..config import NEEDS, MeasureConfig, needs
-from ..data import check_states, is_auto, load_data, load_states_file
+from ..data import check_states, is_auto, is_none, load_data, load_states_file
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
 from ..files.checkpoint import (checkpoint_data_dir, checkpoint_temperature, load_checkpoint, model_from_checkpoint,
@@ -128,7 +128,7 @@ def resolve_data(data, shape, ckpt, dataset=None, why=""):
     """Reference states [M, D] (float32, in the box) and a description; data: None, 'auto' (the checkpoint's
     `dataset`, from `checkpoint_dataset`, and stored chains), a tensor/array [M, *shape] or a .pt file holding one
     (or a dict with key 'x')."""
-    if data is None or (isinstance(data, str) and data == "none"):
+    if is_none(data):
         return None, "none"
     if is_auto(data):
         if ckpt is None:
@@ -190,7 +190,7 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
         if is_auto(heldout):
             held, train_split = resolve_heldout(heldout, shape, ckpt, dataset, why, k, seed)
     for key, f in (("data_sha256", data), ("heldout_sha256", heldout)):  # files given by path: their content
-        if isinstance(f, (str, Path)) and f not in ("auto", "none") and Path(f).is_file():
+        if isinstance(f, (str, Path)) and not (is_auto(f) or is_none(f)) and Path(f).is_file():
             desc[key] = file_sha256(f)
     c = training_config(ckpt) if ckpt is not None else {}
     if c.get("objective") in NEEDS:  # which ensembles the training chains sampled at T_train (docs/training.md)

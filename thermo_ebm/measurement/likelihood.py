@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import check_states, is_auto, load_states_file
+from ..data import check_states, is_auto, is_none, load_states_file
 from ..errors import ThermoEBMError
 
 log = logging.getLogger("thermo_ebm")
@@ -62,7 +62,7 @@ def resolve_heldout(heldout, shape, ckpt, dataset, why, n_classes, seed,
     generalisation gap; none for other models or where the dataset is not readable here, which the log says with
     `why`); a tensor/array [M, *shape]; a tuple (x, y); or a .pt file holding one of these or a dict with keys
     'x' (and 'y')."""
-    if heldout is None or (isinstance(heldout, str) and heldout == "none"):
+    if is_none(heldout):
         return None, None
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     d = int(np.prod(shape))

@@ -147,14 +147,14 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
         on the logits' scale.
     t_train : training temperature (logits' scale) for models that do not record one.
     data : reference states of the low-temperature phase, [M, *shape] in the box (tensor, array or .pt file);
-        "auto": a checkpoint's training split and stored chains (none for other models); None: none. With data,
-        log Z comes from annealing a data-informed base at every temperature and the estimate from uniform is
-        kept as log_Z_forward (flag_hysteresis where the two disagree).
+        "auto": a checkpoint's training split and stored chains (none for other models); None or "none": none.
+        With data, log Z comes from annealing a data-informed base at every temperature and the estimate from
+        uniform is kept as log_Z_forward (flag_hysteresis where the two disagree).
     heldout : held-out images for the normalised likelihood: [M, *shape] in the box, a tuple (x, y), a .pt file
         of either (or a dict with 'x' and 'y'), or "auto": a checkpoint's held-out split (with as many
         training-split images for the generalisation gap; none for other models, or when the dataset is not
-        readable here). Images on the 8-bit grid are dequantised (one grey
-        level of uniform noise); docs/estimators.md gives the convention. None: no likelihood.
+        readable here); None or "none": no likelihood. Images on the 8-bit grid are dequantised (one grey
+        level of uniform noise); docs/estimators.md gives the convention.
     seed : seed of every chain (shards and ranks derive theirs from it).
     device : "auto", "cpu", "cuda" or "cuda:N".
     progress : progress bars (a terminal) or periodic log lines (elsewhere).
