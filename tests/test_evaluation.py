@@ -83,6 +83,7 @@ def test_eval_command_writes_a_group_and_show_prints_it(digits_ckpt, tmp_path):
     assert ds.attrs["kind"] == "evaluation" and read_group(out, "training").attrs["kind"] == "training"
     assert set(ds.ood_set.values) == {"uniform", "gaussian", "constant", "inverted", "permuted"}
     assert list(ds.chain_kind.values) == ["buffer_marginal", "mala_20", "mala_60"]
+    assert ds.attrs["long_run_start"] == "buffer_marginal"  # the long-run chains continue the buffer's
     assert 0 <= float(ds.ece) <= 1 and float(ds.ece_err) > 0 and float(ds.t_cal) > 0
     assert np.all((ds.auroc.values >= 0) & (ds.auroc.values <= 1)) and np.all(ds.auroc_err.values >= 0)
     assert ds.accuracy.attrs["units"] == "1" and ds.auroc.attrs["ancillary_variables"] == "auroc_err"
@@ -139,3 +140,29 @@ def test_mnist_feature_frechet_and_eval_of_an_mnist_model(tmp_path, monkeypatch)
                   chain_steps=(10,))
     assert {"digits8x8", "fashion-mnist"} <= set(ds.ood_set.values) and "mnist" not in ds.ood_set.values
     assert np.all(np.isfinite(ds.mnist_feature_frechet.values)) and ds.attrs["feature_net_heldout_acc"] == acc
+
+
+def test_long_run_chains_continue_their_start_and_sample_p_T():
+    """`draw(start=...)`, the long-run check's chains: from states far out in a corner, 300 steps at T (step sizes
+    tuned over the first 30, then frozen) reach p_T of a truncated Gaussian (exact <E>_T), within 4 SEs; and they
+    continue their start: on double wells at a cold temperature, chains started in the lower wells stay there,
+    while chains from noise leave about a third of the coordinates in the upper ones."""
+    import torch
+
+    from thermo_ebm.evaluation.sample import draw
+    from thermo_ebm.testing import DoubleWells, TruncatedGaussian
+    model = TruncatedGaussian(d=16, seed=3)
+    model.n_classes = 1
+    start = torch.full((512, 16), 0.95)
+    for temp in (0.5, 1.0):
+        x = draw(model, temp, n=7, steps=300, seed=1, device="cpu", start=start)
+        assert x.shape == (512, 16)
+        with torch.no_grad():
+            e = -model(x).squeeze(-1).double().numpy()
+        u = float(model.exact([temp])["U"][0])
+        assert abs(e.mean() - u) < 4 * e.std() / math.sqrt(len(e)), (temp, e.mean(), u)
+    wells = DoubleWells(d=16)
+    wells.n_classes = 1
+    upper = [float((draw(wells, 0.05, n=64, steps=200, seed=1, device="cpu", start=start) > 0).float().mean())
+             for start in (torch.full((64, 16), -0.7), None)]
+    assert upper[0] < 0.02 and upper[1] > 0.2, upper

@@ -338,8 +338,10 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
             xs = v[: cfg.chains].float().to(dev)
             kinds.append(f"buffer_{key.split('/')[0]}")
             grids.append(xs.cpu())
+    start = grids[0] if grids else None  # the long-run chains continue the first buffer's chains (else: noise)
     for steps in cfg.chain_steps:
-        xs = draw(model, cfg.temperature * t_train, n=cfg.chains, steps=int(steps), seed=seed, device=str(dev))
+        xs = draw(model, cfg.temperature * t_train, n=cfg.chains, steps=int(steps), seed=seed, device=str(dev),
+                  start=start)
         kinds.append(f"mala_{int(steps)}")
         grids.append(xs.detach().cpu())
     ref = data.x_test.reshape(len(data.x_test), -1).numpy()
@@ -380,7 +382,9 @@ def evaluate(ckpt, *, seed: int = 0, device: str = "auto", data_dir=None, config
     attrs = {"kind": "evaluation", "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
              "checkpoint_step": int(st.get("step", -1)), "n_heldout": n, "T_train": t_train,
              "T_ML_quick_side": t_ml[2],
-             "chain_temperature": f"{cfg.temperature:g} x T_train", "settings": json.dumps(
+             "chain_temperature": f"{cfg.temperature:g} x T_train",
+             "long_run_start": kinds[0] if start is not None else "uniform noise, annealed over the first half",
+             "settings": json.dumps(
                  {**cfg.__dict__, "chain_steps": [int(s) for s in cfg.chain_steps]}),
              "positives": "held-out (in-distribution) inputs; scores larger = more in-distribution",
              **({"feature_net_heldout_acc": feat_acc} if feat is not None else {}),
@@ -407,6 +411,8 @@ def summary(ds: xr.Dataset) -> dict:
             if k in ds:
                 row[k] = [float(ds[k][i]), float(ds[k + "_err"][i])]
         out["samples"][str(kind)] = row
+    if "long_run_start" in ds.attrs:
+        out["long_run_start"] = ds.attrs["long_run_start"]
     return out
 
 
@@ -441,4 +447,7 @@ def table(ds: xr.Dataset) -> str:
         lines.append(f"samples {kind}: saturated pixels {float(ds.saturated_fraction[i]):.3f}, model confidence "
                      f"{float(ds.confidence[i]):.3f} ±{float(ds.confidence_err[i]):.2g}, PCA Fréchet distance "
                      f"{float(ds.pca_frechet[i]):.3g} ±{float(ds.pca_frechet_err[i]):.2g}{fid}")
+    if "long_run_start" in ds.attrs:
+        lines.append(f"(mala_N: N reflected-MALA steps at {ds.attrs['chain_temperature']} from "
+                     f"{ds.attrs['long_run_start']}; Fréchet distances against held-out images)")
     return "\n".join(lines)

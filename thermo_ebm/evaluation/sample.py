@@ -17,8 +17,12 @@ from ..files.fileio import check_writable_folder
 from ..samplers.kernels import MAX_STEP, adapt_step, mala_init, mala_step, uniform
 
 
-def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="auto"):
-    """Samples [n, *shape] from p_T(x) (or p_T(x | label)) of a thermo-ebm model."""
+def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="auto", start=None):
+    """Samples [n, *shape] from p_T(x) (or p_T(x | label)) of a thermo-ebm model by reflected-MALA chains.
+    Without `start` they begin as uniform noise and anneal from beta = 1e-3 / T to 1 / T over the first half of
+    the steps (step sizes tuned meanwhile), then run the second half at T. With `start` [n, *shape] (states in the
+    box, e.g. a replay buffer; n is then its length) every step is at T: the step sizes are tuned over the first
+    tenth of the steps, then frozen."""
     if not (temp > 0 and math.isfinite(temp)):
         raise ThermoEBMError(f"--temp must be a positive number, got {temp}")
     if n < 1 or steps < 2:
@@ -29,13 +33,17 @@ def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="aut
         raise ThermoEBMError("--label needs a model with several classes")
     ens = Ensemble("conditional", model.n_classes, label) if label is not None else Ensemble("marginal", model.n_classes)
     g = torch.Generator(device=dev).manual_seed(seed)
-    state = mala_init(model, ens, uniform(n, model.shape, g, dev))
+    if start is None:
+        x0, betas, tune = uniform(n, model.shape, g, dev), np.geomspace(1e-3, 1.0, steps // 2) / temp, steps // 2
+    else:
+        x0, betas, tune = start.float().to(dev), np.zeros(0), max(1, steps // 10)
+        n = len(x0)
+    state = mala_init(model, ens, x0)
     step = torch.full((n,), MAX_STEP, device=dev)
-    anneal = np.geomspace(1e-3, 1.0, steps // 2) / temp
     for i in range(steps):
-        b = float(anneal[i]) if i < len(anneal) else 1.0 / temp
+        b = float(betas[i]) if i < len(betas) else 1.0 / temp
         state, info = mala_step(state, model, ens, torch.full((n,), b, device=dev), step, g)
-        if i < len(anneal):
+        if i < tune:
             step = adapt_step(step, info.acceptance)
     return state.x
 
