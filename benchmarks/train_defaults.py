@@ -1,6 +1,7 @@
 """The search behind `train`'s MNIST defaults: settings tried, held-out accuracy, ECE, wall time, and the sample
 figures of issue #26 (T_ML / T_train from held-out-seeded chains; MNIST-feature Fréchet distance of the replay
-buffer and of 10,000-step chains at T_train started from it, whose ratio is the long-run check), and the mean
+buffer and of 10,000-step chains at T_train started from it, whose ratio is the long-run check; `long_run_start`
+says where those chains started: rows evaluated before eval continued the buffer started them from noise), and the mean
 data-model energy gap <E_model> - <E_data> of the marginal chains over the last epoch (raw units) with reg times it
 (1 where the centred penalty cancels the likelihood gradient, docs/training.md), and the class holding most of the
 replay buffer's softmax(f / T_train) mass (near 1: the chains, and the joint ensemble at T_train, sit in one class).
@@ -141,6 +142,7 @@ def row(name, settings, res, ckpt):
                 ece=float(ev.ece), ece_err=float(ev.ece_err), t_cal_raw=float(ev.t_cal),
                 T_train=float(tr.attrs["training_temperature"]), train_seconds=float(tr.seconds.values[-1]),
                 buffer_frechet=buf, long_run_frechet=long, long_run_ratio=long / buf if buf else float("nan"),
+                long_run_start=str(ev.attrs.get("long_run_start", "uniform noise, annealed over the first half")),
                 T_ML_over_T_train=float(tr.attrs.get("T_ML_quick", float("nan"))),
                 T_ML_over_T_train_err=float(tr.attrs.get("T_ML_quick_err", float("nan"))),
                 T_ML_side=str(tr.attrs.get("T_ML_quick_side", "not estimated")),

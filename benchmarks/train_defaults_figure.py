@@ -33,10 +33,14 @@ p = argparse.ArgumentParser()
 p.add_argument("--out", default=str(Path(__file__).parent.parent / "docs" / "train_defaults_tradeoff.png"))
 args = p.parse_args()
 
-rows = []
+rows, seen = [], set()
 for f in sorted(RESULTS.glob("train_defaults*.json")):
     record = json.loads(f.read_text())
     for r in record["rows"]:
+        trial = (r["name"], r.get("penalty", "magnitude"), r["heldout_acc"])  # a trial re-evaluated in another file
+        if trial in seen:
+            continue
+        seen.add(trial)
         if r["objective"] == "j_ebm" and "official train/test splits" not in r.get("data", ""):  # the offline split
             rows.append({**r, "penalty": r.get("penalty", "magnitude"), "arch": r["settings"].get("arch", "shallow"),
                          "balanced": r.get("class_balance", 0.0) > 0, "file": f.name, "date": record["date"]})
