@@ -17,7 +17,7 @@ import numpy as np
 from click.core import ParameterSource
 
 from . import __version__
-from .config import DATASETS, OBJECTIVES, PENALTIES, MeasureConfig, TrainConfig, presets_help
+from .config import DATASETS, OBJECTIVES, PENALTIES, SAMPLERS, MeasureConfig, TrainConfig, presets_help
 from .errors import ThermoEBMError, TrainingDiverged
 from .files.results import invoked_as
 
@@ -147,6 +147,9 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
 @train_option("--sgld-noise", type=float, help="Langevin noise n." + BY_PRESET)
 @train_option("--mc-steps", type=int, help="Langevin steps per optimizer step.")
+@train_option("--sampler", type=click.Choice(list(SAMPLERS)),
+              help="Training chains' moves: sgld (the Langevin step, clamped to the box) or mala (the same proposal "
+                   "reflected at the box and Metropolis-corrected, so the chains target p at T_train exactly).")
 @train_option("--joint-labels", type=click.Choice(["fixed", "gibbs"]),
               help="Joint chains keep their label, or redraw it from p(y|x) after each x update (Gibbs).")
 @train_option("--joint-estimator", type=click.Choice(["exact", "chains"]),

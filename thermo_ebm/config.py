@@ -12,6 +12,7 @@ OBJECTIVES = ("dcl", "m_ebm", "j_ebm", "gcl", "hybrid")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/objectives.py)
 JOINT_ESTIMATORS = ("exact", "chains")  # j_ebm's two estimators of the p(x, y) likelihood (training/objectives.py)
+SAMPLERS = ("sgld", "mala")  # the training chains' moves (training/chains.py)
 # the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
 NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
          "hybrid": ("marginal",)}
@@ -105,6 +106,7 @@ class TrainConfig:
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float | None = None   # None: from PRESETS
     mc_steps: int = 40
+    sampler: str = "sgld"             # or "mala": the same proposal (reflected at the box), MH-corrected to T_train
     joint_labels: str = "fixed"       # or "gibbs": after the x moves, draw each joint chain's y ~ p(y|x)
     joint_estimator: str = "exact"    # j_ebm: "exact" (CE + marginal chains) or "chains" (class-conditional chains)
     buffer_size: int | None = None
@@ -158,6 +160,11 @@ class TrainConfig:
             raise ThermoEBMError("--from-scratch must be in [0, 1]")
         if self.lr <= 0 or self.sgld_step < 0 or self.sgld_noise < 0:
             raise ThermoEBMError("--lr must be > 0 and SGLD step/noise >= 0")
+        if self.sampler not in SAMPLERS:
+            raise ThermoEBMError(f"--sampler must be one of {', '.join(SAMPLERS)}")
+        if self.sampler == "mala" and not (0 < self.sgld_noise <= 0.5 and self.sgld_step > 0):
+            raise ThermoEBMError("--sampler mala needs --sgld-step > 0 and 0 < --sgld-noise <= 0.5 (its proposal's "
+                                 "spread)")
         if self.buffer_size < self.batch_size and not self.short_run:
             raise ThermoEBMError("--buffer-size must be at least --batch-size")
         self.check_name()

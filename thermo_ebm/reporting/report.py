@@ -312,9 +312,14 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
                 info["chains_class_mass"] = mass
                 chains = (f"; the training chains' largest class: {classes[top]}, {mass[top]:.2f} of their "
                           "softmax(f / T_train) mass")
+            moves = ""
+            if np.isfinite(ds.attrs.get("sampler_acceptance", np.nan)):  # training/loop.py log_sampler_acceptance
+                info["sampler_acceptance"] = float(ds.attrs["sampler_acceptance"])
+                moves = (f"; the training moves pass the Metropolis test at T_train "
+                         f"{100 * info['sampler_acceptance']:.1f}% of the time")
             doc["groups"][name] = info
             acc = f", held-out accuracy {info['heldout_acc']:.4f}" if "heldout_acc" in info else ""
-            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}{chains}")
+            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}{chains}{moves}")
         else:
             doc["groups"][name] = {"kind": kind}
             lines.append(f"\n[{name}] ({kind})")

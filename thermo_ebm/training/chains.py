@@ -1,7 +1,7 @@
 """Training's persistent sampler chains and the small records around the loop.
 
 `PersistentChains`: one replay buffer per chain population ("joint": x with a label, "marginal": x), the
-restarts from uniform noise, the Langevin moves, and the work/heat bookkeeping per walker (W: energy change
+restarts from uniform noise, the Langevin moves (`--sampler sgld`, or MH-corrected: `mala`), and the work/heat bookkeeping per walker (W: energy change
 from parameter updates, Q: from sampler moves at fixed parameters; -log mean exp(-W) is the Jarzynski
 estimate of the free-energy change since the uniform start). `History`: per-step and per-epoch records and
 events. `DivergenceGuard`: which signals count as divergence. Each has its own state_dict.
@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 
 from ..models import joint_energy, marginal_energy
-from ..samplers.kernels import langevin_init, langevin_move, langevin_step
+from ..samplers.kernels import accept, energy_and_grad, gaussian, langevin_init, langevin_move, langevin_step, propose
 
 POPULATIONS = ("joint", "marginal")  # sampler chain populations; metric names are "<population>_<name>"
 BUFFER_KEYS = ("x", "y", "W", "Q", "e_last")
@@ -25,6 +25,25 @@ BOOKKEEPING = ("W", "Q", "dW", "dQ", "jarzynski", "dF")
 
 def _logmeanexp(a):
     return torch.logsumexp(a, 0) - math.log(a.numel())
+
+
+def mala_moves(state, energy_fn, sgld_step: float, sgld_noise: float, steps: int, generator):
+    """`steps` reflected-MALA moves from a LangevinState [b, *shape]: the SGLD proposal (drift -sgld_step dE/dx,
+    noise sgld_noise) folded into the box, accepted with the Metropolis-Hastings ratio of p ∝ exp(-E / T_train),
+    T_train = sgld_noise^2 / (2 sgld_step). Returns (x [b, *shape], the mean acceptance)."""
+    s, beta = sgld_noise, 2.0 * sgld_step / sgld_noise ** 2  # beta = 1 / T_train
+    shape, b = state.x.shape, len(state.x)
+    x, e, ugrad = state.x.reshape(b, -1), state.energy, -state.grad.reshape(b, -1)
+    accepted = torch.zeros((), device=x.device)
+    for _ in range(steps):
+        y = propose(x, ugrad, s, beta, gaussian(x, generator))
+        e_y, g_y = energy_and_grad(energy_fn, y.view(shape))
+        log_u = torch.log(torch.rand(b, generator=generator, device=x.device))
+        x, ugrad, acc = accept(x, y, ugrad, -g_y.reshape(b, -1), s, beta, beta * (e - e_y), log_u,
+                               torch.isfinite(e_y))
+        e = torch.where(acc, e_y, e)
+        accepted += acc.float().mean()
+    return x.view(shape), float(accepted) / steps
 
 
 class ChainBatch(NamedTuple):
@@ -42,7 +61,7 @@ class PersistentChains:
 
     def __init__(self, populations, n: int, shape, n_classes: int, cfg, device, generator: torch.Generator):
         self.cfg, self.shape, self.n_classes, self.dev, self.generator = cfg, tuple(shape), n_classes, device, generator
-        self.pops = {}
+        self.pops, self.acceptance = {}, {}
         for pop in populations:
             self.pops[pop] = {
                 "x": self.uniform(n),
@@ -85,16 +104,33 @@ class PersistentChains:
         e_start = state.energy.double()
         dW = e_start - buf["e_last"][idx]  # energy change of these walkers from parameter updates
         buf["W"][idx] += dW
+        if cfg.sampler == "mala":
+            x, self.acceptance[pop] = mala_moves(state, energy_fn, cfg.sgld_step, cfg.sgld_noise, cfg.mc_steps, g)
+            return ChainBatch(idx, x, y0, e_start, dW)
         for _ in range(cfg.mc_steps - 1):
             state = langevin_step(state, energy_fn, cfg.sgld_step, cfg.sgld_noise, g)
         x = langevin_move(state, cfg.sgld_step, cfg.sgld_noise, g)
         return ChainBatch(idx, x, y0, e_start, dW)
 
+    def proposal_acceptance(self, model, generator: torch.Generator, n: int = 1000) -> float:
+        """How often the training sampler's moves pass the Metropolis-Hastings test of p at T_train: the mean
+        acceptance of mc_steps reflected-MALA moves with SGLD's proposal from the first n walkers of the marginal
+        buffer (else the joint one, with its labels), the buffer left as it is. Near 1: the chains sample p at
+        T_train; near 0: their moves descend the energy, and T_train is nominal. nan without chains or noise."""
+        if not self.pops or self.cfg.sgld_step <= 0 or self.cfg.sgld_noise <= 0:
+            return float("nan")
+        pop = "marginal" if "marginal" in self.pops else "joint"
+        x, y = self.pops[pop]["x"][:n], self.pops[pop]["y"][:n]
+        energy_fn = self._energy_fn(model, pop, y)
+        return mala_moves(langevin_init(energy_fn, x), energy_fn, self.cfg.sgld_step, self.cfg.sgld_noise,
+                          self.cfg.mc_steps, generator)[1]
+
+
     def book(self, moved: dict, logits: dict) -> dict:
         """Store the moved walkers and book their heat, given the logits [b, K] at their final x under the
         parameters they sampled with; with joint_labels "gibbs" the joint labels are redrawn from p(y|x) (an
         exact Gibbs move, booked as heat). Returns this rank's metrics <population>_W, _Q, _dW, _dQ, _jarzynski
-        (nan for short-run chains)."""
+        (nan for short-run chains), and with --sampler mala _accept."""
         rec = {}
         for pop, (idx, x, y, e_start, dW) in moved.items():
             lg = logits[pop]
@@ -105,6 +141,8 @@ class PersistentChains:
             buf["Q"][idx] += e_end - e_start  # energy change from MCMC moves at fixed parameters
             buf["e_last"][idx] = e_end
             buf["x"][idx], buf["y"][idx] = x.detach(), y
+            if pop in self.acceptance:  # --sampler mala: the mean acceptance of this step's moves
+                rec[f"{pop}_accept"] = self.acceptance[pop]
             if self.cfg.short_run:
                 rec.update({f"{pop}_{k}": float("nan") for k in BOOKKEEPING})
                 continue

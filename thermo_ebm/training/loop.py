@@ -88,6 +88,7 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.perm = 0, 0, 0, None
         self.lr = cfg.lr
         self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
+        self.acceptance = math.nan  # how often the training moves pass the MH test at T_train, after the last epoch
         self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) at the last epoch's end
         self.snapshot = None  # the last good state (train_state.capture), which a divergence restores
 
@@ -159,6 +160,7 @@ class Trainer:
         gap = self.history.energy_gap(n_batches)
         if dist.is_main() and self.cfg.objective != "dcl":
             self.t_ml = quick_t_ml_of(self)
+            self.acceptance = log_sampler_acceptance(self)
             log_energy_gap(cfg, gap, min(n_batches, self.step))
             at_epoch_end = self.class_mass is not None and self.history.last("epoch_end_step") == self.step
             self.class_mass = log_chain_classes(self, self.class_mass if at_epoch_end else None)
@@ -170,7 +172,7 @@ class Trainer:
                      "buffer, their Fréchet distance against the buffer's): thermo-ebm eval --ckpt %s", ckpt)
         return {"checkpoint": str(ckpt), "results": str(res), "steps": self.step, "epochs": self.epoch,
                 "heldout_acc": self.history.last("heldout_acc"),
-                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0],
+                "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0], "sampler_acceptance": self.acceptance,
                 "energy_gap": gap, "reg_times_gap": cfg.reg * gap,
                 "chains_class_mass": None if self.class_mass is None else self.class_mass.tolist()}
 
@@ -296,6 +298,7 @@ def history_dataset(tr) -> xr.Dataset:
         "units": "energies E = -f on the logits' scale (T = 1 of the logits; T_train = training_temperature)",
         "training_temperature": tr.t_train,
         "T_ML_quick": tr.t_ml[0], "T_ML_quick_err": tr.t_ml[1], "T_ML_quick_side": tr.t_ml[2],
+        "sampler_acceptance": tr.acceptance,
         **({} if tr.class_mass is None else {"chains_class_mass": json.dumps(np.round(tr.class_mass, 4).tolist())}),
         **provenance()}))
 
@@ -311,6 +314,22 @@ def quick_t_ml_of(tr):
              "above": "T_ML above 4 T_train"}.get(t[2], "T_ML undetermined")
     log.info("%s (quick: held-out-seeded chains at 0.25-4 T_train; `measure` gives it with its error bar)", where)
     return t
+
+
+def log_sampler_acceptance(tr) -> float:
+    """PersistentChains.proposal_acceptance of a Trainer's chains after training (its own generator: the chains'
+    stream is left as a resumed run needs it), logged with what it says about T_train."""
+    g = torch.Generator(device=tr.dev).manual_seed(tr.cfg.seed + 15485863)
+    a = tr.chains.proposal_acceptance(tr.model.eval(), g)
+    tr.model.train()
+    if math.isnan(a):
+        return a
+    says = ("the chains sample p at T_train" if a >= 0.5 else
+            "the chains descend the energy rather than sample p there, so T_train is nominal"
+            + (" (--sampler mala corrects the moves)" if tr.cfg.sampler == "sgld" else ""))
+    log.info("the training moves pass the Metropolis test at T_train %.1f%% of the time (from the buffer): %s",
+             100 * a, says)
+    return a
 
 
 @torch.no_grad()
