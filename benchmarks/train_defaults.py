@@ -22,6 +22,7 @@ import platform
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -29,6 +30,7 @@ from thermo_ebm import evaluate, train
 from thermo_ebm.files.checkpoint import (checkpoint_temperature, load_checkpoint, model_from_checkpoint,
                                          training_config)
 from thermo_ebm.files.results import list_groups, read_group, write_group
+from thermo_ebm.training.chains import PersistentChains
 from thermo_ebm.training.loop import chains_class_mass
 
 # name: settings beyond BASE, PRESETS' "*" rows on MNIST (reg 0.1 with the centred penalty, SGLD noise 0.1 at step
@@ -120,6 +122,9 @@ TRIALS = {
        for tail, extra in (("", {}), ("_buf1000", {"buffer_size": 1000}),
                            ("_buf1000_seed1", {"buffer_size": 1000, "seed": 1}),
                            ("_buf1000_seed2", {"buffer_size": 1000, "seed": 2}))},
+    "je_T0.02_r001_e30_cb_buf1000_mala": {"sgld_noise": 0.0447, "reg": 0.001, "lr_schedule": "cosine", "epochs": 30,
+                                          "class_balance": 1.0, "buffer_size": 1000, "sampler": "mala", **MAG},
+    "je_T0.02_r3_centred_mala": {"sgld_noise": 0.0447, "reg": 3.0, "sampler": "mala"},  # the defaults, MH-corrected
     "je_T1_r001_e30_cb_buf1000": {"sgld_step": 0.001, "sgld_noise": 0.04472, "reg": 0.001, "lr_schedule": "cosine",
                                   "epochs": 30, "class_balance": 1.0, "buffer_size": 1000, **MAG},  # the same at T_train 1
 }
@@ -147,7 +152,19 @@ def row(name, settings, res, ckpt):
                 T_ML_over_T_train_err=float(tr.attrs.get("T_ML_quick_err", float("nan"))),
                 T_ML_side=str(tr.attrs.get("T_ML_quick_side", "not estimated")),
                 energy_gap=gap, reg_times_gap=cfg["reg"] * gap,
+                sampler_acceptance=sampler_acceptance(ckpt),
                 **dict(zip(("buffer_top_class", "buffer_top_class_mass"), buffer_classes(ckpt))))
+
+
+def sampler_acceptance(ckpt):
+    """How often the checkpoint's training moves pass the Metropolis test at T_train from its buffer
+    (PersistentChains.proposal_acceptance, as `train` logs it): near 1 the chains sampled p at T_train."""
+    st = load_checkpoint(ckpt)
+    model, cfg = model_from_checkpoint(st, ckpt).eval(), SimpleNamespace(**training_config(st))
+    pops = sorted({key.split("/")[0] for key in st["buffers"]})
+    chains = PersistentChains(pops, 1, model.shape, model.n_classes, cfg, "cpu", torch.Generator())
+    chains.load_state_dict(st["buffers"])
+    return chains.proposal_acceptance(model, torch.Generator().manual_seed(1))
 
 
 def buffer_classes(ckpt):
