@@ -198,6 +198,7 @@ def test_a_checkpoints_dataset_is_read_once_for_the_reference_states_and_the_hel
     assert len(p.heldout.x) == len(p.train_split.x) == 359 and p.heldout.y is not None
     p = inputs.prepare(digits_ckpt["checkpoint"], [1.0], data="none", heldout="none", **kw)
     assert len(calls) == 1 and p.data is None and p.heldout is None  # neither asks for it: not read
+    assert 0.5 < p.desc["training_moves_accepted"] <= 1.0  # the digits model's chains sample at T_train
 
     def unreadable(*args, **kw):
         raise ThermoEBMError("no such dataset here")

@@ -413,3 +413,14 @@ def test_mala_training_chains_sample_p_at_t_train_where_sgld_is_biased():
     for bad in ({"sampler": "hmc"}, {"sampler": "mala", "sgld_noise": 0.6}):
         with pytest.raises(ThermoEBMError, match="--sampler"):
             TrainConfig(**bad).validate()
+
+
+def test_the_scale_line_says_when_t_train_is_nominal():
+    """`show` and `measure` name T = 1 as the training chains' target only where their moves passed the
+    Metropolis test there (training_moves_accepted, measurement/inputs.py)."""
+    from thermo_ebm.reporting.report import scale_line
+    base = {"temperature_units": "train", "T_train": 0.02, "ensemble": "marginal", "training_chains": "marginal"}
+    assert "the distribution the training chains targeted" in scale_line(xr.Dataset(attrs=base))
+    assert "targeted" in scale_line(xr.Dataset(attrs={**base, "training_moves_accepted": 0.99}))
+    line = scale_line(xr.Dataset(attrs={**base, "training_moves_accepted": 0.0}))
+    assert "T_train, nominal" in line and "0% of the time" in line

@@ -13,6 +13,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
 PENALTIES = ("centred", "magnitude")  # forms of the energy penalty (training/objectives.py)
 JOINT_ESTIMATORS = ("exact", "chains")  # j_ebm's two estimators of the p(x, y) likelihood (training/objectives.py)
 SAMPLERS = ("sgld", "mala")  # the training chains' moves (training/chains.py)
+NOMINAL = 0.5  # training moves that pass the Metropolis test at T_train less often than this did not sample there
 # the chain populations each objective samples (metric names: "<population>_e_data", "_e_model", "_ml")
 NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint", "marginal"),
          "hybrid": ("marginal",)}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import NOMINAL
 from ..errors import ThermoEBMError
 from ..files.results import file_sha256, list_groups, read_group
 
@@ -30,8 +31,11 @@ def scale_line(ds) -> str:
     """Which temperature scale a measurement is on (and where the training distribution sits)."""
     t_train = float(ds.attrs.get("T_train", 1.0))
     if ds.attrs.get("temperature_units") == "train" and t_train != 1.0:
-        chains = ds.attrs.get("training_chains")
-        if chains is None or ds.attrs.get("ensemble") in chains.split(" and "):
+        chains, accepted = ds.attrs.get("training_chains"), ds.attrs.get("training_moves_accepted")
+        if accepted is not None and accepted < NOMINAL:
+            where = (f"T_train, nominal: the training moves pass the Metropolis test there {100 * accepted:.0f}% of "
+                     "the time, so the chains did not sample it (docs/training.md, Sampler)")
+        elif chains is None or ds.attrs.get("ensemble") in chains.split(" and "):
             where = "the distribution the training chains targeted"
         elif chains == "none":
             where = "T_train, nominal: this model was trained without chains"

@@ -265,3 +265,22 @@ def mala_step(state: MalaState, model, ensemble, beta, step, generator, kernel: 
 def take(state, idx):
     """The chains at index `idx` of a chain state (a MalaState or any NamedTuple of per-chain tensors)."""
     return type(state)(*(v[idx] for v in state))
+
+
+def mala_moves(state: LangevinState, energy_fn, sgld_step: float, sgld_noise: float, steps: int, generator):
+    """`steps` reflected-MALA moves from a LangevinState [b, *shape]: the SGLD proposal (drift -sgld_step dE/dx,
+    noise sgld_noise) folded into the box, accepted with the Metropolis-Hastings ratio of p ∝ exp(-E / T_train),
+    T_train = sgld_noise^2 / (2 sgld_step). Returns (x [b, *shape], the mean acceptance)."""
+    s, beta = sgld_noise, 2.0 * sgld_step / sgld_noise ** 2  # beta = 1 / T_train
+    shape, b = state.x.shape, len(state.x)
+    x, e, ugrad = state.x.reshape(b, -1), state.energy, -state.grad.reshape(b, -1)
+    accepted = torch.zeros((), device=x.device)
+    for _ in range(steps):
+        y = propose(x, ugrad, s, beta, gaussian(x, generator))
+        e_y, g_y = energy_and_grad(energy_fn, y.view(shape))
+        log_u = torch.log(torch.rand(b, generator=generator, device=x.device))
+        x, ugrad, acc = accept(x, y, ugrad, -g_y.reshape(b, -1), s, beta, beta * (e - e_y), log_u,
+                               torch.isfinite(e_y))
+        e = torch.where(acc, e_y, e)
+        accepted += acc.float().mean()
+    return x.view(shape), float(accepted) / steps

@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 
 from ..models import joint_energy, marginal_energy
-from ..samplers.kernels import accept, energy_and_grad, gaussian, langevin_init, langevin_move, langevin_step, propose
+from ..samplers.kernels import langevin_init, langevin_move, langevin_step, mala_moves
 
 POPULATIONS = ("joint", "marginal")  # sampler chain populations; metric names are "<population>_<name>"
 BUFFER_KEYS = ("x", "y", "W", "Q", "e_last")
@@ -25,25 +25,6 @@ BOOKKEEPING = ("W", "Q", "dW", "dQ", "jarzynski", "dF")
 
 def _logmeanexp(a):
     return torch.logsumexp(a, 0) - math.log(a.numel())
-
-
-def mala_moves(state, energy_fn, sgld_step: float, sgld_noise: float, steps: int, generator):
-    """`steps` reflected-MALA moves from a LangevinState [b, *shape]: the SGLD proposal (drift -sgld_step dE/dx,
-    noise sgld_noise) folded into the box, accepted with the Metropolis-Hastings ratio of p ∝ exp(-E / T_train),
-    T_train = sgld_noise^2 / (2 sgld_step). Returns (x [b, *shape], the mean acceptance)."""
-    s, beta = sgld_noise, 2.0 * sgld_step / sgld_noise ** 2  # beta = 1 / T_train
-    shape, b = state.x.shape, len(state.x)
-    x, e, ugrad = state.x.reshape(b, -1), state.energy, -state.grad.reshape(b, -1)
-    accepted = torch.zeros((), device=x.device)
-    for _ in range(steps):
-        y = propose(x, ugrad, s, beta, gaussian(x, generator))
-        e_y, g_y = energy_and_grad(energy_fn, y.view(shape))
-        log_u = torch.log(torch.rand(b, generator=generator, device=x.device))
-        x, ugrad, acc = accept(x, y, ugrad, -g_y.reshape(b, -1), s, beta, beta * (e - e_y), log_u,
-                               torch.isfinite(e_y))
-        e = torch.where(acc, e_y, e)
-        accepted += acc.float().mean()
-    return x.view(shape), float(accepted) / steps
 
 
 class ChainBatch(NamedTuple):

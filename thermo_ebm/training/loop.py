@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 
 from .. import distributed as dist
-from ..config import TrainConfig, needs, parse_labels
+from ..config import NOMINAL, TrainConfig, needs, parse_labels
 from ..data import load_data
 from ..ensembles import Ensemble
 from ..errors import ThermoEBMError, TrainingDiverged
@@ -324,7 +324,7 @@ def log_sampler_acceptance(tr) -> float:
     tr.model.train()
     if math.isnan(a):
         return a
-    says = ("the chains sample p at T_train" if a >= 0.5 else
+    says = ("the chains sample p at T_train" if a >= NOMINAL else
             "the chains descend the energy rather than sample p there, so T_train is nominal"
             + (" (--sampler mala corrects the moves)" if tr.cfg.sampler == "sgld" else ""))
     log.info("the training moves pass the Metropolis test at T_train %.1f%% of the time (from the buffer): %s",
