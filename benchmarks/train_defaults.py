@@ -22,7 +22,6 @@ import platform
 import time
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -30,7 +29,7 @@ from thermo_ebm import evaluate, train
 from thermo_ebm.files.checkpoint import (checkpoint_temperature, load_checkpoint, model_from_checkpoint,
                                          training_config)
 from thermo_ebm.files.results import list_groups, read_group, write_group
-from thermo_ebm.training.chains import PersistentChains
+from thermo_ebm.training.chains import moves_acceptance
 from thermo_ebm.training.loop import chains_class_mass
 
 # name: settings beyond BASE, PRESETS' "*" rows on MNIST (reg 0.1 with the centred penalty, SGLD noise 0.1 at step
@@ -160,13 +159,9 @@ def row(name, settings, res, ckpt):
 
 def sampler_acceptance(ckpt):
     """How often the checkpoint's training moves pass the Metropolis test at T_train from its buffer
-    (PersistentChains.proposal_acceptance, as `train` logs it): near 1 the chains sampled p at T_train."""
+    (training.chains.moves_acceptance, as `train` logs it): near 1 the chains sampled p at T_train."""
     st = load_checkpoint(ckpt)
-    model, cfg = model_from_checkpoint(st, ckpt).eval(), SimpleNamespace(**training_config(st))
-    pops = sorted({key.split("/")[0] for key in st["buffers"]})
-    chains = PersistentChains(pops, 1, model.shape, model.n_classes, cfg, "cpu", torch.Generator())
-    chains.load_state_dict(st["buffers"])
-    return chains.proposal_acceptance(model, torch.Generator().manual_seed(1))
+    return moves_acceptance(model_from_checkpoint(st, ckpt).eval(), st["buffers"], training_config(st))
 
 
 def buffer_classes(ckpt):

@@ -377,7 +377,7 @@ def test_mala_training_chains_sample_p_at_t_train_where_sgld_is_biased():
     from types import SimpleNamespace
 
     from thermo_ebm.testing import TruncatedGaussian
-    from thermo_ebm.training.chains import PersistentChains
+    from thermo_ebm.training.chains import PersistentChains, moves_acceptance
     model = TruncatedGaussian(d=16, seed=3)
     step, noise = 0.02, 0.2  # T_train = noise^2 / (2 step) = 1
     got = {}
@@ -403,9 +403,9 @@ def test_mala_training_chains_sample_p_at_t_train_where_sgld_is_biased():
     for step, noise, lo, hi in ((5e-4, 0.0316, 0.8, 1.0), (0.05, 0.01, 0.0, 0.05)):
         cfg = SimpleNamespace(sampler="sgld", sgld_step=step, sgld_noise=noise, mc_steps=5, from_scratch=0.0,
                               short_run=False, joint_labels="fixed")
-        chains = PersistentChains(("marginal",), 256, (16,), 1, cfg, "cpu", torch.Generator().manual_seed(0))
-        chains.pops["marginal"]["x"] = narrow.mt + 0.01 * torch.randn(256, 16, generator=torch.Generator().manual_seed(2))
-        a = chains.proposal_acceptance(narrow, torch.Generator().manual_seed(1))
+        x = narrow.mt + 0.01 * torch.randn(256, 16, generator=torch.Generator().manual_seed(2))
+        a = moves_acceptance(narrow, {"marginal/x": x, "marginal/y": torch.zeros(256, dtype=torch.long)},
+                             {**vars(cfg), "seed": 1})
         assert lo <= a <= hi, (step, noise, a)
     from thermo_ebm import ThermoEBMError
     from thermo_ebm.config import TrainConfig

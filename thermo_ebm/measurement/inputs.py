@@ -19,8 +19,9 @@ from ..errors import ThermoEBMError
 from ..files.checkpoint import (checkpoint_data_dir, checkpoint_temperature, load_checkpoint, model_from_checkpoint,
                                training_config)
 from ..files.results import file_sha256
-from ..models import EBM, ScaledLogits, joint_energy, marginal_energy
-from ..samplers.kernels import MalaKernel, langevin_init, mala_kernel, mala_moves
+from ..models import EBM, ScaledLogits
+from ..samplers.kernels import MalaKernel, mala_kernel
+from ..training.chains import moves_acceptance
 from .likelihood import HeldOut, resolve_heldout
 
 log = logging.getLogger("thermo_ebm")
@@ -148,22 +149,6 @@ def resolve_data(data, shape, ckpt, dataset=None, why=""):
 JOINT_OBJECTIVES = ("j_ebm", "gcl", "hybrid", "dcl")  # objectives whose labels mean something
 
 
-def training_moves_acceptance(model, ckpt: dict, c: dict, n: int = 1000) -> float | None:
-    """How often a checkpoint's training moves (SGLD's proposal at its step and noise, mc_steps of them) pass the
-    Metropolis test of p at T_train from the first n walkers of its stored buffer (the marginal one, else the joint
-    one with its labels), as `train` logs it. Near 0: the chains descended the energy rather than sample p at
-    T_train, and T = 1 is nominal. None without a buffer or without noise."""
-    bufs = ckpt.get("buffers", {})
-    pop = next((p for p in ("marginal", "joint") if f"{p}/x" in bufs and bufs[f"{p}/x"].numel()), None)
-    if pop is None or not (c.get("sgld_step", 0) > 0 and c.get("sgld_noise", 0) > 0):
-        return None
-    x, y = bufs[f"{pop}/x"][:n].float(), bufs[f"{pop}/y"][:n].long()
-    energy_fn = (lambda v: marginal_energy(model(v))) if pop == "marginal" else (lambda v: joint_energy(model(v), y))
-    g = torch.Generator().manual_seed(15485863)
-    return mala_moves(langevin_init(energy_fn, x), energy_fn, c["sgld_step"], c["sgld_noise"], c.get("mc_steps", 40),
-                      g)[1]
-
-
 def resolve_ensemble(ensemble: str, ckpt: dict | None, n_classes: int) -> str:
     """"auto": joint for a checkpoint trained as a classifier (JOINT_OBJECTIVES) or any other model with
     K > 1 logits, marginal for m_ebm and single-logit models (`prepare` logs the choice once every input is
@@ -211,8 +196,8 @@ def prepare(model, temps, *, shape, ensemble, units, t_train, data, device, seed
     c = training_config(ckpt) if ckpt is not None else {}
     if c.get("objective") in NEEDS:  # which ensembles the training chains sampled at T_train (docs/training.md)
         desc["training_chains"] = " and ".join(needs(c["objective"], c["joint_estimator"])) or "none"
-        accepted = training_moves_acceptance(net, ckpt, c)
-        if accepted is not None:
+        accepted = moves_acceptance(net, ckpt.get("buffers", {}), c)  # as `train` logged it
+        if not math.isnan(accepted):
             desc["training_moves_accepted"] = accepted
             if accepted < NOMINAL:
                 log.info("T_train is nominal for this model: its training moves pass the Metropolis test there %.1f%% "

@@ -1,8 +1,8 @@
 """Training's persistent sampler chains and the small records around the loop.
 
 `PersistentChains`: one replay buffer per chain population ("joint": x with a label, "marginal": x), the
-restarts from uniform noise, the Langevin moves (`--sampler sgld`, or MH-corrected: `mala`), and the work/heat bookkeeping per walker (W: energy change
-from parameter updates, Q: from sampler moves at fixed parameters; -log mean exp(-W) is the Jarzynski
+restarts from uniform noise, the Langevin moves (`--sampler sgld`, or MH-corrected: `mala`), and the work/heat
+bookkeeping per walker (W: energy change from parameter updates, Q: from sampler moves at fixed parameters; -log mean exp(-W) is the Jarzynski
 estimate of the free-energy change since the uniform start). `History`: per-step and per-epoch records and
 events. `DivergenceGuard`: which signals count as divergence. Each has its own state_dict.
 """
@@ -21,6 +21,30 @@ from ..samplers.kernels import langevin_init, langevin_move, langevin_step, mala
 POPULATIONS = ("joint", "marginal")  # sampler chain populations; metric names are "<population>_<name>"
 BUFFER_KEYS = ("x", "y", "W", "Q", "e_last")
 BOOKKEEPING = ("W", "Q", "dW", "dQ", "jarzynski", "dF")
+
+
+def energy_fn_of(model, pop: str, y):
+    """The energy [N] a population's walkers move on: joint E(x, y) with their labels y, or marginal E(x)."""
+    if pop == "joint":
+        return lambda x: joint_energy(model(x), y)
+    return lambda x: marginal_energy(model(x))
+
+
+def moves_acceptance(model, buffers: dict, config: dict, n: int = 1000) -> float:
+    """How often the training moves pass the Metropolis-Hastings test of p at T_train: the mean acceptance of
+    mc_steps reflected-MALA moves with SGLD's proposal (config's sgld_step, sgld_noise, mc_steps; its seed seeds
+    them) from the first n walkers of the marginal buffer, else the joint one with its labels (buffers:
+    "<population>/x", "<population>/y", a checkpoint's layout), the buffers left as they are. Near 1: the chains
+    sample p at T_train; near 0: their moves descend the energy, and T_train is nominal. nan without a buffer or
+    without noise."""
+    pop = next((p for p in ("marginal", "joint") if f"{p}/x" in buffers and buffers[f"{p}/x"].numel()), None)
+    if pop is None or not (config.get("sgld_step", 0) > 0 and config.get("sgld_noise", 0) > 0):
+        return float("nan")
+    x, y = buffers[f"{pop}/x"][:n].float(), buffers[f"{pop}/y"][:n].long()
+    g = torch.Generator(device=x.device).manual_seed(int(config.get("seed", 0)) + 15485863)
+    energy_fn = energy_fn_of(model, pop, y)
+    return mala_moves(langevin_init(energy_fn, x), energy_fn, config["sgld_step"], config["sgld_noise"],
+                      config.get("mc_steps", 40), g)[1]
 
 
 def _logmeanexp(a):
@@ -56,11 +80,6 @@ class PersistentChains:
         """n uniform draws on the box, [n, *shape]."""
         return torch.rand((n, *self.shape), generator=self.generator, device=self.dev) * 2 - 1
 
-    def _energy_fn(self, model, pop, y):
-        if pop == "joint":
-            return lambda x: joint_energy(model(x), y)
-        return lambda x: marginal_energy(model(x))
-
     def advance(self, model, b: int) -> dict:
         """Move b walkers of every population (mc_steps Langevin moves; restarts from uniform with probability
         from_scratch, all of them for short-run chains): {population: ChainBatch}."""
@@ -80,7 +99,7 @@ class PersistentChains:
         y0 = torch.where(restart, noise_y, buf["y"][idx])
         for k in ("W", "Q", "e_last"):  # a restarted walker starts over from the uniform reference (E = 0)
             buf[k][idx] = torch.where(restart, torch.zeros_like(buf[k][idx]), buf[k][idx])
-        energy_fn = self._energy_fn(model, pop, y0)
+        energy_fn = energy_fn_of(model, pop, y0)
         state = langevin_init(energy_fn, x0)
         e_start = state.energy.double()
         dW = e_start - buf["e_last"][idx]  # energy change of these walkers from parameter updates
@@ -92,20 +111,6 @@ class PersistentChains:
             state = langevin_step(state, energy_fn, cfg.sgld_step, cfg.sgld_noise, g)
         x = langevin_move(state, cfg.sgld_step, cfg.sgld_noise, g)
         return ChainBatch(idx, x, y0, e_start, dW)
-
-    def proposal_acceptance(self, model, generator: torch.Generator, n: int = 1000) -> float:
-        """How often the training sampler's moves pass the Metropolis-Hastings test of p at T_train: the mean
-        acceptance of mc_steps reflected-MALA moves with SGLD's proposal from the first n walkers of the marginal
-        buffer (else the joint one, with its labels), the buffer left as it is. Near 1: the chains sample p at
-        T_train; near 0: their moves descend the energy, and T_train is nominal. nan without chains or noise."""
-        if not self.pops or self.cfg.sgld_step <= 0 or self.cfg.sgld_noise <= 0:
-            return float("nan")
-        pop = "marginal" if "marginal" in self.pops else "joint"
-        x, y = self.pops[pop]["x"][:n], self.pops[pop]["y"][:n]
-        energy_fn = self._energy_fn(model, pop, y)
-        return mala_moves(langevin_init(energy_fn, x), energy_fn, self.cfg.sgld_step, self.cfg.sgld_noise,
-                          self.cfg.mc_steps, generator)[1]
-
 
     def book(self, moved: dict, logits: dict) -> dict:
         """Store the moved walkers and book their heat, given the logits [b, K] at their final x under the

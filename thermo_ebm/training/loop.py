@@ -32,7 +32,7 @@ from ..models import build_model
 from ..progress import progress_bar
 from ..samplers.rng import stream_seed
 from . import state as train_state
-from .chains import DivergenceGuard, History, PersistentChains
+from .chains import DivergenceGuard, History, PersistentChains, moves_acceptance
 from .objectives import loss_terms
 
 log = logging.getLogger("thermo_ebm")
@@ -317,10 +317,10 @@ def quick_t_ml_of(tr):
 
 
 def log_sampler_acceptance(tr) -> float:
-    """PersistentChains.proposal_acceptance of a Trainer's chains after training (its own generator: the chains'
-    stream is left as a resumed run needs it), logged with what it says about T_train."""
-    g = torch.Generator(device=tr.dev).manual_seed(tr.cfg.seed + 15485863)
-    a = tr.chains.proposal_acceptance(tr.model.eval(), g)
+    """chains.moves_acceptance of a Trainer's buffers after training (its own generator: the chains' stream is
+    left as a resumed run needs it), logged with what it says about T_train."""
+    buffers = {f"{p}/{k}": v for p, d in tr.chains.pops.items() for k, v in d.items()}
+    a = moves_acceptance(tr.model.eval(), buffers, asdict(tr.cfg))
     tr.model.train()
     if math.isnan(a):
         return a
