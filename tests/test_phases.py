@@ -87,6 +87,47 @@ def test_a_data_seeded_anneal_that_lost_mass_is_flagged(monkeypatch):
     assert abs((ds.log_Z.values[1] - exact[1]) + 3.0) < 4 * ds.log_Z_err.values[1]
 
 
+def test_a_check_base_flags_a_reported_anneal_that_lost_mass(monkeypatch):
+    """Fault injection: the reported data-seeded weights of a single-phase system lowered by 30 nats at the middle
+    temperature, as if its base had missed a phase holding all but e^-30 of Z; the check base (check_chains, its
+    own reference states, pilot and random stream) is left as it is. Its replicas then exceed the reported log Z
+    far beyond chance: base_gap above 9 nats and flag_hysteresis at that temperature alone."""
+    import thermo_ebm.measurement.anneal as anneal
+    inner = anneal._anneal_from_data
+
+    def lossy(*a, **k):
+        states, rec = inner(*a, **k)
+        if len(a) + len(k) == 4:  # the reported anneal, not the check (which passes its chain count)
+            rec.logw[1] -= 30.0   # [T, N], ascending beta: T = 1
+        return states, rec
+    monkeypatch.setattr(anneal, "_anneal_from_data", lossy)
+    system = TruncatedGaussian(16, seed=2)
+    a, b = (-1 - system.m) / system.s, (1 - system.m) / system.s  # exact draws at T = 1
+    x = truncnorm.rvs(a, b, loc=system.m, scale=system.s, size=(500, 16), random_state=0)
+    ds = measure(system, [0.5, 1.0, 2.0], data=torch.tensor(x, dtype=torch.float32), device="cpu", seed=3,
+                 check_chains=128)
+    gap = ds.base_gap.values
+    assert gap[1] > 9.0 and np.all(gap[[0, 2]] < 0.0), gap
+    assert ds.flag_hysteresis.values.tolist() == [0, 1, 0]
+
+
+def test_a_check_base_changes_no_estimate_and_raises_no_false_alarm():
+    """The check base runs on its own random stream: with it every reported number is the same to the bit. On the
+    two-phase ModeSwitch(16) with exact data at the lowest temperature, the reported log Z is right, so the check
+    never contradicts it (base_gap far below 9 nats at every temperature)."""
+    system = ModeSwitch(16)
+    x, _ = system.sample(0.5, 1000, seed=1)
+    budget = dict(ais_chains=128, replicas=8, chains=32, burn_in=100, samples=300, reverse_steps=100, mbar=False,
+                  reference_steps=200, gauss_refs=128, crosscheck_steps=3000, bridge_chains=256)
+    temps = [0.5, 1.0, 2.0]
+    plain = measure(system, temps, ensemble="joint", data=x, device="cpu", seed=4, **budget)
+    checked = measure(system, temps, ensemble="joint", data=x, device="cpu", seed=4, check_chains=128, **budget)
+    for key in ("log_Z", "log_Z_err", "U", "C", "I_XY_bits"):
+        assert np.array_equal(plain[key].values, checked[key].values), key
+    assert "base_gap" not in plain and np.all(checked.base_gap.values < 0.0), checked.base_gap.values
+    assert np.array_equal(plain.flag_hysteresis.values, checked.flag_hysteresis.values)
+
+
 def test_data_does_not_raise_false_alarms_on_a_single_phase():
     """A 64-d box Gaussian with exact data at the lowest temperature: within 4 SE, and the two origins agree."""
     system = TruncatedGaussian(64, seed=2)

@@ -277,6 +277,10 @@ def parse_temps(spec: str) -> np.ndarray:
                "(engine ais).")
 @budget_option("--bridge-moves", type=int, help="Move pairs (a MALA step, a subspace move) per lambda of the anneal "
                "from the data-informed base (engine ais).")
+@budget_option("--check-chains", type=int, help="With data (engine ais): chains per temperature annealed from a "
+               "second, independent data-informed base that only checks the reported log Z; where one of its replicas "
+               "exceeds it beyond chance (base_gap > 9 nats), flag_hysteresis: the reported anneal missed a phase "
+               "(0: no check; docs/estimators.md, Flags).")
 @budget_option("--auto-temps", type=int, help="Temperatures placed by --temps auto.")
 @budget_option("--max-time", type=float, help="Seconds: while low-ESS, heavy-tail, hysteresis or mixing flags fire and "
                "a run with doubled schedules fits in the time left, measure again with them [default: one run].")

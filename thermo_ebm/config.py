@@ -210,6 +210,8 @@ class MeasureConfig:
     max_bridge_steps: int | None = None  # most lambdas of a path (None: no cap; a capped path raises flag_low_ess)
     bridge_moves: int = 2       # move pairs (reflected MALA, then the subspace move) per lambda of the counted anneal
     bridge_uniform: float = 0.2  # weight of the uniform component of the base
+    check_chains: int = 0       # with data (engine ais): chains per temperature of a second, independent base (its own
+                                # reference states, pilot, random stream) that only checks the reported log Z (base_gap)
     crosscheck_steps: int = 20000  # with data: most betas of the forward anneal from uniform (then a cross-check)
     crosscheck_chains: int = 256  # with data and that cap reached: its chains (at most ais_chains; a one-sided check)
     # the anneal from uniform: "ais" (one MALA step per frozen beta) or "smc" (adaptive tempered SMC: stages
@@ -231,7 +233,7 @@ class MeasureConfig:
         o = option_name
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(v, int) or v < 1):
+            if f.type == "int" and (not isinstance(v, int) or v < (0 if f.name == "check_chains" else 1)):
                 raise ThermoEBMError(f"{o(f.name)} must be a positive integer, got {v!r}")
         if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
             raise ThermoEBMError(f"{o('ais_steps_per_l2')} must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
@@ -264,5 +266,9 @@ class MeasureConfig:
             raise ThermoEBMError(f"{o('ais_chains')} ({self.ais_chains}), {o('bridge_chains')} ({self.bridge_chains}) "
                                  f"and {o('chains')} ({self.chains}) must be divisible by the number of "
                                  f"shards/processes ({self.shards})")
+        if self.check_chains and (self.engine != "ais" or self.check_chains % self.shards
+                                  or self.check_chains < 2 * self.shards):
+            raise ThermoEBMError(f"{o('check_chains')} ({self.check_chains}) needs engine ais and at least 2 chains "
+                                 f"per shard ({self.shards}), a whole number each")
         if self.chains // self.shards < 2:
             raise ThermoEBMError(f"need at least 2 sweep chains per shard; raise {o('chains')} above {self.chains}")

@@ -238,6 +238,8 @@ VARIABLES = {
     "U_missed": ("share of U at energies the sweep chains never visited, from the annealing weights (in U)", "E"),
     "origin_gap": ("log Z from data-seeded annealing - log Z from uniform", "nats"),
     "origin_U_gap": ("U from data-seeded annealing - U from uniform", "E"),
+    "base_gap": ("largest replica log Z of the check base (check_chains) - log replicas - (log_Z + 4 SE); "
+                 "flag_hysteresis above 9", "nats"),
     "log_Z_shift": ("change of log Z when the schedules were last doubled (max_time)", "nats"),
     "missed_phase_replicas": ("replica ESS / replicas of the annealing weights' mass at energies the sweep chains "
                               "never visited (flag_rare_phase below one half)", "1"),

@@ -26,6 +26,7 @@ log = logging.getLogger("thermo_ebm")
 BASE_FLOOR = 0.05   # least weight of each population (data kernels, forward kernels, uniform) in the base
 CROSSCHECK_CESS = 0.5  # with data, the SMC from uniform is a cross-check: stages placed at this conditional ESS
 MAX_BETAS = 2_000_000  # longest forward schedule a measurement may ask for (memory and time)
+CHECK_STREAM = 20_000  # random stream of the check base (check_chains), beside the shard's own
 
 
 @dataclass
@@ -96,11 +97,12 @@ def sampler(p: Problem, generator, progress) -> Sampler:
     return Sampler(p.net, p.ens, p.shape, generator, p.device, p.kernel, progress)
 
 
-def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
-    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard). The base
-    mixes five populations: kernels on data-seeded states, kernels on forward-AIS states, a Gaussian per
-    predicted class and one pooled Gaussian fitted to the data-seeded chains, uniform; the pilot sets each
-    population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
+def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, n_chains: int | None = None):
+    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard; n_chains per
+    temperature, default bridge_chains / shards). The base mixes five populations: kernels on data-seeded states,
+    kernels on forward-AIS states, a Gaussian per predicted class and one pooled Gaussian fitted to the
+    data-seeded chains, uniform; the pilot sets each population's weight at each temperature to the share of Z it
+    delivered (at least BASE_FLOOR)."""
     cfg = p.cfg
     refs = bridge.references(s, p.data, fwd, p.betas, step0, n_data=cfg.data_refs, n_gauss=cfg.gauss_refs,
                              n_steps=cfg.reference_steps)
@@ -130,9 +132,10 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler):
              else "")
     lam, steps, sub = bridge.bridge_schedule(bt, n_steps)
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
-    n_rep = replica_split(cfg.bridge_chains, cfg.replicas)[0]
-    pop = math.gcd(cfg.bridge_chains // cfg.shards, cfg.bridge_chains // n_rep)
-    res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_steps, n_chains=cfg.bridge_chains // cfg.shards,
+    total = cfg.bridge_chains if n_chains is None else n_chains * cfg.shards
+    n_rep = replica_split(total, cfg.replicas)[0]
+    pop = math.gcd(total // cfg.shards, total // n_rep)
+    res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_steps, n_chains=total // cfg.shards,
                             n_keep=cfg.chains // cfg.shards, pop=pop, n_moves=cfg.bridge_moves)
     out = SeededRecord(res.logw.cpu().numpy(), res.energy.cpu().numpy(), res.energy2.cpu().numpy(),
                        res.p_y.cpu().numpy(), res.accept.cpu().numpy()[None], res.nonfinite.cpu().numpy()[None],
@@ -208,11 +211,16 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength
     n_t = len(betas)
     forward = ForwardRecord(fwd.logw.cpu().numpy(), fwd.energy.cpu().numpy(), fwd.energy2.cpu().numpy(),
                             fwd.accept.cpu().numpy()[None], fwd.nonfinite.cpu().numpy()[None])
-    init, seeded = fwd.states, None  # [T * c] without data
+    init, seeded, check = fwd.states, None, None  # [T * c] without data
     lap()
     if p.data is not None:
-        init, seeded = _anneal_from_data(p, _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas),
-                                         s)
+        refs = _keep_first(fwd.states, n_t, cfg.data_refs)
+        init, seeded = _anneal_from_data(p, refs, pl.tuning.step_at(betas), s)
+        if cfg.check_chains:  # a second base on its own random stream: the reported anneal's draws stay as they were
+            g2 = torch.Generator(device=p.device)
+            g2.manual_seed(stream_seed(shard_seed(p.seed, shard), CHECK_STREAM))
+            check = _anneal_from_data(p, refs, pl.tuning.step_at(betas), sampler(p, g2, progress),
+                                      cfg.check_chains // cfg.shards)[1]
     lap()
     most = int(cfg.sweep_max_factor * (cfg.burn_in + cfg.samples)) - cfg.burn_in
     sw = run_sweep(s, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in, n_prod=cfg.samples,
@@ -230,7 +238,7 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength
     sweep = SweepRecord(sw.chain_means, sw.u_trace, sw.logits, sw.accept[None], sw.swap_accept[None],
                         sw.nonfinite[None], sw.step[None], sw.final.x.reshape(n_t, c, *p.shape)[:, :keep].cpu().numpy(),
                         labels, np.array([[sw.length.burn_in, sw.length.samples]]), sw.helpers[None])
-    return Pooled(forward, seeded, sweep, ReverseRecord(rev_lw), np.diff(clock)[None])
+    return Pooled(forward, seeded, sweep, ReverseRecord(rev_lw), np.diff(clock)[None], check)
 
 
 def _keep_first(states: MalaState, n_t: int, n: int) -> MalaState:

@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..config import MeasureConfig
-from ..estimators import heavy_tail_limit
+from ..estimators import heavy_tail_limit, log_mean_weight
 from .anneal import Plan
 from .inputs import Problem
 from .records import Pooled
 from .thermo import LogZ, Thermo
 
 HYSTERESIS_Z = 4.0  # the two origins disagree when |difference| exceeds this many combined SEs
+BASE_NATS = 9.0     # a replica's log Z exceeds the truth by this (+ log replicas) with probability below e^-9
 
 
 # what each flag makes unreliable (named in the warning and in docs/estimators.md)
@@ -58,6 +59,18 @@ def bridge_capped(cfg: MeasureConfig, seeded) -> np.ndarray | bool:
     return cfg.ais_steps_per_l2 * seeded.length.max(0) ** 2 > seeded.steps.min(0)
 
 
+def base_gap(check, reported: LogZ, n_replicas: int) -> np.ndarray:
+    """[T] nats: how far the check base's anneal (check.logw [T, N], `check_chains`) contradicts the reported log Z.
+    Each of its r replicas' Z estimates is unbiased, so its log Z exceeds the truth by t nats with probability at
+    most e^-t, and the largest of the r by t + log r at most as often; base_gap = that largest replica log Z -
+    log r - (reported log Z + 4 SE). Above BASE_NATS the reported log Z lies below the truth beyond its error
+    bar: its base's kernels missed a phase that the check's reached, which populations sharing one base cannot
+    show in their spread."""
+    logw = np.where(np.isnan(check.logw), -np.inf, np.asarray(check.logw, dtype=np.float64))
+    reps = log_mean_weight(logw, n_replicas)[2]
+    return reps.max(-1) - math.log(reps.shape[-1]) - (reported.value + HYSTERESIS_Z * reported.se)
+
+
 @dataclass
 class Diagnosis:
     """Per-temperature flags [T] (ascending beta) by name, the diagnostics stored beside them [T], and one
@@ -74,6 +87,7 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
     rep = th.reported
     fw, b, sw = pooled.forward, pooled.seeded, pooled.sweep
     counted = b if b is not None else fw  # the anneal log Z comes from
+    gap_b = base_gap(pooled.check, th.from_data, cfg.replicas) if pooled.check is not None else None
     n_chains, acc = counted.logw.shape[-1], counted.accept.mean(0)
     bad = fw.nonfinite.sum(0) + sw.nonfinite.sum(0)
     if th.from_data is not None:
@@ -103,6 +117,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
         forward_missed = g > HYSTERESIS_Z * gs
         u_gap = (np.abs(ug) > HYSTERESIS_Z * ugs) & ~forward_missed & ~np.asarray(pl.capped)
         flags["flag_hysteresis"] = (-g > HYSTERESIS_Z * gs) | u_gap
+        if gap_b is not None:  # ... or a second, independent base found mass the reported anneal missed
+            flags["flag_hysteresis"] |= gap_b > BASE_NATS
     if th.from_data is not None:
         n_sched = int(b.steps.max())
         longer = (f"anneal longer (data-seeded paths: each max(bridge_steps {cfg.bridge_steps}, ais_steps_per_l2 "
@@ -130,8 +146,9 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
                                  "than their mean (missed_phase_replicas < 0.5), too few for its SE; more chains (--smc-data-chains, "
                                  "--bridge-chains) or sweep temperatures between the phases",
               "flag_hysteresis": "the anneal from uniform finds more mass than the data-seeded one (origin_gap < 0), "
-                                 "or, with equal mass, another U (origin_U_gap): a phase the data-seeded anneal missed; "
-                                 "more --data-refs and a longer anneal"}
+                                 "or, with equal mass, another U (origin_U_gap), or the check base more than chance "
+                                 "allows (base_gap > 9 nats): a phase the data-seeded anneal missed; more --data-refs "
+                                 "and a longer anneal, or measure again with another --seed and keep the higher log Z"}
     if previous is not None:  # the doubled schedule moved log Z beyond its errors: not converged
         shift = th.reported.value - previous.value
         flags["flag_unconverged"] = np.abs(shift) > HYSTERESIS_Z * np.sqrt(th.reported.se ** 2 + previous.se ** 2)
@@ -142,6 +159,8 @@ def diagnose(p: Problem, pl: Plan, th: Thermo, pooled: Pooled, previous: LogZ | 
              "accept": sw_acc, "tau_E": th.tau, "step_size": sw.step.mean(0), "missed_phase_replicas": th.missed_carried}
     if th.label_z is not None:
         extra["label_mix_z"] = th.label_z
+    if gap_b is not None:
+        extra["base_gap"] = gap_b
     # [T - 1] values between neighbours -> [T], nan at the last temperature (the only one when T = 1)
     extra["swap_accept"] = np.append(sw.swap_accept.mean(0), np.nan)
     extra["sweep_helpers"] = np.append(sw.helpers.mean(0), np.nan)

@@ -89,11 +89,13 @@ class Pooled:
     sweep: SweepRecord
     reverse: ReverseRecord
     seconds: np.ndarray     # [S, 4] seconds of each stage (anneal.STAGES) per shard
+    check: SeededRecord | None = None  # the check base's anneal (check_chains), never part of the estimates
 
     @classmethod
     def cat(cls, parts: list) -> Pooled:
         """All shards' records (see `Record.cat`)."""
         seeded = SeededRecord.cat([q.seeded for q in parts]) if parts[0].seeded is not None else None
+        check = SeededRecord.cat([q.check for q in parts]) if parts[0].check is not None else None
         return cls(ForwardRecord.cat([q.forward for q in parts]), seeded, SweepRecord.cat([q.sweep for q in parts]),
                    ReverseRecord.cat([q.reverse for q in parts]),
-                   dist.gather_cat(np.concatenate([q.seconds for q in parts]), 0))
+                   dist.gather_cat(np.concatenate([q.seconds for q in parts]), 0), check)

@@ -172,9 +172,10 @@ def measure(model: str | Path | EBM | Callable[[torch.Tensor], torch.Tensor], te
     cross-checks log_Z_forward, log_Z_reverse, log_Z_gap, log_Z_mbar, U_resid, C_resid (with data also
     origin_gap, origin_U_gap), all with SEs; diagnostics ess, ess_forward, pareto_k, ais_accept, accept,
     swap_accept, sweep_helpers, tau_E, step_size (engine smc: population_ess; joint with data: label_mix_z, the largest
-    disagreement in p_T(y) between the sweep chains and the data-seeded weights, in SEs); int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
+    disagreement in p_T(y) between the sweep chains and the data-seeded weights, in SEs; with check_chains: base_gap,
+    how far a second, independent base's replicas exceed log_Z + 4 SE, nats); int8 flags flag_nonfinite, flag_low_acceptance, flag_low_ess,
     flag_heavy_tails, flag_poor_mixing, flag_inconsistent, flag_rare_phase, flag_hysteresis (with data; a phase one origin
-    missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and
+    or base missed); C_peak_T and C_peak_T_err (C_peak_flag: C is flagged at or next to its maximum); log_Z_cov and
     C_cov [temperature, temperature_b], the covariances between temperatures (SE of F(T2) - F(T1) = sqrt(T2^2 c22 + T1^2 c11 - 2 T1 T2 c12)); samples (and
     sample_labels); with held-out images: log_lik_heldout (log p_T(x), nats per image; joint with labels also
     log_lik_xy_heldout, log_lik_y_given_x_heldout), info_heldout_bits, bits_per_dim_heldout (quantised
