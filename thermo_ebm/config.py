@@ -233,8 +233,10 @@ class MeasureConfig:
         o = option_name
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(v, int) or v < (0 if f.name == "check_chains" else 1)):
-                raise ThermoEBMError(f"{o(f.name)} must be a positive integer, got {v!r}")
+            least = 0 if f.name == "check_chains" else 1
+            if f.type == "int" and (not isinstance(v, int) or v < least):
+                raise ThermoEBMError(f"{o(f.name)} must be a {'non-negative' if least == 0 else 'positive'} integer, "
+                                     f"got {v!r}")
         if not (isinstance(self.ais_steps_per_l2, (int, float)) and 0 <= self.ais_steps_per_l2 < math.inf):
             raise ThermoEBMError(f"{o('ais_steps_per_l2')} must be a finite number >= 0, got {self.ais_steps_per_l2!r}")
         if not (isinstance(self.swap_target, (int, float)) and 0.0 <= self.swap_target < 1.0):
