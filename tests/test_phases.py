@@ -65,23 +65,32 @@ def test_mode_switch_forward_miss_is_seen_and_not_flagged(switched):
     assert ds.attrs["log_Z_source"] == "data-seeded anneal"
 
 
+def _lower_reported_weights(monkeypatch, nats):
+    """Fault injection: the reported data-seeded anneal's log-weights lowered by `nats` at T = 1 (a check base's,
+    which passes its chain count, left as they are). Returns a single-phase system, TruncatedGaussian(16), and
+    500 exact draws of it at T = 1 as data."""
+    import thermo_ebm.measurement.anneal as anneal
+    inner = anneal._anneal_from_data
+
+    def lossy(p, fwd, step0, s, total=None):
+        states, rec = inner(p, fwd, step0, s, total)
+        if total is None:
+            rec.logw[1] -= nats  # [T, N], ascending beta: T = 1
+        return states, rec
+    monkeypatch.setattr(anneal, "_anneal_from_data", lossy)
+    system = TruncatedGaussian(16, seed=2)
+    a, b = (-1 - system.m) / system.s, (1 - system.m) / system.s
+    x = truncnorm.rvs(a, b, loc=system.m, scale=system.s, size=(500, 16), random_state=0)
+    return system, torch.tensor(x, dtype=torch.float32)
+
+
 def test_a_data_seeded_anneal_that_lost_mass_is_flagged(monkeypatch):
     """Fault injection: the data-seeded weights of a single-phase system lowered by 3 nats at the middle
     temperature, as if that anneal had missed a phase holding 95% of Z. The anneal from uniform then finds more
     mass there: flag_hysteresis at that temperature alone, and the reported log Z is the lowered one."""
-    import thermo_ebm.measurement.anneal as anneal
-    inner = anneal._anneal_from_data
-
-    def lossy(*a, **k):
-        states, rec = inner(*a, **k)
-        rec.logw[1] -= 3.0  # [T, N], ascending beta: T = 1
-        return states, rec
-    monkeypatch.setattr(anneal, "_anneal_from_data", lossy)
-    system = TruncatedGaussian(16, seed=2)
-    a, b = (-1 - system.m) / system.s, (1 - system.m) / system.s  # exact draws at T = 1
-    x = truncnorm.rvs(a, b, loc=system.m, scale=system.s, size=(500, 16), random_state=0)
+    system, x = _lower_reported_weights(monkeypatch, 3.0)
     temps = [0.5, 1.0, 2.0]
-    ds = measure(system, temps, data=torch.tensor(x, dtype=torch.float32), device="cpu", seed=3)
+    ds = measure(system, temps, data=x, device="cpu", seed=3)
     exact = system.exact(temps)["log_Z"]
     assert ds.flag_hysteresis.values.tolist() == [0, 1, 0]
     assert abs((ds.log_Z.values[1] - exact[1]) + 3.0) < 4 * ds.log_Z_err.values[1]
@@ -92,20 +101,9 @@ def test_a_check_base_flags_a_reported_anneal_that_lost_mass(monkeypatch):
     temperature, as if its base had missed a phase holding all but e^-30 of Z; the check base (check_chains, its
     own reference states, pilot and random stream) is left as it is. Its replicas then exceed the reported log Z
     far beyond chance: base_gap above 9 nats and flag_hysteresis at that temperature alone."""
-    import thermo_ebm.measurement.anneal as anneal
-    inner = anneal._anneal_from_data
-
-    def lossy(*a, **k):
-        states, rec = inner(*a, **k)
-        if len(a) + len(k) == 4:  # the reported anneal, not the check (which passes its chain count)
-            rec.logw[1] -= 30.0   # [T, N], ascending beta: T = 1
-        return states, rec
-    monkeypatch.setattr(anneal, "_anneal_from_data", lossy)
-    system = TruncatedGaussian(16, seed=2)
-    a, b = (-1 - system.m) / system.s, (1 - system.m) / system.s  # exact draws at T = 1
-    x = truncnorm.rvs(a, b, loc=system.m, scale=system.s, size=(500, 16), random_state=0)
-    ds = measure(system, [0.5, 1.0, 2.0], data=torch.tensor(x, dtype=torch.float32), device="cpu", seed=3,
-                 check_chains=128, chains=16, burn_in=100, samples=200, reverse_steps=50, mbar=False)
+    system, x = _lower_reported_weights(monkeypatch, 30.0)
+    ds = measure(system, [0.5, 1.0, 2.0], data=x, device="cpu", seed=3, check_chains=128, chains=16, burn_in=100,
+                 samples=200, reverse_steps=50, mbar=False)
     gap = ds.base_gap.values
     assert gap[1] > 9.0 and np.all(gap[[0, 2]] < 0.0), gap
     assert ds.flag_hysteresis.values.tolist() == [0, 1, 0]

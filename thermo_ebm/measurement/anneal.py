@@ -97,9 +97,9 @@ def sampler(p: Problem, generator, progress) -> Sampler:
     return Sampler(p.net, p.ens, p.shape, generator, p.device, p.kernel, progress)
 
 
-def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, n_chains: int | None = None):
-    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard; n_chains per
-    temperature, default bridge_chains / shards). The base mixes five populations: kernels on data-seeded states,
+def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, total: int | None = None):
+    """Reference states, base, pilot and the counted anneal from the data-informed base (one shard of `total`
+    chains per temperature, default bridge_chains). The base mixes five populations: kernels on data-seeded states,
     kernels on forward-AIS states, a Gaussian per predicted class and one pooled Gaussian fitted to the
     data-seeded chains, uniform; the pilot sets each population's weight at each temperature to the share of Z it
     delivered (at least BASE_FLOOR)."""
@@ -132,7 +132,7 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, n_chains: int | None =
              else "")
     lam, steps, sub = bridge.bridge_schedule(bt, n_steps)
     # SMC populations never straddle a replica (the SE's independent groups) or a shard
-    total = cfg.bridge_chains if n_chains is None else n_chains * cfg.shards
+    total = total or cfg.bridge_chains
     n_rep = replica_split(total, cfg.replicas)[0]
     pop = math.gcd(total // cfg.shards, total // n_rep)
     res = bridge.run_bridge(s, base, p.betas, lam, steps, sub, n_steps, n_chains=total // cfg.shards,
@@ -214,13 +214,12 @@ def anneal(p: Problem, pl: Plan, shard: int, progress=False, length: SweepLength
     init, seeded, check = fwd.states, None, None  # [T * c] without data
     lap()
     if p.data is not None:
-        refs = _keep_first(fwd.states, n_t, cfg.data_refs)
-        init, seeded = _anneal_from_data(p, refs, pl.tuning.step_at(betas), s)
+        refs, step0 = _keep_first(fwd.states, n_t, cfg.data_refs), pl.tuning.step_at(betas)
+        init, seeded = _anneal_from_data(p, refs, step0, s)
         if cfg.check_chains:  # a second base on its own random stream: the reported anneal's draws stay as they were
             g2 = torch.Generator(device=p.device)
             g2.manual_seed(stream_seed(shard_seed(p.seed, shard), CHECK_STREAM))
-            check = _anneal_from_data(p, refs, pl.tuning.step_at(betas), sampler(p, g2, progress),
-                                      cfg.check_chains // cfg.shards)[1]
+            check = _anneal_from_data(p, refs, step0, sampler(p, g2, progress), cfg.check_chains)[1]
     lap()
     most = int(cfg.sweep_max_factor * (cfg.burn_in + cfg.samples)) - cfg.burn_in
     sw = run_sweep(s, init, betas, pl.tuning.step_at(betas), n_burn=cfg.burn_in, n_prod=cfg.samples,
