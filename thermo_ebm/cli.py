@@ -128,6 +128,8 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--model-size", type=int, help="MLP width / CNN base channels [default: 256 for the MLP, 32 for the CNN].")
 @train_option("--depth", type=int, help="Hidden layers of the MLP.")
 @train_option("--spectral-norm/--no-spectral-norm", help="Spectral normalisation of the weights.")
+@train_option("--base-components", type=int, help="A fixed base under the network: per class a mixture of this many "
+              "box-truncated diagonal Gaussians fitted to the training images, at T_train; 0: none." + BY_PRESET)
 @train_option("--epochs", type=int, help="Total epochs (also when resuming)." + BY_PRESET)
 @train_option("--max-steps", type=int, help="Stop after this many optimizer steps in total.")
 @train_option("--batch-size", type=int, help="Data examples per optimizer step.")

@@ -27,7 +27,7 @@ PRESETS = (
     ("mnist", "j_ebm", {"sgld_noise": 0.0447, "reg": 3.0}),
     ("mnist", "gcl", {"penalty": "magnitude"}),
     ("*", "dcl", {"reg": 0.0}),
-    ("*", "*", {"epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000,
+    ("*", "*", {"base_components": 0, "epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000,
                 "sgld_noise": 0.1}),
 )
 
@@ -95,6 +95,7 @@ class TrainConfig:
     model_size: int | None = None
     depth: int = 2
     spectral_norm: bool = False
+    base_components: int | None = None  # > 0: a fixed base, a mixture of this many Gaussians per class (models.GaussianBase)
     epochs: int | None = None         # None: from PRESETS (dataset, objective)
     max_steps: int | None = None      # stop after this many optimizer steps in total
     batch_size: int = 64
@@ -157,6 +158,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "mc_steps", "buffer_size"):
             if getattr(self, name) < 1:
                 raise ThermoEBMError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.base_components < 0:
+            raise ThermoEBMError("--base-components must be >= 0 (0: no base)")
         if not 0.0 <= self.from_scratch <= 1.0:
             raise ThermoEBMError("--from-scratch must be in [0, 1]")
         if self.lr <= 0 or self.sgld_step < 0 or self.sgld_noise < 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _sn
@@ -12,18 +13,108 @@ from .errors import ThermoEBMError
 ARCHS = ("shallow", "cnn")
 
 
-class EBM(nn.Module):
-    """Wraps a network with the metadata `measure` needs: input shape and number of classes."""
+class GaussianBase(nn.Module):
+    """A fixed base density q(x) on the box [-1, 1]^D under a network: the logit offset t_base * log q(x), the same
+    for every class ([N, K] of x [N, *shape]). q = sum_k pi_k q_k, with pi the data's class frequencies and q_k a
+    mixture of M box-truncated diagonal Gaussians fitted to class k's images (k-means clusters: weights, per-pixel
+    means and standard deviations, the latter at least SD_FLOOR), normalised exactly on the box. Added to a
+    network's logits it makes p_T(x, y) at T = t_base q(x) exp(f_net(x)[y] / t_base) / Z: the base carries the
+    digits' shapes, the network learns the rest, and p(y|x) = softmax f_net(x) is the network's alone. Buffers
+    only: nothing in it trains.
+    Precision: the quadratic forms are float32 matmuls on coordinates centred at the data's mean (rounding ~1e-4
+    nats at D = 784); constants are float64 at fit."""
 
-    def __init__(self, net: nn.Module, shape, n_classes: int, spec: dict):
+    SD_FLOOR = 0.1  # at T_train the SGLD proposal (noise 0.0447) stays well inside a component's width
+
+    def __init__(self, n_classes: int, d: int, components: int, t_base: float):
+        super().__init__()
+        self.t_base, self.components, self.n_classes = float(t_base), int(components), int(n_classes)
+        km = n_classes * components
+        self.register_buffer("centre", torch.zeros(d))
+        self.register_buffer("prec", torch.ones(d, km))      # 1 / sd^2 per pixel and component
+        self.register_buffer("lin", torch.zeros(d, km))      # (mu - centre) / sd^2
+        self.register_buffer("const", torch.zeros(km))       # log w - sum log(sd Z sqrt(2 pi)) - quad at the centre / 2
+        self.register_buffer("logw", torch.zeros(km))        # log w: component weights, summing to 1
+
+    @torch.no_grad()
+    def fit(self, x, y, seed: int = 0):
+        """Fit every class's mixture to images x [N, *shape] with labels y [N] (k-means, float64); returns self."""
+        from sklearn.cluster import KMeans
+        from scipy.special import log_ndtr, ndtr
+        x = x.reshape(len(x), -1).double().cpu().numpy()
+        y = y.cpu().numpy()
+        n_classes, m = self.n_classes, self.components
+        centre = x.mean(0)
+        prec, lin, const, logw = [], [], [], []
+        for k in range(n_classes):
+            xk = x[y == k]
+            if len(xk) < 2 * m:
+                raise ThermoEBMError(f"the base needs at least {2 * m} images of every class ({m} components); "
+                                     f"class {k} has {len(xk)}")
+            lab = KMeans(m, n_init=2, random_state=seed).fit_predict(xk) if m > 1 else np.zeros(len(xk), int)
+            for j in range(m):
+                c = xk[lab == j]
+                mu, sd = c.mean(0), np.maximum(c.std(0), self.SD_FLOOR)
+                mass = ndtr((1 - mu) / sd) - ndtr((-1 - mu) / sd)
+                log_mass = np.log(np.maximum(mass, np.exp(log_ndtr(-(1 + np.abs(mu)) / sd))))
+                p = 1.0 / sd ** 2
+                prec.append(p)
+                logw.append(math.log(len(c) / len(x)))
+                lin.append((mu - centre) * p)
+                const.append(math.log(len(c) / len(x)) - (np.log(sd) + log_mass + 0.5 * math.log(2 * math.pi)).sum()
+                             - 0.5 * ((mu - centre) ** 2 * p).sum())
+        self.centre.copy_(torch.from_numpy(centre))
+        self.prec.copy_(torch.from_numpy(np.stack(prec, 1)))
+        self.lin.copy_(torch.from_numpy(np.stack(lin, 1)))
+        self.const.copy_(torch.from_numpy(np.array(const)))
+        self.logw.copy_(torch.from_numpy(np.array(logw)))
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, label: int | None = None):
+        """n exact draws from q, [n, D] (a component by weight, then box-truncated normals by the inverse CDF,
+        float64) on the generator's device; with `label`, from that class's mixture q_label."""
+        dev = generator.device
+        w = self.logw.double().exp().to(dev)
+        if label is not None:
+            keep = torch.zeros_like(w)
+            keep[label * self.components:(label + 1) * self.components] = 1.0
+            w = w * keep
+        comp = torch.multinomial(w, n, replacement=True, generator=generator)
+        prec = self.prec.double().to(dev)[:, comp].T
+        mu = self.centre.double().to(dev) + self.lin.double().to(dev)[:, comp].T / prec
+        sd = prec.rsqrt()
+        lo, hi = torch.special.ndtr((-1 - mu) / sd), torch.special.ndtr((1 - mu) / sd)
+        u = lo + (hi - lo) * torch.rand(mu.shape, generator=generator, device=dev, dtype=torch.float64)
+        return (mu + sd * torch.special.ndtri(u)).clamp(-1, 1).to(self.prec.dtype)
+
+    def forward(self, x):
+        u = x.reshape(len(x), -1) - self.centre
+        # log of every component: const - (u^2 . prec) / 2 + u . lin, inside the box
+        comp = self.const - 0.5 * (u ** 2) @ self.prec + u @ self.lin
+        logq = torch.logsumexp(comp, -1, keepdim=True)
+        return (self.t_base * logq).expand(len(x), self.n_classes)
+
+
+class EBM(nn.Module):
+    """Wraps a network with the metadata `measure` needs: input shape and number of classes. Its logits are the
+    network's plus, where it has one, a fixed base's (GaussianBase)."""
+
+    def __init__(self, net: nn.Module, shape, n_classes: int, spec: dict, base: GaussianBase | None = None):
         super().__init__()
         self.net = net
+        self.base = base
         self.shape = tuple(int(s) for s in shape)
         self.n_classes = int(n_classes)
         self.spec = dict(spec)
 
     def forward(self, x):
-        return self.net(x)
+        out = self.net(x)
+        return out if self.base is None else out + self.base(x)
+
+    def base_energy(self, x):
+        """The fixed base's part of every energy, -t_base log q(x) [N] (None without a base)."""
+        return None if self.base is None else -self.base(x)[:, 0]
 
 
 class ScaledLogits(nn.Module):
@@ -62,8 +153,9 @@ def _cnn(shape, width, k):
 
 
 def build_model(arch: str, shape, n_classes: int, size: int | None = None, depth: int = 2,
-                spectral_norm: bool = False) -> EBM:
-    """Build `shallow` (MLP, `depth` hidden layers of width `size`) or `cnn` (base channels `size`)."""
+                spectral_norm: bool = False, base_components: int = 0, t_base: float = 1.0) -> EBM:
+    """Build `shallow` (MLP, `depth` hidden layers of width `size`) or `cnn` (base channels `size`); base_components > 0
+    adds a GaussianBase of that many components per class at temperature t_base (unfitted: GaussianBase.fit or a checkpoint fills it)."""
     shape = tuple(int(s) for s in shape)
     if arch == "shallow":
         size = size or 256
@@ -80,14 +172,23 @@ def build_model(arch: str, shape, n_classes: int, size: int | None = None, depth
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 _sn(m)
     spec = dict(arch=arch, shape=list(shape), n_classes=int(n_classes), size=int(size), depth=int(depth),
-                spectral_norm=bool(spectral_norm))
-    return EBM(net, shape, n_classes, spec)
+                spectral_norm=bool(spectral_norm), base_components=int(base_components), t_base=float(t_base))
+    base = GaussianBase(n_classes, math.prod(shape), base_components, t_base) if base_components > 0 else None
+    return EBM(net, shape, n_classes, spec, base)
 
 
 def model_from_spec(spec: dict) -> EBM:
     """Build the EBM a checkpoint's model_spec describes (untrained weights)."""
     return build_model(spec["arch"], spec["shape"], spec["n_classes"], spec["size"], spec["depth"],
-                       spec["spectral_norm"])
+                       spec["spectral_norm"], spec.get("base_components", 0), spec.get("t_base", 1.0))
+
+
+def base_of(model) -> GaussianBase | None:
+    """The fixed base of a model (an EBM, or a ScaledLogits around one), or None."""
+    for m in (model, getattr(model, "net", None)):
+        if isinstance(getattr(m, "base", None), GaussianBase):
+            return m.base
+    return None
 
 
 def marginal_energy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Samples at temperature T with the engine's reflected-MALA kernel: anneal from uniform noise with
-step-size adaptation, then run at T with the step frozen."""
+"""Samples at temperature T with the engine's reflected-MALA kernel: anneal from uniform noise (or start from a
+model's fixed base) with step-size adaptation, then run at T with the step frozen."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +14,7 @@ from ..ensembles import Ensemble
 from ..errors import ThermoEBMError
 from ..files.checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint
 from ..files.fileio import check_writable_folder
+from ..models import base_of
 from ..samplers.kernels import MAX_STEP, adapt_step, mala_init, mala_step, uniform
 
 
@@ -22,7 +23,9 @@ def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="aut
     Without `start` they begin as uniform noise and anneal from beta = 1e-3 / T to 1 / T over the first half of
     the steps (step sizes tuned meanwhile), then run the second half at T. With `start` [n, *shape] (states in the
     box, e.g. a replay buffer; n is then its length) every step is at T: the step sizes are tuned over the first
-    tenth of the steps, then frozen."""
+    tenth of the steps, then frozen. A model with a fixed base (models.GaussianBase) starts them, without `start`,
+    from exact draws of its base (of the label's mixture with `label`): in the data's phase, which chains from noise
+    do not find among its narrow components."""
     if not (temp > 0 and math.isfinite(temp)):
         raise ThermoEBMError(f"--temp must be a positive number, got {temp}")
     if n < 1 or steps < 2:
@@ -33,6 +36,9 @@ def draw(model, temp: float, *, label=None, n=64, steps=500, seed=0, device="aut
         raise ThermoEBMError("--label needs a model with several classes")
     ens = Ensemble("conditional", model.n_classes, label) if label is not None else Ensemble("marginal", model.n_classes)
     g = torch.Generator(device=dev).manual_seed(seed)
+    base = base_of(model)
+    if start is None and base is not None:
+        start = base.sample(n, g, label).reshape(n, *model.shape)
     if start is None:
         x0, betas, tune = uniform(n, model.shape, g, dev), np.geomspace(1e-3, 1.0, steps // 2) / temp, steps // 2
     else:

@@ -14,6 +14,7 @@ import torch
 from .. import distributed as dist
 from ..errors import ThermoEBMError
 from ..estimators import replica_split
+from ..models import base_of
 from ..samplers import ais, bridge, paths, smc
 from ..samplers.base import KernelBase, population_weights
 from ..samplers.kernels import MalaState, Sampler
@@ -97,6 +98,29 @@ def sampler(p: Problem, generator, progress) -> Sampler:
     return Sampler(p.net, p.ens, p.shape, generator, p.device, p.kernel, progress)
 
 
+def model_base_kernels(p: Problem):
+    """The model's own fixed base (models.GaussianBase: box-truncated diagonal Gaussians with weights w_m, entering
+    the density as q^(beta t_base / t_ref)) as kernels of the data-informed base, tempered to each beta: per
+    component the width sd / sqrt(a), a = beta t_base / t_ref, and the weight of its tempered mass,
+    w_m^a prod_i Z_mi^-a (2 pi sd_mi^2)^((1 - a) / 2) a^(-1/2) Z'_mi (Z, Z': the box masses of the component and of
+    its tempered form; exact for separated components). (centres [G, B, D], widths [G, B, D], weights [G, B]) or
+    None for a model without one."""
+    own = base_of(p.net)
+    if own is None:
+        return None
+    prec = own.prec.double().T.cpu()                                          # [B, D]
+    mu, sd = own.centre.double().cpu() + own.lin.double().T.cpu() / prec, prec.rsqrt()
+    a = torch.as_tensor(p.betas, dtype=torch.float64)[:, None, None] * own.t_base / p.t_ref   # [G, 1, 1]
+
+    def log_mass(width):
+        return torch.log(torch.special.ndtr((1 - mu) / width) - torch.special.ndtr((-1 - mu) / width))
+    width = sd / a.sqrt()                                                    # [G, B, D]
+    logw = (a[..., 0] * own.logw.double().cpu() + (-a * log_mass(sd) + 0.5 * (1 - a) * torch.log(2 * math.pi * sd ** 2)
+                                                   - 0.5 * torch.log(a) + log_mass(width)).sum(-1))
+    w = torch.softmax(logw, -1)
+    return mu.expand_as(width).contiguous(), width, w.numpy()
+
+
 def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, total: int | None = None):
     """Reference states, base, pilot and the counted anneal from the data-informed base (one shard of `total`
     chains per temperature, default bridge_chains). The base mixes five populations: kernels on data-seeded states,
@@ -107,14 +131,19 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, total: int | None = No
     refs = bridge.references(s, p.data, fwd, p.betas, step0, n_data=cfg.data_refs, n_gauss=cfg.gauss_refs,
                              n_steps=cfg.reference_steps)
     n_t, n_f = len(p.betas), refs.centres.shape[1] - cfg.data_refs
-    # kernels on data-seeded states, on forward states; the fitted mixtures (per class, pooled); uniform
-    sizes = (cfg.data_refs, n_f) + (1,) * len(refs.gauss) + (1,)
+    centres, sigma, inner = refs.centres, refs.sigma, {}
+    own = model_base_kernels(p)
+    if own is not None:  # the model's own base, tempered to each beta, as one more population of kernels
+        centres, sigma = torch.cat([centres, own[0].to(centres)], 1), torch.cat([sigma, own[1].to(sigma)], 1)
+        inner = {2: own[2]}
+    # kernels on data-seeded states, on forward states[, the model's base]; the fitted mixtures (per class, pooled);
+    # uniform
+    sizes = (cfg.data_refs, n_f) + ((own[0].shape[1],) if own is not None else ()) + (1,) * len(refs.gauss) + (1,)
     population = np.repeat(np.arange(len(sizes)), sizes)
     first = np.tile([(1 - cfg.bridge_uniform) / (len(sizes) - 1)] * (len(sizes) - 1) + [cfg.bridge_uniform], (n_t, 1))
 
     def make_base(shares):
-        return KernelBase(refs.centres, refs.sigma, population_weights(sizes, shares, BASE_FLOOR),
-                                 refs.gauss)
+        return KernelBase(centres, sigma, population_weights(sizes, shares, BASE_FLOOR, inner), refs.gauss)
     base = make_base(first)
     if cfg.engine == "smc":
         return _smc_from_data(p, base, make_base, population, s)

@@ -162,10 +162,13 @@ def start_states(base: KernelBase, n: int, generator, shape, block: int | None =
     return x.clamp(-1.0, 1.0).float().reshape(-1, *shape), lw0, comp
 
 
-def population_weights(sizes, shares, floor):
+def population_weights(sizes, shares, floor, inner=None):
     """Mixture weights [G, M + 1] giving population j (sizes[j] consecutive kernels, then the uniform last)
-    the share shares[:, j] (floored at `floor`, renormalised), split equally over its kernels."""
+    the share shares[:, j] (floored at `floor`, renormalised), split equally over its kernels, or as
+    inner[j] [G, sizes[j]] (rows summing to 1) says."""
     shares = np.maximum(np.asarray(shares, dtype=np.float64), floor)
     shares = shares / shares.sum(-1, keepdims=True)
-    cols = [np.repeat(shares[:, j:j + 1] / max(n, 1), n, axis=1) for j, n in enumerate(sizes)]
+    inner = inner or {}
+    cols = [shares[:, j:j + 1] * np.asarray(inner[j], dtype=np.float64) if j in inner
+            else np.repeat(shares[:, j:j + 1] / max(n, 1), n, axis=1) for j, n in enumerate(sizes)]
     return torch.as_tensor(np.concatenate(cols, 1))

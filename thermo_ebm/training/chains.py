@@ -64,21 +64,32 @@ class ChainBatch(NamedTuple):
 class PersistentChains:
     """Replay buffers of `n` walkers per population on `device`, moved with generator `generator`."""
 
-    def __init__(self, populations, n: int, shape, n_classes: int, cfg, device, generator: torch.Generator):
+    def __init__(self, populations, n: int, shape, n_classes: int, cfg, device, generator: torch.Generator,
+                 reference=None):
         self.cfg, self.shape, self.n_classes, self.dev, self.generator = cfg, tuple(shape), n_classes, device, generator
+        self.reference = reference  # the model's fixed base (models.GaussianBase) or None: where walkers start
         self.pops, self.acceptance = {}, {}
         for pop in populations:
+            x, e_ref = self.fresh(n)
             self.pops[pop] = {
-                "x": self.uniform(n),
+                "x": x,
                 "y": torch.randint(n_classes, (n,), generator=generator, device=device),
                 "W": torch.zeros(n, dtype=torch.float64, device=device),
                 "Q": torch.zeros(n, dtype=torch.float64, device=device),
-                "e_last": torch.zeros(n, dtype=torch.float64, device=device),
+                "e_last": e_ref,
             }
 
-    def uniform(self, n):
-        """n uniform draws on the box, [n, *shape]."""
-        return torch.rand((n, *self.shape), generator=self.generator, device=self.dev) * 2 - 1
+    def fresh(self, n):
+        """n new walkers [n, *shape] and their reference energies [n] (float64): uniform draws on the box (E = 0),
+        or, for a model with a base q, exact draws from q with E = -t_base log(2^D q(x)) (a reference whose
+        normaliser is the uniform's, so the W bookkeeping keeps its zero)."""
+        if self.reference is None:
+            x = torch.rand((n, *self.shape), generator=self.generator, device=self.dev) * 2 - 1
+            return x, torch.zeros(n, dtype=torch.float64, device=self.dev)
+        x = self.reference.sample(n, self.generator).reshape(n, *self.shape)
+        with torch.no_grad():
+            e_ref = -self.reference(x)[:, 0].double() - self.reference.t_base * x[0].numel() * math.log(2.0)
+        return x, e_ref
 
     def advance(self, model, b: int) -> dict:
         """Move b walkers of every population (mc_steps Langevin moves; restarts from uniform with probability
@@ -93,12 +104,13 @@ class PersistentChains:
             restart = torch.ones(b, dtype=torch.bool, device=self.dev)
         else:
             restart = torch.rand(b, generator=g, device=self.dev) < cfg.from_scratch
-        noise_x = self.uniform(b)
+        noise_x, noise_e = self.fresh(b)
         noise_y = torch.randint(self.n_classes, (b,), generator=g, device=self.dev)
         x0 = torch.where(restart.view(-1, *[1] * len(self.shape)), noise_x, buf["x"][idx])
         y0 = torch.where(restart, noise_y, buf["y"][idx])
-        for k in ("W", "Q", "e_last"):  # a restarted walker starts over from the uniform reference (E = 0)
+        for k in ("W", "Q"):  # a restarted walker starts over from the reference
             buf[k][idx] = torch.where(restart, torch.zeros_like(buf[k][idx]), buf[k][idx])
+        buf["e_last"][idx] = torch.where(restart, noise_e, buf["e_last"][idx])
         energy_fn = energy_fn_of(model, pop, y0)
         state = langevin_init(energy_fn, x0)
         e_start = state.energy.double()

@@ -28,7 +28,7 @@ from ..files.checkpoint import (load_checkpoint, model_from_checkpoint, save_che
 from ..files.fileio import check_writable_folder, file_lock, lock_path, remove_stale_tmp
 from ..files.results import annotate_training, provenance, write_group
 from ..measurement.likelihood import quick_t_ml
-from ..models import build_model
+from ..models import base_of, build_model
 from ..progress import progress_bar
 from ..samplers.rng import stream_seed
 from . import state as train_state
@@ -67,7 +67,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if model is None:
             model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
-                                cfg.spectral_norm)
+                                cfg.spectral_norm, cfg.base_components, training_temperature(asdict(cfg)))
+            if model.base is not None:
+                model.base.fit(self.data.x_train, self.data.y_train)
         self.model = model.to(self.dev)
         # the loss goes through DDP (gradients averaged over ranks); the samplers use the bare model
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if dist.active() else self.model
@@ -77,8 +79,9 @@ class Trainer:
         self.g_data = torch.Generator().manual_seed(data_seed)
         g_mc = torch.Generator(device=self.dev).manual_seed(mc_seed)
         n = self.batch if cfg.short_run else cfg.buffer_size // self.world  # this rank's buffer shard
-        self.chains = PersistentChains(needs(cfg.objective, cfg.joint_estimator), n, self.data.shape, self.data.n_classes, cfg, self.dev,
-                                       g_mc)
+        self.chains = PersistentChains(needs(cfg.objective, cfg.joint_estimator), n, self.data.shape,
+                                       self.data.n_classes, cfg, self.dev, g_mc,
+                                       reference=base_of(self.model))
         # the data's class frequencies [K] (the label-marginal term's target) and the chains' temperature
         self.class_prior = torch.bincount(self.data.y_train, minlength=self.data.n_classes).double().to(self.dev)
         self.class_prior /= self.class_prior.sum()
@@ -110,13 +113,19 @@ class Trainer:
         moved = self.chains.advance(self.model, self.batch)
         parts = [xb] + [moved[p].x for p in pops]
         logits = self.ddp(torch.cat(parts))
-        split = dict(zip(["data", *pops], torch.split(logits, [len(p) for p in parts])))
+        sizes = [len(p) for p in parts]
+        split = dict(zip(["data", *pops], torch.split(logits, sizes)))
+        base = {}
+        if base_of(self.model) is not None:  # the fixed base's energies, which the penalty leaves out
+            with torch.no_grad():
+                base = dict(zip(["data", *pops], torch.split(self.model.base_energy(torch.cat(parts)), sizes)))
         loss, terms = loss_terms(
             cfg.objective, split["data"], yb,
             logits_joint=split.get("joint"), y_joint=moved["joint"].y if "joint" in moved else None,
             logits_marginal=split.get("marginal"), gamma=cfg.gamma, reg=cfg.reg, joint_estimator=cfg.joint_estimator,
             penalty=cfg.penalty, class_balance=cfg.class_balance, class_prior=self.class_prior,
-            temperature=self.t_train)
+            temperature=self.t_train, base_data=base.get("data"), base_joint=base.get("joint"),
+            base_marginal=base.get("marginal"))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -26,6 +26,8 @@ class frequencies and p(y) = E_x p(y|x) the chains' class split, self-normalised
 Maximum likelihood of p(x, y) holds p(y) = pi (the moment of the class biases), so the term leaves its optimum where
 it is; it keeps the chains' class split at the data's where the centred penalty cancels the likelihood gradient.
 Optional weights (summing to 1) replace sample means by weighted means (exact expectations in tests).
+A model with a fixed base (models.GaussianBase; its energies -t_base log q passed as base_*) is penalised on the
+energies its network adds to the base's, E - E_base: the penalty bounds what training learns, not the base's spread.
 """
 from __future__ import annotations
 
@@ -64,10 +66,12 @@ def label_marginal(logits, prior, temperature=1.0, w=None):
 
 def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=None, logits_marginal=None,
                gamma=1.0, reg=0.0, w_joint=None, w_marginal=None, joint_estimator="chains", penalty="centred",
-               class_balance=0.0, class_prior=None, temperature=1.0):
+               class_balance=0.0, class_prior=None, temperature=1.0, base_data=None, base_joint=None,
+               base_marginal=None):
     """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors.
     class_balance > 0 adds the label-marginal term of the marginal chains (needs class_prior [K] and the chains'
-    temperature)."""
+    temperature). base_* [N]: a fixed base's part of the energies of data and chains (None: no base), left out of
+    the penalty."""
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if joint_estimator not in JOINT_ESTIMATORS:
@@ -86,12 +90,16 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         terms["joint_e_data"], terms["joint_e_model"] = ed.mean(), _mean(em, w_joint)
         terms["joint_ml"] = terms["joint_e_data"] - terms["joint_e_model"]
         loss = loss + terms["joint_ml"]
+        if base_data is not None:
+            ed, em = ed - base_data, em - base_joint
         penalty_sum = penalty_sum + _penalty(ed, em, w_joint, penalty)
     if "marginal" in pops:
         ed, em = marginal_energy(logits_data), marginal_energy(logits_marginal)
         terms["marginal_e_data"], terms["marginal_e_model"] = ed.mean(), _mean(em, w_marginal)
         terms["marginal_ml"] = terms["marginal_e_data"] - terms["marginal_e_model"]
         loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
+        if base_data is not None:
+            ed, em = ed - base_data, em - base_marginal
         penalty_sum = penalty_sum + _penalty(ed, em, w_marginal, penalty)
         if class_balance > 0 and label_marginal_applies(objective, joint_estimator):
             surrogate, terms["class_kl"] = label_marginal(logits_marginal, class_prior, temperature, w_marginal)
