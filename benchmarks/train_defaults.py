@@ -33,14 +33,15 @@ from thermo_ebm.training.chains import moves_acceptance
 from thermo_ebm.training.loop import chains_class_mass
 
 # name: settings beyond BASE, PRESETS' "*" rows on MNIST (reg 0.1 with the centred penalty, SGLD noise 0.1 at step
-# 0.05: T_train 0.1, lr 1e-3, constant, 10 epochs; objective j_ebm unless given), which were the j_ebm defaults until
-# the search chose je_T0.02_r3_centred (now PRESETS' mnist j_ebm row). m_ebm trials name every preset setting, since
+# 0.05: T_train 0.1, lr 1e-3, constant, 10 epochs, no base, no label-marginal term; objective j_ebm unless given),
+# which were the j_ebm defaults until the search chose je_T0.02_r3_centred and then je_T0.02_r3_base40_cb (now
+# PRESETS' mnist j_ebm row). m_ebm trials name every preset setting, since
 # m_ebm on MNIST has a row of its own (the m_ebm_r001_e30 settings). The trials that name the magnitude penalty are
 # the search as it ran before `--penalty` existed (train_defaults.json and its _T1, _chains, _m_ebm, _r003_e60 files,
 # whose "hyb" row is hyb_magnitude here); train_defaults_penalty.json and train_defaults_penalty_alternatives.json
 # (the *_centred j_ebm trials: the settings docs/training.md names as alternatives, under the centred penalty, and
 # the je_T0.001, je_s0.5 and r0.01_cos_e30 trials of the energy gap's role) hold the runs with the centred penalty.
-BASE = {"objective": "j_ebm", "sgld_noise": 0.1, "reg": 0.1}
+BASE = {"objective": "j_ebm", "sgld_noise": 0.1, "reg": 0.1, "base_components": 0, "class_balance": 0.0}
 MAG = {"penalty": "magnitude"}
 TRIALS = {
     "hyb": {},                                               # BASE (j_ebm, exact estimator, centred penalty)
@@ -128,6 +129,12 @@ TRIALS = {
                                      "buffer_size": 1000, **MAG},  # the same in 10 epochs: full MNIST's 9,370 steps
     "je_T1_r001_e30_cb_buf1000": {"sgld_step": 0.001, "sgld_noise": 0.04472, "reg": 0.001, "lr_schedule": "cosine",
                                   "epochs": 30, "class_balance": 1.0, "buffer_size": 1000, **MAG},  # the same at T_train 1
+    # a fixed base under the network (--base-components, docs/training.md), at the defaults' T_train 0.02 and reg 3;
+    # with the label-marginal term (the MNIST j_ebm defaults since) over three seeds, and without it
+    # (train_defaults_base.json)
+    **{f"je_T0.02_r3_base40{tail}": {"sgld_noise": 0.0447, "reg": 3.0, "base_components": 40, **extra}
+       for tail, extra in (("_cb", {"class_balance": 1.0}), ("_cb_seed1", {"class_balance": 1.0, "seed": 1}),
+                           ("_cb_seed2", {"class_balance": 1.0, "seed": 2}), ("", {}))},
 }
 
 
@@ -141,7 +148,9 @@ def row(name, settings, res, ckpt):
     long = fid.get("mala_10000", float("nan"))
     cfg = training_config({"config": json.loads(tr.attrs["config"])})  # settings added since: as they trained
     last = tr.step > tr.epoch_end_step.values[-2] if tr.sizes["epoch"] > 1 else tr.step > 0
-    gap = float((tr.marginal_e_model - tr.marginal_e_data)[last].mean()) if "marginal_e_model" in tr else float("nan")
+    gap = (float(tr.marginal_net_gap[last].mean()) if "marginal_net_gap" in tr  # a base's part left out
+           else float((tr.marginal_e_model - tr.marginal_e_data)[last].mean()) if "marginal_e_model" in tr
+           else float("nan"))
     return dict(name=name, settings=settings, data=str(tr.attrs.get("split_note", "")), objective=cfg["objective"],
                 joint_estimator=cfg.get("joint_estimator"), penalty=cfg["penalty"], class_balance=cfg["class_balance"],
                 epochs=int(tr.sizes["epoch"]), heldout_acc=float(tr.heldout_acc.values[-1]),

@@ -68,6 +68,10 @@ def test_training_with_a_base_starts_its_chains_there_and_keeps_it_in_the_checkp
                 progress=False)
     model = load_model(out["checkpoint"])
     assert model.base is not None and model.spec["base_components"] == 2
+    import xarray as xr
+    hist = xr.open_dataset(out["results"], group="training", engine="h5netcdf")
+    # the gap the penalty sets is the network's: the full energies' gap less the base's
+    assert out["energy_gap"] == pytest.approx(float(np.nanmean(hist.marginal_net_gap.values)), rel=1e-6)
     assert model.base.t_base == pytest.approx(0.1 ** 2 / (2 * 0.05))  # T_train of the digits defaults
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     torch.testing.assert_close(model(x) - model.net(x), model.base(x))

@@ -65,8 +65,9 @@ def test_label_marginal_term_trains_and_records_the_chains_class_kl(objective):
 
 def test_class_balance_applies_only_where_marginal_chains_train_classes():
     from thermo_ebm.config import TrainConfig
-    assert TrainConfig(objective="j_ebm").validate().class_balance == 0.0
-    assert TrainConfig(objective="j_ebm", class_balance=1.0).validate().class_balance == 1.0
+    assert TrainConfig(objective="j_ebm", dataset="digits").validate().class_balance == 0.0  # off unless PRESETS say
+    assert TrainConfig(objective="j_ebm").validate().class_balance == 1.0  # the MNIST j_ebm preset
+    assert TrainConfig(objective="j_ebm", dataset="digits", class_balance=1.0).validate().class_balance == 1.0
     assert TrainConfig(objective="hybrid", class_balance=0.5).validate().class_balance == 0.5
     for objective, estimator in (("j_ebm", "chains"), ("gcl", "exact"), ("m_ebm", "exact"), ("dcl", "exact")):
         with pytest.raises(ThermoEBMError, match="--class-balance"):
@@ -138,6 +139,14 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     for (ds, obj), want in {("mnist", "j_ebm"): 0.0447, ("mnist", "gcl"): 0.1, ("digits", "j_ebm"): 0.1}.items():
         assert TrainConfig(dataset=ds, objective=obj).validate().sgld_noise == want, (ds, obj)
     assert TrainConfig(sgld_noise=0.2).validate().sgld_noise == 0.2
+    for (ds, obj), want in {("mnist", "j_ebm"): (40, 1.0), ("mnist", "m_ebm"): (0, 0.0), ("digits", "j_ebm"): (0, 0.0),
+                            ("cifar10", "hybrid"): (0, 0.0)}.items():
+        c = TrainConfig(dataset=ds, objective=obj).validate()
+        assert (c.base_components, c.class_balance) == want, (ds, obj)
+    # the preset's label-marginal weight only where the term applies; asked for elsewhere, an error
+    assert TrainConfig(dataset="mnist", joint_estimator="chains").validate().class_balance == 0.0
+    with pytest.raises(ThermoEBMError, match="--class-balance"):
+        TrainConfig(dataset="mnist", joint_estimator="chains", class_balance=1.0).validate()
     for (ds, obj), want in {("mnist", "m_ebm"): "magnitude", ("mnist", "j_ebm"): "centred",
                             ("digits", "j_ebm"): "magnitude", ("fashion-mnist", "gcl"): "centred",
                             ("mnist", "gcl"): "magnitude"}.items():
@@ -169,7 +178,7 @@ def test_defaults_by_dataset_and_objective_fill_only_what_is_left_open(tmp_path)
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     assert "--reg" in out and "by dataset and objective" in out
     assert "mnist    m_ebm   --epochs 30, --lr-schedule cosine, --reg 0.001" in out
-    assert "mnist    j_ebm   --sgld-noise 0.0447, --reg 3.0" in out
+    assert "mnist    j_ebm   --sgld-noise 0.0447, --reg 3.0, --base-components 40, --class-balance 1.0" in out
 
 
 def test_resume_refuses_conflicting_options(digits_ckpt):

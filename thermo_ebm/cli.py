@@ -144,7 +144,7 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--class-balance", type=float,
               help="Weight of the label-marginal term: the likelihood gradient of the labels' marginal p(y), the "
                    "chains' class split, towards the data's; j_ebm with --joint-estimator exact, and hybrid "
-                   "(docs/training.md).")
+                   "(docs/training.md)." + BY_PRESET)
 @train_option("--gamma", type=float, help="gcl: weight of the marginal term (loss = j_ebm - gamma x m_ebm; 1: cross-entropy gradient).")
 @train_option("--sgld-step", type=float, help="Langevin step s (x <- x - s dE/dx + n xi); T_train = n^2 / (2 s).")
 @train_option("--sgld-noise", type=float, help="Langevin noise n." + BY_PRESET)

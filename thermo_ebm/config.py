@@ -24,11 +24,11 @@ NEEDS = {"dcl": (), "m_ebm": ("marginal",), "j_ebm": ("joint",), "gcl": ("joint"
 PRESETS = (
     ("digits", "*", {"epochs": 15, "lr_schedule": "cosine", "penalty": "magnitude", "buffer_size": 1000}),
     ("mnist", "m_ebm", {"epochs": 30, "lr_schedule": "cosine", "reg": 0.001, "penalty": "magnitude"}),
-    ("mnist", "j_ebm", {"sgld_noise": 0.0447, "reg": 3.0}),
+    ("mnist", "j_ebm", {"sgld_noise": 0.0447, "reg": 3.0, "base_components": 40, "class_balance": 1.0}),
     ("mnist", "gcl", {"penalty": "magnitude"}),
     ("*", "dcl", {"reg": 0.0}),
-    ("*", "*", {"base_components": 0, "epochs": 10, "lr_schedule": "constant", "reg": 0.1, "penalty": "centred", "buffer_size": 10000,
-                "sgld_noise": 0.1}),
+    ("*", "*", {"base_components": 0, "class_balance": 0.0, "epochs": 10, "lr_schedule": "constant", "reg": 0.1,
+                "penalty": "centred", "buffer_size": 10000, "sgld_noise": 0.1}),
 )
 
 
@@ -103,7 +103,7 @@ class TrainConfig:
     lr_schedule: str | None = None    # "constant" or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
     reg: float | None = None          # weight of the energy penalty
     penalty: str | None = None        # "centred" (variances + data-model gap^2 / 2) or "magnitude" (<E^2>); objectives.py
-    class_balance: float = 0.0        # weight of the label-marginal term (objectives.py; marginal chains of classes)
+    class_balance: float | None = None  # weight of the label-marginal term (objectives.py; marginal chains of classes)
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float | None = None   # None: from PRESETS
@@ -138,9 +138,11 @@ class TrainConfig:
             raise ThermoEBMError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.dataset not in DATASETS:
             raise ThermoEBMError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        filled = set()
         for name, value in preset(self.dataset, self.objective).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+                filled.add(name)
         if self.lr_schedule not in ("constant", "cosine"):
             raise ThermoEBMError("--lr-schedule must be constant or cosine")
         if self.joint_labels not in ("fixed", "gibbs"):
@@ -150,6 +152,8 @@ class TrainConfig:
         if self.penalty not in PENALTIES:
             raise ThermoEBMError(f"--penalty must be one of {', '.join(PENALTIES)}")
         balanced = label_marginal_applies(self.objective, self.joint_estimator)
+        if "class_balance" in filled and not balanced:  # a preset's weight where the term does not apply
+            self.class_balance = 0.0
         if self.class_balance < 0 or (self.class_balance > 0 and not balanced):
             raise ThermoEBMError("--class-balance must be >= 0, and 0 unless marginal chains train classes (j_ebm with "
                                  "--joint-estimator exact, or hybrid)")

@@ -21,8 +21,9 @@ class GaussianBase(nn.Module):
     network's logits it makes p_T(x, y) at T = t_base q(x) exp(f_net(x)[y] / t_base) / Z: the base carries the
     digits' shapes, the network learns the rest, and p(y|x) = softmax f_net(x) is the network's alone. Buffers
     only: nothing in it trains.
-    Precision: the quadratic forms are float32 matmuls on coordinates centred at the data's mean (rounding ~1e-4
-    nats at D = 784); constants are float64 at fit."""
+    Precision: the quadratic forms are float32 matmuls on coordinates centred at the data's mean (against float64,
+    log q within 0.015 nats on MNIST images, draws of q and uniform noise, mean 0.001); constants are float64 at
+    fit."""
 
     SD_FLOOR = 0.1  # at T_train the SGLD proposal (noise 0.0447) stays well inside a component's width
 
@@ -40,7 +41,7 @@ class GaussianBase(nn.Module):
     def fit(self, x, y, seed: int = 0):
         """Fit every class's mixture to images x [N, *shape] with labels y [N] (k-means, float64); returns self."""
         from sklearn.cluster import KMeans
-        from scipy.special import log_ndtr, ndtr
+        from scipy.special import ndtr
         x = x.reshape(len(x), -1).double().cpu().numpy()
         y = y.cpu().numpy()
         n_classes, m = self.n_classes, self.components
@@ -55,13 +56,12 @@ class GaussianBase(nn.Module):
             for j in range(m):
                 c = xk[lab == j]
                 mu, sd = c.mean(0), np.maximum(c.std(0), self.SD_FLOOR)
-                mass = ndtr((1 - mu) / sd) - ndtr((-1 - mu) / sd)
-                log_mass = np.log(np.maximum(mass, np.exp(log_ndtr(-(1 + np.abs(mu)) / sd))))
+                log_mass = np.log(ndtr((1 - mu) / sd) - ndtr((-1 - mu) / sd))  # >= log 1/2: mu lies in the box
                 p = 1.0 / sd ** 2
                 prec.append(p)
                 logw.append(math.log(len(c) / len(x)))
                 lin.append((mu - centre) * p)
-                const.append(math.log(len(c) / len(x)) - (np.log(sd) + log_mass + 0.5 * math.log(2 * math.pi)).sum()
+                const.append(logw[-1] - (np.log(sd) + log_mass + 0.5 * math.log(2 * math.pi)).sum()
                              - 0.5 * ((mu - centre) ** 2 * p).sum())
         self.centre.copy_(torch.from_numpy(centre))
         self.prec.copy_(torch.from_numpy(np.stack(prec, 1)))

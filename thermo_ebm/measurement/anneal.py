@@ -125,7 +125,7 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, total: int | None = No
     """Reference states, base, pilot and the counted anneal from the data-informed base (one shard of `total`
     chains per temperature, default bridge_chains). The base mixes five populations: kernels on data-seeded states,
     kernels on forward-AIS states, a Gaussian per predicted class and one pooled Gaussian fitted to the
-    data-seeded chains, uniform; the pilot sets each population's weight at each temperature to the share of Z it
+    data-seeded chains, uniform (and a sixth for a model with a base of its own: model_base_kernels); the pilot sets each population's weight at each temperature to the share of Z it
     delivered (at least BASE_FLOOR)."""
     cfg = p.cfg
     refs = bridge.references(s, p.data, fwd, p.betas, step0, n_data=cfg.data_refs, n_gauss=cfg.gauss_refs,

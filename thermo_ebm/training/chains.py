@@ -206,8 +206,10 @@ class History:
 
     def energy_gap(self, n: int) -> float:
         """<E_model> - <E_data> (logit units) over the last n steps, of the marginal chains (else the joint
-        ones); nan without chains."""
+        ones), of the network's part for a model with a base (the gap the penalty sets); nan without chains."""
         for pop in ("marginal", "joint"):
+            if self.steps.get(f"{pop}_net_gap"):
+                return float(np.nanmean(np.asarray(self.steps[f"{pop}_net_gap"][-n:])))
             em, ed = self.steps.get(f"{pop}_e_model"), self.steps.get(f"{pop}_e_data")
             if em and ed:
                 return float(np.nanmean(np.asarray(em[-n:]) - np.asarray(ed[-n:])))

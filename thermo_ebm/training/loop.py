@@ -387,8 +387,9 @@ def log_energy_gap(cfg, gap: float, n: int) -> None:
     if not math.isfinite(gap):
         return
     stalled = cfg.penalty == "centred" and cfg.reg * gap > 0.9
-    log.info("energy gap <E_model> - <E_data> = %.3g (logits' scale, last %d steps), reg x gap = %.2f%s", gap, n,
-             cfg.reg * gap, ": the centred penalty holds the gap at 1 / reg, where it cancels the likelihood "
+    base = " of the network (the base's part left out)" if getattr(cfg, "base_components", 0) else ""
+    log.info("energy gap <E_model> - <E_data>%s = %.3g (logits' scale, last %d steps), reg x gap = %.2f%s", base, gap,
+             n, cfg.reg * gap, ": the centred penalty holds the gap at 1 / reg, where it cancels the likelihood "
              "gradient, so p(x) learns only through the energies' spread (a smaller --reg lets it learn; "
              "docs/training.md)" if stalled else "")
 

@@ -71,7 +71,8 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
     """(loss, terms) of an objective from logits [N, K] of data and of chains; terms are 0-d tensors.
     class_balance > 0 adds the label-marginal term of the marginal chains (needs class_prior [K] and the chains'
     temperature). base_* [N]: a fixed base's part of the energies of data and chains (None: no base), left out of
-    the penalty."""
+    the penalty; terms then hold <population>_net_gap, the data-model gap of the network's part, which the penalty
+    sets."""
     if objective not in OBJECTIVES:
         raise ThermoEBMError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if joint_estimator not in JOINT_ESTIMATORS:
@@ -92,6 +93,7 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         loss = loss + terms["joint_ml"]
         if base_data is not None:
             ed, em = ed - base_data, em - base_joint
+            terms["joint_net_gap"] = _mean(em, w_joint) - ed.mean()
         penalty_sum = penalty_sum + _penalty(ed, em, w_joint, penalty)
     if "marginal" in pops:
         ed, em = marginal_energy(logits_data), marginal_energy(logits_marginal)
@@ -100,6 +102,7 @@ def loss_terms(objective, logits_data, y_data, *, logits_joint=None, y_joint=Non
         loss = loss + (-gamma if objective == "gcl" else 1.0) * terms["marginal_ml"]
         if base_data is not None:
             ed, em = ed - base_data, em - base_marginal
+            terms["marginal_net_gap"] = _mean(em, w_marginal) - ed.mean()
         penalty_sum = penalty_sum + _penalty(ed, em, w_marginal, penalty)
         if class_balance > 0 and label_marginal_applies(objective, joint_estimator):
             surrogate, terms["class_kl"] = label_marginal(logits_marginal, class_prior, temperature, w_marginal)
