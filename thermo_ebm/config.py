@@ -95,7 +95,7 @@ class TrainConfig:
     model_size: int | None = None
     depth: int = 2
     spectral_norm: bool = False
-    base_components: int | None = None  # > 0: a fixed base, a mixture of this many Gaussians per class (models.GaussianBase)
+    base_components: int | None = None  # > 0: a fixed base, this many Gaussians per class (models.GaussianBase)
     epochs: int | None = None         # None: from PRESETS (dataset, objective)
     max_steps: int | None = None      # stop after this many optimizer steps in total
     batch_size: int = 64
@@ -103,7 +103,7 @@ class TrainConfig:
     lr_schedule: str | None = None    # "constant" or "cosine": lr * (0.1 + 0.9 * (1 + cos(pi * step / total)) / 2)
     reg: float | None = None          # weight of the energy penalty
     penalty: str | None = None        # "centred" (variances + data-model gap^2 / 2) or "magnitude" (<E^2>); objectives.py
-    class_balance: float | None = None  # weight of the label-marginal term (objectives.py; marginal chains of classes)
+    class_balance: float | None = None  # weight of the label-marginal term (objectives.py)
     gamma: float = 1.0
     sgld_step: float = 0.05           # x <- x - sgld_step * dE/dx + sgld_noise * N(0, 1)
     sgld_noise: float | None = None   # None: from PRESETS

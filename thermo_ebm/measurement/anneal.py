@@ -114,9 +114,10 @@ def model_base_kernels(p: Problem):
 
     def log_mass(width):
         return torch.log(torch.special.ndtr((1 - mu) / width) - torch.special.ndtr((-1 - mu) / width))
+
     width = sd / a.sqrt()                                                    # [G, B, D]
-    logw = (a[..., 0] * own.logw.double().cpu() + (-a * log_mass(sd) + 0.5 * (1 - a) * torch.log(2 * math.pi * sd ** 2)
-                                                   - 0.5 * torch.log(a) + log_mass(width)).sum(-1))
+    per_pixel = -a * log_mass(sd) + 0.5 * (1 - a) * torch.log(2 * math.pi * sd ** 2) - 0.5 * torch.log(a)
+    logw = a[..., 0] * own.logw.double().cpu() + (per_pixel + log_mass(width)).sum(-1)
     w = torch.softmax(logw, -1)
     return mu.expand_as(width).contiguous(), width, w.numpy()
 
@@ -125,8 +126,8 @@ def _anneal_from_data(p: Problem, fwd, step0, s: Sampler, total: int | None = No
     """Reference states, base, pilot and the counted anneal from the data-informed base (one shard of `total`
     chains per temperature, default bridge_chains). The base mixes five populations: kernels on data-seeded states,
     kernels on forward-AIS states, a Gaussian per predicted class and one pooled Gaussian fitted to the
-    data-seeded chains, uniform (and a sixth for a model with a base of its own: model_base_kernels); the pilot sets each population's weight at each temperature to the share of Z it
-    delivered (at least BASE_FLOOR)."""
+    data-seeded chains, uniform (and a sixth for a model with a base of its own: model_base_kernels); the pilot
+    sets each population's weight at each temperature to the share of Z it delivered (at least BASE_FLOOR)."""
     cfg = p.cfg
     refs = bridge.references(s, p.data, fwd, p.betas, step0, n_data=cfg.data_refs, n_gauss=cfg.gauss_refs,
                              n_steps=cfg.reference_steps)
