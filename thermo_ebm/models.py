@@ -70,6 +70,11 @@ class GaussianBase(nn.Module):
         self.logw.copy_(torch.from_numpy(np.array(logw)))
         return self
 
+    def components_moments(self):
+        """Every component's per-pixel mean and standard deviation before truncation, [K M, D] each (float64)."""
+        prec = self.prec.double().T
+        return self.centre.double() + self.lin.double().T / prec, prec.rsqrt()
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, label: int | None = None):
         """n exact draws from q, [n, D] (a component by weight, then box-truncated normals by the inverse CDF,
@@ -81,9 +86,7 @@ class GaussianBase(nn.Module):
             keep[label * self.components:(label + 1) * self.components] = 1.0
             w = w * keep
         comp = torch.multinomial(w, n, replacement=True, generator=generator)
-        prec = self.prec.double().to(dev)[:, comp].T
-        mu = self.centre.double().to(dev) + self.lin.double().to(dev)[:, comp].T / prec
-        sd = prec.rsqrt()
+        mu, sd = (t.to(dev)[comp] for t in self.components_moments())
         lo, hi = torch.special.ndtr((-1 - mu) / sd), torch.special.ndtr((1 - mu) / sd)
         u = lo + (hi - lo) * torch.rand(mu.shape, generator=generator, device=dev, dtype=torch.float64)
         return (mu + sd * torch.special.ndtri(u)).clamp(-1, 1).to(self.prec.dtype)
@@ -154,8 +157,9 @@ def _cnn(shape, width, k):
 
 def build_model(arch: str, shape, n_classes: int, size: int | None = None, depth: int = 2,
                 spectral_norm: bool = False, base_components: int = 0, t_base: float = 1.0) -> EBM:
-    """Build `shallow` (MLP, `depth` hidden layers of width `size`) or `cnn` (base channels `size`); base_components > 0
-    adds a GaussianBase of that many components per class at temperature t_base (unfitted: GaussianBase.fit or a checkpoint fills it)."""
+    """Build `shallow` (MLP, `depth` hidden layers of width `size`) or `cnn` (base channels `size`);
+    base_components > 0 adds a GaussianBase of that many components per class at temperature t_base (unfitted:
+    GaussianBase.fit or a checkpoint fills it)."""
     shape = tuple(int(s) for s in shape)
     if arch == "shallow":
         size = size or 256

@@ -108,8 +108,7 @@ def model_base_kernels(p: Problem):
     own = base_of(p.net)
     if own is None:
         return None
-    prec = own.prec.double().T.cpu()                                          # [B, D]
-    mu, sd = own.centre.double().cpu() + own.lin.double().T.cpu() / prec, prec.rsqrt()
+    mu, sd = (t.cpu() for t in own.components_moments())                     # [B, D]
     a = torch.as_tensor(p.betas, dtype=torch.float64)[:, None, None] * own.t_base / p.t_ref   # [G, 1, 1]
 
     def log_mass(width):
