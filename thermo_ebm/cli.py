@@ -130,6 +130,9 @@ BY_PRESET = " [default: by dataset and objective, below]"
 @train_option("--spectral-norm/--no-spectral-norm", help="Spectral normalisation of the weights.")
 @train_option("--base-components", type=int, help="A fixed base under the network: per class a mixture of this many "
               "box-truncated diagonal Gaussians fitted to the training images, at T_train; 0: none." + BY_PRESET)
+@train_option("--fit-class-weights/--no-fit-class-weights",
+              help="With a base: after training, estimate every class's mass under the network (SMC) and fit the "
+                   "base's class weights by maximum likelihood, the network fixed (docs/training.md).")
 @train_option("--epochs", type=int, help="Total epochs (also when resuming)." + BY_PRESET)
 @train_option("--max-steps", type=int, help="Stop after this many optimizer steps in total.")
 @train_option("--batch-size", type=int, help="Data examples per optimizer step.")

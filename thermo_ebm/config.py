@@ -96,6 +96,7 @@ class TrainConfig:
     depth: int = 2
     spectral_norm: bool = False
     base_components: int | None = None  # > 0: a fixed base, this many Gaussians per class (models.GaussianBase)
+    fit_class_weights: bool = True    # with a base: its class weights by maximum likelihood after training
     epochs: int | None = None         # None: from PRESETS (dataset, objective)
     max_steps: int | None = None      # stop after this many optimizer steps in total
     batch_size: int = 64

@@ -36,6 +36,11 @@ class GaussianBase(nn.Module):
         self.register_buffer("lin", torch.zeros(d, km))      # (mu - centre) / sd^2
         self.register_buffer("const", torch.zeros(km))       # log w - sum log(sd Z sqrt(2 pi)) - quad at the centre / 2
         self.register_buffer("logw", torch.zeros(km))        # log w: component weights, summing to 1
+        self.register_buffer("class_log_mass", torch.zeros(n_classes))  # log E_{q_y}[exp h] (0: not yet estimated)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "class_log_mass", torch.zeros(self.n_classes))  # checkpoints before it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit(self, x, y, seed: int = 0):
@@ -77,10 +82,11 @@ class GaussianBase(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, label: int | None = None):
-        """n exact draws from q, [n, D] (a component by weight, then box-truncated normals by the inverse CDF,
-        float64) on the generator's device; with `label`, from that class's mixture q_label."""
+        """n exact draws [n, D] of the density draw_log_density (a component by its draw weight, then box-truncated
+        normals by the inverse CDF, float64) on the generator's device; with `label`, from that class's mixture
+        q_label."""
         dev = generator.device
-        w = self.logw.double().exp().to(dev)
+        w = self.draw_log_weights().exp().to(dev)
         if label is not None:
             keep = torch.zeros_like(w)
             keep[label * self.components:(label + 1) * self.components] = 1.0
@@ -91,10 +97,48 @@ class GaussianBase(nn.Module):
         u = lo + (hi - lo) * torch.rand(mu.shape, generator=generator, device=dev, dtype=torch.float64)
         return (mu + sd * torch.special.ndtri(u)).clamp(-1, 1).to(self.prec.dtype)
 
-    def forward(self, x):
+    def _components(self, x):
+        """log of every weighted component at x [N, *shape]: [N, K M]."""
         u = x.reshape(len(x), -1) - self.centre
-        # log of every component: const - (u^2 . prec) / 2 + u . lin, inside the box
-        comp = self.const - 0.5 * (u ** 2) @ self.prec + u @ self.lin
+        return self.const - 0.5 * (u ** 2) @ self.prec + u @ self.lin
+
+    def draw_log_weights(self):
+        """log of each component's share of the draws [K M] (float64): its weight in q times its class's mass
+        exp(class_log_mass), so that once the masses are estimated (training/class_weights.py) the draws split over
+        the classes as the model does at t_base; before, q's own weights."""
+        lw = self.logw.double() + self.class_log_mass.double().repeat_interleave(self.components)
+        return lw - torch.logsumexp(lw, 0)
+
+    @torch.no_grad()
+    def draw_log_density(self, x):
+        """log density of the draws (`sample`) at x [N, *shape], [N] float64; log q(x) before the masses are
+        estimated."""
+        comp = self._components(x).double() - self.logw.double() + self.draw_log_weights()
+        return torch.logsumexp(comp, -1)
+
+    def class_log_weights(self):
+        """log w_y, the class weights of the mixture [K] (float64)."""
+        return torch.logsumexp(self.logw.double().reshape(self.n_classes, -1), -1)
+
+    @torch.no_grad()
+    def class_log_densities(self, x):
+        """log q_y(x) of every class's own mixture (normalised on the box), [N, K] float64, of x [N, *shape]."""
+        comp = self._components(x).double().reshape(len(x), self.n_classes, -1)
+        return torch.logsumexp(comp, -1) - self.class_log_weights()
+
+    @torch.no_grad()
+    def set_class_log_weights(self, log_w, class_log_mass=None):
+        """Give the classes the weights exp(log_w) [K] (normalised here), each class's mixture unchanged, and, where
+        given, their masses under the network (class_log_mass [K], log E_{q_y}[exp h])."""
+        log_w = torch.as_tensor(log_w, dtype=torch.float64)
+        if class_log_mass is not None:
+            self.class_log_mass.copy_(torch.as_tensor(class_log_mass).to(self.class_log_mass))
+        shift = (log_w - torch.logsumexp(log_w, 0) - self.class_log_weights()).repeat_interleave(self.components)
+        self.logw.add_(shift.to(self.logw))
+        self.const.add_(shift.to(self.const))
+
+    def forward(self, x):
+        comp = self._components(x)  # const - (u^2 . prec) / 2 + u . lin, inside the box
         logq = torch.logsumexp(comp, -1, keepdim=True)
         return (self.t_base * logq).expand(len(x), self.n_classes)
 

@@ -91,9 +91,10 @@ def training_config(ckpt: dict) -> dict:
     """The `train` settings a checkpoint records ({} if none), settings added since it was written at the values it
     trained with (joint_estimator: "chains", the only estimator before "exact" existed; penalty: "magnitude", the
     only energy penalty before "centred"; class_balance: 0, before the label-marginal term; sampler: "sgld", the
-    only training sampler before "mala"; base_components: 0, before the base)."""
+    only training sampler before "mala"; base_components: 0, before the base; fit_class_weights: False, before the
+    fit)."""
     before = {"joint_estimator": "chains", "penalty": "magnitude", "class_balance": 0.0, "sampler": "sgld",
-              "base_components": 0}
+              "base_components": 0, "fit_class_weights": False}
     return {**before, **ckpt["config"]} if "config" in ckpt else {}
 
 

@@ -102,8 +102,9 @@ def model_base_kernels(p: Problem):
     """The model's own fixed base (models.GaussianBase: box-truncated diagonal Gaussians with weights w_m, entering
     the density as q^(beta t_base / t_ref)) as kernels of the data-informed base, tempered to each beta: per
     component the width sd / sqrt(a), a = beta t_base / t_ref, and the weight of its tempered mass,
-    w_m^a prod_i Z_mi^-a (2 pi sd_mi^2)^((1 - a) / 2) a^(-1/2) Z'_mi (Z, Z': the box masses of the component and of
-    its tempered form; exact for separated components). (centres [G, B, D], widths [G, B, D], weights [G, B]) or
+    (w_m M_m)^a prod_i Z_mi^-a (2 pi sd_mi^2)^((1 - a) / 2) a^(-1/2) Z'_mi (Z, Z': the box masses of the component
+    and of its tempered form; M_m its class's mass under the network, GaussianBase.class_log_mass: exact for separated
+    components and a network flat over each class). (centres [G, B, D], widths [G, B, D], weights [G, B]) or
     None for a model without one."""
     own = base_of(p.net)
     if own is None:
@@ -116,7 +117,8 @@ def model_base_kernels(p: Problem):
 
     width = sd / a.sqrt()                                                    # [G, B, D]
     per_pixel = -a * log_mass(sd) + 0.5 * (1 - a) * torch.log(2 * math.pi * sd ** 2) - 0.5 * torch.log(a)
-    logw = a[..., 0] * own.logw.double().cpu() + (per_pixel + log_mass(width)).sum(-1)
+    tilt = own.class_log_mass.double().repeat_interleave(own.components)  # each class's mass under the network
+    logw = a[..., 0] * (own.logw.double() + tilt).cpu() + (per_pixel + log_mass(width)).sum(-1)
     w = torch.softmax(logw, -1)
     return mu.expand_as(width).contiguous(), width, w.numpy()
 

@@ -321,9 +321,18 @@ def report(path, as_json=False, diff=None, groups=None) -> str:
                 info["sampler_acceptance"] = float(ds.attrs["sampler_acceptance"])
                 moves = (f"; the training moves pass the Metropolis test at T_train "
                          f"{100 * info['sampler_acceptance']:.1f}% of the time")
+            fit = ""
+            if "base_class_weights" in ds.attrs:  # the base's class weights fitted after training (training/loop.py)
+                for key in ("base_class_weights", "base_class_log_mass", "base_class_log_mass_se",
+                            "base_class_model_mass"):
+                    info[key] = json.loads(ds.attrs[key])
+                info["base_class_fit_gain"] = float(ds.attrs["base_class_fit_gain"])
+                fit = (f"; the base's class weights fitted after training: {min(info['base_class_weights']):.3g}-"
+                       f"{max(info['base_class_weights']):.3g}, the data's log-likelihood "
+                       f"+{info['base_class_fit_gain']:.2f} nats per image")
             doc["groups"][name] = info
             acc = f", held-out accuracy {info['heldout_acc']:.4f}" if "heldout_acc" in info else ""
-            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}{chains}{moves}")
+            lines.append(f"\n[{name}] training: {info['steps']} steps, {info['epochs']} epochs{acc}{chains}{moves}{fit}")
         else:
             doc["groups"][name] = {"kind": kind}
             lines.append(f"\n[{name}] ({kind})")

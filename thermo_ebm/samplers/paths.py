@@ -4,7 +4,9 @@ group its own lambda, per chain [N]):
 * `Tempering`: lambda is beta itself, gamma_beta = g_beta (the model at inverse temperature beta), from the
   uniform distribution (beta = 0);
 * `Bridge`: group t anneals gamma = q_t^(1 - lambda) g_beta_t^lambda from an exactly normalised base q_t
-  (base.KernelBase) to g_beta_t, lambda: 0 -> 1.
+  (base.KernelBase) to g_beta_t, lambda: 0 -> 1;
+* `Tilt`: group t anneals gamma = q_t exp(lambda h) from q_t, for a factor h of the model's density (the
+  network's part over a model's fixed base: training's class-weight fit).
 `mala_move` is a reflected-MALA step on any path (the HMC move is smc.hmc_move); `reweight`, `resample`
 (systematic, per population) and `weighted_pick` (states drawn by weight for the sweep) serve every anneal.
 Paths take the run's `Sampler` context (model, ensemble, state shape). Chains are flat [N, D], grouped [G, n] ->
@@ -109,6 +111,40 @@ class Bridge:
     def energy(self, p: Particles, lam):
         """(<E | x>, <E^2 | x>) at the group's beta; [2, N] float64."""
         return torch.stack(self.ens.energy_moments(p.logits, self.beta)).double()
+
+
+class Tilt:
+    """gamma_lambda = q_t exp(lambda h) for group t (n chains per group), from exact draws of the normalised q_t
+    (base.KernelBase, one group per q_t); h: x [N, *shape] -> [N], a log density factor (differentiable). At
+    lambda = 1, log Z = log E_{q_t}[exp h]. Particles hold h in lp (and in logits, [N, 1])."""
+
+    def __init__(self, s: Sampler, base: KernelBase, tilt, n):
+        self.shape, self.base, self.tilt, self.n = tuple(s.shape), base, tilt, n
+        self.d = int(np.prod(s.shape))
+
+    def start(self, n, generator, device, block=None):
+        """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n]."""
+        x, lw0, comp = start_states(self.base, n // self.base.groups, generator, (self.d,), block)
+        return x, lw0.to(device), comp.reshape(-1).to(device)
+
+    def evaluate(self, x) -> Particles:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            h = self.tilt(x.reshape(len(x), *self.shape))
+            (g,) = torch.autograd.grad(h.sum(), x)
+        lq, gq = self.base.log_prob(x.detach())
+        h = h.detach()
+        return Particles(x.detach(), h[:, None], h.double(), g, lq, gq.to(g.dtype))
+
+    def log_gamma(self, p: Particles, lam):
+        return p.lq + lam.double() * p.lp
+
+    def grad(self, p: Particles, lam):
+        return p.gq + lam[:, None].to(p.gp.dtype) * p.gp
+
+    def energy(self, p: Particles, lam):
+        """(-h, h^2) per chain; [2, N] float64."""
+        return torch.stack([-p.lp, p.lp * p.lp])
 
 
 def mala_move(path, p: Particles, lam, step, generator, kernel=EAGER):

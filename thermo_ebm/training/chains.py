@@ -81,14 +81,14 @@ class PersistentChains:
 
     def fresh(self, n):
         """n new walkers [n, *shape] and their reference energies [n] (float64): uniform draws on the box (E = 0),
-        or, for a model with a base q, exact draws from q with E = -t_base log(2^D q(x)) (a reference whose
-        normaliser is the uniform's, so the W bookkeeping keeps its zero)."""
+        or, for a model with a base q, exact draws of the base (GaussianBase.sample: q, its classes in the model's
+        proportions once estimated) with E = -t_base log(2^D q_draw(x)) (a reference whose normaliser is the
+        uniform's, so the W bookkeeping keeps its zero)."""
         if self.reference is None:
             x = torch.rand((n, *self.shape), generator=self.generator, device=self.dev) * 2 - 1
             return x, torch.zeros(n, dtype=torch.float64, device=self.dev)
         x = self.reference.sample(n, self.generator).reshape(n, *self.shape)
-        with torch.no_grad():
-            e_ref = -self.reference(x)[:, 0].double() - self.reference.t_base * x[0].numel() * math.log(2.0)
+        e_ref = -self.reference.t_base * (self.reference.draw_log_density(x) + x[0].numel() * math.log(2.0))
         return x, e_ref
 
     def advance(self, model, b: int) -> dict:

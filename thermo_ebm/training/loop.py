@@ -33,6 +33,7 @@ from ..progress import progress_bar
 from ..samplers.rng import stream_seed
 from . import state as train_state
 from .chains import DivergenceGuard, History, PersistentChains, moves_acceptance
+from .class_weights import ClassWeightFit, fit_class_weights
 from .objectives import loss_terms
 
 log = logging.getLogger("thermo_ebm")
@@ -93,6 +94,7 @@ class Trainer:
         self.t_ml = (math.nan, math.nan, "not estimated")  # quick T_ML / T_train after the last epoch
         self.acceptance = math.nan  # how often the training moves pass the MH test at T_train, after the last epoch
         self.class_mass = None  # [K] the training chains' mean softmax(f / T_train) at the last epoch's end
+        self.class_fit: ClassWeightFit | None = None  # the base's class weights fitted after training
         self.snapshot = None  # the last good state (train_state.capture), which a divergence restores
 
     # ---------------------------------------------------------------- pieces of a step
@@ -167,6 +169,8 @@ class Trainer:
             if self.run_epoch(n_batches, total) == "done":
                 self._end_epoch(time.perf_counter() - t0)
         gap = self.history.energy_gap(n_batches)
+        if base_of(self.model) is not None and cfg.fit_class_weights and self.step > 0:
+            self.class_fit = fit_base_class_weights(self)
         if dist.is_main() and self.cfg.objective != "dcl":
             self.t_ml = quick_t_ml_of(self)
             self.acceptance = log_sampler_acceptance(self)
@@ -183,7 +187,8 @@ class Trainer:
                 "heldout_acc": self.history.last("heldout_acc"),
                 "rollbacks": self.rollbacks, "T_ML_over_T_train": self.t_ml[0], "sampler_acceptance": self.acceptance,
                 "energy_gap": gap, "reg_times_gap": cfg.reg * gap,
-                "chains_class_mass": None if self.class_mass is None else self.class_mass.tolist()}
+                "chains_class_mass": None if self.class_mass is None else self.class_mass.tolist(),
+                "base_class_weights": None if self.class_fit is None else self.class_fit.after.tolist()}
 
     def _at_max_steps(self):
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
@@ -309,7 +314,40 @@ def history_dataset(tr) -> xr.Dataset:
         "T_ML_quick": tr.t_ml[0], "T_ML_quick_err": tr.t_ml[1], "T_ML_quick_side": tr.t_ml[2],
         "sampler_acceptance": tr.acceptance,
         **({} if tr.class_mass is None else {"chains_class_mass": json.dumps(np.round(tr.class_mass, 4).tolist())}),
+        **({} if tr.class_fit is None else class_fit_attrs(tr.class_fit)),
         **provenance()}))
+
+
+def fit_base_class_weights(tr) -> ClassWeightFit:
+    """class_weights.fit_class_weights of a Trainer's model (rank 0 fits, every rank takes its weights), logged."""
+    fit = None
+    if dist.is_main():
+        g = torch.Generator(device=tr.dev).manual_seed(stream_seed(tr.cfg.seed, 2))
+        fit = fit_class_weights(tr.model.eval(), tr.data.x_train, tr.data.x_test, tr.t_train, g,
+                                progress=tr.progress)
+        tr.model.train()
+    fit = dist.broadcast(fit)
+    if not dist.is_main():
+        base_of(tr.model).set_class_log_weights(torch.from_numpy(np.log(fit.after)), torch.from_numpy(fit.log_z))
+    names = tr.data.classes
+    log.info("the base's class weights, fitted by maximum likelihood with the network fixed (%.0f s, %d SMC stages): "
+             "the classes' masses under the network span %.1f nats (SE %.2f-%.2f), so the weights go from %.2f-%.2f "
+             "to %.3g-%.3g (class %s the largest); the data's log-likelihood rises by %.2f nats per training image, "
+             "%.2f per held-out image; at T_train each class then holds %.3f-%.3f of the model", fit.seconds,
+             fit.stages, np.ptp(fit.log_z), fit.log_z_se.min(), fit.log_z_se.max(), fit.before.min(),
+             fit.before.max(), fit.after.min(), fit.after.max(), names[int(fit.after.argmax())], fit.gain,
+             fit.gain_heldout, fit.mass.min(), fit.mass.max())
+    return fit
+
+
+def class_fit_attrs(fit: ClassWeightFit) -> dict:
+    """The results file's record of the class-weight fit (JSON lists over classes)."""
+    def js(a):
+        return json.dumps(np.asarray(a, dtype=np.float64).tolist())
+    return {"base_class_log_mass": js(fit.log_z), "base_class_log_mass_se": js(fit.log_z_se),
+            "base_class_weights_before": js(fit.before), "base_class_weights": js(fit.after),
+            "base_class_model_mass": js(fit.mass), "base_class_fit_gain": fit.gain,
+            "base_class_fit_gain_heldout": fit.gain_heldout, "base_class_fit_seconds": fit.seconds}
 
 
 def quick_t_ml_of(tr):
