@@ -144,3 +144,14 @@ def test_train_fits_the_class_weights_and_records_them(tmp_path):
                 mc_steps=5, model_size=16, base_components=2, fit_class_weights=False, checkpoint_dir=str(tmp_path),
                 results_dir=str(tmp_path), progress=False)
     assert out["base_class_weights"] is None and not load_model(out["checkpoint"]).base.class_log_mass.any()
+
+
+def test_a_base_saved_before_the_masses_loads_as_not_estimated():
+    model = _linear_model()
+    model.base.class_log_mass.fill_(3.0)
+    state = {k: v for k, v in model.state_dict().items() if k != "base.class_log_mass"}
+    fresh = _linear_model()
+    fresh.base.class_log_mass.fill_(5.0)
+    fresh.load_state_dict(state)
+    assert not fresh.base.class_log_mass.any()
+    torch.testing.assert_close(fresh.base.draw_log_weights(), fresh.base.logw.double())

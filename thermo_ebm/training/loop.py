@@ -40,7 +40,7 @@ log = logging.getLogger("thermo_ebm")
 
 # options that may differ when resuming (everything else must match the checkpoint)
 RESUMABLE = {"epochs", "max_steps", "device", "log_file", "on_divergence", "max_rollbacks", "resume",
-             "checkpoint_dir", "results_dir", "progress"}
+             "checkpoint_dir", "results_dir", "progress", "fit_class_weights"}
 
 
 def _adam(params, lr):
@@ -56,7 +56,9 @@ def _adam(params, lr):
 class Trainer:
     """Holds everything that a checkpoint must restore, and runs the loop."""
 
-    def __init__(self, cfg: TrainConfig, progress: bool = True, model: torch.nn.Module | None = None):
+    def __init__(self, cfg: TrainConfig, progress: bool = True, model: torch.nn.Module | None = None,
+                 fit_base: bool = True):
+        """fit_base=False leaves a new model's base unfitted (a resumed run's checkpoint fills it)."""
         self.cfg, self.progress = cfg, progress
         self.rank, self.world = dist.rank(), dist.world()
         if cfg.batch_size % self.world or cfg.buffer_size % self.world:
@@ -69,7 +71,7 @@ class Trainer:
         if model is None:
             model = build_model(cfg.arch, self.data.shape, self.data.n_classes, cfg.model_size, cfg.depth,
                                 cfg.spectral_norm, cfg.base_components, training_temperature(asdict(cfg)))
-            if model.base is not None:
+            if model.base is not None and fit_base:
                 model.base.fit(self.data.x_train, self.data.y_train)
         self.model = model.to(self.dev)
         # the loss goes through DDP (gradients averaged over ranks); the samplers use the bare model
@@ -329,6 +331,7 @@ def fit_base_class_weights(tr) -> ClassWeightFit:
     fit = dist.broadcast(fit)
     if not dist.is_main():
         base_of(tr.model).set_class_log_weights(torch.from_numpy(np.log(fit.after)), torch.from_numpy(fit.log_z))
+        return fit
     names = tr.data.classes
     log.info("the base's class weights, fitted by maximum likelihood with the network fixed (%.0f s, %d SMC stages): "
              "the classes' masses under the network span %.1f nats (SE %.2f-%.2f), so the weights go from %.2f-%.2f "
@@ -504,7 +507,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
                                          "drop these options or start a new --name")
                 cfg = TrainConfig(**{**saved, **{k: v for k, v in options.items() if k in RESUMABLE}})
                 cfg.validate()
-                trainer = Trainer(cfg, progress)
+                trainer = Trainer(cfg, progress, fit_base=False)
                 model_from_checkpoint(st, path)  # architecture check with a one-line error
                 train_state.restore(trainer, st, from_checkpoint=True)
                 log.info("resumed %s at epoch %d, step %d", path, trainer.epoch, trainer.step)
