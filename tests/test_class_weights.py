@@ -155,3 +155,20 @@ def test_a_base_saved_before_the_masses_loads_as_not_estimated():
     fresh.load_state_dict(state)
     assert not fresh.base.class_log_mass.any()
     torch.testing.assert_close(fresh.base.draw_log_weights(), fresh.base.logw.double())
+
+
+def test_a_resumed_run_keeps_its_base_and_may_switch_the_fit(tmp_path):
+    """A run resumed from a checkpoint keeps its base's components and may turn the class-weight fit on."""
+    from thermo_ebm.files.checkpoint import load_model
+    from thermo_ebm.training.loop import train
+    kw = dict(name="r", dataset="digits", objective="j_ebm", epochs=1, batch_size=32, buffer_size=256, mc_steps=3,
+              model_size=16, base_components=2, checkpoint_dir=str(tmp_path), results_dir=str(tmp_path),
+              progress=False)
+    first = train(max_steps=3, fit_class_weights=False, **kw)
+    before = load_model(first["checkpoint"]).base.state_dict()
+    second = train(max_steps=6, resume=True, fit_class_weights=True, **kw)
+    after = load_model(second["checkpoint"]).base
+    assert second["steps"] == 6 and second["base_class_weights"] is not None
+    for key in ("centre", "prec", "lin"):  # the components are the first run's
+        torch.testing.assert_close(after.state_dict()[key], before[key])
+    assert after.class_log_mass.any()
