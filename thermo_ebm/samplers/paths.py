@@ -118,14 +118,11 @@ class Tilt:
     (base.KernelBase, one group per q_t); h: x [N, *shape] -> [N], a log density factor (differentiable). At
     lambda = 1, log Z = log E_{q_t}[exp h]. Particles hold h in lp (and in logits, [N, 1])."""
 
-    def __init__(self, s: Sampler, base: KernelBase, tilt, n):
-        self.shape, self.base, self.tilt, self.n = tuple(s.shape), base, tilt, n
+    def __init__(self, s: Sampler, base: KernelBase, tilt):
+        self.shape, self.base, self.tilt = tuple(s.shape), base, tilt
         self.d = int(np.prod(s.shape))
 
-    def start(self, n, generator, device, block=None):
-        """n draws [n, D] of the bases (n / G per group), their initial log-weights and mixture components [n]."""
-        x, lw0, comp = start_states(self.base, n // self.base.groups, generator, (self.d,), block)
-        return x, lw0.to(device), comp.reshape(-1).to(device)
+    start = Bridge.start  # exact draws of the bases q_t
 
     def evaluate(self, x) -> Particles:
         with torch.enable_grad():

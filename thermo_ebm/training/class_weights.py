@@ -76,7 +76,7 @@ def class_masses(model, t_train: float, generator: torch.Generator, settings: SM
     def tilt(x):
         return torch.logsumexp(model.net(x), -1) / t_train
     s = Sampler(None, None, model.shape, generator, dev, progress=progress)
-    path = paths.Tilt(s, base, tilt, settings.chains)
+    path = paths.Tilt(s, base, tilt)
     stops = np.ones((1, k * m))
     sched = smc.tune(s, path, stops, k * m, n_chains=settings.pilot, target_cess=settings.cess,
                      n_leap=settings.leapfrog, max_moves=settings.max_moves, corr=settings.corr,
